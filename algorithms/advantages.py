@@ -1,0 +1,48 @@
+"""Pure advantage transforms (exact-value tested)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def group_mean(values: Tensor, group_ids: Tensor) -> Tensor:
+    """Per-element mean of its group.
+
+    Args:
+        values: ``(B,)`` float.
+        group_ids: ``(B,)`` integer group labels (any values).
+
+    Returns:
+        ``(B,)``: ``mean{values[j] : group_ids[j] == group_ids[i]}`` at position ``i``.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n = int(inverse.max()) + 1 if inverse.numel() else 0
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, inverse, torch.ones_like(values))
+    return (sums / counts)[inverse]
+
+
+def shift_advantages(rewards: Tensor, group_ids: Tensor, clip: float) -> Tensor:
+    """SHIFT advantages: recentred per group, no std division, clipped (SHIFT §4.3, App. C).
+
+    ``A_i = clip(r_i - mean_{j ∈ g(i)} r_j, -clip, clip)``. A group of size 1 gets advantage 0.
+
+    Args:
+        rewards: ``(B,)`` float rewards.
+        group_ids: ``(B,)`` integer ids of the condition each rollout came from (``G`` per group);
+            pass ``torch.zeros(B)`` for the "batch" baseline.
+        clip: ``c > 0``; advantages are clipped to ``[-c, c]``.
+
+    Returns:
+        ``(B,)`` advantages, same dtype as ``rewards``.
+
+    Raises:
+        ValueError: on shape mismatch or ``clip <= 0``. FloatingPointError: on non-finite rewards.
+    """
+    if rewards.ndim != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"shift_advantages: rewards and group_ids must both be (B,), got {tuple(rewards.shape)}, {tuple(group_ids.shape)}")
+    if clip <= 0:
+        raise ValueError(f"shift_advantages: clip must be > 0, got {clip}")
+    if not torch.isfinite(rewards).all():
+        raise FloatingPointError(f"shift_advantages: non-finite rewards {rewards.tolist()}")
+    return (rewards - group_mean(rewards, group_ids)).clamp(-clip, clip)

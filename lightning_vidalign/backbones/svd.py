@@ -1,0 +1,466 @@
+"""Stable Video Diffusion (image-to-video, EDM v-prediction) as a :class:`VideoBackbone`.
+
+Follows diffusers' ``StableVideoDiffusionPipeline`` for conditioning and sampling and the SVD
+fine-tuning practice for training (DESIGN §2, "Family details").
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_vidalign.backbones.base import VideoBackbone, require_files
+from lightning_vidalign.sampling import EDM_SAMPLERS, Trajectory, edm_preconditioning, euler_ancestral_step, euler_step
+
+log = logging.getLogger(__name__)
+
+#: LoRA on the temporal attention projections only (SHIFT App. C).
+SVD_TEMPORAL_ATTN_LORA = r".*temporal_transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+#: diffusers scheduler config of stabilityai/stable-video-diffusion-img2vid(-xt).
+SVD_SCHEDULER_CONFIG = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "use_karras_sigmas": True,
+}
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tiny_svd_components(seed: int = 0, num_frames: int = 8) -> dict[str, Any]:
+    """Build a tiny, randomly initialised SVD (UNet, temporal VAE, CLIP image encoder).
+
+    The UNet has 2 levels (32/64 channels), the VAE downsamples by 4 (3 levels), the image
+    encoder is a 1-layer CLIP vision tower (width 32). Total ~2.5 M parameters; a 64x64x8 clip
+    runs forward+backward in well under a second on CPU. Source: our choice.
+
+    Args:
+        seed: initialisation seed (the build is deterministic).
+        num_frames: the UNet's default number of frames.
+
+    Returns:
+        dict with ``unet``, ``vae``, ``image_encoder`` and ``scheduler_config``.
+    """
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNetSpatioTemporalConditionModel(
+            sample_size=16,
+            in_channels=8,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            block_out_channels=(32, 64),
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=24,
+            layers_per_block=1,
+            cross_attention_dim=32,
+            num_attention_heads=(2, 4),
+            num_frames=num_frames,
+        )
+        vae = AutoencoderKLTemporalDecoder(
+            block_out_channels=(32, 32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            layers_per_block=1,
+            latent_channels=4,
+            sample_size=64,
+        )
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=224,
+                patch_size=32,
+                projection_dim=32,
+            )
+        )
+    return {"unet": unet, "vae": vae, "image_encoder": image_encoder, "scheduler_config": dict(SVD_SCHEDULER_CONFIG)}
+
+
+def load_svd_components(path: str, variant: str | None = None) -> dict[str, Any]:
+    """Load SVD from a local diffusers directory (``unet/ vae/ image_encoder/ scheduler/``).
+
+    Args:
+        path: local directory in the diffusers layout of ``stable-video-diffusion-img2vid``.
+        variant: weight variant (e.g. ``"fp16"``) or None.
+
+    Raises:
+        FileNotFoundError: naming the missing directory, config or weight file.
+    """
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionModelWithProjection
+
+    require_files(path, ["unet/config.json", "vae/config.json", "image_encoder/config.json", "scheduler/scheduler_config.json"], "SVD checkpoint")
+    for sub in ("unet", "vae", "image_encoder"):
+        if not glob.glob(os.path.join(path, sub, "*.safetensors")) + glob.glob(os.path.join(path, sub, "*.bin")):
+            raise FileNotFoundError(f"SVD checkpoint: no weight file (*.safetensors or *.bin) in {os.path.join(path, sub)!r}")
+    kw = {"local_files_only": True, "variant": variant}
+    return {
+        "unet": UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **kw),
+        "vae": AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **kw),
+        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(os.path.join(path, "image_encoder"), local_files_only=True),
+        "scheduler_config": dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler", local_files_only=True)),
+    }
+
+
+class SVDBackbone(VideoBackbone):
+    """Stable Video Diffusion policy with LoRA (image-to-video; EDM, v-prediction).
+
+    Conditioning (as ``StableVideoDiffusionPipeline``): the first frame, noise-augmented with
+    ``noise_aug_strength``, VAE-encoded (``mode()``, unscaled) and concatenated on channels to every
+    noisy frame latent; its CLIP image embedding as ``encoder_hidden_states``;
+    ``added_time_ids = [fps - 1, motion_bucket_id, noise_aug_strength]``.
+
+    Training (EDM, DESIGN §2): ``x = x0 + sigma·eps``, ``ln sigma ~ N(p_mean, p_std²)``, loss
+    ``λ(sigma)·||D(x) - x0||²`` with ``λ = (sigma²+1)/sigma²``, mean over all non-batch elements.
+
+    Args:
+        pretrained_path: ``"tiny"`` builds the tiny configuration of :func:`tiny_svd_components`
+            (random init, seed ``init_seed``); otherwise a local diffusers directory of an SVD
+            checkpoint (never downloaded; a missing file raises ``FileNotFoundError`` naming it).
+        variant: weight variant for ``from_pretrained`` (e.g. ``"fp16"``).
+        lora_rank: LoRA rank ``r`` (paper: 32).
+        lora_alpha: LoRA alpha (paper: 32; scale ``alpha/r``).
+        lora_target_modules: regex over module names (default: temporal attention q/k/v/out).
+        lora_init: peft ``init_lora_weights`` (``"gaussian"`` per SHIFT App. C, or ``True``).
+        fps: frame rate the clips are sampled at (enters ``added_time_ids`` as ``fps - 1``).
+        motion_bucket_id: SVD motion conditioning (paper: 127).
+        noise_aug_strength: std of the Gaussian noise added to the conditioning frame (paper: 0.02).
+        p_mean, p_std: log-normal training sigma distribution (SVD: 0.7, 1.6).
+        init_seed: seed of the tiny random initialisation.
+        gradient_checkpointing: enable the UNet's gradient checkpointing.
+    """
+
+    condition_keys = ("image_latents", "image_embeds", "added_time_ids")
+
+    def __init__(
+        self,
+        pretrained_path: str = "tiny",
+        variant: str | None = None,
+        lora_rank: int = 32,
+        lora_alpha: float = 32.0,
+        lora_target_modules: str = SVD_TEMPORAL_ATTN_LORA,
+        lora_init: str | bool = "gaussian",
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        p_mean: float = 0.7,
+        p_std: float = 1.6,
+        init_seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        parts = tiny_svd_components(init_seed) if pretrained_path == "tiny" else load_svd_components(pretrained_path, variant)
+        self.unet = parts["unet"]
+        self.vae = parts["vae"]
+        self.image_encoder = parts["image_encoder"]
+        self.scheduler_config = parts["scheduler_config"]
+        for module in (self.unet, self.vae, self.image_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        self.lora_config = LoraConfig(
+            r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed + 1)
+            inject_adapter_in_model(self.lora_config, self.unet)
+        n_lora = sum(p.numel() for n, p in self.unet.named_parameters() if "lora_" in n)
+        if n_lora == 0:
+            raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the SVD UNet")
+        for name, param in self.unet.named_parameters():
+            param.requires_grad_("lora_" in name)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.fps = fps
+        self.motion_bucket_id = motion_bucket_id
+        self.noise_aug_strength = noise_aug_strength
+        self.p_mean = p_mean
+        self.p_std = p_std
+        self.pretrained_path = pretrained_path
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        log.info("SVDBackbone(%s): %d LoRA parameters", pretrained_path, n_lora)
+
+    def train(self, mode: bool = True):
+        # frozen parts stay in eval mode (dropout etc.); LoRA dropout is 0
+        super().train(mode)
+        for module in (self.vae, self.image_encoder):
+            module.eval()
+        return self
+
+    # ------------------------------------------------------------------ VAE
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """Pixel video ``(B, T, 3, H, W)`` in ``[0, 1]`` -> scaled latents ``(B, T, 4, H/f, W/f)``.
+
+        Uses the posterior mode (our choice: deterministic targets) times ``scaling_factor``.
+        """
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"encode expects video (B, T, 3, H, W), got {tuple(video.shape)}")
+        b, t = video.shape[:2]
+        frames = video.flatten(0, 1).to(self.vae.dtype) * 2 - 1
+        z = self.vae.encode(frames).latent_dist.mode() * self.vae.config.scaling_factor
+        return z.unflatten(0, (b, t)).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, chunk_size: int | None = None) -> Tensor:
+        """Scaled latents ``(B, T, 4, h, w)`` -> video ``(B, T, 3, h·f, w·f)`` in ``[0, 1]``.
+
+        Args:
+            latents: scaled latents.
+            chunk_size: frames per VAE call (default: all frames of one video at once, as the
+                pipeline's default); must divide into whole videos for the temporal decoder.
+        """
+        b, t = latents.shape[:2]
+        out = []
+        z = latents.flatten(0, 1).to(self.vae.dtype) / self.vae.config.scaling_factor
+        step = chunk_size or t
+        for i in range(0, z.shape[0], step):
+            chunk = z[i : i + step]
+            out.append(self.vae.decode(chunk, num_frames=chunk.shape[0]).sample)
+        video = torch.cat(out).float().unflatten(0, (b, t))
+        return ((video + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------ conditions
+    @torch.no_grad()
+    def encode_condition(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Conditions from ``batch["first_frame"]`` ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        Returns:
+            ``image_latents (B, 4, h, w)`` (unscaled VAE mode of the noise-augmented frame),
+            ``image_embeds (B, 1, D)`` (CLIP image embedding), ``added_time_ids (B, 3)``.
+
+        Raises:
+            KeyError: if the batch has no ``first_frame``.
+            ValueError: if its shape is not ``(B, 3, H, W)``.
+        """
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
+        if "first_frame" not in batch:
+            raise KeyError(f"SVDBackbone needs batch['first_frame'] (B, 3, H, W); batch has keys {sorted(batch)}")
+        image = batch["first_frame"]
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"batch['first_frame'] must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        image = image.float() * 2 - 1
+        b = image.shape[0]
+        # CLIP image embedding (pipeline's _encode_image)
+        clip_in = (_resize_with_antialiasing(image, (224, 224)) + 1) / 2
+        clip_in = (clip_in - self.clip_mean) / self.clip_std
+        embeds = self.image_encoder(clip_in.to(self.image_encoder.dtype)).image_embeds.unsqueeze(1).float()
+        # noise-augmented VAE latent of the first frame (pipeline's _encode_vae_image)
+        noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+        aug = image + self.noise_aug_strength * noise
+        image_latents = self.vae.encode(aug.to(self.vae.dtype)).latent_dist.mode().float()
+        time_ids = torch.tensor(
+            [[self.fps - 1, self.motion_bucket_id, self.noise_aug_strength]], device=image.device, dtype=torch.float32
+        ).repeat(b, 1)
+        return {"image_latents": image_latents, "image_embeds": embeds, "added_time_ids": time_ids}
+
+    # ---------------------------------------------------------------- model
+    def predict(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """Raw UNet output ``F`` (v-prediction) for noisy latents ``x_t (B, T, 4, h, w)``.
+
+        Args:
+            x_t: noisy latents at levels ``sigma``.
+            sigma: ``(B,)`` noise levels (> 0).
+            cond: from :meth:`encode_condition`.
+        """
+        b, t = x_t.shape[:2]
+        _, _, c_in, c_noise = edm_preconditioning(sigma.float().view(b, 1, 1, 1, 1))
+        image_latents = cond["image_latents"].unsqueeze(1).expand(-1, t, -1, -1, -1)
+        inp = torch.cat([c_in * x_t.float(), image_latents.float()], dim=2).to(self.unet.dtype)
+        out = self.unet(
+            inp,
+            c_noise.view(b).to(self.unet.dtype),
+            encoder_hidden_states=cond["image_embeds"].to(self.unet.dtype),
+            added_time_ids=cond["added_time_ids"].to(self.unet.dtype),
+        ).sample
+        return out.float()
+
+    def denoise(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """EDM denoiser ``D = c_skip·x + c_out·F`` (same shape as ``x_t``)."""
+        b = x_t.shape[0]
+        c_skip, c_out, _, _ = edm_preconditioning(sigma.float().view(b, 1, 1, 1, 1))
+        return c_skip * x_t.float() + c_out * self.predict(x_t, sigma, cond)
+
+    def sample_sigma(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """``sigma = exp(p_mean + p_std·n)``, ``n ~ N(0, 1)``; shape ``(B,)``, fp32."""
+        n = torch.randn(batch_size, generator=generator, device=device or "cpu")
+        return torch.exp(self.p_mean + self.p_std * n).to(device or n.device)
+
+    def training_loss(self, x0: Tensor, cond: dict[str, Tensor], sigma: Tensor, noise: Tensor) -> Tensor:
+        """EDM-weighted denoising loss per sample.
+
+        Args:
+            x0: clean latents ``(B, T, 4, h, w)``.
+            cond: conditions for the batch.
+            sigma: ``(B,)`` noise levels.
+            noise: ``eps`` with the shape of ``x0``.
+
+        Returns:
+            ``(B,)`` losses ``λ(σ)·mean((D(x0 + σ·eps) - x0)²)``, ``λ = (σ²+1)/σ²``.
+
+        Raises:
+            ValueError: on mismatched shapes.
+        """
+        if noise.shape != x0.shape or sigma.shape != (x0.shape[0],):
+            raise ValueError(f"training_loss: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, sigma {tuple(sigma.shape)}")
+        s = sigma.float().view(-1, 1, 1, 1, 1)
+        x_t = x0.float() + s * noise.float()
+        denoised = self.denoise(x_t, sigma, cond)
+        weight = (s * s + 1) / (s * s)
+        return (weight * (denoised - x0.float()) ** 2).flatten(1).mean(1)
+
+    # --------------------------------------------------------------- rollout
+    def _guided_denoise(self, x: Tensor, sigma: float, cond: dict[str, Tensor], guidance: Tensor | None) -> Tensor:
+        b = x.shape[0]
+        sig = torch.full((b,), float(sigma), device=x.device)
+        if guidance is None:
+            return self.denoise(x, sig, cond)
+        uncond = {
+            "image_latents": torch.zeros_like(cond["image_latents"]),
+            "image_embeds": torch.zeros_like(cond["image_embeds"]),
+            "added_time_ids": cond["added_time_ids"],
+        }
+        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond if k in uncond}
+        # CFG on the network output F (pipeline); D is affine in F so this equals CFG on D
+        c_skip, c_out, _, _ = edm_preconditioning(torch.tensor(float(sigma)))
+        f = self.predict(torch.cat([x, x]), torch.cat([sig, sig]), both)
+        f_u, f_c = f.chunk(2)
+        f = f_u + guidance * (f_c - f_u)
+        return c_skip * x.float() + c_out * f
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        cond: dict[str, Tensor],
+        sampler: str = "euler",
+        num_steps: int = 25,
+        guidance: float | tuple[float, float] = 1.0,
+        generator: torch.Generator | None = None,
+        keep_trajectory: bool = False,
+        num_frames: int = 8,
+        height: int = 64,
+        width: int = 64,
+        eta: float = 1.0,
+        decode: bool = True,
+        latents: Tensor | None = None,
+    ) -> Trajectory:
+        """Sample videos with the Karras sigmas of diffusers' ``EulerDiscreteScheduler``.
+
+        Args:
+            cond: conditions ``(B, ...)`` from :meth:`encode_condition`.
+            sampler: ``"euler"`` (deterministic, = the SVD pipeline) or ``"euler_ancestral"``.
+            num_steps: denoising steps.
+            guidance: a scale, or ``(min, max)`` linearly interpolated over frames as the SVD
+                pipeline does; no CFG pass when the maximum is ``<= 1``.
+            generator: RNG for the initial noise and ancestral noise.
+            keep_trajectory: store per-step ``x_t`` and ``x_next``.
+            num_frames, height, width: output size in pixels/frames.
+            eta: ancestral noise scale (``euler_ancestral`` only).
+            decode: decode the final latents to pixels.
+            latents: optional initial noise ``(B, T, 4, h, w)`` (unit variance).
+
+        Raises:
+            ValueError: for an unknown sampler.
+        """
+        from diffusers import EulerDiscreteScheduler
+
+        if sampler not in EDM_SAMPLERS:
+            raise ValueError(f"SVDBackbone.rollout: sampler must be one of {EDM_SAMPLERS}, got {sampler!r}")
+        device = cond["image_latents"].device
+        b = cond["image_latents"].shape[0]
+        scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(num_steps, device="cpu")
+        sigmas = scheduler.sigmas.float()
+        shape = (b, num_frames, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        x = latents.float().to(device) * float(scheduler.init_noise_sigma)
+        g_min, g_max = (guidance, guidance) if isinstance(guidance, (int, float)) else tuple(guidance)
+        scale = None
+        if g_max > 1.0:
+            scale = torch.linspace(g_min, g_max, num_frames, device=device).view(1, num_frames, 1, 1, 1)
+        xs, xn = [], []
+        for i in range(num_steps):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            denoised = self._guided_denoise(x, s, cond, scale)
+            if sampler == "euler":
+                x_next = euler_step(x, denoised, s, s_next)
+            else:
+                x_next = euler_ancestral_step(x, denoised, s, s_next, eta=eta, generator=generator)
+            if keep_trajectory:
+                xs.append(x)
+                xn.append(x_next)
+            x = x_next
+        video = self.decode(x) if decode else None
+        return Trajectory(
+            latents=x,
+            video=video,
+            x_t=torch.stack(xs, 1) if keep_trajectory else None,
+            x_next=torch.stack(xn, 1) if keep_trajectory else None,
+            sigmas=sigmas,
+        )
+
+    # ---------------------------------------------------------------- export
+    def lora_state_dict_diffusers(self) -> dict[str, Tensor]:
+        """LoRA weights in the diffusers/peft key format (``unet.<module>.lora_A.weight``).
+
+        The LoRA scale ``alpha/r`` is folded into ``lora_B`` so that a loader that assumes
+        ``alpha = r`` (diffusers' default without ``.alpha`` keys) reproduces the adapter exactly.
+        """
+        from peft import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(self.unet)
+        scale = self.lora_config.lora_alpha / self.lora_config.r
+        out = {}
+        for k, v in sd.items():
+            v = v.detach().float().cpu().contiguous()
+            if "lora_B" in k:
+                v = v * scale
+            out[f"unet.{k}"] = v
+        return out
+
+    def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> str:
+        """Write the LoRA as ``<directory>/pytorch_lora_weights.safetensors`` (diffusers format).
+
+        Load with ``pipe.unet.load_attn_procs(directory)`` (diffusers'
+        ``UNet2DConditionLoadersMixin``; pass ``{k[5:]: v}`` without the ``unet.`` prefix if loading a dict).
+
+        Returns:
+            The path of the written file.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, weight_name)
+        save_file(self.lora_state_dict_diffusers(), path)
+        return path

@@ -1,0 +1,33 @@
+"""``vidalign`` command line: LightningCLI over algorithms and datamodules."""
+from __future__ import annotations
+
+import lightning_vidalign  # noqa: F401  (applies the torchvision shim before lightning imports it)
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_vidalign.module import VideoAlignModule
+
+# importing registers the classes so configs may use short names (SHIFT, IMRReward, ...)
+from lightning_vidalign import algorithms, datamodules, rewards  # noqa: F401,E402
+from lightning_vidalign.backbones import SVDBackbone  # noqa: F401,E402
+
+
+class VidAlignCLI(LightningCLI):
+    """``vidalign fit|validate|test|predict --config CONFIG``; any ``VideoAlignModule`` subclass
+    (``--model my_pkg.MyMethod``) and any ``LightningDataModule``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(VideoAlignModule, L.LightningDataModule, *args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> VidAlignCLI:
+    """Entry point of the ``vidalign`` console script (``args=None`` reads ``sys.argv``)."""
+    return VidAlignCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

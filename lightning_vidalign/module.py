@@ -1,0 +1,237 @@
+"""``VideoAlignModule``: the thin base LightningModule of every algorithm (DESIGN §2)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_vidalign.backbones.base import VideoBackbone
+from lightning_vidalign.metrics import motion_metrics
+from lightning_vidalign.utils import StageTimer, add_gif_summary
+
+log = logging.getLogger(__name__)
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio``·lr at ``total_steps``.
+
+    ``f(k) = k/warmup`` for ``k < warmup``; else ``min_ratio + (1 - min_ratio)·0.5·(1 + cos(π·p))``,
+    ``p = min(1, (k - warmup)/(total - warmup))``. SHIFT App. C: 20 warm-up steps.
+
+    Args:
+        optimizer: the optimizer.
+        warmup_steps: optimizer steps of linear warm-up (>= 0).
+        total_steps: step at which the cosine reaches ``min_ratio``.
+        min_ratio: final lr as a fraction of the base lr, in ``[0, 1]``.
+    """
+
+    def __init__(self, optimizer, warmup_steps: int = 20, total_steps: int = 1000, min_ratio: float = 0.0, last_epoch: int = -1):
+        if warmup_steps < 0 or total_steps <= 0 or not 0 <= min_ratio <= 1:
+            raise ValueError(f"WarmupCosineLR: bad warmup_steps={warmup_steps}, total_steps={total_steps}, min_ratio={min_ratio}")
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        super().__init__(optimizer, self.factor, last_epoch=last_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        p = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+class VideoAlignModule(L.LightningModule):
+    """Base of every algorithm: owns the backbone, one optimizer, manual optimization.
+
+    Subclasses write ``training_step`` top to bottom and call :meth:`optimize`. Only the trainable
+    (adapter) parameters are checkpointed; the base weights come from the backbone's constructor.
+
+    Args:
+        backbone: the policy (a :class:`VideoBackbone`).
+        optimizer: optimizer factory over the trainable parameters (default AdamW).
+        lr_scheduler: optional scheduler factory (e.g. :class:`WarmupCosineLR`), stepped per
+            optimizer step.
+        grad_clip: max gradient norm (SHIFT App. C: 1.0); 0 disables.
+        seed: base seed of the rank-aware generators ``(seed, rank, batch, tag)``.
+        sampler: rollout sampler of the backbone (SVD: ``euler`` | ``euler_ancestral``).
+        num_inference_steps: rollout denoising steps.
+        guidance: CFG scale or ``(min, max)`` over frames (SVD pipeline); ``<= 1`` disables CFG.
+        val_num_videos: videos sampled per validation run (per rank) for metrics and logs.
+        on_nonfinite: ``"raise"`` (FloatingPointError naming the step) or ``"skip"`` (the step is
+            skipped, logged and counted in ``train/skipped_steps``) for a non-finite loss.
+    """
+
+    def __init__(
+        self,
+        backbone: VideoBackbone,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        grad_clip: float = 1.0,
+        seed: int = 0,
+        sampler: str = "euler",
+        num_inference_steps: int = 10,
+        guidance: float | tuple[float, float] = 1.0,
+        val_num_videos: int = 2,
+        on_nonfinite: str = "raise",
+    ):
+        super().__init__()
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.automatic_optimization = False
+        self.strict_loading = False  # adapter-only checkpoints
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self.sampler = sampler
+        self.num_inference_steps = num_inference_steps
+        self.guidance = guidance
+        self.val_num_videos = val_num_videos
+        self.on_nonfinite = on_nonfinite
+        self.batches_seen = 0
+        self.skipped_steps = 0
+        self.timer = StageTimer()
+        self.val_metrics = torch.nn.ModuleDict({f"{src}_{k}": m for src in ("gen", "real") for k, m in motion_metrics().items()})
+        self._val_videos: list[tuple[Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        params = self.backbone.trainable_parameters()
+        if not params:
+            raise ValueError(f"{type(self).__name__}: the backbone has no trainable parameter (LoRA not injected?)")
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    def optimize(self, loss: Tensor) -> dict[str, float]:
+        """One optimizer step on ``loss``: backward, clip, step, scheduler step.
+
+        Returns:
+            ``{"grad_norm": float, "lr": float}`` (grad norm before clipping), or ``{}`` when a
+            non-finite loss was skipped (``on_nonfinite="skip"``).
+
+        Raises:
+            FloatingPointError: on a non-finite loss with ``on_nonfinite="raise"``.
+        """
+        if not torch.isfinite(loss):
+            msg = f"{type(self).__name__}: non-finite loss {loss.item()} at batch {self.batches_seen}"
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(msg)
+            self.skipped_steps += 1
+            log.warning("%s; step skipped (%d so far)", msg, self.skipped_steps)
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return {}
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grads = [p.grad.detach().float().norm() for p in self.backbone.trainable_parameters() if p.grad is not None]
+        grad_norm = torch.stack(grads).norm().item() if grads else 0.0
+        if self.grad_clip and self.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        return {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+
+    # ------------------------------------------------------------------ RNG
+    def generator(self, tag: int = 0, batch: int | None = None) -> torch.Generator:
+        """A CPU generator seeded from ``(seed, global_rank, batch, tag)`` (rank-aware, resumable)."""
+        batch = self.batches_seen if batch is None else batch
+        key = f"{self.seed}/{self.global_rank}/{batch}/{tag}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
+
+    def randn_like(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """``N(0, I)`` with the shape of ``x``, drawn on CPU from ``generator`` (device-independent)."""
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+
+    def sample_noise(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Training ``(sigma (B,), noise like x0)`` from the backbone's noise distribution."""
+        sigma = self.backbone.sample_sigma(x0.shape[0], generator).to(x0.device)
+        return sigma, self.randn_like(x0, generator)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.batches_seen += 1
+
+    # ----------------------------------------------------------- validation
+    def rollout_videos(self, batch: dict, generator: torch.Generator, num: int | None = None) -> Tensor:
+        """Sample one video per condition of ``batch`` with the module's sampler settings."""
+        video = batch["video"]
+        sub = {k: (v[:num] if torch.is_tensor(v) else v[:num]) for k, v in batch.items()} if num else batch
+        cond = self.backbone.encode_condition(sub, generator)
+        traj = self.backbone.rollout(
+            cond,
+            self.sampler,
+            self.num_inference_steps,
+            self.guidance,
+            generator,
+            num_frames=video.shape[1],
+            height=video.shape[-2],
+            width=video.shape[-1],
+        )
+        return traj.video
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        gen = self.generator(tag=1000 + batch_idx, batch=0)  # same noise at every validation
+        x0 = self.backbone.encode(batch["video"])
+        cond = self.backbone.encode_condition(batch, gen)
+        sigma, noise = self.sample_noise(x0, gen)
+        val_loss = self.backbone.training_loss(x0, cond, sigma, noise).mean()
+        self.log("val/loss", val_loss, batch_size=x0.shape[0], sync_dist=True)
+        real = batch["video"].float()
+        for name, metric in self.val_metrics.items():
+            if name.startswith("real_"):
+                metric.update(real)
+        have = sum(v.shape[0] for _, v in self._val_videos)
+        if have < self.val_num_videos:
+            n = min(self.val_num_videos - have, real.shape[0])
+            fake = self.rollout_videos(batch, gen, n)
+            for name, metric in self.val_metrics.items():
+                if name.startswith("gen_"):
+                    metric.update(fake)
+            self._val_videos.append((real[:n].cpu(), fake.cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                src, key = name.split("_", 1)
+                self.log(f"val/{src}/{key}", metric.compute(), sync_dist=False)
+            metric.reset()
+        if self._val_videos and self.global_rank == 0:
+            self.log_videos("val/samples", self._val_videos)
+        self._val_videos = []
+
+    def log_videos(self, tag: str, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """Log ``[real | generated]`` side by side as GIFs to every TensorBoard logger."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        fps = float(getattr(self.backbone, "fps", 7))
+        for logger in self.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            k = 0
+            for real, fake in pairs:
+                for r, f in zip(real, fake):
+                    add_gif_summary(logger.experiment, f"{tag}/{k}", torch.cat([r, f], dim=-1), self.global_step, fps)
+                    k += 1
+
+    # ----------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("backbone.")}
+        checkpoint["vidalign"] = {"batches_seen": self.batches_seen, "skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
+        missing = trainable - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} adapter tensor(s), e.g. {sorted(missing)[:3]} (different LoRA config?)")
+        state = checkpoint.get("vidalign", {})
+        self.batches_seen = int(state.get("batches_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,0 +1,5 @@
+"""Reward callbacks and scorers."""
+from lightning_vidalign.rewards.base import RewardCallback, find_rewards
+from lightning_vidalign.rewards.motion import IMRReward
+
+__all__ = ["RewardCallback", "find_rewards", "IMRReward"]

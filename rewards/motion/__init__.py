@@ -1,0 +1,25 @@
+"""Motion rewards: flow estimators, transport residual, IMR discriminator."""
+from lightning_vidalign.rewards.motion.flow import (
+    DISFlow,
+    FlowEstimator,
+    forward_backward_confidence,
+    sobel_gradients,
+    to_gray,
+    transport_residual,
+    video_flow,
+)
+from lightning_vidalign.rewards.motion.imr import AdversarialDiscriminatorReward, IMRDiscriminator, IMRReward, imr_features
+
+__all__ = [
+    "DISFlow",
+    "FlowEstimator",
+    "forward_backward_confidence",
+    "sobel_gradients",
+    "to_gray",
+    "transport_residual",
+    "video_flow",
+    "AdversarialDiscriminatorReward",
+    "IMRDiscriminator",
+    "IMRReward",
+    "imr_features",
+]
