@@ -142,7 +142,10 @@ class VideoAlignModule(L.LightningModule):
 
     # ------------------------------------------------------------------ RNG
     def generator(self, tag: int = 0, batch: int | None = None) -> torch.Generator:
-        """A CPU generator seeded from ``(seed, global_rank, batch, tag)`` (rank-aware, resumable)."""
+        """A CPU generator seeded from ``(seed, global_rank, batch, tag)`` (rank-aware, resumable).
+
+        ``batch`` defaults to :attr:`batches_seen` (1-based index of the current training batch).
+        """
         batch = self.batches_seen if batch is None else batch
         key = f"{self.seed}/{self.global_rank}/{batch}/{tag}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
@@ -156,7 +159,9 @@ class VideoAlignModule(L.LightningModule):
         sigma = self.backbone.sample_sigma(x0.shape[0], generator).to(x0.device)
         return sigma, self.randn_like(x0, generator)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # counted before the step so that checkpoints written by callbacks at batch end (which run
+        # before the module's own batch-end hook) hold the number of completed batches
         self.batches_seen += 1
 
     # ----------------------------------------------------------- validation

@@ -16,13 +16,17 @@ from lightning_vidalign.rewards.motion.flow import DISFlow, FlowEstimator, to_gr
 log = logging.getLogger(__name__)
 
 
-def imr_features(video: Tensor, estimator: FlowEstimator, residual_scale: float = 10.0) -> Tensor:
+def imr_features(video: Tensor, estimator: FlowEstimator, residual_scale: float = 10.0, normalize: bool = True) -> Tensor:
     """IMR input maps ``[R, confidence]`` per adjacent pair.
 
     Args:
         video: ``(B, T, 3, H, W)`` in ``[0, 1]``.
         estimator: flow estimator.
         residual_scale: multiplier of ``R`` (intensity units are small; our choice: 10).
+        normalize: divide ``R`` of each pair by ``RMS(I_t) + 0.01`` so that the map says how much
+            of the temporal change the flow fails to explain, independent of how much the scene
+            moves (our choice; without it, clips with large motion dominate and a small
+            discriminator confuses "moves a lot" with "moves wrongly").
 
     Returns:
         ``(B, T-1, 2, H, W)``.
@@ -30,6 +34,9 @@ def imr_features(video: Tensor, estimator: FlowEstimator, residual_scale: float 
     gray = to_gray(video.float())
     flow, conf = video_flow(gray, estimator)
     residual = transport_residual(gray, flow)
+    if normalize:
+        it = gray[:, 1:] - gray[:, :-1]
+        residual = residual / (it.pow(2).mean(dim=(2, 3, 4), keepdim=True).sqrt() + 0.01)
     return torch.cat([residual_scale * residual, conf], dim=2)
 
 
@@ -276,7 +283,7 @@ class IMRReward(AdversarialDiscriminatorReward):
         flow: a :class:`FlowEstimator` (default: OpenCV DIS ``medium`` with forward–backward
             confidence).
         img_size, patch_size, embed_dim, depth, num_heads: :class:`IMRDiscriminator` size.
-        residual_scale: see :func:`imr_features`.
+        residual_scale, normalize: see :func:`imr_features`.
         **kwargs: :class:`AdversarialDiscriminatorReward` arguments (``name`` defaults to "imr").
     """
 
@@ -289,11 +296,13 @@ class IMRReward(AdversarialDiscriminatorReward):
         embed_dim: int = 64,
         depth: int = 2,
         num_heads: int = 4,
-        residual_scale: float = 10.0,
+        residual_scale: float = 1.0,
+        normalize: bool = True,
         **kwargs,
     ):
         self.flow = flow or DISFlow()
         self.residual_scale = residual_scale
+        self.normalize = normalize
         self._arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
         super().__init__(name=name, **kwargs)
 
@@ -301,4 +310,4 @@ class IMRReward(AdversarialDiscriminatorReward):
         return IMRDiscriminator(**self._arch)
 
     def features(self, videos: Tensor) -> Tensor:
-        return imr_features(videos, self.flow, self.residual_scale)
+        return imr_features(videos, self.flow, self.residual_scale, self.normalize)

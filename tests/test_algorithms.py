@@ -1,0 +1,151 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_vidalign.algorithms import SFT, SHIFT, RewardPretrain
+from lightning_vidalign.backbones import SVDBackbone
+from lightning_vidalign.rewards import IMRReward
+
+
+def _optimizer(params):
+    return torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.95))
+
+
+def _trainer(tmp_path, steps, callbacks=(), **kw):
+    kw.setdefault("limit_val_batches", 1)
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path)), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=steps,
+        check_val_every_n_epoch=None, log_every_n_steps=1, callbacks=list(callbacks), default_root_dir=str(tmp_path), **kw,
+    )
+
+
+def _lora(module):
+    return {k: v.clone() for k, v in module.backbone.trainable_state_dict().items()}
+
+
+def _assert_changed_and_finite(before, module, trainer):
+    after = module.backbone.trainable_state_dict()
+    changed = sum(not torch.equal(before[k], after[k]) for k in before)
+    assert changed == len(before), f"only {changed}/{len(before)} LoRA tensors changed"
+    metrics = trainer.logged_metrics
+    assert metrics
+    for k, v in metrics.items():
+        assert math.isfinite(float(v)), (k, v)
+
+
+def test_sft_smoke_fit(tmp_path, datamodule):
+    module = SFT(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=_optimizer, num_inference_steps=3, val_num_videos=1)
+    before = _lora(module)
+    trainer = _trainer(tmp_path, 4)
+    trainer.fit(module, datamodule=datamodule)
+    _assert_changed_and_finite(before, module, trainer)
+    assert "val/gen/motion_score" in trainer.logged_metrics and "val/real/motion_smoothness" in trainer.logged_metrics
+
+
+def _shift(**kw):
+    args = dict(optimizer=_optimizer, num_inference_steps=3, rollouts_per_condition=2, passes=2, val_num_videos=1, sampler="euler_ancestral")
+    args.update(kw)
+    return SHIFT(SVDBackbone(lora_rank=4, lora_alpha=4), **args)
+
+
+def test_shift_smoke_fit_updates_lora_discriminator_and_logs(tmp_path, datamodule):
+    module = _shift()
+    reward = IMRReward(seed=0)
+    disc_before = [p.clone() for p in reward.disc.parameters()]
+    before = _lora(module)
+    trainer = _trainer(tmp_path, 5, callbacks=[reward])
+    trainer.fit(module, datamodule=datamodule)
+    _assert_changed_and_finite(before, module, trainer)
+    assert reward.num_updates == 5
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, reward.disc.parameters()))
+    for key in ("reward/imr/mean", "adv/abs_mean", "reward/imr/disc_acc", "train/loss_fake", "val/gen/dynamic_degree"):
+        assert key in trainer.logged_metrics, key
+    assert module.buffer.round == 2  # 2 conditions x G=2 rollouts, minibatch 2 -> 2 steps/pass x 2 passes = 4 steps/round
+
+
+def test_shift_noise_alignment_shares_sigma_and_noise(datamodule, real_batch):
+    calls = {}
+
+    for aligned in (True, False):
+        module = _shift(noise_alignment=aligned)
+        seen = []
+        original = module.backbone.training_loss
+
+        def spy(x0, cond, sigma, noise, _orig=original, _seen=seen):
+            _seen.append((sigma.clone(), noise.clone()))
+            return _orig(x0, cond, sigma, noise)
+
+        module.backbone.training_loss = spy
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[IMRReward()])
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+        (s_fake, n_fake), (s_real, n_real) = seen
+        calls[aligned] = torch.equal(s_fake, s_real) and torch.equal(n_fake, n_real)
+    assert calls == {True: True, False: False}
+
+
+def test_shift_zero_advantages_give_the_sft_gradient(real_batch):
+    module = _shift(lam=0.01)
+    bb = module.backbone
+    g = torch.Generator().manual_seed(0)
+    x0 = bb.encode(real_batch["video"])
+    cond = bb.encode_condition(real_batch, g)
+    sigma, noise = bb.sample_sigma(2, g), torch.randn(x0.shape, generator=g)
+    fake = x0.flip(0)
+    from lightning_vidalign.algorithms.losses import sft_loss, shift_loss
+
+    def grads(loss):
+        params = bb.trainable_parameters()
+        return torch.autograd.grad(loss, params)
+
+    l_real = bb.training_loss(x0, cond, sigma, noise)
+    l_fake = bb.training_loss(fake, cond, sigma, noise)
+    g_shift = grads(shift_loss(l_fake, l_real, torch.zeros(2), lam=0.01))
+    g_sft = grads(sft_loss(bb.training_loss(x0, cond, sigma, noise)))
+    for a, b in zip(g_shift, g_sft):
+        assert torch.equal(a, b)
+
+
+def test_shift_resume_restores_buffer_and_continues(tmp_path, datamodule):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _shift(val_num_videos=0)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=3, save_top_k=0)
+    trainer = _trainer(tmp_path, 3, callbacks=[IMRReward(seed=0), ckpt], limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert all(k.startswith("backbone.") and "lora_" in k for k in state["state_dict"])  # adapter-only
+    assert state["rollout_buffer"]["cursor"] == 3 and state["vidalign"]["batches_seen"] == 3
+    resumed = _shift(val_num_videos=0)
+    reward = IMRReward(seed=5)
+    trainer2 = _trainer(tmp_path, 5, callbacks=[reward], limit_val_batches=0)
+    trainer2.fit(resumed, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    for k, v in state["state_dict"].items():
+        assert not torch.equal(v, resumed.state_dict()[k])  # trained further from the restored adapters
+    assert resumed.batches_seen == 5 and reward.num_updates == 5  # discriminator state restored (3) + 2
+    assert resumed.buffer.round == 2
+
+
+def test_reward_pretrain_corrupt_negatives_logs_accuracy(tmp_path, datamodule):
+    module = RewardPretrain(SVDBackbone(lora_rank=4, lora_alpha=4), negatives="corrupt")
+    reward = IMRReward(seed=0, save_to=str(tmp_path / "imr.pt"))
+    trainer = _trainer(tmp_path, 3, callbacks=[reward])
+    trainer.fit(module, datamodule=datamodule)
+    assert reward.num_updates == 3
+    assert 0.0 <= float(trainer.logged_metrics["val/reward/imr/accuracy"]) <= 1.0
+    assert (tmp_path / "imr.pt").is_file()
+
+
+def test_nonfinite_loss_raises_or_skips(datamodule):
+    module = SFT(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=_optimizer)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.backbone.training_loss = lambda *a: torch.full((2,), float("nan"), requires_grad=True)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    module.on_nonfinite = "skip"
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_train_batches=2, max_epochs=1)
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    assert module.skipped_steps == 2

@@ -1,0 +1,49 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from lightning_vidalign.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_configs_exist():
+    names = {os.path.basename(c) for c in CONFIGS}
+    assert {"sft.yaml", "shift.yaml", "imr_pretrain.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c) for c in CONFIGS])
+def test_every_config_parses_and_instantiates(path):
+    with open(path) as f:
+        first = f.readline()
+    assert first.startswith("# Launch: vidalign "), f"{path} must start with its launch command"
+    from lightning_vidalign.cli import VidAlignCLI
+
+    cli = VidAlignCLI(args=["--config", path], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", os.path.join(ROOT, "configs", "shift.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "lightning_vidalign.algorithms.SHIFT"
+    assert printed["model"]["init_args"]["lam"] == 0.01
+
+
+def test_user_subclass_and_missing_key_error(tmp_path, capsys):
+    from lightning_vidalign.cli import VidAlignCLI
+
+    cli = VidAlignCLI(
+        args=["--config", os.path.join(ROOT, "configs", "sft.yaml"), "--model", "custom_method.MyMethod",
+              "--model.backbone", "lightning_vidalign.backbones.SVDBackbone", "--model.backbone.lora_rank", "4"],
+        run=False,
+    )
+    assert type(cli.model).__name__ == "MyMethod"
+    with pytest.raises(SystemExit):
+        VidAlignCLI(args=["--model", "lightning_vidalign.algorithms.SFT"], run=False)
+    assert "backbone" in capsys.readouterr().err
