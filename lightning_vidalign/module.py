@@ -164,6 +164,13 @@ class VideoAlignModule(L.LightningModule):
         # before the module's own batch-end hook) hold the number of completed batches
         self.batches_seen += 1
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # progress is counted in batches (DESIGN §4): ``trainer.max_steps`` also stops a module that
+        # takes no optimizer step (reward pretraining) or skipped non-finite steps
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and max_steps > 0 and self.batches_seen >= max_steps:
+            self.trainer.should_stop = True
+
     # ----------------------------------------------------------- validation
     def rollout_videos(self, batch: dict, generator: torch.Generator, num: int | None = None) -> Tensor:
         """Sample one video per condition of ``batch`` with the module's sampler settings."""

@@ -145,7 +145,10 @@ def test_nonfinite_loss_raises_or_skips(datamodule):
     module.backbone.training_loss = lambda *a: torch.full((2,), float("nan"), requires_grad=True)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    module.on_nonfinite = "skip"
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_train_batches=2, max_epochs=1)
+    module = SFT(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=_optimizer, on_nonfinite="skip")
+    module.backbone.training_loss = lambda *a: torch.full((2,), float("nan"), requires_grad=True)
+    before = _lora(module)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    assert module.skipped_steps == 2
+    assert module.skipped_steps == 2 and module.batches_seen == 2  # stops after 2 batches though no step was taken
+    assert all(torch.equal(before[k], v) for k, v in module.backbone.trainable_state_dict().items())

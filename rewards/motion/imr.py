@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_vidalign.rewards.base import RewardCallback
+from lightning_vidalign.utils import StageTimer
 from lightning_vidalign.rewards.motion.flow import DISFlow, FlowEstimator, to_gray, transport_residual, video_flow
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class AdversarialDiscriminatorReward(RewardCallback):
         self.ema = copy.deepcopy(self.disc).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         self.num_updates = 0
+        self.timer = StageTimer()  # "estimation" (flow/tracking features) vs "discriminator" seconds
         self._last: dict[str, Tensor] = {}
         if pretrained:
             self.load_pretrained(pretrained)
@@ -190,7 +192,10 @@ class AdversarialDiscriminatorReward(RewardCallback):
     def logits(self, videos: Tensor, use_ema: bool = True) -> Tensor:
         """Raw discriminator logits ``(B,)`` for videos ``(B, T, 3, H, W)`` in ``[0, 1]``."""
         model = self.ema if use_ema else self.disc
-        return model(self.features(videos.to(self.device)))
+        with self.timer("estimation"):
+            feats = self.features(videos.to(self.device))
+        with self.timer("discriminator"):
+            return model(feats)
 
     @torch.no_grad()
     def score(self, videos: Tensor, batch: dict | None = None) -> Tensor:
@@ -223,24 +228,20 @@ class AdversarialDiscriminatorReward(RewardCallback):
             FloatingPointError: if the BCE loss is not finite.
         """
         self.disc.train()
-        feats_real = self.features(real.detach().to(self.device))
-        feats_fake = self.features(fake.detach().to(self.device))
-        logit_real, logit_fake = self.disc(feats_real), self.disc(feats_fake)
-        loss = F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real)) + F.binary_cross_entropy_with_logits(
-            logit_fake, torch.zeros_like(logit_fake)
-        )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"reward '{self.name}': non-finite discriminator loss {loss.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            world = torch.distributed.get_world_size()
-            for p in self.disc.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(world)
-        self.optimizer.step()
-        self.update_ema()
+        with self.timer("estimation"):
+            feats_real = self.features(real.detach().to(self.device))
+            feats_fake = self.features(fake.detach().to(self.device))
+        with self.timer("discriminator"):
+            logit_real, logit_fake = self.disc(feats_real), self.disc(feats_fake)
+            loss = F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+            loss = loss + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"reward '{self.name}': non-finite discriminator loss {loss.item()}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.all_reduce_gradients()
+            self.optimizer.step()
+            self.update_ema()
         self.num_updates += 1
         acc = 0.5 * ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean())
         return {
@@ -249,6 +250,16 @@ class AdversarialDiscriminatorReward(RewardCallback):
             "logit_real": logit_real.mean().item(),
             "logit_fake": logit_fake.mean().item(),
         }
+
+    def all_reduce_gradients(self) -> None:
+        """Average the discriminator gradients over ranks (no-op in a single process)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world)
 
     @torch.no_grad()
     def update_ema(self) -> None:
