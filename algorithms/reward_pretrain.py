@@ -76,11 +76,12 @@ class RewardPretrain(VideoAlignModule):
         fake = self.make_negatives(batch, self.generator())
         return {"real": batch["video"], "fake": fake}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def evaluation_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
+        """Held-out balanced accuracy of each adversarial reward: ``<prefix>/reward/<name>/accuracy``."""
         fake = self.make_negatives(batch, self.generator(tag=2000 + batch_idx, batch=0))
         for cb in find_rewards(self.trainer):
             if isinstance(cb, AdversarialDiscriminatorReward):
-                self.log(f"val/reward/{cb.name}/accuracy", cb.accuracy(batch["video"], fake), batch_size=batch["video"].shape[0])
+                self.log(f"{prefix}/reward/{cb.name}/accuracy", cb.accuracy(batch["video"], fake), batch_size=batch["video"].shape[0])
 
-    def on_validation_epoch_end(self) -> None:
+    def evaluation_epoch_end(self, prefix: str) -> None:
         pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -16,6 +17,10 @@ from lightning_vidalign.metrics import motion_metrics
 from lightning_vidalign.utils import StageTimer, add_gif_summary
 
 log = logging.getLogger(__name__)
+
+# The frozen base (VAE, image encoder) stays in eval mode by design; Lightning's notice about
+# modules in eval mode at fit start is expected here and would only be noise.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 class WarmupCosineLR(LambdaLR):
@@ -189,13 +194,15 @@ class VideoAlignModule(L.LightningModule):
         )
         return traj.video
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        gen = self.generator(tag=1000 + batch_idx, batch=0)  # same noise at every validation
+    def evaluation_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
+        """Validation/test: denoising loss with fixed noise, motion metrics of real clips and of
+        ``val_num_videos`` generated videos (same seeds at every evaluation), videos kept for logging."""
+        gen = self.generator(tag=1000 + batch_idx, batch=0)  # same noise at every evaluation
         x0 = self.backbone.encode(batch["video"])
         cond = self.backbone.encode_condition(batch, gen)
         sigma, noise = self.sample_noise(x0, gen)
-        val_loss = self.backbone.training_loss(x0, cond, sigma, noise).mean()
-        self.log("val/loss", val_loss, batch_size=x0.shape[0], sync_dist=True)
+        loss = self.backbone.training_loss(x0, cond, sigma, noise).mean()
+        self.log(f"{prefix}/loss", loss, batch_size=x0.shape[0], sync_dist=True)
         real = batch["video"].float()
         for name, metric in self.val_metrics.items():
             if name.startswith("real_"):
@@ -209,15 +216,33 @@ class VideoAlignModule(L.LightningModule):
                     metric.update(fake)
             self._val_videos.append((real[:n].cpu(), fake.cpu()))
 
-    def on_validation_epoch_end(self) -> None:
+    def evaluation_epoch_end(self, prefix: str) -> None:
+        """Log ``<prefix>/{gen,real}/<metric>`` and the sampled videos; reset the metrics."""
         for name, metric in self.val_metrics.items():
             if metric.update_called:
                 src, key = name.split("_", 1)
-                self.log(f"val/{src}/{key}", metric.compute(), sync_dist=False)
+                self.log(f"{prefix}/{src}/{key}", metric.compute(), sync_dist=False)
             metric.reset()
         if self._val_videos and self.global_rank == 0:
-            self.log_videos("val/samples", self._val_videos)
+            self.log_videos(f"{prefix}/samples", self._val_videos)
         self._val_videos = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluation_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.evaluation_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """One generated video per condition: ``{"video": (B, T, 3, H, W) in [0, 1], "path", "start"}``."""
+        gen = self.generator(tag=3000 + batch_idx, batch=0)
+        return {"video": self.rollout_videos(batch, gen), "path": batch.get("path"), "start": batch.get("start")}
 
     def log_videos(self, tag: str, pairs: list[tuple[Tensor, Tensor]]) -> None:
         """Log ``[real | generated]`` side by side as GIFs to every TensorBoard logger."""

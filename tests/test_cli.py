@@ -47,3 +47,19 @@ def test_user_subclass_and_missing_key_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         VidAlignCLI(args=["--model", "lightning_vidalign.algorithms.SFT"], run=False)
     assert "backbone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_subcommands(subcommand, tmp_path):
+    limit = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}[subcommand]
+    cli = main([
+        subcommand, "--config", os.path.join(ROOT, "configs", "sft.yaml"), f"--trainer.{limit}", "1",
+        "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path),
+        "--model.num_inference_steps", "2", "--model.val_num_videos", "1",
+    ])
+    if subcommand == "predict":
+        out = cli.trainer.predict_loop.predictions
+        assert out[0]["video"].shape == (2, 8, 3, 64, 64)
+    else:
+        metrics = cli.trainer.callback_metrics
+        assert f"{'test' if subcommand == 'test' else 'val'}/gen/motion_score" in metrics
