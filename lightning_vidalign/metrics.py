@@ -19,7 +19,30 @@ def _check(video: Tensor) -> None:
         raise ValueError(f"motion metrics expect videos (B, T>=2, 3, H, W) in [0, 1], got {tuple(video.shape)}")
 
 
-class MotionScore(Metric):
+class _PerVideoMean(Metric):
+    """Mean over videos of a per-video value ``per_video(video) -> (B,)`` (summed across ranks)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def per_video(self, video: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, video: Tensor) -> None:
+        _check(video)
+        values = self.per_video(video.float())
+        self.total += values.double().sum().to(self.total.device)
+        self.count += values.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class MotionScore(_PerVideoMean):
     """Mean optical-flow magnitude in pixels per frame at the evaluated resolution.
 
     ``score = mean_{videos, pairs, pixels} ||flow||``. Source: our definition (the "motion score"
@@ -28,26 +51,17 @@ class MotionScore(Metric):
     """
 
     higher_is_better = None
-    full_state_update = False
 
     def __init__(self, flow: FlowEstimator | None = None, **kwargs):
         super().__init__(**kwargs)
         self.flow = flow or DISFlow(confidence=False)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, video: Tensor) -> None:
-        _check(video)
-        flow, _ = video_flow(video.float(), self.flow)
-        mag = flow.norm(dim=2).flatten(1).mean(1)
-        self.total += mag.double().sum().to(self.total.device)
-        self.count += mag.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+    def per_video(self, video: Tensor) -> Tensor:
+        flow, _ = video_flow(video, self.flow)
+        return flow.norm(dim=2).flatten(1).mean(1)
 
 
-class DynamicDegree(Metric):
+class DynamicDegree(_PerVideoMean):
     """Fraction of videos judged dynamic (VBench "dynamic degree", adapted).
 
     Per adjacent pair, the mean of the top 5% flow magnitudes; a pair moves when that exceeds
@@ -56,54 +70,34 @@ class DynamicDegree(Metric):
     """
 
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, threshold: float = 6.0, min_fraction: float = 0.25, flow: FlowEstimator | None = None, **kwargs):
         super().__init__(**kwargs)
         self.threshold, self.min_fraction = threshold, min_fraction
         self.flow = flow or DISFlow(confidence=False)
-        self.add_state("dynamic", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, video: Tensor) -> None:
-        _check(video)
-        flow, _ = video_flow(video.float(), self.flow)
+    def per_video(self, video: Tensor) -> Tensor:
+        flow, _ = video_flow(video, self.flow)
         mag = flow.norm(dim=2).flatten(2)  # (B, P, HW)
         k = max(1, int(0.05 * mag.shape[-1]))
         top = mag.topk(k, dim=-1).values.mean(-1)  # (B, P)
         thr = self.threshold * min(video.shape[-2:]) / 256.0
         need = math.ceil(self.min_fraction * top.shape[1])
-        self.dynamic += ((top > thr).sum(1) >= need).float().sum().to(self.dynamic.device)
-        self.count += top.shape[0]
-
-    def compute(self) -> Tensor:
-        return self.dynamic / self.count.clamp(min=1)
+        return ((top > thr).sum(1) >= need).float()
 
 
-class TemporalFlickering(Metric):
+class TemporalFlickering(_PerVideoMean):
     """``1 - mean |I_{t+1} - I_t|`` over RGB pixels in ``[0, 1]`` (VBench temporal flickering,
     which reports ``(255 - MAE)/255``). Range ``[0, 1]``, higher = less flicker (and less motion).
     """
 
     higher_is_better = True
-    full_state_update = False
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, video: Tensor) -> None:
-        _check(video)
-        mae = (video[:, 1:].float() - video[:, :-1].float()).abs().flatten(1).mean(1)
-        self.total += (1 - mae).double().sum()
-        self.count += mae.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+    def per_video(self, video: Tensor) -> Tensor:
+        return 1 - (video[:, 1:] - video[:, :-1]).abs().flatten(1).mean(1)
 
 
-class MotionSmoothness(Metric):
+class MotionSmoothness(_PerVideoMean):
     """How well each inner frame is predicted by flow interpolation of its neighbours.
 
     For ``t = 1..T-2``: flow ``f`` from frame ``t-1`` to ``t+1``; frame ``t`` is predicted by
@@ -113,13 +107,10 @@ class MotionSmoothness(Metric):
     """
 
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, flow: FlowEstimator | None = None, **kwargs):
         super().__init__(**kwargs)
         self.flow = flow or DISFlow(confidence=False)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     @staticmethod
     def _warp(img: Tensor, flow: Tensor) -> Tensor:
@@ -130,24 +121,20 @@ class MotionSmoothness(Metric):
         grid = torch.stack([gx, gy], -1).float()
         return torch.nn.functional.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
-    def update(self, video: Tensor) -> None:
-        _check(video)
+    def per_video(self, video: Tensor) -> Tensor:
         if video.shape[1] < 3:
             raise ValueError(f"MotionSmoothness needs T >= 3 frames, got {video.shape[1]}")
-        gray = to_gray(video.float())
+        b = video.shape[0]
+        gray = to_gray(video)
         prev, mid, nxt = gray[:, :-2].flatten(0, 1), gray[:, 1:-1].flatten(0, 1), gray[:, 2:].flatten(0, 1)
         fwd, _ = self.flow(prev, nxt)  # prev(x) ≈ nxt(x + fwd(x))
         bwd, _ = self.flow(nxt, prev)
         pred = 0.5 * (self._warp(prev, 0.5 * bwd) + self._warp(nxt, 0.5 * fwd))
-        mae = (pred - mid).abs().flatten(1).mean(1)
-        self.total += (1 - mae).double().sum()
-        self.count += mae.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+        mae = (pred - mid).abs().flatten(1).mean(1)  # per inner frame
+        return 1 - mae.view(b, -1).mean(1)
 
 
-def motion_metrics(**kwargs) -> dict[str, Metric]:
+def motion_metrics() -> dict[str, Metric]:
     """The four validation metrics, keyed by their log names."""
     return {
         "motion_score": MotionScore(),

@@ -178,9 +178,10 @@ class VideoAlignModule(L.LightningModule):
 
     # ----------------------------------------------------------- validation
     def rollout_videos(self, batch: dict, generator: torch.Generator, num: int | None = None) -> Tensor:
-        """Sample one video per condition of ``batch`` with the module's sampler settings."""
+        """Sample one video per condition of ``batch`` (the first ``num``) with the module's sampler
+        settings, at the size of ``batch["video"]``; returns ``(B, T, 3, H, W)`` in ``[0, 1]``."""
         video = batch["video"]
-        sub = {k: (v[:num] if torch.is_tensor(v) else v[:num]) for k, v in batch.items()} if num else batch
+        sub = {k: v[:num] for k, v in batch.items()} if num else batch
         cond = self.backbone.encode_condition(sub, generator)
         traj = self.backbone.rollout(
             cond,

@@ -38,7 +38,8 @@ def test_shift_vs_sft_cost_per_real_sample():
     G, K, steps_inference = 4, 10, 8
     round_steps = K * G  # B conditions x G rollouts / minibatch B, x K passes
     results = {}
-    for rep in range(2):  # interleaved repeats: SFT, SHIFT, SFT, SHIFT
+    _fit(SFT(SVDBackbone(lora_rank=8, lora_alpha=8), optimizer=_opt), dm, 3)  # warm-up (allocator, caches)
+    for rep in range(3):  # interleaved repeats: SFT, SHIFT, SFT, SHIFT, ...
         sft = SFT(SVDBackbone(lora_rank=8, lora_alpha=8), optimizer=_opt)
         t_sft = _fit(sft, dm, round_steps)
         shift = SHIFT(SVDBackbone(lora_rank=8, lora_alpha=8), optimizer=_opt, rollouts_per_condition=G, passes=K,
@@ -48,13 +49,16 @@ def test_shift_vs_sft_cost_per_real_sample():
         split = dict(shift.timer.seconds)
         split.update({f"imr_{k}": v for k, v in reward.timer.seconds.items()})
         results[rep] = {"sft_s": t_sft, "shift_s": t_shift, "ratio": t_shift / t_sft, "split_s": split}
-    ratio = min(r["ratio"] for r in results.values())
+    ratios = sorted(r["ratio"] for r in results.values())
+    ratio = ratios[len(ratios) // 2]  # median of the interleaved repeats
+    best = min(results.values(), key=lambda r: abs(r["ratio"] - ratio))
     report = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "setting": f"tiny SVD, 64x64x8 frames, batch 2, G={G}, K={K}, {steps_inference} Euler-ancestral steps, one full round = {round_steps} steps",
-        "per_real_sample_s": {"sft": results[1]["sft_s"] / (2 * round_steps), "shift": results[1]["shift_s"] / (2 * round_steps)},
-        "ratio_shift_over_sft": [r["ratio"] for r in results.values()],
-        "shift_split_s": results[1]["split_s"],
+        "per_real_sample_s": {"sft": best["sft_s"] / (2 * round_steps), "shift": best["shift_s"] / (2 * round_steps)},
+        "ratio_shift_over_sft_median": ratio,
+        "ratio_shift_over_sft_repeats": [r["ratio"] for r in results.values()],
+        "shift_split_s": best["split_s"],
     }
     os.makedirs("runs/bench", exist_ok=True)
     with open("runs/bench/shift_vs_sft.json", "w") as f:
