@@ -46,3 +46,27 @@ def shift_advantages(rewards: Tensor, group_ids: Tensor, clip: float) -> Tensor:
     if not torch.isfinite(rewards).all():
         raise FloatingPointError(f"shift_advantages: non-finite rewards {rewards.tolist()}")
     return (rewards - group_mean(rewards, group_ids)).clamp(-clip, clip)
+
+
+def failure_weights(rewards: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-sample SFT loss weights that emphasise low-reward (failure) samples, mean 1.
+
+    ``w = B · softmax(-r / temperature)``. TeleBoost §2.3 reweights the SFT loss so that samples
+    with structural failures "receive stronger corrective gradients" and stable ones are
+    de-emphasised; it gives no formula: this softmax form is our choice.
+
+    Args:
+        rewards: ``(B,)`` finite rewards of the real samples.
+        temperature: ``> 0``; large values approach uniform weights.
+
+    Returns:
+        ``(B,)`` positive weights with mean 1 (constants: no gradient).
+
+    Raises:
+        ValueError: if ``temperature <= 0``. FloatingPointError: on non-finite rewards.
+    """
+    if temperature <= 0:
+        raise ValueError(f"failure_weights: temperature must be > 0, got {temperature}")
+    if not torch.isfinite(rewards).all():
+        raise FloatingPointError(f"failure_weights: non-finite rewards {rewards.tolist()}")
+    return rewards.numel() * torch.softmax(-rewards.detach().float() / temperature, dim=0)

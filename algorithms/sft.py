@@ -1,15 +1,39 @@
-"""Supervised fine-tuning on real clips."""
+"""Supervised fine-tuning on real clips (optionally reward-weighted, TeleBoost §2.3)."""
 from __future__ import annotations
 
+import torch
+
+from lightning_vidalign.algorithms.advantages import failure_weights
 from lightning_vidalign.algorithms.losses import sft_loss
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import find_rewards
 
 
 class SFT(VideoAlignModule):
-    """SFT: ``L = mean_b ℓ(x0_b, σ_b, ε_b)`` on real clips (DESIGN §3).
+    """SFT: ``L = mean_b w_b·ℓ(x0_b, σ_b, ε_b)`` on real clips (DESIGN §3).
 
-    Args: see :class:`~lightning_vidalign.module.VideoAlignModule`.
+    Args:
+        reward_weighting: weight each real clip by :func:`failure_weights` of the reward
+            callbacks' scores (TeleBoost §2.3, "reward-weighted SFT"); off: ``w = 1``.
+        weight_temperature: softmax temperature of the weights.
+        rewards: names of the reward callbacks to use (None: all); weighted by their ``weight``.
+        *args, **kwargs: :class:`~lightning_vidalign.module.VideoAlignModule` arguments.
     """
+
+    def __init__(self, *args, reward_weighting: bool = False, weight_temperature: float = 1.0, rewards: list[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward_weighting, self.weight_temperature, self.reward_names = reward_weighting, weight_temperature, rewards
+
+    @torch.no_grad()
+    def sample_weights(self, batch: dict) -> torch.Tensor | None:
+        """Per-clip loss weights ``(B,)`` (None when reward weighting is off)."""
+        if not self.reward_weighting:
+            return None
+        video = batch["video"]
+        rewards = sum(cb.weight * cb.score(video, batch).to(video.device) for cb in find_rewards(self.trainer, self.reward_names))
+        weights = failure_weights(rewards, self.weight_temperature)
+        self.log_dict({"train/weight_max": weights.max(), "reward/total/mean": rewards.mean()}, batch_size=video.shape[0])
+        return weights
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         gen = self.generator()
@@ -17,7 +41,7 @@ class SFT(VideoAlignModule):
         cond = self.backbone.encode_condition(batch, gen)
         sigma, noise = self.sample_noise(x0, gen)
         loss_real = self.backbone.training_loss(x0, cond, sigma, noise)
-        loss = sft_loss(loss_real)
+        loss = sft_loss(loss_real, self.sample_weights(batch))
         stats = self.optimize(loss)
         self.log_dict({"train/loss": loss.detach(), **{f"train/{k}": v for k, v in stats.items()}}, prog_bar=True, batch_size=x0.shape[0])
         return {"loss": loss.detach()}

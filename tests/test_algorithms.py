@@ -46,6 +46,15 @@ def test_sft_smoke_fit(tmp_path, datamodule):
     assert "val/gen/motion_score" in trainer.logged_metrics and "val/real/motion_smoothness" in trainer.logged_metrics
 
 
+def test_reward_weighted_sft_smoke(tmp_path, datamodule):
+    module = SFT(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=_optimizer, reward_weighting=True, val_num_videos=0)
+    before = _lora(module)
+    trainer = _trainer(tmp_path, 2, callbacks=[IMRReward(adversarial=False)], limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    _assert_changed_and_finite(before, module, trainer)
+    assert float(trainer.logged_metrics["train/weight_max"]) >= 1.0
+
+
 def _shift(**kw):
     args = dict(optimizer=_optimizer, num_inference_steps=3, rollouts_per_condition=2, passes=2, val_num_videos=1, sampler="euler_ancestral")
     args.update(kw)

@@ -64,3 +64,24 @@ def test_group_mean_and_errors():
         shift_advantages(torch.ones(3), torch.zeros(3), 0.0)
     with pytest.raises(FloatingPointError):
         shift_advantages(torch.tensor([1.0, float("inf")]), torch.zeros(2), 1.0)
+
+
+def test_failure_weights_exact_and_order():
+    from lightning_vidalign.algorithms.advantages import failure_weights
+
+    r = torch.tensor([0.0, 1.0, 2.0])
+    e = torch.exp(-r)
+    assert failure_weights(r).tolist() == pytest.approx((3 * e / e.sum()).tolist())
+    w = failure_weights(torch.tensor([2.0, -1.0, 0.5]), temperature=0.5)
+    assert w.mean().item() == pytest.approx(1.0) and w.argmax().item() == 1 and w.argmin().item() == 0
+    assert failure_weights(torch.tensor([1.0, 1.0])).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        failure_weights(r, temperature=0.0)
+    with pytest.raises(FloatingPointError):
+        failure_weights(torch.tensor([float("nan")]))
+
+
+def test_sft_loss_weighted_exact():
+    assert sft_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 1.5])).item() == pytest.approx((0.5 + 4.5) / 2)
+    with pytest.raises(ValueError):
+        sft_loss(torch.ones(2), torch.ones(3))
