@@ -1,8 +1,6 @@
 """SHIFT: Smooth Hybrid Fine-Tuning with adversarial motion rewards (SHIFT §4, App. A.3, C)."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from lightning_vidalign.algorithms.advantages import shift_advantages
@@ -10,8 +8,6 @@ from lightning_vidalign.algorithms.losses import shift_loss
 from lightning_vidalign.buffer import RolloutBuffer
 from lightning_vidalign.module import VideoAlignModule
 from lightning_vidalign.rewards.base import find_rewards
-
-log = logging.getLogger(__name__)
 
 
 class SHIFT(VideoAlignModule):

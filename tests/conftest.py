@@ -3,7 +3,6 @@ import sys
 
 import lightning_vidalign  # noqa: F401  (torchvision shim first)
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # for tests/custom_method.py (--model my_pkg.MyMethod)

