@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_vidalign.datamodules.io import (
     VIDEO_EXTENSIONS,
@@ -133,6 +133,56 @@ class VideoClipDataset(Dataset):
             "start": clip.start,
             "index": i,
         }
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random order drawn from ``(seed, epoch)``, able to start mid-epoch after a resume.
+
+    Lightning calls :meth:`set_epoch` at every epoch start. Source: our choice (exact resume).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch = 0
+        self.resume_epoch: int | None = None
+        self.resume_offset = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        start = self.resume_offset if self.epoch == self.resume_epoch else 0
+        self.resume_epoch = None
+        yield from order[start:]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position is saved in the checkpoint (Lightning's ``state_dict`` protocol).
+
+    The position is read from the trainer's progress (epoch, batches processed in it) so that the
+    fetcher's prefetching does not count; on load, the :class:`EpochSeededSampler` skips those
+    batches of that epoch. Exact for a single process (multi-process: issue 7).
+    """
+
+    def __init__(self, *args, datamodule: "VideoClipDataModule | None" = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict:
+        trainer = getattr(self.datamodule, "trainer", None)
+        if trainer is None:
+            return {"epoch": 0, "batches": 0}
+        return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.sampler, EpochSeededSampler):
+            self.sampler.resume_epoch = int(state["epoch"])
+            self.sampler.resume_offset = int(state["batches"]) * (self.batch_size or 1)
 
 
 class VideoClipDataModule(L.LightningDataModule):
@@ -272,18 +322,22 @@ class VideoClipDataModule(L.LightningDataModule):
         log.info("VideoClipDataModule: %d sources, %d train / %d val clips", len(indices), len(train_ids), len(val_ids))
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.split_seed) if shuffle else None
+        if shuffle:
+            return ResumableDataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=EpochSeededSampler(len(dataset), self.hparams.split_seed),
+                drop_last=drop_last and len(dataset) >= self.batch_size,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                datamodule=self,
+            )
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training clips (order from ``(split_seed, epoch)``, resumable mid-epoch)."""
         return self._loader(self.train_set, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

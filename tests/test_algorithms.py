@@ -161,3 +161,34 @@ def test_nonfinite_loss_raises_or_skips(datamodule):
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     assert module.skipped_steps == 2 and module.batches_seen == 2  # stops after 2 batches though no step was taken
     assert all(torch.equal(before[k], v) for k, v in module.backbone.trainable_state_dict().items())
+
+
+def test_shift_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    """Stop after 3 batches (mid-epoch, mid-round), resume, compare steps 4..7 with an uninterrupted run."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    class Record(Callback):
+        def __init__(self):
+            self.losses = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses[pl_module.batches_seen] = (outputs["loss"].item(), batch["start"].tolist())
+
+    def run(steps, ckpt_path=None, save=False):
+        dm = VideoClipDataModule(batch_size=2, shot_detector="histogram")
+        rec = Record()
+        callbacks = [IMRReward(seed=0), rec]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_train_steps=3, save_top_k=0))
+        trainer = _trainer(tmp_path, steps, callbacks=callbacks, limit_val_batches=0)
+        trainer.fit(_shift(val_num_videos=0, rollouts_per_condition=2, passes=2), datamodule=dm, ckpt_path=ckpt_path)
+        return rec.losses
+
+    full = run(7)
+    run(3, save=True)
+    resumed = run(7, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert sorted(resumed) == [4, 5, 6, 7]  # crosses an epoch boundary (5 batches per epoch)
+    for k in resumed:
+        assert resumed[k] == full[k], (k, resumed[k], full[k])
