@@ -72,7 +72,7 @@ class SHIFT(VideoAlignModule):
         with self.timer("rollout"):
             cond = self.backbone.encode_condition(batch, generator)
             cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
-            latents, videos = [], []
+            latents = []
             for i in range(0, b * g, self.rollout_batch_size):
                 part = {k: v[i : i + self.rollout_batch_size] for k, v in cond.items()}
                 traj = self.backbone.rollout(part, self.sampler, self.num_inference_steps, self.guidance, generator, num_frames=t, height=h, width=w, decode=False)
