@@ -24,9 +24,14 @@ class VidAlignCLI(LightningCLI):
         super().__init__(VideoAlignModule, L.LightningDataModule, *args, **kwargs)
 
 
-def main(args: list[str] | None = None) -> VidAlignCLI:
-    """Entry point of the ``vidalign`` console script (``args=None`` reads ``sys.argv``)."""
-    return VidAlignCLI(args=args)
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``vidalign`` console script (``args=None`` reads ``sys.argv``).
+
+    Returns None on purpose: the console-script wrapper calls ``sys.exit(main())``, and any other
+    return value would make the process exit with status 1. Use :class:`VidAlignCLI` directly to
+    keep the trainer and model in Python.
+    """
+    VidAlignCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def test_user_subclass_and_missing_key_error(tmp_path, capsys):
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_evaluation_subcommands(subcommand, tmp_path):
     limit = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}[subcommand]
-    cli = main([
+    from lightning_vidalign.cli import VidAlignCLI
+
+    cli = VidAlignCLI(args=[
         subcommand, "--config", os.path.join(ROOT, "configs", "sft.yaml"), f"--trainer.{limit}", "1",
         "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path),
         "--model.num_inference_steps", "2", "--model.val_num_videos", "1",
@@ -63,3 +65,19 @@ def test_evaluation_subcommands(subcommand, tmp_path):
     else:
         metrics = cli.trainer.callback_metrics
         assert f"{'test' if subcommand == 'test' else 'val'}/gen/motion_score" in metrics
+
+
+def test_console_script_exits_zero(tmp_path):
+    """The installed ``vidalign`` script runs a job and exits 0 (sys.exit(main()) must get None)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "vidalign")
+    assert os.path.isfile(script), "the project must be installed (pip install -e .)"
+    out = subprocess.run(
+        [script, "validate", "--config", os.path.join(ROOT, "configs", "sft.yaml"), "--trainer.limit_val_batches", "1",
+         "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path),
+         "--model.num_inference_steps", "2", "--model.val_num_videos", "1"],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
