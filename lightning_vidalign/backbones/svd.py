@@ -483,7 +483,7 @@ class SVDBackbone(VideoBackbone):
         path = os.path.join(directory, weight_name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"LoRA file {path!r} does not exist")
-        state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(directory, weight_name=weight_name, local_files_only=True)
+        state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(directory, weight_name=weight_name, local_files_only=True)
         scale = self.lora_config.lora_alpha / self.lora_config.r
         unet_sd = {k[len("unet.") :]: (v / scale if "lora_B" in k else v) for k, v in state.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(self.unet, unet_sd)

@@ -17,13 +17,14 @@ from lightning_vidalign.rewards.motion.flow import DISFlow, FlowEstimator, to_gr
 log = logging.getLogger(__name__)
 
 
-def imr_features(video: Tensor, estimator: FlowEstimator, residual_scale: float = 10.0, normalize: bool = True) -> Tensor:
+def imr_features(video: Tensor, estimator: FlowEstimator, residual_scale: float = 1.0, normalize: bool = True) -> Tensor:
     """IMR input maps ``[R, confidence]`` per adjacent pair.
 
     Args:
         video: ``(B, T, 3, H, W)`` in ``[0, 1]``.
         estimator: flow estimator.
-        residual_scale: multiplier of ``R`` (intensity units are small; our choice: 10).
+        residual_scale: multiplier of ``R`` (our choice: 1 with ``normalize``; use ~10 without it,
+            since raw intensity residuals are small).
         normalize: divide ``R`` of each pair by ``RMS(I_t) + 0.01`` so that the map says how much
             of the temporal change the flow fails to explain, independent of how much the scene
             moves (our choice; without it, clips with large motion dominate and a small
