@@ -112,3 +112,241 @@ class Trajectory:
     sigmas: Tensor | None = None
     log_prob: Tensor | None = None
     extras: dict = field(default_factory=dict)
+
+
+# ============================================================================ flow matching (Wan)
+#
+# Convention (DESIGN §2): x_s = (1 - s)·x0 + s·noise, s = 1 is pure noise, s' < s is the next level,
+# Δ = s - s' > 0, velocity v = noise - x0, x̂0 = x - s·v.
+
+SDE_TYPES = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
+
+#: SAGE's clamp of the noise level at the pure-noise boundary, ``1 - s >= 3e-3`` (SAGE-GRPO App. A.2)
+SAGE_BOUNDARY = 3e-3
+
+
+def _as_level(value: float | Tensor, like: Tensor) -> Tensor:
+    """A noise level as a float64-free fp32 tensor broadcastable to ``like`` (scalar or per sample)."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if t.dim() == 0:
+        return t
+    if t.dim() != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(f"noise level must be a scalar or shape ({like.shape[0]},), got {tuple(t.shape)}")
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def sage_variance(sigma: float | Tensor, sigma_next: float | Tensor, eta: float) -> Tensor:
+    """Integrated SDE variance over one step, SAGE-GRPO Eq. 5 / App. A.1 (Eq. 17–21).
+
+    ``Σ = ∫_{s'}^{s_c} ε_u² du = η²·(-(s_c - s') + log((1 - s')/(1 - s_c)))`` with the diffusion
+    coefficient ``ε_u = η·sqrt(u/(1-u))`` and ``s_c = min(s, 1 - 3e-3)`` (the SAGE code's clamp at
+    pure noise, App. A.2 regime (b); for ``s <= 1 - 3e-3`` this is exactly the paper's Eq. 5). The
+    integral over the clamped interval is used in both terms, so it stays the exact integral; it is
+    floored at 0 (an interval entirely above the clamp has no variance).
+
+    Args:
+        sigma: current level ``s`` in ``(0, 1]`` (float or tensor).
+        sigma_next: next level ``s'`` in ``[0, s)``.
+        eta: exploration scale ``η >= 0``.
+
+    Returns:
+        ``Σ`` (tensor, shape of the broadcast inputs), in latent units squared.
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    sn = torch.as_tensor(sigma_next, dtype=torch.float64)
+    sc = torch.clamp(s, max=1.0 - SAGE_BOUNDARY)
+    sn_c = torch.minimum(sn, sc)
+    var = eta**2 * (-(sc - sn_c) + torch.log((1.0 - sn_c) / (1.0 - sc)))
+    return torch.clamp(var, min=0.0).to(torch.float32)
+
+
+def flow_grpo_noise_scale(sigma: Tensor, eta: float, sigma_max: float | Tensor | None, sigma_next: Tensor) -> Tensor:
+    """Flow-GRPO's diffusion coefficient ``σ_t = η·sqrt(s/(1 - s))`` (Liu et al. 2025, flow_grpo code).
+
+    At the pure-noise boundary ``s == 1`` the denominator uses ``1 - sigma_max`` instead of 0, as
+    flow_grpo does with ``sigma_max = sigmas[1]``; when ``sigma_max`` is None the step's own
+    ``sigma_next`` is used, which is ``sigmas[1]`` for the first step of a schedule starting at 1.
+    """
+    boundary = sigma_next if sigma_max is None else torch.as_tensor(sigma_max, dtype=sigma.dtype, device=sigma.device)
+    denom = 1.0 - torch.where(sigma >= 1.0, boundary, sigma)
+    return eta * torch.sqrt(sigma / denom)
+
+
+def sde_step_parameters(sigma: Tensor, sigma_next: Tensor, sde_type: str, eta: float, sigma_max=None) -> dict[str, Tensor]:
+    """Per-step coefficients of the Gaussian transition ``N(a·x + b·v, std²)``.
+
+    Every SDE type of :func:`sde_step_with_logprob` has a mean that is linear in ``(x, v)``:
+    ``mean = a·x + b·v``. Returned as ``{"a", "b", "std", "var"}`` (tensors broadcastable like the
+    inputs). Used by the step itself and by the gradient-norm proxy (``|b|/std``).
+
+    Raises:
+        ValueError: on an unknown ``sde_type``.
+    """
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+    s, sn = sigma, sigma_next
+    delta = s - sn
+    zero = torch.zeros_like(delta)
+    if sde_type == "ode":
+        # no shortcut for eta = 0: each type's own formula must reduce to this step (tested)
+        return {"a": torch.ones_like(delta), "b": -delta, "std": zero, "var": zero}
+    if sde_type in ("flow_grpo", "dance_grpo", "sage"):
+        if sde_type == "flow_grpo":
+            var = flow_grpo_noise_scale(s, eta, sigma_max, sn) ** 2 * delta
+        elif sde_type == "dance_grpo":
+            var = eta**2 * delta
+        else:
+            var = sage_variance(s, sn, eta).to(s.device)
+        # mean = x - Δ·v + (var/2)·score,  score = -(x + (1 - s)·v)/s
+        a = 1.0 - var / (2.0 * s)
+        b = -delta - var * (1.0 - s) / (2.0 * s)
+        return {"a": a, "b": b, "std": torch.sqrt(var), "var": var}
+    # cps (Wang & Yu 2025): mean = (1 - s')·x̂0 + sqrt(s'² - std²)·x̂1, x̂0 = x - s·v, x̂1 = x + (1 - s)·v
+    std = sn * math.sin(eta * math.pi / 2)
+    c = torch.sqrt(torch.clamp(sn * sn - std * std, min=0.0))
+    a = (1.0 - sn) + c
+    b = -(1.0 - sn) * s + c * (1.0 - s)
+    return {"a": a, "b": b, "std": std, "var": std * std}
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Log-density of ``x`` under ``N(mean, std²)`` (all constants kept), averaged over all
+    non-batch elements (flow_grpo's convention), shape ``(B,)``.
+
+    Note: flow_grpo's CPS code drops the ``-log std - log sqrt(2π)`` constants; we keep them, which
+    changes log-probs by a per-step constant and leaves ratios unchanged.
+    """
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1) if lp.dim() > 1 else lp
+
+
+def sde_step_with_logprob(
+    velocity: Tensor,
+    sample: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    sde_type: str = "flow_grpo",
+    eta: float = 0.7,
+    generator: torch.Generator | None = None,
+    prev_sample: Tensor | None = None,
+    sigma_max: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One reverse step of a flow-matching sampler, with its Gaussian log-probability (DESIGN §2).
+
+    SDE types (all reduce to the Euler ODE step ``x - Δ·v`` when ``eta = 0``):
+
+    - ``ode``: ``x - Δ·v``; std 0.
+    - ``flow_grpo`` (Liu et al. 2025, Flow-GRPO Eq. 9): ``σ_t = η·sqrt(s/(1-s))``,
+      ``mean = x·(1 - σ_t²Δ/(2s)) - v·Δ·(1 + σ_t²(1-s)/(2s))``, ``std = σ_t·sqrt(Δ)``; boundary at
+      ``s = 1``: see :func:`flow_grpo_noise_scale`.
+    - ``dance_grpo`` (Xue et al. 2025): the same mean with constant ``σ_t = η``; ``std = η·sqrt(Δ)``.
+    - ``cps`` (Wang & Yu 2025, coefficient-preserving): ``std = s'·sin(ηπ/2)``,
+      ``mean = (1-s')·x̂0 + sqrt(s'² - std²)·x̂1`` with ``x̂0 = x - s·v``, ``x̂1 = x + (1-s)·v``.
+    - ``sage`` (SAGE-GRPO Eq. 5–7): ``Σ`` from :func:`sage_variance`, ``std = sqrt(Σ)`` (no extra
+      ``sqrt(Δ)``), ``mean = x - Δ·v + (Σ/2)·score`` with ``score = -(x + (1-s)·v)/s`` (the SAGE
+      code's rectified-flow score; the paper prints ``-(x - x̂0)/s²``, which drops ``(1 - s)``).
+
+    Args:
+        velocity: model velocity ``v`` (same shape as ``sample``), batch-first.
+        sample: ``x`` at level ``sigma``, ``(B, ...)``.
+        sigma: current level ``s`` in ``(0, 1]``, float or ``(B,)``.
+        sigma_next: next level ``s'`` in ``[0, s)``, float or ``(B,)``.
+        sde_type: one of ``ode | flow_grpo | dance_grpo | cps | sage``.
+        eta: noise scale ``η >= 0`` (flow_grpo ``noise_level``).
+        generator: CPU RNG for the drawn noise (drawn on CPU in fp32, then moved: device-independent).
+        prev_sample: if given, it is scored, not drawn.
+        sigma_max: flow_grpo boundary value (see :func:`flow_grpo_noise_scale`).
+
+    Returns:
+        ``(prev_sample, mean, std, log_prob)``: ``prev_sample`` and ``mean`` shaped like ``sample``
+        (fp32), ``std`` broadcastable to it, ``log_prob (B,)`` averaged over the non-batch elements,
+        or None when ``std == 0`` (ODE or ``eta = 0``), where no density exists.
+
+    Raises:
+        ValueError: on an unknown ``sde_type``, shape mismatch or ``sigma_next >= sigma``.
+    """
+    if velocity.shape != sample.shape:
+        raise ValueError(f"velocity {tuple(velocity.shape)} and sample {tuple(sample.shape)} must have the same shape")
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} must have the shape of sample {tuple(sample.shape)}")
+    x, v = sample.float(), velocity.float()
+    s, sn = _as_level(sigma, x), _as_level(sigma_next, x)
+    if bool((sn >= s).any()):
+        raise ValueError(f"sigma_next must be < sigma, got sigma={sigma}, sigma_next={sigma_next}")
+    p = sde_step_parameters(s, sn, sde_type, eta, sigma_max)
+    mean = p["a"] * x + p["b"] * v
+    std = p["std"]
+    if bool((torch.as_tensor(std) == 0).all()):
+        return mean if prev_sample is None else prev_sample.float(), mean, std, None
+    if prev_sample is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.float()
+    return prev_sample, mean, std, gaussian_log_prob(prev_sample, mean, std)
+
+
+def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: float | Tensor) -> Tensor:
+    """KL between two Gaussian transitions with equal covariance ``std²·I``:
+    ``||μ_θ - μ_ref||² / (2·std²)``, averaged over the non-batch elements, shape ``(B,)``.
+
+    Source: SAGE-GRPO Eq. 11/13 (with the step's variance ``std²``; the paper prints ``Σ_t²``) and
+    Flow-GRPO's per-step KL.
+    """
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std**2)
+    return kl.flatten(1).mean(1)
+
+
+def gradient_norm_proxy(sigma: float | Tensor, sigma_next: float | Tensor, sde_type: str, eta: float, sigma_max=None) -> Tensor:
+    """Per-step policy-gradient scale proxy ``N_t = |∂mean/∂v| / std`` (SAGE-GRPO Eq. 38, App. A.5).
+
+    For ``sage`` this is ``(Δ + 0.5·Σ·(1-s)/s) / sqrt(Σ)`` (the SAGE code). ``∂log π/∂μ`` has norm
+    ``∝ 1/std`` (Eq. 37) and ``μ`` depends on the network through ``v`` with sensitivity ``|b|``.
+
+    Args:
+        sigma, sigma_next: levels (floats or 1-D tensors of equal length, one entry per step).
+        sde_type, eta, sigma_max: as in :func:`sde_step_with_logprob` (stochastic types only).
+
+    Returns:
+        ``N_t`` (tensor shaped like the broadcast levels).
+
+    Raises:
+        ValueError: for a deterministic step (``std = 0``), where no policy gradient exists.
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float32)
+    sn = torch.as_tensor(sigma_next, dtype=torch.float32)
+    p = sde_step_parameters(s, sn, sde_type, eta, sigma_max)
+    std = torch.as_tensor(p["std"])
+    if bool((std <= 0).any()):
+        raise ValueError(f"gradient_norm_proxy: a step has std 0 (sde_type={sde_type!r}, eta={eta}); no policy gradient")
+    return p["b"].abs() / std
+
+
+def equalizer_scales(proxies: Tensor, eps: float = 1e-8) -> Tensor:
+    """Gradient-norm equalizer ``S_t = median_τ(N_τ) / (N_t + ε)`` (SAGE-GRPO Eq. 9 / Eq. 39).
+
+    Args:
+        proxies: ``N_t`` for the ``T`` steps of the schedule, shape ``(T,)``, positive.
+        eps: the small constant ``ε``.
+
+    Returns:
+        ``S_t``, shape ``(T,)``. ``torch.median`` takes the lower middle value for even ``T``.
+    """
+    proxies = torch.as_tensor(proxies, dtype=torch.float32)
+    return torch.median(proxies) / (proxies + eps)
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
+    """The ``num_steps + 1`` noise levels of diffusers' ``FlowMatchEulerDiscreteScheduler``
+    (``shift`` = Wan's ``flow_shift``), from 1 down to 0: ``s' = shift·s/(1 + (shift-1)·s)`` over
+    ``s = linspace(1, 1/num_steps, num_steps)``. Timesteps are ``1000·s``.
+
+    Taken from the scheduler itself, so our rollouts use exactly the pipeline's schedule.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(num_steps)
+    return sched.sigmas.float().clone()

@@ -1,5 +1,6 @@
 """Policies (``VideoBackbone``) wrapping diffusers video models."""
 from lightning_vidalign.backbones.base import VideoBackbone
 from lightning_vidalign.backbones.svd import SVD_TEMPORAL_ATTN_LORA, SVDBackbone, tiny_svd_components
+from lightning_vidalign.backbones.wan import WAN_ATTN_LORA, WanBackbone, tiny_wan_components
 
-__all__ = ["VideoBackbone", "SVDBackbone", "SVD_TEMPORAL_ATTN_LORA", "tiny_svd_components"]
+__all__ = ["VideoBackbone", "SVDBackbone", "SVD_TEMPORAL_ATTN_LORA", "tiny_svd_components", "WanBackbone", "WAN_ATTN_LORA", "tiny_wan_components"]

