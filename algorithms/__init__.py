@@ -1,6 +1,9 @@
 """Alignment algorithms: one LightningModule per file."""
+from lightning_vidalign.algorithms.grpo import GRPO
+from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.reward_pretrain import RewardPretrain
+from lightning_vidalign.algorithms.sage_grpo import SAGEGRPO
 from lightning_vidalign.algorithms.sft import SFT
 from lightning_vidalign.algorithms.shift import SHIFT
 
-__all__ = ["SFT", "SHIFT", "RewardPretrain"]
+__all__ = ["SFT", "SHIFT", "RewardPretrain", "GRPO", "SAGEGRPO", "AdaptiveKLController"]

@@ -70,3 +70,48 @@ def failure_weights(rewards: Tensor, temperature: float = 1.0) -> Tensor:
     if not torch.isfinite(rewards).all():
         raise FloatingPointError(f"failure_weights: non-finite rewards {rewards.tolist()}")
     return rewards.numel() * torch.softmax(-rewards.detach().float() / temperature, dim=0)
+
+
+def group_std(values: Tensor, group_ids: Tensor) -> Tensor:
+    """Per-element population std (``1/G``, SAGE-GRPO Eq. 34) of its group, shape ``(B,)``."""
+    mean = group_mean(values, group_ids)
+    return group_mean((values - mean) ** 2, group_ids).sqrt()
+
+
+def grpo_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-4, clip: float | None = 5.0) -> tuple[Tensor, Tensor]:
+    """Group-normalised advantages ``A_i = (r_i - μ_g)/(σ_g + ε)``, clipped to ``±clip``
+    (DeepSeekMath GRPO; TeleBoost Eq. 1; SAGE-GRPO Eq. 10/35 with the population std).
+
+    A group whose rewards are all equal (zero variance) gets advantage exactly 0 for every member: it
+    carries no preference and contributes no policy gradient (documented handling; its share is
+    returned for logging).
+
+    Args:
+        rewards: ``(N,)`` finite rewards.
+        group_ids: ``(N,)`` integer condition ids (rollouts of one prompt share an id; ids may
+            come from several ranks after an all-gather).
+        eps: the stabiliser ``ε`` (flow_grpo: 1e-4).
+        clip: advantage clip ``c`` (DESIGN: 5) or None.
+
+    Returns:
+        ``(advantages (N,), zero_std_fraction)``: the fraction of groups (not samples) with zero
+        reward variance, a 0-dim tensor.
+
+    Raises:
+        ValueError: on shape mismatch. FloatingPointError: on non-finite rewards (naming their count).
+    """
+    if rewards.dim() != 1 or rewards.shape != group_ids.shape:
+        raise ValueError(f"grpo_advantages: rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must be equal 1-D")
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        raise FloatingPointError(f"grpo_advantages: {int(bad.sum())} non-finite reward(s) of {rewards.numel()}")
+    r = rewards.float()
+    mean, std = group_mean(r, group_ids), group_std(r, group_ids)
+    zero = std <= 1e-12
+    adv = torch.where(zero, torch.zeros_like(r), (r - mean) / (std + eps))
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    _, first = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(first.max()) + 1 if first.numel() else 0
+    zero_groups = torch.zeros(n_groups, dtype=torch.bool, device=r.device).index_put_((first,), zero)
+    return adv, zero_groups.float().mean()

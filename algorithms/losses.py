@@ -51,3 +51,35 @@ def shift_loss(loss_fake: Tensor, loss_real: Tensor, advantages: Tensor, lam: fl
     if not torch.isfinite(advantages).all():
         raise FloatingPointError(f"shift_loss: non-finite advantages {advantages.tolist()}")
     return lam * (advantages.detach() * loss_fake).mean() + w_sft * loss_real.mean()
+
+
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip policy loss per sample (Schulman et al. 2017; Flow-GRPO's per-step form).
+
+    ``ρ = exp(log π_θ - log π_old)``; ``L = max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε))``.
+
+    Args:
+        log_prob: ``(N,)`` log-probabilities under the current policy (with grad).
+        old_log_prob: ``(N,)`` log-probabilities recorded at rollout.
+        advantages: ``(N,)``.
+        clip_range: ``ε > 0`` (Flow-GRPO: 1e-4 on per-element-averaged log-probs).
+
+    Returns:
+        ``(loss (N,), {"ratio", "clip_frac", "approx_kl"})``, metrics detached means:
+        ``clip_frac`` = share of samples with ``|ρ - 1| > ε``; ``approx_kl`` = ``0.5·mean((Δ log π)²)``.
+    """
+    _check_per_sample("ppo_clip_loss", log_prob, old_log_prob, advantages)
+    if clip_range <= 0:
+        raise ValueError(f"ppo_clip_loss: clip_range must be > 0, got {clip_range}")
+    diff = log_prob - old_log_prob.detach()
+    ratio = torch.exp(diff)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped)
+    with torch.no_grad():
+        metrics = {
+            "ratio": ratio.mean(),
+            "clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "approx_kl": 0.5 * (diff**2).mean(),
+        }
+    return loss, metrics

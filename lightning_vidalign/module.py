@@ -124,22 +124,58 @@ class VideoAlignModule(L.LightningModule):
         Raises:
             FloatingPointError: on a non-finite loss with ``on_nonfinite="raise"``.
         """
-        if not torch.isfinite(loss):
-            msg = f"{type(self).__name__}: non-finite loss {loss.item()} at batch {self.batches_seen}"
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(msg)
-            self.skipped_steps += 1
-            log.warning("%s; step skipped (%d so far)", msg, self.skipped_steps)
-            self.log("train/skipped_steps", float(self.skipped_steps))
+        if not self.loss_is_finite(loss):
             return {}
+        self.optimizers().zero_grad(set_to_none=True)
+        self.backward_pass(loss, last=True)
+        return self.step_optimizer()
+
+    def loss_is_finite(self, loss: Tensor, what: str = "loss") -> bool:
+        """True if ``loss`` is finite; otherwise raise (``on_nonfinite="raise"``) or log, count in
+        ``train/skipped_steps`` and return False (``"skip"``): the caller then skips the step.
+
+        Raises:
+            FloatingPointError: naming the quantity and the batch, with ``on_nonfinite="raise"``.
+        """
+        if bool(torch.isfinite(loss).all()):
+            return True
+        msg = f"{type(self).__name__}: non-finite {what} {loss.detach().flatten()[:4].tolist()} at batch {self.batches_seen}"
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(msg)
+        self.skipped_steps += 1
+        log.warning("%s; step skipped (%d so far)", msg, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return False
+
+    def backward_pass(self, loss: Tensor, last: bool = True) -> None:
+        """``manual_backward`` that accumulates into ``.grad``; with ``last=False`` the gradient
+        synchronisation of the strategy is skipped (DDP ``no_sync`` through Lightning's
+        ``block_backward_sync``), so a step made of several backward passes syncs once.
+        (DESIGN's ``backward(loss, last)``; named ``backward_pass`` because ``LightningModule.backward``
+        is the hook that ``manual_backward`` itself calls.)"""
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+        if not last:
+            block = getattr(self.trainer.strategy, "block_backward_sync", None)
+            if block is not None:
+                ctx = block()
+        with ctx:
+            self.manual_backward(loss)
+
+    def step_optimizer(self) -> dict[str, float]:
+        """Clip the accumulated gradients, step the optimizer and the scheduler, zero the grads.
+
+        Returns:
+            ``{"grad_norm": float (before clipping), "lr": float}``.
+        """
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
         grads = [p.grad.detach().float().norm() for p in self.backbone.trainable_parameters() if p.grad is not None]
         grad_norm = torch.stack(grads).norm().item() if grads else 0.0
         if self.grad_clip and self.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
+        opt.zero_grad(set_to_none=True)
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()

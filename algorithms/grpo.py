@@ -1,0 +1,384 @@
+"""GRPO for flow-matching video models (Flow-GRPO / DanceGRPO / CPS / SAGE-GRPO family; DESIGN §3)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+from torch import Tensor
+
+from lightning_vidalign.algorithms.advantages import grpo_advantages
+from lightning_vidalign.algorithms.kl import AdaptiveKLController
+from lightning_vidalign.algorithms.losses import ppo_clip_loss
+from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import find_rewards
+from lightning_vidalign.sampling import (
+    SDE_TYPES,
+    equalizer_scales,
+    gaussian_kl,
+    gradient_norm_proxy,
+    sde_step_parameters,
+    sde_step_with_logprob,
+)
+
+KL_TYPES = ("none", "fixed", "step", "moving", "dual")
+
+
+class GRPO(VideoAlignModule):
+    """Group Relative Policy Optimization on SDE rollouts of a flow-matching backbone.
+
+    One training step is one round: ``G`` rollouts per condition of the batch with the SDE
+    ``sde_type`` (trajectory and per-step log-probs kept), rewards from the reward callbacks
+    (weighted sum), group-normalised advantages (groups gathered across ranks), then
+    ``minibatches_per_round`` optimizer steps on the PPO-clip loss accumulated over a
+    ``timestep_fraction`` of the denoising steps:
+
+    ``L = mean_{i,t} [ S_t·max(-A_i·ρ_{i,t}, -A_i·clip(ρ_{i,t}, 1±ε)) + λ_KL·KL_{i,t} ]``,
+    ``ρ = exp(log π_θ - log π_old)``, ``S_t = 1`` unless the gradient-norm equalizer is on.
+
+    KL options (``kl_type``): ``none``; ``fixed`` (reference = adapters disabled: the base model);
+    ``step`` (``log π_old - log π_θ``, SAGE Eq. 15: the policy that drew the rollout); ``moving``
+    (reference = an anchor copy of the adapters refreshed every ``anchor_interval`` optimizer steps,
+    SAGE Eq. 13); ``dual`` (``w_pos·moving + w_vel·step``, SAGE Eq. 14). Gaussian KLs use
+    ``||μ_θ - μ_ref||²/(2·std²)`` per step (mean over elements).
+
+    Args:
+        sde_type: rollout SDE (``flow_grpo | dance_grpo | cps | sage``), see
+            :func:`~lightning_vidalign.sampling.sde_step_with_logprob`.
+        eta: SDE noise scale.
+        rollouts_per_condition: group size ``G``.
+        timestep_fraction: share of the stochastic steps trained per round (Flow-GRPO: 0.5–1).
+        timestep_selection: ``"random"`` (a random subset per round, drawn from the step's
+            generator; the same for every sample) or ``"ordered"`` (the first, highest-noise steps).
+        clip_range: PPO ``ε`` (Flow-GRPO: 1e-4).
+        advantage_clip: ``|A|`` bound (DESIGN: 5).
+        advantage_eps: std stabiliser ``ε`` of the advantage.
+        kl_type: one of ``none | fixed | step | moving | dual``.
+        kl_coef: fixed ``λ_KL`` (ignored when ``kl_controller`` is given).
+        kl_controller: an :class:`AdaptiveKLController` (SAGE App. A.6) or None.
+        kl_weights: ``(w_pos, w_vel)`` of the dual KL (SAGE: 1.0, 0.1).
+        anchor_interval: optimizer steps between anchor refreshes ``N`` (SAGE: 10).
+        equalizer: multiply each step's policy term by ``S_t = median(N)/N_t`` (SAGE Eq. 9).
+        sde_window: indices of the denoising steps taken stochastically (others ODE); None = all.
+        rewards: names of the reward callbacks to use (None = all).
+        rollout_batch_size: rollouts per backbone call during sampling.
+        train_batch_size: samples per forward/backward during the update.
+        minibatches_per_round: optimizer steps per round; the round's rollouts are shuffled and
+            split into this many minibatches, each accumulated over the trained denoising steps
+            (Flow-GRPO's inner loop). 1 = one on-policy step (ratio 1, nothing clipped).
+        **kwargs: :class:`VideoAlignModule` arguments (``num_inference_steps``, ``guidance``, ...;
+            ``sampler`` is the validation/predict sampler, ``ode`` for flow models).
+
+    Raises:
+        ValueError: on an unknown ``sde_type``/``kl_type``, a deterministic ``sde_type``, or a
+            backbone that is not flow matching.
+    """
+
+    def __init__(
+        self,
+        *args,
+        sde_type: str = "flow_grpo",
+        eta: float = 0.7,
+        rollouts_per_condition: int = 4,
+        timestep_fraction: float = 0.5,
+        timestep_selection: str = "random",
+        clip_range: float = 1e-4,
+        advantage_clip: float = 5.0,
+        advantage_eps: float = 1e-4,
+        kl_type: str = "none",
+        kl_coef: float = 0.0,
+        kl_controller: AdaptiveKLController | None = None,
+        kl_weights: tuple[float, float] = (1.0, 0.1),
+        anchor_interval: int = 10,
+        equalizer: bool = False,
+        sde_window: list[int] | None = None,
+        rewards: list[str] | None = None,
+        rollout_batch_size: int = 8,
+        train_batch_size: int = 8,
+        minibatches_per_round: int = 1,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if sde_type not in SDE_TYPES or sde_type == "ode":
+            raise ValueError(f"GRPO: sde_type must be a stochastic one of {SDE_TYPES[1:]}, got {sde_type!r}")
+        if kl_type not in KL_TYPES:
+            raise ValueError(f"GRPO: kl_type must be one of {KL_TYPES}, got {kl_type!r}")
+        if timestep_selection not in ("random", "ordered"):
+            raise ValueError(f"GRPO: timestep_selection must be 'random' or 'ordered', got {timestep_selection!r}")
+        if not 0 < timestep_fraction <= 1:
+            raise ValueError(f"GRPO: timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        if rollouts_per_condition < 2:
+            raise ValueError(f"GRPO: rollouts_per_condition (G) must be >= 2 for group advantages, got {rollouts_per_condition}")
+        if not hasattr(self.backbone, "guided_velocity"):
+            raise ValueError(f"GRPO needs a flow-matching backbone (e.g. WanBackbone); {type(self.backbone).__name__} has no velocity/SDE rollout")
+        self.sde_type, self.eta = sde_type, eta
+        self.rollouts_per_condition = rollouts_per_condition
+        self.timestep_fraction, self.timestep_selection = timestep_fraction, timestep_selection
+        self.clip_range, self.advantage_clip, self.advantage_eps = clip_range, advantage_clip, advantage_eps
+        self.kl_type, self.kl_coef, self.kl_controller = kl_type, kl_coef, kl_controller
+        self.kl_weights = tuple(kl_weights)
+        self.anchor_interval = anchor_interval
+        self.equalizer = equalizer
+        self.sde_window = sde_window
+        self.reward_names = rewards
+        self.rollout_batch_size, self.train_batch_size = rollout_batch_size, train_batch_size
+        if minibatches_per_round < 1:
+            raise ValueError(f"GRPO: minibatches_per_round must be >= 1, got {minibatches_per_round}")
+        self.minibatches_per_round = minibatches_per_round
+        self.updates = 0  # optimizer steps taken
+        self.anchor: dict[str, Tensor] | None = None  # adapter weights of the moving reference
+
+    # ----------------------------------------------------------------- hooks
+    def compute_advantages(self, rewards: Tensor, group_ids: Tensor, batch: dict) -> Tensor:
+        """Advantages from gathered rewards ``(N_all,)`` and group ids (override in variants).
+
+        Returns ``(N_all,)``; logs the fraction of zero-variance groups.
+        """
+        adv, zero_frac = grpo_advantages(rewards, group_ids, self.advantage_eps, self.advantage_clip)
+        self.log("train/zero_std_groups", zero_frac, batch_size=rewards.numel())
+        return adv
+
+    # --------------------------------------------------------------- helpers
+    def condition_ids(self, batch: dict) -> Tensor:
+        """Integer id per condition: the dataset ``index`` or a hash of the caption (so rollouts of
+        the same prompt on different ranks share a group)."""
+        if "index" in batch:
+            return torch.as_tensor(batch["index"]).long().view(-1)
+        captions = batch.get("caption", batch.get("prompt"))
+        return torch.tensor([int.from_bytes(hashlib.sha256(c.encode()).digest()[:7], "little") for c in captions])
+
+    def gather(self, x: Tensor) -> Tensor:
+        """All-gather a per-sample tensor over ranks (concatenated in rank order)."""
+        if self.trainer.world_size <= 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
+
+    def train_steps(self, sigmas: Tensor, generator: torch.Generator) -> list[int]:
+        """Denoising step indices trained this round: stochastic steps (``std > 0``, inside
+        ``sde_window``), of which ``ceil(fraction·n)`` ordered or random ones."""
+        p = sde_step_parameters(sigmas[:-1], sigmas[1:], self.sde_type, self.eta)
+        eligible = [i for i in range(len(sigmas) - 1) if float(p["std"][i]) > 0 and (self.sde_window is None or i in self.sde_window)]
+        if not eligible:
+            raise ValueError(f"GRPO: no stochastic step to train (sde_type={self.sde_type}, eta={self.eta}, sde_window={self.sde_window})")
+        k = max(1, int(round(self.timestep_fraction * len(eligible))))
+        if self.timestep_selection == "ordered":
+            return eligible[:k]
+        perm = torch.randperm(len(eligible), generator=generator)[:k]
+        return sorted(eligible[int(i)] for i in perm)
+
+    def step_scales(self, sigmas: Tensor, steps: list[int]) -> dict[int, float]:
+        """``S_t`` of the gradient-norm equalizer over all stochastic steps (1 when it is off)."""
+        if not self.equalizer:
+            return {t: 1.0 for t in steps}
+        p = sde_step_parameters(sigmas[:-1], sigmas[1:], self.sde_type, self.eta)
+        stoch = [i for i in range(len(sigmas) - 1) if float(p["std"][i]) > 0]
+        proxies = gradient_norm_proxy(sigmas[stoch], sigmas[[i + 1 for i in stoch]], self.sde_type, self.eta)
+        scales = dict(zip(stoch, equalizer_scales(proxies).tolist()))
+        return {t: scales[t] for t in steps}
+
+    @contextlib.contextmanager
+    def anchor_weights(self):
+        """Temporarily load the moving anchor's adapter weights (no grad); restore on exit."""
+        params = dict(self.backbone.named_parameters())
+        current = {k: params[k].detach().clone() for k in self.anchor}
+        with torch.no_grad():
+            for k, v in self.anchor.items():
+                params[k].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in current.items():
+                    params[k].copy_(v)
+
+    def refresh_anchor(self) -> None:
+        """``π_ref ← π_θ``: copy the current adapter weights into the anchor."""
+        self.anchor = {k: v.detach().clone() for k, v in self.backbone.trainable_state_dict().items()}
+
+    def kl_coefficient(self) -> float:
+        return self.kl_controller.value if self.kl_controller is not None else self.kl_coef
+
+    def reference_mean(self, x_t: Tensor, s: float, s_next: float, cond: dict, which: str) -> Tensor:
+        """Transition mean of a reference policy (``fixed``: adapters off; ``moving``: anchor)."""
+        ctx = self.backbone.adapters_disabled() if which == "fixed" else self.anchor_weights()
+        with ctx, torch.no_grad():
+            v = self.backbone.guided_velocity(x_t, torch.full((x_t.shape[0],), s, device=x_t.device), cond, self.guidance)
+        p = sde_step_parameters(torch.tensor(s), torch.tensor(s_next), self.sde_type, self.eta)
+        return p["a"] * x_t.float() + p["b"] * v
+
+    def step_loss(self, x_t: Tensor, x_next: Tensor, old_log_prob: Tensor, advantages: Tensor, s: float, s_next: float, cond: dict, scale: float):
+        """Per-sample loss of one denoising step: ``S_t·PPO-clip + λ_KL·KL`` and its metrics."""
+        # reference means first: loading the anchor writes the adapter weights in place, which
+        # must not happen between the policy forward and its backward
+        ref = {}
+        if self.kl_type == "fixed":
+            ref["fixed"] = self.reference_mean(x_t, s, s_next, cond, "fixed")
+        if self.kl_type in ("moving", "dual"):
+            ref["moving"] = self.reference_mean(x_t, s, s_next, cond, "moving")
+        v = self.backbone.guided_velocity(x_t, torch.full((x_t.shape[0],), s, device=x_t.device), cond, self.guidance)
+        _, mean, std, log_prob = sde_step_with_logprob(v, x_t, s, s_next, self.sde_type, self.eta, prev_sample=x_next)
+        policy, metrics = ppo_clip_loss(log_prob, old_log_prob, advantages, self.clip_range)
+        kl = {k: gaussian_kl(mean, m, std) for k, m in ref.items()}
+        if self.kl_type in ("step", "dual"):
+            kl["step"] = old_log_prob.detach() - log_prob
+        if self.kl_type == "dual":
+            kl["total"] = self.kl_weights[0] * kl["moving"] + self.kl_weights[1] * kl["step"]
+        elif kl:
+            kl["total"] = next(iter(kl.values()))
+        total_kl = kl.get("total", torch.zeros_like(policy))
+        loss = scale * policy + self.kl_coefficient() * total_kl
+        metrics.update({f"kl/{k}": v.detach().mean() for k, v in kl.items()})
+        metrics["policy_loss"] = policy.detach().mean()
+        return loss, metrics
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        gen = self.generator()
+        video = batch["video"]
+        b, g = video.shape[0], self.rollouts_per_condition
+        if self.anchor is None and self.kl_type in ("moving", "dual"):
+            self.refresh_anchor()
+
+        # 1. rollouts: G per condition, trajectories with per-step log-probs
+        with self.timer("rollout"), torch.no_grad():
+            cond = self.backbone.encode_condition(batch, gen)
+            cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
+            parts = []
+            for i in range(0, b * g, self.rollout_batch_size):
+                sub = {k: v[i : i + self.rollout_batch_size] for k, v in cond.items()}
+                parts.append(
+                    self.backbone.rollout(
+                        sub, self.sde_type, self.num_inference_steps, self.guidance, gen, keep_trajectory=True,
+                        num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta, decode=True, sde_steps=self.sde_window,
+                    )
+                )
+            sigmas = parts[0].sigmas
+            x_t, x_next = torch.cat([p.x_t for p in parts]), torch.cat([p.x_next for p in parts])
+            old_log_prob, videos = torch.cat([p.log_prob for p in parts]), torch.cat([p.video for p in parts])
+
+        # 2. rewards (weighted sum of the reward callbacks)
+        with self.timer("reward"):
+            rewards = torch.zeros(b * g, device=videos.device)
+            for cb in find_rewards(self.trainer, self.reward_names):
+                r = cb.score(videos).to(videos.device).float()
+                rewards += cb.weight * r
+                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False)}, batch_size=b * g)
+        if not self.loss_is_finite(rewards, "rewards"):
+            return None  # round skipped (logged, counted in train/skipped_steps)
+
+        # 3. group advantages over the groups gathered from every rank
+        group_ids = self.condition_ids(batch).to(videos.device).repeat_interleave(g)
+        all_adv = self.compute_advantages(self.gather(rewards), self.gather(group_ids), batch)
+        rank = self.global_rank if self.trainer.world_size > 1 else 0
+        advantages = all_adv[rank * b * g : (rank + 1) * b * g]
+
+        # 4. PPO-clip (+ KL) accumulated over the trained steps; one optimizer step per minibatch
+        #    of rollouts (later minibatches see ratios != 1: the PPO clip acts there)
+        steps = self.train_steps(sigmas, gen)
+        scales = self.step_scales(sigmas, steps)
+        order = torch.randperm(b * g, generator=gen)
+        minibatches = order.chunk(min(self.minibatches_per_round, b * g))
+        sums: dict[str, float] = {}
+        stats: dict[str, float] = {}
+        with self.timer("update"):
+            for mb in minibatches:
+                chunks = mb.split(self.train_batch_size)
+                n_terms = len(steps) * len(mb)
+                finite = True
+                for j, t in enumerate(steps):
+                    s, s_next = float(sigmas[t]), float(sigmas[t + 1])
+                    for c, idx in enumerate(chunks):
+                        sub = {k: v[idx] for k, v in cond.items()}
+                        loss, metrics = self.step_loss(x_t[idx, t], x_next[idx, t], old_log_prob[idx, t], advantages[idx], s, s_next, sub, scales[t])
+                        loss = loss.sum() / n_terms
+                        if not self.loss_is_finite(loss, f"loss at denoising step {t}"):
+                            finite = False
+                            break
+                        self.backward_pass(loss, last=(j == len(steps) - 1 and c == len(chunks) - 1))
+                        weight = len(idx) / (b * g * len(steps))
+                        for k, v in {"loss": loss.detach() * n_terms / len(idx), **metrics}.items():
+                            sums[k] = sums.get(k, 0.0) + float(v) * weight
+                    if not finite:
+                        break
+                if not finite:  # logged and counted by loss_is_finite; this minibatch's step is skipped
+                    self.optimizers().zero_grad(set_to_none=True)
+                    continue
+                stats = self.step_optimizer()
+                self.updates += 1
+                if self.kl_controller is not None:
+                    self.kl_controller.update(float(metrics.get("kl/total", 0.0)))
+                if self.kl_type in ("moving", "dual") and self.updates % self.anchor_interval == 0:
+                    self.refresh_anchor()
+
+        # 5. logs
+        self.log_dict(
+            {
+                **{(k if k.startswith("kl/") else f"train/{k}"): v for k, v in sums.items()},
+                **{f"train/{k}": v for k, v in stats.items()},
+                "reward/total/mean": rewards.mean(),
+                "reward/total/std": rewards.std(unbiased=False),
+                "adv/mean": advantages.mean(),
+                "adv/abs_mean": advantages.abs().mean(),
+                "adv/clip_frac": (advantages.abs() >= self.advantage_clip).float().mean(),
+                "kl/coef": self.kl_coefficient(),
+                "train/trained_steps": float(len(steps)),
+                "train/equalizer_max_over_min": max(scales.values()) / max(min(scales.values()), 1e-12),
+            },
+            prog_bar=False,
+            batch_size=b * g,
+        )
+        return {"loss": torch.tensor(sums.get("loss", float("nan"))), "real": video, "fake": videos[::g]}
+
+    # -------------------------------------------------------- diagnostics
+    def policy_gradient_norms(self, batch: dict, generator: torch.Generator, equalize: bool) -> dict[int, float]:
+        """Norm of the policy-gradient of each stochastic denoising step alone, over the adapters.
+
+        One round of rollouts (no optimizer step); the gradient at ratio 1 of
+        ``mean_i S_t·(-A_i·log π_θ(x_{t+1}|x_t))`` is taken separately for every step ``t``, with
+        ``A`` standard normal per sample (our choice: isolates the step's sensitivity from reward
+        noise). Used to measure the equalizer's claim (SAGE-GRPO Fig. 3/4).
+
+        Returns:
+            ``{step index: gradient norm}``.
+        """
+        video = batch["video"]
+        b, g = video.shape[0], self.rollouts_per_condition
+        with torch.no_grad():
+            cond = self.backbone.encode_condition(batch, generator)
+            cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
+            traj = self.backbone.rollout(cond, self.sde_type, self.num_inference_steps, self.guidance, generator, keep_trajectory=True,
+                                         num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta, decode=False)
+        adv = torch.randn(b * g, generator=generator).to(video.device)
+        p = sde_step_parameters(traj.sigmas[:-1], traj.sigmas[1:], self.sde_type, self.eta)
+        steps = [i for i in range(self.num_inference_steps) if float(p["std"][i]) > 0]
+        was, self.equalizer = self.equalizer, equalize
+        scales = self.step_scales(traj.sigmas, steps)
+        self.equalizer = was
+        params = self.backbone.trainable_parameters()
+        out = {}
+        for t in steps:
+            s, s_next = float(traj.sigmas[t]), float(traj.sigmas[t + 1])
+            v = self.backbone.guided_velocity(traj.x_t[:, t], torch.full((b * g,), s, device=video.device), cond, self.guidance)
+            _, _, _, lp = sde_step_with_logprob(v, traj.x_t[:, t], s, s_next, self.sde_type, self.eta, prev_sample=traj.x_next[:, t])
+            loss = scales[t] * (-(adv * lp)).mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            out[t] = float(torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads if gr is not None)))
+        return out
+
+    # ----------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["grpo"] = {
+            "updates": self.updates,
+            "anchor": self.anchor,
+            "kl_controller": self.kl_controller.state_dict() if self.kl_controller is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("grpo")
+        if state is None:
+            return
+        self.updates, self.anchor = int(state["updates"]), state["anchor"]
+        if self.kl_controller is not None and state["kl_controller"] is not None:
+            self.kl_controller.load_state_dict(state["kl_controller"])
