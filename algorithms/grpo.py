@@ -66,6 +66,8 @@ class GRPO(VideoAlignModule):
         minibatches_per_round: optimizer steps per round; the round's rollouts are shuffled and
             split into this many minibatches, each accumulated over the trained denoising steps
             (Flow-GRPO's inner loop). 1 = one on-policy step (ratio 1, nothing clipped).
+            ``trainer.max_steps`` still counts rounds (batches); the LR scheduler and
+            ``ModelCheckpoint(every_n_train_steps)`` count optimizer steps.
         **kwargs: :class:`VideoAlignModule` arguments (``num_inference_steps``, ``guidance``, ...;
             ``sampler`` is the validation/predict sampler, ``ode`` for flow models).
 
@@ -125,6 +127,7 @@ class GRPO(VideoAlignModule):
         if minibatches_per_round < 1:
             raise ValueError(f"GRPO: minibatches_per_round must be >= 1, got {minibatches_per_round}")
         self.minibatches_per_round = minibatches_per_round
+        self.optimizer_steps_per_batch = minibatches_per_round  # trainer.max_steps counts rounds
         self.updates = 0  # optimizer steps taken
         self.anchor: dict[str, Tensor] | None = None  # adapter weights of the moving reference
 

@@ -205,11 +205,22 @@ class VideoAlignModule(L.LightningModule):
         # before the module's own batch-end hook) hold the number of completed batches
         self.batches_seen += 1
 
+    #: optimizer steps a training batch may take (GRPO with several minibatches per round: > 1)
+    optimizer_steps_per_batch: int = 1
+
+    def on_fit_start(self) -> None:
+        # ``trainer.max_steps`` counts batches here (DESIGN §4); Lightning counts optimizer steps, so
+        # its own limit is raised to never stop a multi-step batch early, and ours stops the run
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        self.max_batches = epoch_loop.max_steps
+        if self.optimizer_steps_per_batch > 1 and epoch_loop.max_steps > 0:
+            epoch_loop.max_steps = epoch_loop.max_steps * self.optimizer_steps_per_batch
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # progress is counted in batches (DESIGN §4): ``trainer.max_steps`` also stops a module that
         # takes no optimizer step (reward pretraining) or skipped non-finite steps
-        max_steps = self.trainer.max_steps
-        if max_steps is not None and max_steps > 0 and self.batches_seen >= max_steps:
+        max_batches = getattr(self, "max_batches", self.trainer.max_steps)
+        if max_batches is not None and max_batches > 0 and self.batches_seen >= max_batches:
             self.trainer.should_stop = True
 
     # ----------------------------------------------------------- validation
