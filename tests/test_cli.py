@@ -12,7 +12,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 
 def test_configs_exist():
     names = {os.path.basename(c) for c in CONFIGS}
-    assert {"sft.yaml", "shift.yaml", "imr_pretrain.yaml"} <= names
+    assert {"sft.yaml", "shift.yaml", "imr_pretrain.yaml", "sage_grpo.yaml", "flow_grpo.yaml", "dance_grpo.yaml", "cps_grpo.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c) for c in CONFIGS])
@@ -81,3 +81,29 @@ def test_console_script_exits_zero(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
     )
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_grpo_config_with_a_frozen_discriminator_appended_on_the_command_line(tmp_path, monkeypatch):
+    """The header of configs/sage_grpo.yaml: a pretrained IMR, frozen, added to the heuristic rewards."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # the config's runs/ paths land here
+
+    from lightning_vidalign.cli import VidAlignCLI
+    from lightning_vidalign.rewards import IMRReward
+
+    IMRReward(seed=3).save_pretrained(str(tmp_path / "imr.pt"))
+    cli = VidAlignCLI(args=[
+        "fit", "--config", os.path.join(ROOT, "configs", "sage_grpo.yaml"), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+        "--data.captions", os.path.join(ROOT, "configs", "data", "skvideo_captions.jsonl"), "--trainer.callbacks+=lightning_vidalign.rewards.IMRReward", "--trainer.callbacks.adversarial=false",
+        f"--trainer.callbacks.pretrained={tmp_path / 'imr.pt'}", "--trainer.callbacks.weight=0.1",
+        "--model.num_inference_steps", "4",
+    ])
+    imr = [cb for cb in cli.trainer.callbacks if isinstance(cb, IMRReward)]
+    assert len(imr) == 1 and imr[0].num_updates == 0  # frozen: never trained
+    saved = torch.load(tmp_path / "imr.pt", weights_only=False)["ema"]
+    assert all(torch.equal(v, saved[k]) for k, v in imr[0].ema.state_dict().items())
+    metrics = cli.trainer.callback_metrics
+    assert {"reward/imr/mean", "reward/motion/mean", "reward/flicker/mean"} <= set(metrics)
+    assert cli.model.updates == 4  # 2 rounds x 2 minibatches
