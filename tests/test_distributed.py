@@ -16,3 +16,35 @@ def test_shift_ddp_two_processes_keeps_ranks_identical(tmp_path):
     assert a["lora"] and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
     assert all(torch.equal(a["disc"][k], b["disc"][k]) for k in a["disc"])
     assert any(v.abs().sum() > 0 for k, v in a["lora"].items() if "lora_B" in k)  # trained (lora_B starts at zero)
+
+
+def _run(job, *args, cwd):
+    path = os.path.join(os.path.dirname(__file__), job)
+    out = subprocess.run([sys.executable, path, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=str(cwd))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_accumulated_backward_passes_sync_once_with_the_accumulated_gradient(tmp_path):
+    """backward_pass(last=False) keeps the gradient local; the last pass all-reduces the sum of both."""
+    _run("ddp_backward_job.py", tmp_path, cwd=tmp_path)
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.all(state["first"] == rank + 1)  # after the first pass: local, unsynced
+        assert all(torch.all(g == 16.5) for g in state["synced"])  # mean over ranks of (1 + 10)(r + 1)
+
+
+def test_sage_grpo_ddp_two_processes(tmp_path):
+    """SAGE-GRPO under DDP: rewards and group ids gathered from both ranks (identical on both), each rank
+    trains on its own slice, and the adapters stay identical (2 optimizer steps per round, each over
+    several accumulated backward passes)."""
+    captions = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "data", "skvideo_captions.jsonl")
+    _run("ddp_grpo_job.py", tmp_path, captions, cwd=tmp_path)
+    a, b = torch.load(tmp_path / "rank0.pt", weights_only=False), torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert a["updates"] == b["updates"] == 6
+    assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    assert any(v.abs().sum() > 0 for k, v in a["lora"].items() if "lora_B" in k)
+    for ra, rb in zip(a["records"], b["records"]):
+        assert torch.equal(ra["rewards"], rb["rewards"]) and torch.equal(ra["advantages"], rb["advantages"])
+        assert ra["rewards"].numel() == 8  # 2 ranks x 2 conditions x G = 2
+        assert not set(ra["index"].tolist()) & set(rb["index"].tolist())  # different data per rank
+        assert ra["group_ids"].tolist() == [i for i in ra["index"].tolist() for _ in range(2)] + [i for i in rb["index"].tolist() for _ in range(2)]
