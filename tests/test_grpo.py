@@ -228,3 +228,20 @@ def test_sage_grpo_resume_is_bitwise_identical(tmp_path):
     for k, v in m_full.backbone.trainable_state_dict().items():
         assert torch.equal(v, m_res.backbone.trainable_state_dict()[k]), k
     assert m_res.kl_controller.state_dict() == m_full.kl_controller.state_dict()
+
+
+def test_ti2v_grpo_and_shift_on_wan(tmp_path, wan_datamodule):
+    """TI2V (first frame + caption, Wan 2.2 style): SAGE-GRPO trains; SHIFT (sampler-agnostic) runs on Wan too."""
+    from lightning_vidalign.algorithms import SHIFT
+
+    m = _module(SAGEGRPO, backbone=WanBackbone(mode="ti2v", lora_rank=4, lora_alpha=4))
+    before = {k: v.clone() for k, v in m.backbone.trainable_state_dict().items()}
+    _trainer(tmp_path, 2, callbacks=[MotionMagnitudeReward()]).fit(m, datamodule=wan_datamodule)
+    assert all(not torch.equal(before[k], v) for k, v in m.backbone.trainable_state_dict().items() if "lora_B" in k)
+    shift = SHIFT(backbone=WanBackbone(lora_rank=4, lora_alpha=4), sampler="sage", num_inference_steps=4, rollouts_per_condition=2, passes=1,
+                  val_num_videos=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    before = {k: v.clone() for k, v in shift.backbone.trainable_state_dict().items()}
+    trainer = _trainer(tmp_path, 2, callbacks=[MotionMagnitudeReward()])
+    trainer.fit(shift, datamodule=wan_datamodule)
+    assert all(not torch.equal(before[k], v) for k, v in shift.backbone.trainable_state_dict().items() if "lora_B" in k)
+    assert math.isfinite(float(trainer.logged_metrics["train/loss"]))

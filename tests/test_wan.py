@@ -76,7 +76,7 @@ def test_training_loss_is_velocity_mse_and_ti2v_keeps_the_image_clean(wan_batch)
     bb = WanBackbone(mode="ti2v", lora_rank=4, lora_alpha=4)
     cond = bb.encode_condition(wan_batch)
     x0 = bb.encode(wan_batch["video"])
-    assert x0.shape == (2, 3, 8, 16, 16)
+    assert x0.shape == (2, 3, 8, 8, 8)  # Wan 2.2-style VAE: 8x spatial
     g = torch.Generator().manual_seed(0)
     noise, sigma = torch.randn(x0.shape, generator=g), torch.tensor([0.3, 0.8])
     loss = bb.training_loss(x0, cond, sigma, noise)

@@ -45,9 +45,10 @@ def minilm_dir() -> str:
 def tiny_wan_components(seed: int = 0, ti2v: bool = False) -> dict[str, Any]:
     """A tiny Wan: random-init ``WanTransformer3DModel`` and ``AutoencoderKLWan``, real text encoder.
 
-    The VAE compresses 4x in time (causal: ``T' = (T - 1)/4 + 1``) and 4x in space, 8 latent
-    channels (``latents_mean`` 0, ``latents_std`` 1); the DiT has 2 blocks of width 64 (4 heads x 16),
-    patch ``(1, 2, 2)``. The text encoder is the real, pretrained all-MiniLM-L6-v2 (384-d token
+    The VAE compresses 4x in time (causal: ``T' = (T - 1)/4 + 1``), 8 latent channels
+    (``latents_mean`` 0, ``latents_std`` 1): for T2V a Wan 2.1-style VAE (4x in space), for TI2V a
+    Wan 2.2-style one (residual blocks, 2x2 pixel patchify, 8x in space). The DiT has 2 blocks of
+    width 64 (4 heads x 16), patch ``(1, 2, 2)``. The text encoder is the real, pretrained all-MiniLM-L6-v2 (384-d token
     states) and the DiT's own text embedder (``text_dim = 384``) projects it to the model width.
     ~1.9 M VAE + 0.2 M DiT parameters (+ 22.7 M frozen MiniLM). Source: our choice.
 
@@ -64,17 +65,35 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False) -> dict[str, Any]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(
-            base_dim=16,
-            z_dim=8,
-            dim_mult=[1, 2, 4],
-            num_res_blocks=1,
-            temperal_downsample=[True, True],
-            latents_mean=[0.0] * 8,
-            latents_std=[1.0] * 8,
-            scale_factor_temporal=4,
-            scale_factor_spatial=4,
-        )
+        if ti2v:  # Wan 2.2 VAE: residual blocks, 2x2 pixel patchify (12 input channels), 4x8 compression
+            vae = AutoencoderKLWan(
+                base_dim=16,
+                decoder_base_dim=16,
+                z_dim=8,
+                dim_mult=[1, 2, 2],
+                num_res_blocks=1,
+                temperal_downsample=[True, True],
+                is_residual=True,
+                in_channels=12,
+                out_channels=12,
+                patch_size=2,
+                latents_mean=[0.0] * 8,
+                latents_std=[1.0] * 8,
+                scale_factor_temporal=4,
+                scale_factor_spatial=8,
+            )
+        else:  # Wan 2.1 VAE: 4x4 compression
+            vae = AutoencoderKLWan(
+                base_dim=16,
+                z_dim=8,
+                dim_mult=[1, 2, 4],
+                num_res_blocks=1,
+                temperal_downsample=[True, True],
+                latents_mean=[0.0] * 8,
+                latents_std=[1.0] * 8,
+                scale_factor_temporal=4,
+                scale_factor_spatial=4,
+            )
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=4,
