@@ -198,6 +198,10 @@ class GRPO(VideoAlignModule):
         """``π_ref ← π_θ``: copy the current adapter weights into the anchor."""
         self.anchor = {k: v.detach().clone() for k, v in self.backbone.trainable_state_dict().items()}
 
+    def zero_loss(self) -> Tensor:
+        """``0·Σθ`` over the adapters: a finite loss whose backward gives zero gradients."""
+        return 0.0 * sum(p.sum() for p in self.backbone.trainable_parameters())
+
     def kl_coefficient(self) -> float:
         return self.kl_controller.value if self.kl_controller is not None else self.kl_coef
 
@@ -266,12 +270,13 @@ class GRPO(VideoAlignModule):
                 r = cb.score(videos).to(videos.device).float()
                 rewards += cb.weight * r
                 self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False)}, batch_size=b * g)
-        if not self.loss_is_finite(rewards, "rewards"):
-            return None  # round skipped (logged, counted in train/skipped_steps)
-
-        # 3. group advantages over the groups gathered from every rank
+        # 3. group advantages over the groups gathered from every rank (the finiteness check on the
+        #    gathered rewards makes every rank take the same decision)
         group_ids = self.condition_ids(batch).to(videos.device).repeat_interleave(g)
-        all_adv = self.compute_advantages(self.gather(rewards), self.gather(group_ids), batch)
+        all_rewards, all_group_ids = self.gather(rewards), self.gather(group_ids)
+        if not self.loss_is_finite(all_rewards, "rewards"):
+            return None  # round skipped on every rank (logged, counted in train/skipped_steps)
+        all_adv = self.compute_advantages(all_rewards, all_group_ids, batch)
         rank = self.global_rank if self.trainer.world_size > 1 else 0
         advantages = all_adv[rank * b * g : (rank + 1) * b * g]
 
@@ -287,29 +292,30 @@ class GRPO(VideoAlignModule):
             for mb in minibatches:
                 chunks = mb.split(self.train_batch_size)
                 n_terms = len(steps) * len(mb)
-                finite = True
+                bad, mb_kl = False, 0.0
                 for j, t in enumerate(steps):
                     s, s_next = float(sigmas[t]), float(sigmas[t + 1])
                     for c, idx in enumerate(chunks):
                         sub = {k: v[idx] for k, v in cond.items()}
                         loss, metrics = self.step_loss(x_t[idx, t], x_next[idx, t], old_log_prob[idx, t], advantages[idx], s, s_next, sub, scales[t])
                         loss = loss.sum() / n_terms
-                        if not self.loss_is_finite(loss, f"loss at denoising step {t}"):
-                            finite = False
-                            break
+                        if not bool(torch.isfinite(loss)):
+                            # keep every rank's backward passes (and their gradient syncs) aligned:
+                            # back-propagate a zero instead; the step is skipped below on all ranks
+                            bad, loss = True, self.zero_loss()
                         self.backward_pass(loss, last=(j == len(steps) - 1 and c == len(chunks) - 1))
+                        mb_kl += float(metrics.get("kl/total", 0.0)) * len(idx) / n_terms
                         weight = len(idx) / (b * g * len(steps))
                         for k, v in {"loss": loss.detach() * n_terms / len(idx), **metrics}.items():
                             sums[k] = sums.get(k, 0.0) + float(v) * weight
-                    if not finite:
-                        break
-                if not finite:  # logged and counted by loss_is_finite; this minibatch's step is skipped
+                if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
                     self.optimizers().zero_grad(set_to_none=True)
+                    self.loss_is_finite(torch.tensor(float("nan")), "policy loss (on some rank)")  # raises, or logs + counts
                     continue
                 stats = self.step_optimizer()
                 self.updates += 1
                 if self.kl_controller is not None:
-                    self.kl_controller.update(float(metrics.get("kl/total", 0.0)))
+                    self.kl_controller.update(mb_kl)  # mean KL of this optimizer step
                 if self.kl_type in ("moving", "dual") and self.updates % self.anchor_interval == 0:
                     self.refresh_anchor()
 

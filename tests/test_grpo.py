@@ -192,6 +192,27 @@ def test_nonfinite_rewards_skip_the_round(tmp_path, wan_datamodule):
         _trainer(tmp_path, 1, callbacks=[NaNReward()]).fit(m, datamodule=wan_datamodule)
 
 
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_nonfinite_policy_loss_skips_the_optimizer_step(tmp_path, wan_datamodule, mode):
+    m = _module(on_nonfinite=mode, minibatches_per_round=2)
+    original = m.step_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = original(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    m.step_loss = nan_loss
+    before = {k: v.clone() for k, v in m.backbone.trainable_state_dict().items()}
+    trainer = _trainer(tmp_path, 2, callbacks=[MotionMagnitudeReward()])
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match="policy loss"):
+            trainer.fit(m, datamodule=wan_datamodule)
+        return
+    trainer.fit(m, datamodule=wan_datamodule)
+    assert m.updates == 0 and m.skipped_steps == 4  # 2 rounds x 2 minibatches
+    assert all(torch.equal(before[k], v) for k, v in m.backbone.trainable_state_dict().items())
+
+
 def test_sage_grpo_resume_is_bitwise_identical(tmp_path):
     """Stop after 3 rounds, resume to 5: same rewards per round and the same final adapters as an
     uninterrupted run (anchor, KL controller, optimizer, scheduler, RNG all restored)."""
