@@ -338,15 +338,15 @@ def equalizer_scales(proxies: Tensor, eps: float = 1e-8) -> Tensor:
     return torch.median(proxies) / (proxies + eps)
 
 
-def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
-    """The ``num_steps + 1`` noise levels of diffusers' ``FlowMatchEulerDiscreteScheduler``
-    (``shift`` = Wan's ``flow_shift``), from 1 down to 0: ``s' = shift·s/(1 + (shift-1)·s)`` over
-    ``s = linspace(1, 1/num_steps, num_steps)``. Timesteps are ``1000·s``.
+def flow_schedule(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> tuple[Tensor, Tensor]:
+    """``(sigmas (S+1,), timesteps (S,))`` of diffusers' ``FlowMatchEulerDiscreteScheduler`` with
+    ``shift`` (Wan's ``flow_shift``), from 1 down to 0: ``s' = shift·s/(1 + (shift-1)·s)`` over the
+    scheduler's linear grid; timesteps are ``num_train_timesteps·s``.
 
     Taken from the scheduler itself, so our rollouts use exactly the pipeline's schedule.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
     sched.set_timesteps(num_steps)
-    return sched.sigmas.float().clone()
+    return sched.sigmas.float().clone(), sched.timesteps.float().clone()

@@ -8,7 +8,7 @@ from scipy.integrate import quad
 from lightning_vidalign.sampling import (
     SDE_TYPES,
     equalizer_scales,
-    flow_sigmas,
+    flow_schedule,
     gaussian_kl,
     gaussian_log_prob,
     gradient_norm_proxy,
@@ -62,7 +62,7 @@ def test_sage_variance_is_the_integral_of_the_diffusion_coefficient():
 
 
 def test_sage_std_below_flow_grpo_in_high_noise_steps():
-    sig = flow_sigmas(20, shift=3.0)
+    sig, _ = flow_schedule(20, shift=3.0)
     s, sn = sig[:-1], sig[1:]
     p_sage = sde_step_parameters(s, sn, "sage", 0.7)
     p_flow = sde_step_parameters(s, sn, "flow_grpo", 0.7)
@@ -129,7 +129,7 @@ def test_kl_and_equalizer():
     ref = torch.ones(2, 3, 4)
     torch.testing.assert_close(gaussian_kl(m, ref, 0.5), torch.full((2,), 2.0))  # 1/(2·0.25)
     assert torch.equal(gaussian_kl(m, m, 0.5), torch.zeros(2))
-    sig = flow_sigmas(10, 3.0)
+    sig, _ = flow_schedule(10, 3.0)
     s, sn = sig[:-1], sig[1:]
     proxy = gradient_norm_proxy(s, sn, "sage", 0.7)
     var = sage_variance(s, sn, 0.7)

@@ -152,6 +152,10 @@ def test_from_pretrained_local_dir_and_missing_files(tmp_path):
     assert bb.rollout(cond, "sage", 2, 1.0, torch.Generator().manual_seed(0), num_frames=5, decode=True).video.shape == (1, 5, 3, 64, 64)
     with pytest.raises(ValueError, match="ti2v"):
         WanBackbone(pretrained_path=str(root), mode="ti2v")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline", "expand_timesteps": True}))
+    ti2v = WanBackbone(pretrained_path=str(root), mode="ti2v", lora_rank=2, lora_alpha=2)
+    cond = ti2v.encode_condition({"caption": ["a red car"], "first_frame": torch.rand(1, 3, 64, 64)})
+    assert ti2v.rollout(cond, "sage", 2, 1.0, torch.Generator().manual_seed(0), num_frames=5, decode=False).latents.shape == (1, 2, 8, 16, 16)
     os.remove(root / "vae" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="vae"):
         WanBackbone(pretrained_path=str(root))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_vidalign.backbones.base import VideoBackbone, require_files
-from lightning_vidalign.sampling import SDE_TYPES, Trajectory, sde_step_with_logprob
+from lightning_vidalign.sampling import SDE_TYPES, Trajectory, flow_schedule, sde_step_with_logprob
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +156,6 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
         "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": shift},
         "expand_timesteps": bool(index.get("expand_timesteps", False)),
     }
-
-
-def flow_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[Tensor, Tensor]:
-    """``(sigmas (S+1,), timesteps (S,))`` of diffusers' ``FlowMatchEulerDiscreteScheduler`` with
-    ``shift``: the exact schedule of a Wan pipeline using that scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-    sched.set_timesteps(num_steps)
-    return sched.sigmas.float().clone(), sched.timesteps.float().clone()
 
 
 class WanBackbone(VideoBackbone):
