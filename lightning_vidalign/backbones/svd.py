@@ -41,7 +41,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def tiny_svd_components(seed: int = 0, num_frames: int = 8) -> dict[str, Any]:
+def tiny_svd_components(seed: int = 0, num_frames: int = 8, width: int = 1) -> dict[str, Any]:
     """Build a tiny, randomly initialised SVD (UNet, temporal VAE, CLIP image encoder).
 
     The UNet has 2 levels (32/64 channels), the VAE downsamples by 4 (3 levels), the image
@@ -51,6 +51,8 @@ def tiny_svd_components(seed: int = 0, num_frames: int = 8) -> dict[str, Any]:
     Args:
         seed: initialisation seed (the build is deterministic).
         num_frames: the UNet's default number of frames.
+        width: channel multiplier of the UNet (``32·width, 64·width``; 1 = the default tiny model;
+            larger values give the same architecture at a bigger size, e.g. for benchmarks).
 
     Returns:
         dict with ``unet``, ``vae``, ``image_encoder`` and ``scheduler_config``.
@@ -66,7 +68,7 @@ def tiny_svd_components(seed: int = 0, num_frames: int = 8) -> dict[str, Any]:
             out_channels=4,
             down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
             up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-            block_out_channels=(32, 64),
+            block_out_channels=(32 * width, 64 * width),
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=24,
             layers_per_block=1,
