@@ -62,3 +62,73 @@ def add_gif_summary(writer, tag: str, video: Tensor, step: int, fps: float = 7.0
     t, c, h, w = video.shape
     image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=video_to_gif(video, fps))
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+class SavedActivationTracker:
+    """Peak bytes of the tensors the autograd graph keeps for backward ("activation memory").
+
+    A ``torch.autograd.graph.saved_tensors_hooks`` context: every tensor saved for backward is
+    counted once per distinct storage while the graph holds it (released when autograd drops it,
+    e.g. after ``backward``); storages of ``exclude`` (parameters, buffers, inputs alive anyway) are
+    not counted. Device-independent, so it is a meaningful memory measure on CPU, where torch has
+    no allocator statistics. It does not count temporaries freed during the forward, nor
+    gradient buffers. Our measurement tool (used by the DPO memory benchmark).
+
+    Example::
+
+        with SavedActivationTracker(exclude=model.parameters()) as tracker:
+            loss = model(x).sum(); loss.backward()
+        tracker.peak_bytes
+    """
+
+    class _Handle:
+        __slots__ = ("tensor", "key", "tracker")
+
+        def __init__(self, tensor, key, tracker):
+            self.tensor, self.key, self.tracker = tensor, key, tracker
+
+        def __del__(self):
+            if self.key is not None:
+                self.tracker._release(self.key)
+
+    def __init__(self, exclude=()):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.live: dict[int, list[int]] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._ctx = None
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.exclude:
+            return self._Handle(tensor, None, self)
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [1, storage.nbytes()]
+            self.current_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        else:
+            entry[0] += 1
+        return self._Handle(tensor, key, self)
+
+    @staticmethod
+    def _unpack(handle):
+        return handle.tensor
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current_bytes -= entry[1]
+            del self.live[key]
+
+    def __enter__(self) -> "SavedActivationTracker":
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)

@@ -67,3 +67,22 @@ def test_torchvision_shim_makes_timm_and_lightning_importable():
 
     state = _compat.SHIM_APPLIED
     assert _compat.apply_torchvision_shim() is state  # idempotent: no second definition once torchvision is imported
+
+
+def test_saved_activation_tracker_counts_what_autograd_keeps():
+    from lightning_vidalign.utils import SavedActivationTracker
+
+    w = torch.randn(100, 100, requires_grad=True)
+    x = torch.randn(10, 100)
+    with SavedActivationTracker(exclude=[w, x]) as tr:
+        h = torch.tanh(x @ w)  # saves x, w (excluded) and tanh's output (10x100 fp32 = 4000 bytes)
+        y = (h * h).sum()  # mul saves h twice: the same storage, counted once
+        assert tr.current_bytes == 4000
+        y.backward()
+        del h, y
+    assert tr.peak_bytes == 4000 and tr.current_bytes == 0
+    with SavedActivationTracker(exclude=[w, x]) as tr:
+        a = torch.tanh(x @ w).sum()
+        b = torch.tanh(x @ (2 * w)).sum()  # two graphs alive together: 2 tanh outputs (2·w is not
+        (a + b).backward()  # saved: x needs no gradient)
+    assert tr.peak_bytes == 4000 + 4000
