@@ -193,3 +193,35 @@ def test_dpo_bad_options():
     m = DPO(backbone=SVDBackbone(lora_rank=2), pair_source="data")
     with pytest.raises(KeyError, match="winner"):
         m.make_pairs({"video": torch.rand(1, 8, 3, 64, 64), "first_frame": torch.rand(1, 3, 64, 64)}, torch.Generator())
+
+
+def test_dpo_resume_is_bitwise_identical(tmp_path):
+    """Stop after 3 steps, resume to 5: the same losses at steps 4-5 and the same adapters as one run."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    class Record(Callback):
+        def __init__(self):
+            self.losses = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses[pl_module.batches_seen] = outputs["loss"].item()
+
+    def run(steps, ckpt_path=None, save=False):
+        rec = Record()
+        cbs = [rec]
+        if save:
+            cbs.append(ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_train_steps=3, save_top_k=0))
+        m = DPO(backbone=SVDBackbone(lora_rank=4, lora_alpha=4), beta=500.0, beta_schedule="linear", beta_final=50.0, beta_steps=5,
+                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        _trainer(tmp_path, steps, cbs).fit(m, datamodule=VideoClipDataModule(batch_size=2, shot_detector="histogram"), ckpt_path=ckpt_path)
+        return rec.losses, m
+
+    full, m_full = run(5)
+    run(3, save=True)
+    resumed, m_res = run(5, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert sorted(resumed) == [4, 5] and all(resumed[k] == full[k] for k in resumed)
+    assert m_res.updates == 5 and m_res.current_beta() == m_full.current_beta()
+    for k, v in m_full.backbone.trainable_state_dict().items():
+        assert torch.equal(v, m_res.backbone.trainable_state_dict()[k]), k
