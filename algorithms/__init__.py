@@ -1,10 +1,16 @@
 """Alignment algorithms: one LightningModule per file."""
+from lightning_vidalign.algorithms.bpgo import BPGO
 from lightning_vidalign.algorithms.dpo import DPO
 from lightning_vidalign.algorithms.grpo import GRPO
 from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.reward_pretrain import RewardPretrain
 from lightning_vidalign.algorithms.sage_grpo import SAGEGRPO
+from lightning_vidalign.algorithms.self_paced_grpo import SelfPacedGRPO
 from lightning_vidalign.algorithms.sft import SFT
 from lightning_vidalign.algorithms.shift import SHIFT
+from lightning_vidalign.algorithms.vipo import TimmViTFeatures, TransNetV2Features, ViPO
 
-__all__ = ["SFT", "SHIFT", "RewardPretrain", "GRPO", "SAGEGRPO", "AdaptiveKLController", "DPO"]
+__all__ = [
+    "SFT", "SHIFT", "RewardPretrain", "GRPO", "SAGEGRPO", "AdaptiveKLController", "DPO",
+    "BPGO", "ViPO", "SelfPacedGRPO", "TransNetV2Features", "TimmViTFeatures",
+]

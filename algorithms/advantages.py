@@ -260,3 +260,52 @@ def min_norm_weights(advantages: Tensor, iterations: int = 100) -> Tensor:
             break
         c = c + step * d
     return c.clamp(min=0).div(c.clamp(min=0).sum()).to(advantages.dtype)
+
+
+def vipo_advantage_map(features: Tensor, latent_size: tuple[int, int, int], blur_sigma: float = 1.0, components: int = 3) -> Tensor:
+    """ViPO's Perceptual Structuring Module map for one video (arXiv 2511.18719; DESIGN §3).
+
+    Per frame: patch features ``(C, h, w)`` → centred over the ``h·w`` patches → top-``components``
+    PCA projections (SVD; each component's sign fixed so its largest-magnitude loading is positive,
+    sklearn's ``svd_flip`` rule — the paper leaves the sign open) → per-component min–max to
+    ``[0, 1]`` → weighted sum with the components' explained variances (normalised) → Gaussian blur
+    ``σ = blur_sigma`` (torchvision) → bilinear resize to the latent grid; frames are then resampled
+    linearly in time to the latent frames and the volume is min–max normalised (a constant volume
+    gives all ones).
+
+    Args:
+        features: ``(T, C, h, w)`` frozen-backbone patch features of the video's frames.
+        latent_size: ``(T', h', w')`` of the latents the map weights.
+        blur_sigma: Gaussian blur std in feature-grid cells (paper: 1).
+        components: PCA components kept (paper: 3).
+
+    Returns:
+        ``M`` of shape ``(T', h', w')`` in ``[0, 1]``.
+    """
+    import torch.nn.functional as F
+    from torchvision.transforms.functional import gaussian_blur
+
+    t, c, h, w = features.shape
+    maps = []
+    for frame in features.float():
+        x = frame.reshape(c, h * w).T
+        x = x - x.mean(0, keepdim=True)
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        k = min(components, vh.shape[0])
+        signs = torch.sign(vh[:k].gather(1, vh[:k].abs().argmax(1, keepdim=True))).clamp(min=0) * 2 - 1
+        proj = x @ (vh[:k] * signs).T  # (P, k)
+        lo, hi = proj.min(0).values, proj.max(0).values
+        proj = (proj - lo) / (hi - lo).clamp(min=1e-12)
+        var = s[:k] ** 2
+        weight = var / var.sum().clamp(min=1e-12)
+        maps.append((proj * weight).sum(1).view(1, h, w))
+    m = torch.stack(maps)  # (T, 1, h, w)
+    if blur_sigma > 0:
+        ks = 2 * math.ceil(2 * blur_sigma) + 1
+        m = gaussian_blur(m, [ks, ks], [blur_sigma, blur_sigma])
+    t_lat, h_lat, w_lat = latent_size
+    m = F.interpolate(m, size=(h_lat, w_lat), mode="bilinear", align_corners=False)[:, 0]  # (T, h', w')
+    m = F.interpolate(m.permute(1, 2, 0).reshape(1, h_lat * w_lat, t), size=t_lat, mode="linear", align_corners=True)
+    m = m.reshape(h_lat, w_lat, t_lat).permute(2, 0, 1)
+    lo, hi = m.min(), m.max()
+    return torch.ones_like(m) if hi - lo < 1e-12 else (m - lo) / (hi - lo)

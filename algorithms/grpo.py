@@ -7,7 +7,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from lightning_vidalign.algorithms.advantages import grpo_advantages
+from lightning_vidalign.algorithms.advantages import grpo_advantages, min_norm_weights
 from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.losses import ppo_clip_loss
 from lightning_vidalign.module import VideoAlignModule
@@ -68,6 +68,9 @@ class GRPO(VideoAlignModule):
             (Flow-GRPO's inner loop). 1 = one on-policy step (ratio 1, nothing clipped).
             ``trainer.max_steps`` still counts rounds (batches); the LR scheduler and
             ``ModelCheckpoint(every_n_train_steps)`` count optimizer steps.
+        reward_combination: ``"sum"`` (advantage of the weighted sum of the rewards) or
+            ``"min_norm"`` (joint reward: min-norm combination of per-reward advantages; every
+            variant that calls :meth:`group_advantages` inherits it).
         **kwargs: :class:`VideoAlignModule` arguments (``num_inference_steps``, ``guidance``, ...;
             ``sampler`` is the validation/predict sampler, ``ode`` for flow models).
 
@@ -98,6 +101,7 @@ class GRPO(VideoAlignModule):
         rollout_batch_size: int = 8,
         train_batch_size: int = 8,
         minibatches_per_round: int = 1,
+        reward_combination: str = "sum",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -127,19 +131,47 @@ class GRPO(VideoAlignModule):
         if minibatches_per_round < 1:
             raise ValueError(f"GRPO: minibatches_per_round must be >= 1, got {minibatches_per_round}")
         self.minibatches_per_round = minibatches_per_round
+        if reward_combination not in ("sum", "min_norm"):
+            raise ValueError(f"GRPO: reward_combination must be 'sum' or 'min_norm', got {reward_combination!r}")
+        self.reward_combination = reward_combination
         self.optimizer_steps_per_batch = minibatches_per_round  # trainer.max_steps counts rounds
         self.updates = 0  # optimizer steps taken
         self.anchor: dict[str, Tensor] | None = None  # adapter weights of the moving reference
 
     # ----------------------------------------------------------------- hooks
     def compute_advantages(self, rewards: Tensor, group_ids: Tensor, batch: dict) -> Tensor:
-        """Advantages from gathered rewards ``(N_all,)`` and group ids (override in variants).
+        """Advantages from gathered rewards ``(N_all,)`` and group ids: the hook variants override.
 
-        Returns ``(N_all,)``; logs the fraction of zero-variance groups.
+        Returns ``(N_all,)``. The default is :meth:`group_advantages`.
         """
+        return self.group_advantages(rewards, group_ids)
+
+    def group_advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+        """Group-normalised advantages of the summed reward, or, with ``reward_combination="min_norm"``
+        and several reward callbacks, ``Σ_i c_i·A_i`` over the per-reward advantages with the min-norm
+        weights ``c`` (TeleBoost §3.5, :func:`min_norm_weights`; logged as ``joint/c_<name>``).
+        Logs the fraction of zero-variance groups of the summed reward."""
         adv, zero_frac = grpo_advantages(rewards, group_ids, self.advantage_eps, self.advantage_clip)
         self.log("train/zero_std_groups", zero_frac, batch_size=rewards.numel())
-        return adv
+        components = getattr(self, "round_components", {})
+        if self.reward_combination != "min_norm" or len(components) < 2:
+            return adv
+        per = torch.stack([grpo_advantages(r, group_ids, self.advantage_eps, self.advantage_clip)[0] for r in components.values()])
+        c = min_norm_weights(per)
+        self.log_dict({f"joint/c_{name}": c[i] for i, name in enumerate(components)}, batch_size=rewards.numel())
+        return (c.view(-1, 1) * per).sum(0)
+
+    #: record the rollout's transition means (variants that need per-element old log-probs)
+    keep_means: bool = False
+
+    def prepare_round(self, videos: Tensor) -> None:
+        """Called once per round after the advantages, with this rank's decoded rollouts
+        ``(B·G, T, 3, H, W)``; variants compute per-rollout data here (ViPO's maps). Default: nothing."""
+
+    def policy_loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, x_next: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, dict]:
+        """Per-sample policy loss of one denoising step (override in variants): PPO-clip on the
+        sequence log-probs. ``x_next``, ``mean``, ``std`` give the per-element Gaussian transition."""
+        return ppo_clip_loss(log_prob, old_log_prob, advantages, self.clip_range)
 
     # --------------------------------------------------------------- helpers
     def condition_ids(self, batch: dict) -> Tensor:
@@ -224,7 +256,7 @@ class GRPO(VideoAlignModule):
             ref["moving"] = self.reference_mean(x_t, s, s_next, cond, "moving")
         v = self.backbone.guided_velocity(x_t, torch.full((x_t.shape[0],), s, device=x_t.device), cond, self.guidance)
         _, mean, std, log_prob = sde_step_with_logprob(v, x_t, s, s_next, self.sde_type, self.eta, prev_sample=x_next)
-        policy, metrics = ppo_clip_loss(log_prob, old_log_prob, advantages, self.clip_range)
+        policy, metrics = self.policy_loss(log_prob, old_log_prob, advantages, x_next, mean, std)
         kl = {k: gaussian_kl(mean, m, std) for k, m in ref.items()}
         if self.kl_type in ("step", "dual"):
             kl["step"] = old_log_prob.detach() - log_prob
@@ -257,28 +289,36 @@ class GRPO(VideoAlignModule):
                     self.backbone.rollout(
                         sub, self.sde_type, self.num_inference_steps, self.guidance, gen, keep_trajectory=True,
                         num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta, decode=True, sde_steps=self.sde_window,
+                        keep_means=self.keep_means,
                     )
                 )
             sigmas = parts[0].sigmas
             x_t, x_next = torch.cat([p.x_t for p in parts]), torch.cat([p.x_next for p in parts])
             old_log_prob, videos = torch.cat([p.log_prob for p in parts]), torch.cat([p.video for p in parts])
+            self.round_old_means = torch.cat([p.extras["mean"] for p in parts]) if self.keep_means else None
 
-        # 2. rewards (weighted sum of the reward callbacks)
+        # 2. rewards: each reward callback's score (a component), and their weighted sum
         with self.timer("reward"):
             rewards = torch.zeros(b * g, device=videos.device)
+            components = {}
             for cb in find_rewards(self.trainer, self.reward_names):
                 r = cb.score(videos).to(videos.device).float()
+                components[cb.name] = r  # unweighted: variants weight components themselves
                 rewards += cb.weight * r
                 self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False)}, batch_size=b * g)
+        self.round_videos = videos  # (B·G, T, 3, H, W), for variants that look at the rollouts (ViPO)
         # 3. group advantages over the groups gathered from every rank (the finiteness check on the
         #    gathered rewards makes every rank take the same decision)
         group_ids = self.condition_ids(batch).to(videos.device).repeat_interleave(g)
         all_rewards, all_group_ids = self.gather(rewards), self.gather(group_ids)
         if not self.loss_is_finite(all_rewards, "rewards"):
             return None  # round skipped on every rank (logged, counted in train/skipped_steps)
+        self.round_components = {k: self.gather(v) for k, v in components.items()}  # per reward, (N_all,) each
         all_adv = self.compute_advantages(all_rewards, all_group_ids, batch)
         rank = self.global_rank if self.trainer.world_size > 1 else 0
         advantages = all_adv[rank * b * g : (rank + 1) * b * g]
+        with self.timer("prepare_round"):
+            self.prepare_round(videos)
 
         # 4. PPO-clip (+ KL) accumulated over the trained steps; one optimizer step per minibatch
         #    of rollouts (later minibatches see ratios != 1: the PPO clip acts there)
@@ -297,6 +337,7 @@ class GRPO(VideoAlignModule):
                     s, s_next = float(sigmas[t]), float(sigmas[t + 1])
                     for c, idx in enumerate(chunks):
                         sub = {k: v[idx] for k, v in cond.items()}
+                        self.current_index, self.current_step = idx, t  # for per-sample round data in hooks
                         loss, metrics = self.step_loss(x_t[idx, t], x_next[idx, t], old_log_prob[idx, t], advantages[idx], s, s_next, sub, scales[t])
                         loss = loss.sum() / n_terms
                         if not bool(torch.isfinite(loss)):

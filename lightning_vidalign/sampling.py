@@ -209,6 +209,14 @@ def sde_step_parameters(sigma: Tensor, sigma_next: Tensor, sde_type: str, eta: f
     return {"a": a, "b": b, "std": std, "var": std * std}
 
 
+def gaussian_log_density(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Element-wise log-density of ``x`` under ``N(mean, std²)`` (all constants kept), fp32, the shape
+    of ``x``. :func:`gaussian_log_prob` is its mean over the non-batch elements."""
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    return -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+
+
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """Log-density of ``x`` under ``N(mean, std²)`` (all constants kept), averaged over all
     non-batch elements (flow_grpo's convention), shape ``(B,)``.
@@ -216,9 +224,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     Note: flow_grpo's CPS code drops the ``-log std - log sqrt(2π)`` constants; we keep them, which
     changes log-probs by a per-step constant and leaves ratios unchanged.
     """
-    x, mean = x.float(), mean.float()
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
-    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    lp = gaussian_log_density(x, mean, std)
     return lp.flatten(1).mean(1) if lp.dim() > 1 else lp
 
 

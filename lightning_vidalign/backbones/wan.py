@@ -434,6 +434,7 @@ class WanBackbone(VideoBackbone):
         decode: bool = True,
         latents: Tensor | None = None,
         sde_steps: list[int] | None = None,
+        keep_means: bool = False,
     ) -> Trajectory:
         """Sample with the shifted flow-match Euler schedule and an SDE type per step.
 
@@ -472,12 +473,15 @@ class WanBackbone(VideoBackbone):
         else:
             x = latents.float().to(device)
         x = self.generated_part(x)
-        xs, xn, lps = [], [], []
+        xs, xn, lps, means, stds = [], [], [], [], []
         for i in range(num_steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
             kind = sampler if sde_steps is None or i in sde_steps else "ode"
-            x_next, _, _, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator)
+            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator)
+            if keep_means:
+                means.append(mean)
+                stds.append(float(torch.as_tensor(std).max()))
             if keep_trajectory:
                 xs.append(x)
                 xn.append(x_next)
@@ -492,6 +496,7 @@ class WanBackbone(VideoBackbone):
             x_next=torch.stack(xn, 1) if keep_trajectory else None,
             sigmas=sigmas,
             log_prob=torch.stack(lps, 1) if keep_trajectory else None,
+            extras={"mean": torch.stack(means, 1), "std": torch.tensor(stds)} if keep_means else {},
         )
 
     # ---------------------------------------------------------------- export
