@@ -286,20 +286,18 @@ def vipo_advantage_map(features: Tensor, latent_size: tuple[int, int, int], blur
     from torchvision.transforms.functional import gaussian_blur
 
     t, c, h, w = features.shape
-    maps = []
-    for frame in features.float():
-        x = frame.reshape(c, h * w).T
-        x = x - x.mean(0, keepdim=True)
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        k = min(components, vh.shape[0])
-        signs = torch.sign(vh[:k].gather(1, vh[:k].abs().argmax(1, keepdim=True))).clamp(min=0) * 2 - 1
-        proj = x @ (vh[:k] * signs).T  # (P, k)
-        lo, hi = proj.min(0).values, proj.max(0).values
-        proj = (proj - lo) / (hi - lo).clamp(min=1e-12)
-        var = s[:k] ** 2
-        weight = var / var.sum().clamp(min=1e-12)
-        maps.append((proj * weight).sum(1).view(1, h, w))
-    m = torch.stack(maps)  # (T, 1, h, w)
+    x = features.float().reshape(t, c, h * w).transpose(1, 2)  # (T, P, C): patches x channels, per frame
+    x = x - x.mean(1, keepdim=True)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)  # batched over frames
+    k = min(components, vh.shape[1])
+    vh = vh[:, :k]  # (T, k, C)
+    signs = torch.sign(vh.gather(2, vh.abs().argmax(2, keepdim=True))).clamp(min=0) * 2 - 1  # (T, k, 1)
+    proj = x @ (vh * signs).transpose(1, 2)  # (T, P, k)
+    lo, hi = proj.min(1, keepdim=True).values, proj.max(1, keepdim=True).values
+    proj = (proj - lo) / (hi - lo).clamp(min=1e-12)
+    var = s[:, :k] ** 2
+    weight = var / var.sum(1, keepdim=True).clamp(min=1e-12)  # (T, k)
+    m = (proj * weight.unsqueeze(1)).sum(2).view(t, 1, h, w)
     if blur_sigma > 0:
         ks = 2 * math.ceil(2 * blur_sigma) + 1
         m = gaussian_blur(m, [ks, ks], [blur_sigma, blur_sigma])
