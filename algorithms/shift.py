@@ -140,9 +140,19 @@ class SHIFT(VideoAlignModule):
     # ----------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["rollout_buffer"] = self.buffer.state_dict()
+        state = self.buffer.state_dict()
+        # every rank filled its own buffer from its own data: keep all of them (the file is written by
+        # rank 0 alone, but this hook runs on every rank, so the gather is collective)
+        state["data_per_rank"] = self.gather_per_rank(state.pop("data"))
+        checkpoint["rollout_buffer"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "rollout_buffer" in checkpoint:
-            self.buffer.load_state_dict(checkpoint["rollout_buffer"])
+            state = dict(checkpoint["rollout_buffer"])
+            if "data_per_rank" in state:
+                per_rank = state.pop("data_per_rank")
+                if len(per_rank) != max(1, self.trainer.world_size if self._trainer is not None else 1):
+                    raise ValueError(f"checkpoint holds rollout buffers of {len(per_rank)} rank(s); resuming with another world size is not supported")
+                state["data"] = per_rank[self.global_rank if self._trainer is not None else 0]
+            self.buffer.load_state_dict(state)

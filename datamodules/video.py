@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_vidalign.datamodules.io import (
     VIDEO_EXTENSIONS,
@@ -135,30 +135,39 @@ class VideoClipDataset(Dataset):
         }
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Random order drawn from ``(seed, epoch)``, able to start mid-epoch after a resume.
+class EpochSeededSampler(DistributedSampler):
+    """Random order drawn from ``(seed, epoch)``, sharded over ranks, able to start mid-epoch after a resume.
 
-    Lightning calls :meth:`set_epoch` at every epoch start. Source: our choice (exact resume).
+    Every rank draws the same permutation of the ``num_samples`` indices and takes every
+    ``num_replicas``-th one from position ``rank``, truncated to ``num_samples // num_replicas`` so all
+    ranks run the same number of batches (the tail of a permutation is dropped, as
+    ``DistributedSampler(drop_last=True)``). Being a ``DistributedSampler``, Lightning uses it as is
+    instead of wrapping it, so the order and the resume offset stay ours under DDP/FSDP2. Lightning
+    calls :meth:`set_epoch` at every epoch start. Source: our choice (exact resume).
+
+    Args:
+        num_samples: dataset size.
+        seed: base seed.
+        num_replicas, rank: data-parallel world size and this rank (default 1 and 0).
     """
 
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples, self.seed = num_samples, seed
-        self.epoch = 0
+    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.num_samples_total = num_samples
         self.resume_epoch: int | None = None
         self.resume_offset = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
+        order = torch.randperm(self.num_samples_total, generator=g).tolist()
+        per_rank = self.num_samples_total // self.num_replicas
+        mine = order[self.rank :: self.num_replicas][:per_rank]
         start = self.resume_offset if self.epoch == self.resume_epoch else 0
         self.resume_epoch = None
-        yield from order[start:]
+        yield from mine[start:]
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples_total // self.num_replicas
 
 
 class ResumableDataLoader(DataLoader):
@@ -166,7 +175,7 @@ class ResumableDataLoader(DataLoader):
 
     The position is read from the trainer's progress (epoch, batches processed in it) so that the
     fetcher's prefetching does not count; on load, the :class:`EpochSeededSampler` skips those
-    batches of that epoch. Exact for a single process (multi-process: issue 7).
+    batches of that epoch (per rank: every rank has processed the same number of batches).
     """
 
     def __init__(self, *args, datamodule: "VideoClipDataModule | None" = None, **kwargs):
@@ -321,12 +330,17 @@ class VideoClipDataModule(L.LightningDataModule):
         self.val_set = VideoClipDataset(indices, [clips[i] for i in val_ids], self.height, self.width, captions)
         log.info("VideoClipDataModule: %d sources, %d train / %d val clips", len(indices), len(train_ids), len(val_ids))
 
+    def _replicas(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the attached trainer (``(1, 0)`` without one)."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         if shuffle:
             return ResumableDataLoader(
                 dataset,
                 batch_size=self.batch_size,
-                sampler=EpochSeededSampler(len(dataset), self.hparams.split_seed),
+                sampler=EpochSeededSampler(len(dataset), self.hparams.split_seed, *self._replicas()),
                 drop_last=drop_last and len(dataset) >= self.batch_size,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,

@@ -307,6 +307,18 @@ class VideoAlignModule(L.LightningModule):
                     k += 1
 
     # ----------------------------------------------------------- checkpoint
+    def gather_per_rank(self, tensors: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """Per-rank state for the checkpoint: ``[rank 0's tensors, rank 1's, ...]`` (on CPU).
+
+        Call it from ``on_save_checkpoint`` (which runs on every rank): the all-gather is collective.
+        Tensors must have the same shapes on every rank. With one process: ``[tensors]``.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world <= 1 or not tensors:
+            return [{k: v.detach().cpu() for k, v in tensors.items()} for _ in range(max(1, world))]
+        gathered = {k: self.all_gather(v.to(self.device)).cpu() for k, v in tensors.items()}
+        return [{k: v[r] for k, v in gathered.items()} for r in range(self.trainer.world_size)]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("backbone.")}
