@@ -68,6 +68,9 @@ class VideoAlignModule(L.LightningModule):
         val_num_videos: videos sampled per validation run (per rank) for metrics and logs.
         on_nonfinite: ``"raise"`` (FloatingPointError naming the step) or ``"skip"`` (the step is
             skipped, logged and counted in ``train/skipped_steps``) for a non-finite loss.
+        fsdp_param_dtype: under FSDP2 only: compute the sharded denoiser in this dtype
+            (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``) while the stored parameters —
+            the LoRA master weights included — stay fp32.
     """
 
     def __init__(
@@ -82,8 +85,12 @@ class VideoAlignModule(L.LightningModule):
         guidance: float | tuple[float, float] = 1.0,
         val_num_videos: int = 2,
         on_nonfinite: str = "raise",
+        fsdp_param_dtype: str | None = None,
     ):
         super().__init__()
+        if fsdp_param_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"fsdp_param_dtype must be None, 'bfloat16' or 'float16', got {fsdp_param_dtype!r}")
+        self.fsdp_param_dtype = fsdp_param_dtype
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.automatic_optimization = False
@@ -151,12 +158,21 @@ class VideoAlignModule(L.LightningModule):
         """``manual_backward`` that accumulates into ``.grad``; with ``last=False`` the gradient
         synchronisation of the strategy is skipped (DDP ``no_sync`` through Lightning's
         ``block_backward_sync``), so a step made of several backward passes syncs once.
+        Under FSDP2 (``ModelParallelStrategy``) ``set_requires_gradient_sync(last)`` does the same.
         (DESIGN's ``backward(loss, last)``; named ``backward_pass`` because ``LightningModule.backward``
         is the hook that ``manual_backward`` itself calls.)"""
         import contextlib
 
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
         ctx = contextlib.nullcontext()
-        if not last:
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            # FSDP2: accumulate unsharded-reduced gradients locally, reduce-scatter on the last pass
+            self.backbone.denoiser.set_requires_gradient_sync(last)
+        elif type(self.trainer.strategy).__name__ == "DeepSpeedStrategy":
+            # DeepSpeed: only the last backward of a step is an accumulation boundary (not run here: needs CUDA)
+            self.trainer.strategy.model.set_gradient_accumulation_boundary(last)
+        elif not last:
             block = getattr(self.trainer.strategy, "block_backward_sync", None)
             if block is not None:
                 ctx = block()
@@ -172,7 +188,8 @@ class VideoAlignModule(L.LightningModule):
         opt = self.optimizers()
         grads = [p.grad.detach().float().norm() for p in self.backbone.trainable_parameters() if p.grad is not None]
         grad_norm = torch.stack(grads).norm().item() if grads else 0.0
-        if self.grad_clip and self.grad_clip > 0:
+        deepspeed = type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+        if self.grad_clip and self.grad_clip > 0 and not deepspeed:  # DeepSpeed clips from its config ("gradient_clipping")
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -204,6 +221,42 @@ class VideoAlignModule(L.LightningModule):
         # counted before the step so that checkpoints written by callbacks at batch end (which run
         # before the module's own batch-end hook) hold the number of completed batches
         self.batches_seen += 1
+
+    def setup(self, stage: str) -> None:
+        """Refuse strategy combinations that cannot work, with the fix in the message."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                f"{type(self).__name__} uses manual optimization, which Lightning's FSDPStrategy (FSDP1) does not support: "
+                "use FSDP2 instead (configs/strategies/fsdp2.yaml: ModelParallelStrategy, tensor_parallel_size 1)"
+            )
+        if type(self.trainer.strategy).__name__ == "DeepSpeedStrategy" and self.optimizer_steps_per_batch > 1:
+            raise ValueError(
+                f"{type(self).__name__} takes {self.optimizer_steps_per_batch} optimizer steps per batch, which DeepSpeed's single "
+                "engine step per batch cannot express: set minibatches_per_round: 1 or use DDP/FSDP2"
+            )
+
+    def configure_model(self) -> None:
+        """FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the
+        backbone names in :meth:`VideoBackbone.fsdp_modules`, then the denoiser itself, over the
+        data-parallel mesh. No-op under other strategies (DDP, single device)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError("VideoAlignModule under ModelParallelStrategy supports data-parallel FSDP2 only (tensor_parallel_size=1)")
+        dp = mesh["data_parallel"]
+        kw = {}
+        if self.fsdp_param_dtype is not None:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, self.fsdp_param_dtype), reduce_dtype=torch.float32)
+        for module in self.backbone.fsdp_modules():
+            fully_shard(module, mesh=dp, **kw)
+        fully_shard(self.backbone.denoiser, mesh=dp, **kw)
 
     #: optimizer steps a training batch may take (GRPO with several minibatches per round: > 1)
     optimizer_steps_per_batch: int = 1

@@ -55,6 +55,16 @@ class VideoBackbone(nn.Module, abc.ABC):
     ) -> Trajectory:
         """Sample videos from the current policy."""
 
+    # ------------------------------------------------------------- sharding
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trained network (UNet / DiT) that FSDP2 shards."""
+        raise NotImplementedError
+
+    def fsdp_modules(self) -> list[torch.nn.Module]:
+        """The denoiser's blocks that FSDP2 wraps one by one (each is gathered only for its forward)."""
+        raise NotImplementedError
+
     # ----------------------------------------------------------------- adapters
     def adapter_modules(self) -> Iterator[nn.Module]:
         """The peft LoRA layers of this backbone."""

@@ -210,6 +210,13 @@ class SVDBackbone(VideoBackbone):
             module.eval()
         return self
 
+    @property
+    def denoiser(self):
+        return self.unet
+
+    def fsdp_modules(self):
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
     # ------------------------------------------------------------------ VAE
     @property
     def vae_scale_factor(self) -> int:

@@ -253,6 +253,13 @@ class WanBackbone(VideoBackbone):
             module.eval()
         return self
 
+    @property
+    def denoiser(self):
+        return self.transformer
+
+    def fsdp_modules(self):
+        return list(self.transformer.blocks)
+
     # ------------------------------------------------------------------ VAE
     @property
     def vae_scale_factor_spatial(self) -> int:

@@ -1,0 +1,53 @@
+"""One algorithm under a multi-process strategy on 2 CPU processes (gloo); each rank dumps its full
+adapter weights and logged metrics. Run by tests/test_distributed.py as
+``python strategy_job.py STRATEGY ALGORITHM OUT_DIR`` with STRATEGY ``ddp | fsdp2 | fsdp2_bf16`` and
+ALGORITHM ``sft | shift | grpo``."""
+import os
+import sys
+
+import lightning_vidalign  # noqa: F401  (torchvision shim first)
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+from lightning_vidalign.algorithms import SAGEGRPO, SFT, SHIFT
+from lightning_vidalign.backbones import SVDBackbone, WanBackbone
+from lightning_vidalign.datamodules import VideoClipDataModule
+from lightning_vidalign.rewards import IMRReward, MotionMagnitudeReward
+
+CAPTIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "data", "skvideo_captions.jsonl")
+
+
+class Dump(L.Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        lora = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in pl_module.backbone.trainable_state_dict().items()}
+        sharded = any(hasattr(p, "full_tensor") for p in pl_module.backbone.parameters())
+        torch.save({"lora": lora, "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, "sharded": sharded},
+                   f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    strategy_name, algo, out = sys.argv[1:4]
+    opt = lambda p: torch.optim.AdamW(p, lr=5e-3)  # noqa: E731
+    callbacks = [Dump(out)]
+    bf16 = {"fsdp_param_dtype": "bfloat16"} if strategy_name == "fsdp2_bf16" else {}
+    if algo == "sft":
+        dm = VideoClipDataModule(batch_size=2, shot_detector="histogram")
+        module = SFT(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, val_num_videos=0, **bf16)
+    elif algo == "shift":
+        dm = VideoClipDataModule(batch_size=2, shot_detector="histogram")
+        module = SHIFT(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, rollouts_per_condition=2, passes=2, num_inference_steps=3,
+                       val_num_videos=0, sampler="euler_ancestral")
+        callbacks.append(IMRReward(seed=0))
+    else:
+        dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
+        module = SAGEGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=4, guidance=2.0,
+                          rollouts_per_condition=2, minibatches_per_round=2, anchor_interval=2, val_num_videos=0)
+        callbacks.append(MotionMagnitudeReward())
+    strategy = DDPStrategy() if strategy_name == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    trainer = L.Trainer(strategy=strategy, devices=2, accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(module, datamodule=dm)
