@@ -7,7 +7,9 @@ import yaml
 from lightning_vidalign.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+STRATEGY_CONFIGS = [c for c in ALL_CONFIGS if os.sep + "strategies" + os.sep in c]
+CONFIGS = [c for c in ALL_CONFIGS if c not in STRATEGY_CONFIGS]
 
 
 def test_configs_exist():
@@ -107,3 +109,106 @@ def test_grpo_config_with_a_frozen_discriminator_appended_on_the_command_line(tm
     metrics = cli.trainer.callback_metrics
     assert {"reward/imr/mean", "reward/motion/mean", "reward/flicker/mean"} <= set(metrics)
     assert cli.model.updates == 4  # 2 rounds x 2 minibatches
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp2.yaml"])
+def test_strategy_configs_combine_with_an_algorithm_config(name):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from lightning_vidalign.cli import VidAlignCLI
+
+    path = os.path.join(ROOT, "configs", "strategies", name)
+    with open(path) as f:
+        assert f.readline().startswith("# Launch: vidalign ")
+    cli = VidAlignCLI(args=["--config", os.path.join(ROOT, "configs", "sage_grpo.yaml"), "--config", path, "--trainer.accelerator", "cpu"], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy if name == "ddp.yaml" else ModelParallelStrategy)
+    assert cli.trainer.num_devices == 2
+
+
+def test_deepspeed_config_matches_the_strategy_signature():
+    """DeepSpeed needs CUDA and its package: validate the config against DeepSpeedStrategy without building it."""
+    import inspect
+
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    path = os.path.join(ROOT, "configs", "strategies", "deepspeed_zero2.yaml")
+    with open(path) as f:
+        assert f.readline().startswith("# Launch: vidalign ")
+        cfg = yaml.safe_load(f)
+    strategy = cfg["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert set(strategy["init_args"]) <= set(inspect.signature(DeepSpeedStrategy.__init__).parameters)
+    parser = ArgumentParser()
+    parser.add_class_arguments(DeepSpeedStrategy, "strategy")
+    parsed = parser.parse_object({"strategy": strategy["init_args"]})  # type-checks every init arg
+    ds = parsed.strategy.config
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] > 0
+
+
+def test_fsdp1_and_multi_step_deepspeed_are_refused():
+    """Lightning cannot even build FSDP1/DeepSpeed trainers on CPU; the module's own check is run on
+    strategy objects created without their (GPU-requiring) constructors."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from lightning_vidalign.algorithms import GRPO, SFT
+    from lightning_vidalign.backbones import SVDBackbone, WanBackbone
+
+    module = SFT(SVDBackbone(lora_rank=2))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(ValueError, match="fsdp2.yaml"):
+        module.setup("fit")
+    grpo = GRPO(backbone=WanBackbone(lora_rank=2), sampler="ode", minibatches_per_round=2)
+    grpo._trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    with pytest.raises(ValueError, match="minibatches_per_round: 1"):
+        grpo.setup("fit")
+    grpo.optimizer_steps_per_batch = 1
+    grpo.setup("fit")  # one optimizer step per batch: allowed
+
+
+def test_slurm_script_matches_the_trainer():
+    """The sbatch file's srun line sets num_nodes/devices from the allocation, adds the preemption callback and
+    resumes from last; the callback arguments it passes exist."""
+    import inspect
+    import re
+
+    from lightning_vidalign.preemption import PreemptionCheckpoint
+
+    text = open(os.path.join(ROOT, "configs", "slurm", "vidalign.sbatch")).read()
+    assert text.splitlines()[1].startswith("# Launch: sbatch configs/slurm/vidalign.sbatch")
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+    tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", text).group(1))
+    gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
+    assert nodes >= 1 and tasks == gpus  # one process per GPU
+    assert '--trainer.num_nodes "$SLURM_JOB_NUM_NODES"' in text and '--trainer.devices "$SLURM_NTASKS_PER_NODE"' in text
+    assert "--signal=USR1@" in text and "#SBATCH --requeue" in text and "--ckpt_path last" in text
+    assert "--trainer.callbacks+=lightning_vidalign.preemption.PreemptionCheckpoint" in text
+    assert "signal_name" in inspect.signature(PreemptionCheckpoint.__init__).parameters
+    for arg in re.findall(r"--config \"\$(\w+)\"", text):
+        assert arg in ("CONFIG", "STRATEGY")
+
+
+def test_slurm_srun_arguments_parse(capsys):
+    """The srun line of the sbatch file parses with the CLI (GPU and SLURM values substituted)."""
+    import shlex
+
+    text = open(os.path.join(ROOT, "configs", "slurm", "vidalign.sbatch")).read()
+    cmd = text[text.index("srun ") :].replace("\\\n", " ")
+    for var, value in {'"$CONFIG"': "configs/sage_grpo.yaml", '"$STRATEGY"': "configs/strategies/ddp.yaml",
+                       '"$SLURM_JOB_NUM_NODES"': "1", '"$SLURM_NTASKS_PER_NODE"': "2", "accelerator gpu": "accelerator cpu"}.items():
+        cmd = cmd.replace(var, value)
+    args = shlex.split(cmd)
+    args = args[args.index("fit") :]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args + ["--print_config"])
+    finally:
+        os.chdir(cwd)
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["plugins"]["init_args"]["auto_requeue"] is False
+    assert any(cb["class_path"].endswith("PreemptionCheckpoint") for cb in printed["trainer"]["callbacks"])
