@@ -73,23 +73,29 @@ class BPGO(GRPO):
             return torch.as_tensor(batch["prior"], dtype=torch.float32).view(-1)
         ids = self.condition_ids(batch).tolist()
         missing = [i for i, cid in enumerate(ids) if int(cid) not in self.priors]
-        if missing:
-            video = batch["video"]
-            sub = {k: (v[missing] if torch.is_tensor(v) else [v[i] for i in missing]) for k, v in batch.items()}
-            for j, i in enumerate(missing):
-                cid = int(ids[i])
-                key = f"bpgo-prior/{self.seed}/{cid}".encode()
-                gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
-                one = {k: (v[j : j + 1] if torch.is_tensor(v) else v[j : j + 1]) for k, v in sub.items()}
-                with self.backbone.adapters_disabled():
-                    cond = self.backbone.encode_condition(one, gen)
-                    cond = {k: v.repeat_interleave(self.prior_rollouts, 0) for k, v in cond.items()}
-                    traj = self.backbone.rollout(cond, self.sde_type, self.num_inference_steps, self.guidance, gen,
-                                                 num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta)
-                reward = torch.zeros(self.prior_rollouts, device=traj.video.device)
-                for cb in find_rewards(self.trainer, self.reward_names):
-                    reward += cb.weight * cb.score(traj.video).to(reward.device).float()
-                self.priors[cid] = float(reward.mean())
+        # every rank must run the same number of (sharded) forwards: pad with throw-away rollouts up to
+        # the largest number of missing priors on any rank
+        n_max = len(missing)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            n_max = int(self.trainer.strategy.reduce(torch.tensor(float(len(missing)), device=self.device), reduce_op="max"))
+        video = batch["video"]
+        for j in range(n_max):
+            i = missing[j] if j < len(missing) else 0
+            cid = int(ids[i])
+            key = f"bpgo-prior/{self.seed}/{cid}".encode()
+            gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
+            one = {k: (v[i : i + 1] if torch.is_tensor(v) else v[i : i + 1]) for k, v in batch.items()}
+            with self.backbone.adapters_disabled():
+                cond = self.backbone.encode_condition(one, gen)
+                cond = {k: v.repeat_interleave(self.prior_rollouts, 0) for k, v in cond.items()}
+                traj = self.backbone.rollout(cond, self.sde_type, self.num_inference_steps, self.guidance, gen,
+                                             num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta)
+            if j >= len(missing):
+                continue  # padding rollout: keeps the ranks' collective calls aligned
+            reward = torch.zeros(self.prior_rollouts, device=traj.video.device)
+            for cb in find_rewards(self.trainer, self.reward_names):
+                reward += cb.weight * cb.score(traj.video).to(reward.device).float()
+            self.priors[cid] = float(reward.mean())
         return torch.tensor([self.priors[int(c)] for c in ids], dtype=torch.float32)
 
     def compute_advantages(self, rewards: Tensor, group_ids: Tensor, batch: dict) -> Tensor:

@@ -33,7 +33,9 @@ class DPO(VideoAlignModule):
       backward runs on ``-η_b·ℓ_l/B``. By linearity this is exactly ``∇L`` (tested to 1e-5); only
       one branch of one pair holds activations at a time (O(max)), with the same forward/backward
       count as the joint step. Cost: one extra buffer of the trainable (adapter) gradients. Pairs are
-      processed one at a time, the memory-bound regime DGB targets (one pair per device).
+      processed one at a time, the memory-bound regime DGB targets (one pair per device). Under FSDP2
+      every backward is reduced into the sharded gradient, so there ``η_b`` is computed first from
+      a no-grad forward of the loser (one extra forward per pair) — still exact (tested against DDP).
 
     Pair sources (``pair_source``):
 
@@ -168,13 +170,30 @@ class DPO(VideoAlignModule):
 
     def decoupled_step(self, x_w, x_l, cond, sigma, noise, ref_w, ref_l, weights, beta):
         """Decoupled gradient backpropagation (see the class docstring); returns what joint does."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
         params = self.backbone.trainable_parameters()
         n = weights.sum().clamp(min=1)
         b = x_w.shape[0]
+        # FSDP2 reduces (averages) every synced backward into the sharded ``p.grad``, so a gradient can
+        # no longer be scaled by this rank's η afterwards: there η is computed first, from a no-grad
+        # forward of the loser (one extra forward per pair), and both backwards carry their η.
+        presync = self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
         losses_w, losses_l = [], []
         for i in range(b):
             sl = slice(i, i + 1)
             c_i = {k: v[sl] for k, v in cond.items()}
+            if presync:
+                loss_w = self.backbone.training_loss(x_w[sl], c_i, sigma[sl], noise[sl])
+                with torch.no_grad():
+                    loss_l_value = self.backbone.training_loss(x_l[sl], c_i, sigma[sl], noise[sl])
+                eta = dpo_pair_weights(loss_w.detach(), loss_l_value, ref_w[sl], ref_l[sl], beta) * weights[sl] / n
+                self.backward_pass((eta * loss_w).sum(), last=True)
+                loss_l = self.backbone.training_loss(x_l[sl], c_i, sigma[sl], noise[sl])
+                self.backward_pass((-eta * loss_l).sum(), last=True)
+                losses_w.append(loss_w.detach())
+                losses_l.append(loss_l.detach())
+                continue
             running = [p.grad for p in params]  # the gradient accumulated so far (pairs < i)
             for p in params:
                 p.grad = None

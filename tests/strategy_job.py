@@ -1,7 +1,7 @@
 """One algorithm under a multi-process strategy on 2 CPU processes (gloo); each rank dumps its full
 adapter weights and logged metrics. Run by tests/test_distributed.py as
 ``python strategy_job.py STRATEGY ALGORITHM OUT_DIR`` with STRATEGY ``ddp | fsdp2 | fsdp2_bf16`` and
-ALGORITHM ``sft | shift | grpo``."""
+ALGORITHM ``sft | shift | grpo | dpo | bpgo``."""
 import os
 import sys
 
@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from lightning_vidalign.algorithms import SAGEGRPO, SFT, SHIFT
+from lightning_vidalign.algorithms import BPGO, DPO, SAGEGRPO, SFT, SHIFT
 from lightning_vidalign.backbones import SVDBackbone, WanBackbone
 from lightning_vidalign.datamodules import VideoClipDataModule
 from lightning_vidalign.rewards import IMRReward, MotionMagnitudeReward
@@ -42,6 +42,16 @@ if __name__ == "__main__":
         module = SHIFT(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, rollouts_per_condition=2, passes=2, num_inference_steps=3,
                        val_num_videos=0, sampler="euler_ancestral")
         callbacks.append(IMRReward(seed=0))
+    elif algo == "dpo":
+        dm = VideoClipDataModule(batch_size=2, shot_detector="histogram")
+        # SGD: the DPO gradient is a small difference of large terms; Adam would turn its fp32 rounding
+        # noise into lr-sized updates and hide whether two strategies compute the same gradient
+        module = DPO(SVDBackbone(lora_rank=4, lora_alpha=4), optimizer=lambda p: torch.optim.SGD(p, lr=0.5), beta=500.0, val_num_videos=0)
+    elif algo == "bpgo":
+        dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
+        module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=3,
+                      rollouts_per_condition=2, prior_rollouts=1, val_num_videos=0)
+        callbacks.append(MotionMagnitudeReward())
     else:
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
         module = SAGEGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=4, guidance=2.0,
