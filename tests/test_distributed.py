@@ -52,7 +52,8 @@ def test_sage_grpo_ddp_two_processes(tmp_path):
 
 
 def test_ddp_preemption_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    """SIGUSR1 to one of two DDP ranks: both agree at batch end, save together and stop; resuming from
+    """SIGUSR1 to one of two DDP ranks: both agree at batch end, save together, rank 0 requeues the SLURM
+    job (a stand-in scontrol), and the run stops; resuming from
     that checkpoint reaches batch 4 with the same adapters and discriminator as an uninterrupted run
     (so DDP resume is exact: our sampler shards the data itself and restarts mid-epoch)."""
     import signal
@@ -61,7 +62,13 @@ def test_ddp_preemption_saves_and_the_resumed_run_matches_an_uninterrupted_one(t
     job = os.path.join(os.path.dirname(__file__), "ddp_preempt_job.py")
     full = subprocess.run([sys.executable, job, str(tmp_path), "full"], capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert full.returncode == 0, full.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, job, str(tmp_path), "preempt"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    # a stand-in `scontrol` on PATH records what rank 0 asks of SLURM
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    proc = subprocess.Popen([sys.executable, job, str(tmp_path), "preempt"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=env)
     deadline = time.time() + 600
     while not all((tmp_path / f"pid{r}").exists() for r in (0, 1)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -74,6 +81,7 @@ def test_ddp_preemption_saves_and_the_resumed_run_matches_an_uninterrupted_one(t
     pre0, pre1 = torch.load(tmp_path / "preempt_rank0.pt"), torch.load(tmp_path / "preempt_rank1.pt")
     assert pre0["batches"] == pre1["batches"] == 2  # both ranks stopped after the same batch
     assert (tmp_path / "ck" / "last.ckpt").is_file()
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 4242"]  # rank 0 only, once
     resumed = subprocess.run([sys.executable, job, str(tmp_path), "resume", str(tmp_path / "ck" / "last.ckpt")], capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):
