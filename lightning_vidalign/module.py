@@ -379,7 +379,8 @@ class VideoAlignModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
-        missing = trainable - set(checkpoint["state_dict"])
+        # FSDP2 (ModelParallelStrategy) loads the weights itself and hands the hooks the rest
+        missing = trainable - set(checkpoint["state_dict"]) if "state_dict" in checkpoint else set()
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} adapter tensor(s), e.g. {sorted(missing)[:3]} (different LoRA config?)")
         state = checkpoint.get("vidalign", {})

@@ -41,7 +41,8 @@ class Dump(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         reward = next(c for c in trainer.callbacks if isinstance(c, IMRReward))
-        state = {"lora": pl_module.backbone.trainable_state_dict(), "disc": reward.disc.state_dict(), "batches": pl_module.batches_seen}
+        lora = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in pl_module.backbone.trainable_state_dict().items()}
+        state = {"lora": lora, "disc": reward.disc.state_dict(), "batches": pl_module.batches_seen}
         torch.save(state, f"{self.out}/{self.mode}_rank{trainer.global_rank}.pt")
 
 
@@ -54,6 +55,10 @@ if __name__ == "__main__":
     callbacks = [IMRReward(seed=0), Dump(out, mode)]
     if mode == "preempt":
         callbacks += [Gate(out), PreemptionCheckpoint(dirpath=f"{out}/ck")]
-    trainer = L.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = "ddp" if os.environ.get("VIDALIGN_TEST_STRATEGY", "ddp") == "ddp" else ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    trainer = L.Trainer(strategy=strategy, devices=2, accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)

@@ -51,7 +51,8 @@ def test_sage_grpo_ddp_two_processes(tmp_path):
         assert ra["group_ids"].tolist() == [i for i in ra["index"].tolist() for _ in range(2)] + [i for i in rb["index"].tolist() for _ in range(2)]
 
 
-def test_ddp_preemption_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ddp_preemption_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy, monkeypatch):
     """SIGUSR1 to one of two DDP ranks: both agree at batch end, save together, rank 0 requeues the SLURM
     job (a stand-in scontrol), and the run stops; resuming from
     that checkpoint reaches batch 4 with the same adapters and discriminator as an uninterrupted run
@@ -59,6 +60,7 @@ def test_ddp_preemption_saves_and_the_resumed_run_matches_an_uninterrupted_one(t
     import signal
     import time
 
+    monkeypatch.setenv("VIDALIGN_TEST_STRATEGY", strategy)
     job = os.path.join(os.path.dirname(__file__), "ddp_preempt_job.py")
     full = subprocess.run([sys.executable, job, str(tmp_path), "full"], capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert full.returncode == 0, full.stderr[-3000:]
