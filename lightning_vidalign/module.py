@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_vidalign.backbones.base import VideoBackbone
-from lightning_vidalign.metrics import motion_metrics
+from lightning_vidalign.metrics import motion_metrics, transnetv2_frechet_distance
 from lightning_vidalign.utils import StageTimer, add_gif_summary
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class VideoAlignModule(L.LightningModule):
         val_num_videos: videos sampled per validation run (per rank) for metrics and logs.
         on_nonfinite: ``"raise"`` (FloatingPointError naming the step) or ``"skip"`` (the step is
             skipped, logged and counted in ``train/skipped_steps``) for a non-finite loss.
+        val_frechet: also report ``<val|test>/frechet_transnetv2``, the Fréchet distance between the
+            real and the generated clips in TransNetV2 feature space (:func:`transnetv2_frechet_distance`;
+            needs >= 2 clips of each per evaluation; real statistics computed once per process).
         fsdp_param_dtype: under FSDP2 only: compute the sharded denoiser in this dtype
             (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``) while the stored parameters —
             the LoRA master weights included — stay fp32.
@@ -86,6 +89,7 @@ class VideoAlignModule(L.LightningModule):
         val_num_videos: int = 2,
         on_nonfinite: str = "raise",
         fsdp_param_dtype: str | None = None,
+        val_frechet: bool = True,
     ):
         super().__init__()
         if fsdp_param_dtype not in (None, "bfloat16", "float16"):
@@ -109,6 +113,8 @@ class VideoAlignModule(L.LightningModule):
         self.skipped_steps = 0
         self.timer = StageTimer()
         self.val_metrics = torch.nn.ModuleDict({f"{src}_{k}": m for src in ("gen", "real") for k, m in motion_metrics().items()})
+        self.val_frechet = transnetv2_frechet_distance() if val_frechet else None
+        self._frechet_real_done = False
         self._val_videos: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------ optimizer
@@ -308,6 +314,8 @@ class VideoAlignModule(L.LightningModule):
         for name, metric in self.val_metrics.items():
             if name.startswith("real_"):
                 metric.update(real)
+        if self.val_frechet is not None and not self._frechet_real_done:
+            self.val_frechet.update(real, real=True)
         have = sum(v.shape[0] for _, v in self._val_videos)
         if have < self.val_num_videos:
             n = min(self.val_num_videos - have, real.shape[0])
@@ -315,6 +323,8 @@ class VideoAlignModule(L.LightningModule):
             for name, metric in self.val_metrics.items():
                 if name.startswith("gen_"):
                     metric.update(fake)
+            if self.val_frechet is not None:
+                self.val_frechet.update(fake.float(), real=False)
             self._val_videos.append((real[:n].cpu(), fake.cpu()))
 
     def evaluation_epoch_end(self, prefix: str) -> None:
@@ -324,6 +334,12 @@ class VideoAlignModule(L.LightningModule):
                 src, key = name.split("_", 1)
                 self.log(f"{prefix}/{src}/{key}", metric.compute(), sync_dist=False)
             metric.reset()
+        if self.val_frechet is not None:
+            self._frechet_real_done = True  # the real clips' statistics are kept (reset_real_features=False)
+            fd = self.val_frechet
+            if int(fd.real_features_num_samples) >= 2 and int(fd.fake_features_num_samples) >= 2:
+                self.log(f"{prefix}/frechet_transnetv2", fd.compute().float(), sync_dist=False)
+            fd.reset()
         if self._val_videos and self.global_rank == 0:
             self.log_videos(f"{prefix}/samples", self._val_videos)
         self._val_videos = []

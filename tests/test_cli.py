@@ -212,3 +212,17 @@ def test_slurm_srun_arguments_parse(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["plugins"]["init_args"]["auto_requeue"] is False
     assert any(cb["class_path"].endswith("PreemptionCheckpoint") for cb in printed["trainer"]["callbacks"])
+
+
+def test_one_command_evaluation_reports_frechet_and_motion(tmp_path):
+    from lightning_vidalign.cli import VidAlignCLI
+
+    cli = VidAlignCLI(args=[
+        "test", "--config", os.path.join(ROOT, "configs", "eval.yaml"), "--trainer.limit_test_batches", "2",
+        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--model.init_args.num_inference_steps", "2",
+    ])
+    metrics = cli.trainer.callback_metrics
+    for key in ("test/frechet_transnetv2", "test/gen/motion_score", "test/real/motion_score", "test/gen/dynamic_degree",
+                "test/gen/temporal_flickering", "test/gen/motion_smoothness"):
+        assert key in metrics, key
+    assert float(metrics["test/frechet_transnetv2"]) > 0

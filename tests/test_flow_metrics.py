@@ -74,3 +74,22 @@ def test_motion_metrics_on_synthetic_videos():
     assert sm_smooth.compute() > sm_shuf.compute() + 0.02
     with pytest.raises(ValueError):
         ms.update(torch.zeros(1, 1, 3, 8, 8))
+
+
+def test_transnetv2_frechet_distance_orders_real_perturbed_and_noise(real_batch):
+    from lightning_vidalign.metrics import transnetv2_frechet_distance
+
+    real = real_batch["video"].repeat(2, 1, 1, 1, 1)  # 4 clips
+    real[2:] = real[2:].flip(1)
+    fd = transnetv2_frechet_distance()
+    fd.update(real, real=True)
+    fd.update(real.flip(0), real=False)
+    same = float(fd.compute())
+    fd.reset()  # keeps the real statistics
+    g = torch.Generator().manual_seed(0)
+    fd.update((real + 0.05 * torch.randn(real.shape, generator=g)).clamp(0, 1), real=False)
+    perturbed = float(fd.compute())
+    fd.reset()
+    fd.update(torch.rand(real.shape, generator=g), real=False)
+    noise = float(fd.compute())
+    assert abs(same) < 1e-3 and same < perturbed < noise and noise > 1.0
