@@ -1,4 +1,4 @@
-"""Motion rewards: flow estimators, transport residual, IMR discriminator."""
+"""Motion rewards: flow estimators, transport residual, IMR discriminator, point tracking."""
 from lightning_vidalign.rewards.motion.flow import (
     DISFlow,
     FlowEstimator,
@@ -8,6 +8,7 @@ from lightning_vidalign.rewards.motion.flow import (
     transport_residual,
     video_flow,
 )
+from lightning_vidalign.rewards.motion.tracking import LucasKanadeTracker, PointTracker, track_points
 from lightning_vidalign.rewards.motion.imr import AdversarialDiscriminatorReward, IMRDiscriminator, IMRReward, imr_features
 
 __all__ = [
@@ -22,4 +23,7 @@ __all__ = [
     "IMRDiscriminator",
     "IMRReward",
     "imr_features",
+    "PointTracker",
+    "LucasKanadeTracker",
+    "track_points",
 ]
