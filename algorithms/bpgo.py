@@ -15,7 +15,6 @@ from lightning_vidalign.algorithms.advantages import (
     grpo_advantages,
 )
 from lightning_vidalign.algorithms.grpo import GRPO
-from lightning_vidalign.rewards.base import find_rewards
 
 
 class BPGO(GRPO):
@@ -92,9 +91,7 @@ class BPGO(GRPO):
                                              num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta)
             if j >= len(missing):
                 continue  # padding rollout: keeps the ranks' collective calls aligned
-            reward = torch.zeros(self.prior_rollouts, device=traj.video.device)
-            for cb in find_rewards(self.trainer, self.reward_names):
-                reward += cb.weight * cb.score(traj.video).to(reward.device).float()
+            reward, _ = self.score_rewards(traj.video, self.reward_names, log=False)
             self.priors[cid] = float(reward.mean())
         return torch.tensor([self.priors[int(c)] for c in ids], dtype=torch.float32)
 

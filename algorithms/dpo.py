@@ -9,7 +9,6 @@ from torch import Tensor
 from lightning_vidalign.algorithms.losses import diffusion_dpo_loss, dpo_pair_weights
 from lightning_vidalign.datamodules.preference import best_worst_pairs, temporal_negatives
 from lightning_vidalign.module import VideoAlignModule
-from lightning_vidalign.rewards.base import find_rewards
 
 PAIR_SOURCES = ("synthetic", "data", "on_policy")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
@@ -136,9 +135,7 @@ class DPO(VideoAlignModule):
             latents.append(traj.latents)
         latents = torch.cat(latents)
         videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
-        rewards = torch.zeros(b * g, device=videos.device)
-        for cb in find_rewards(self.trainer, self.reward_names):
-            rewards += cb.weight * cb.score(videos).to(videos.device).float()
+        rewards, _ = self.score_rewards(videos, self.reward_names, log=False)
         r = rewards.view(b, g)
         best = torch.arange(b, device=r.device) * g + r.argmax(1)
         worst = torch.arange(b, device=r.device) * g + r.argmin(1)

@@ -11,7 +11,6 @@ from lightning_vidalign.algorithms.advantages import grpo_advantages, min_norm_w
 from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.losses import ppo_clip_loss
 from lightning_vidalign.module import VideoAlignModule
-from lightning_vidalign.rewards.base import find_rewards
 from lightning_vidalign.sampling import (
     SDE_TYPES,
     equalizer_scales,
@@ -299,13 +298,7 @@ class GRPO(VideoAlignModule):
 
         # 2. rewards: each reward callback's score (a component), and their weighted sum
         with self.timer("reward"):
-            rewards = torch.zeros(b * g, device=videos.device)
-            components = {}
-            for cb in find_rewards(self.trainer, self.reward_names):
-                r = cb.score(videos).to(videos.device).float()
-                components[cb.name] = r  # unweighted: variants weight components themselves
-                rewards += cb.weight * r
-                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False)}, batch_size=b * g)
+            rewards, components = self.score_rewards(videos, self.reward_names)  # components unweighted
         self.round_videos = videos  # (B·G, T, 3, H, W), for variants that look at the rollouts (ViPO)
         # 3. group advantages over the groups gathered from every rank (the finiteness check on the
         #    gathered rewards makes every rank take the same decision)

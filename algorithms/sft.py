@@ -6,7 +6,6 @@ import torch
 from lightning_vidalign.algorithms.advantages import failure_weights
 from lightning_vidalign.algorithms.losses import sft_loss
 from lightning_vidalign.module import VideoAlignModule
-from lightning_vidalign.rewards.base import find_rewards
 
 
 class SFT(VideoAlignModule):
@@ -30,7 +29,7 @@ class SFT(VideoAlignModule):
         if not self.reward_weighting:
             return None
         video = batch["video"]
-        rewards = sum(cb.weight * cb.score(video, batch).to(video.device) for cb in find_rewards(self.trainer, self.reward_names))
+        rewards, _ = self.score_rewards(video, self.reward_names, batch=batch, log=False)
         weights = failure_weights(rewards, self.weight_temperature)
         self.log_dict({"train/weight_max": weights.max(), "reward/total/mean": rewards.mean()}, batch_size=video.shape[0])
         return weights

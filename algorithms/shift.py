@@ -7,7 +7,6 @@ from lightning_vidalign.algorithms.advantages import shift_advantages
 from lightning_vidalign.algorithms.losses import shift_loss
 from lightning_vidalign.buffer import RolloutBuffer
 from lightning_vidalign.module import VideoAlignModule
-from lightning_vidalign.rewards.base import find_rewards
 
 
 class SHIFT(VideoAlignModule):
@@ -81,12 +80,7 @@ class SHIFT(VideoAlignModule):
         with self.timer("decode"):
             videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
         with self.timer("reward"):
-            callbacks = find_rewards(self.trainer, self.reward_names)
-            rewards = torch.zeros(b * g, device=videos.device)
-            for cb in callbacks:
-                r = cb.score(videos).to(videos.device)
-                rewards += cb.weight * r
-                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False)}, batch_size=b * g)
+            rewards, _ = self.score_rewards(videos, self.reward_names)
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)
         advantages = shift_advantages(rewards, group_ids, self.advantage_clip)
         self.buffer.minibatch_size = b

@@ -150,7 +150,7 @@ class ViPO(GRPO):
         self.round_maps = self.advantage_maps(videos, (t_gen, h, w))
         self.rounds += 1
         self.log("vipo/map_mean", self.round_maps.mean(), batch_size=videos.shape[0])
-        if self.log_map_every and self.rounds % self.log_map_every == 1 % self.log_map_every and self.global_rank == 0:
+        if self.log_map_every and (self.rounds - 1) % self.log_map_every == 0 and self.global_rank == 0:
             from lightning.pytorch.loggers import TensorBoardLogger
 
             image = torch.cat(list(self.round_maps[0]), dim=-1).unsqueeze(0)  # (1, h, T'·w)

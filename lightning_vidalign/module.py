@@ -1,6 +1,7 @@
 """``VideoAlignModule``: the thin base LightningModule of every algorithm (DESIGN §2)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -9,6 +10,7 @@ import warnings
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -167,15 +169,11 @@ class VideoAlignModule(L.LightningModule):
         Under FSDP2 (``ModelParallelStrategy``) ``set_requires_gradient_sync(last)`` does the same.
         (DESIGN's ``backward(loss, last)``; named ``backward_pass`` because ``LightningModule.backward``
         is the hook that ``manual_backward`` itself calls.)"""
-        import contextlib
-
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         ctx = contextlib.nullcontext()
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             # FSDP2: accumulate unsharded-reduced gradients locally, reduce-scatter on the last pass
             self.backbone.denoiser.set_requires_gradient_sync(last)
-        elif type(self.trainer.strategy).__name__ == "DeepSpeedStrategy":
+        elif isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # DeepSpeed: only the last backward of a step is an accumulation boundary (not run here: needs CUDA)
             self.trainer.strategy.model.set_gradient_accumulation_boundary(last)
         elif not last:
@@ -194,7 +192,7 @@ class VideoAlignModule(L.LightningModule):
         opt = self.optimizers()
         grads = [p.grad.detach().float().norm() for p in self.backbone.trainable_parameters() if p.grad is not None]
         grad_norm = torch.stack(grads).norm().item() if grads else 0.0
-        deepspeed = type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
         if self.grad_clip and self.grad_clip > 0 and not deepspeed:  # DeepSpeed clips from its config ("gradient_clipping")
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
@@ -203,6 +201,35 @@ class VideoAlignModule(L.LightningModule):
         if sched is not None:
             sched.step()
         return {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+
+    # -------------------------------------------------------------- rewards
+    def score_rewards(self, videos: Tensor, names: list[str] | None = None, batch: dict | None = None, log: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Score videos with the trainer's reward callbacks.
+
+        Args:
+            videos: ``(N, T, 3, H, W)`` in ``[0, 1]``.
+            names: reward callbacks to use (None: all; see :func:`find_rewards`).
+            batch: passed to each callback's ``score``.
+            log: log ``reward/<name>/mean`` and ``reward/<name>/std`` per callback.
+
+        Returns:
+            ``(total (N,), components)``: the sum of ``weight·score`` over the callbacks (fp32, on the
+            videos' device) and each callback's unweighted score by name.
+
+        Raises:
+            ValueError: from :func:`find_rewards` when no (or a missing named) reward callback.
+        """
+        from lightning_vidalign.rewards.base import find_rewards
+
+        total = torch.zeros(videos.shape[0], device=videos.device)
+        components = {}
+        for cb in find_rewards(self.trainer, names):
+            r = cb.score(videos, batch).to(videos.device).float()
+            components[cb.name] = r
+            total += cb.weight * r
+            if log:
+                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False)}, batch_size=videos.shape[0])
+        return total, components
 
     # ------------------------------------------------------------------ RNG
     def generator(self, tag: int = 0, batch: int | None = None) -> torch.Generator:
@@ -230,14 +257,12 @@ class VideoAlignModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Refuse strategy combinations that cannot work, with the fix in the message."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
         if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError(
                 f"{type(self).__name__} uses manual optimization, which Lightning's FSDPStrategy (FSDP1) does not support: "
                 "use FSDP2 instead (configs/strategies/fsdp2.yaml: ModelParallelStrategy, tensor_parallel_size 1)"
             )
-        if type(self.trainer.strategy).__name__ == "DeepSpeedStrategy" and self.optimizer_steps_per_batch > 1:
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy) and self.optimizer_steps_per_batch > 1:
             raise ValueError(
                 f"{type(self).__name__} takes {self.optimizer_steps_per_batch} optimizer steps per batch, which DeepSpeed's single "
                 "engine step per batch cannot express: set minibatches_per_round: 1 or use DDP/FSDP2"
@@ -247,8 +272,6 @@ class VideoAlignModule(L.LightningModule):
         """FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the
         backbone names in :meth:`VideoBackbone.fsdp_modules`, then the denoiser itself, over the
         data-parallel mesh. No-op under other strategies (DDP, single device)."""
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

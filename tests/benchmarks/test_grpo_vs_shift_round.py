@@ -9,27 +9,18 @@ generator steps (4 rollouts + 4 real clips each, K = 2 passes).
 """
 import json
 import os
-import time
 
-import lightning as L
 import pytest
 import torch
 
 from lightning_vidalign.algorithms import SAGEGRPO, SHIFT
 from lightning_vidalign.backbones import WanBackbone
 from lightning_vidalign.datamodules import VideoClipDataModule
-from lightning_vidalign.rewards import FlickerReward, MotionMagnitudeReward
+from benchmarks.common import timed_fit
 
 pytestmark = pytest.mark.bench
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _fit(module, dm, steps):
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[MotionMagnitudeReward(target=1.07), FlickerReward(weight=5.0)])
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    return time.perf_counter() - start
 
 
 def test_grpo_round_vs_shift_round():
@@ -46,14 +37,14 @@ def test_grpo_round_vs_shift_round():
         return SHIFT(backbone=WanBackbone(lora_rank=8, lora_alpha=8), optimizer=opt, sampler="ode", num_inference_steps=S, guidance=2.0,
                      rollouts_per_condition=G, passes=K)
 
-    _fit(grpo(), dm, 1)  # warm-up
+    timed_fit(grpo(), dm, 1)  # warm-up
     rounds = 3
     results = []
     for _ in range(3):  # interleaved repeats
         g_mod = grpo()
-        t_g = _fit(g_mod, dm, rounds) / rounds
+        t_g = timed_fit(g_mod, dm, rounds)  # one batch = one round
         s_mod = shift()
-        t_s = _fit(s_mod, dm, rounds * K * G) / rounds
+        t_s = timed_fit(s_mod, dm, rounds * K * G) * K * G  # a round = K·G batches
         results.append({"grpo_round_s": t_g, "shift_round_s": t_s, "ratio": t_g / t_s,
                         "grpo_split_s": {k: v / rounds for k, v in g_mod.timer.seconds.items()},
                         "shift_split_s": {k: v / rounds for k, v in s_mod.timer.seconds.items()}})

@@ -7,27 +7,18 @@ stage), the recorded transition means and the per-element log-densities. Interle
 """
 import json
 import os
-import time
 
-import lightning as L
 import pytest
 import torch
 
 from lightning_vidalign.algorithms import GRPO, ViPO
 from lightning_vidalign.backbones import WanBackbone
 from lightning_vidalign.datamodules import VideoClipDataModule
-from lightning_vidalign.rewards import FlickerReward, MotionMagnitudeReward
+from benchmarks.common import timed_fit
 
 pytestmark = pytest.mark.bench
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _fit(module, dm, steps):
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[MotionMagnitudeReward(target=1.07), FlickerReward(weight=5.0)])
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    return (time.perf_counter() - start) / steps
 
 
 def test_vipo_overhead():
@@ -35,13 +26,13 @@ def test_vipo_overhead():
     dm.setup("fit")
     kw = dict(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), sampler="ode", num_inference_steps=8, guidance=2.0, rollouts_per_condition=4,
               sde_type="sage", timestep_fraction=0.5, minibatches_per_round=2, val_num_videos=0)
-    _fit(ViPO(backbone=WanBackbone(lora_rank=8, lora_alpha=8), **kw), dm, 1)  # warm-up (TransNetV2 load)
+    timed_fit(ViPO(backbone=WanBackbone(lora_rank=8, lora_alpha=8), **kw), dm, 1)  # warm-up (TransNetV2 load)
     rows = []
     for _ in range(5):
         g = GRPO(backbone=WanBackbone(lora_rank=8, lora_alpha=8), **kw)
-        t_g = _fit(g, dm, 3)
+        t_g = timed_fit(g, dm, 3)
         v = ViPO(backbone=WanBackbone(lora_rank=8, lora_alpha=8), log_map_every=0, **kw)
-        t_v = _fit(v, dm, 3)
+        t_v = timed_fit(v, dm, 3)
         rows.append({"grpo_round_s": t_g, "vipo_round_s": t_v, "overhead": t_v / t_g - 1, "vipo_psm_s_per_round": v.timer.seconds["prepare_round"] / 3})
     rows.sort(key=lambda r: r["overhead"])
     med = rows[len(rows) // 2]

@@ -1,0 +1,18 @@
+"""Shared helper of the benchmarks: a timed ``fit`` without logging, checkpoints or validation."""
+import time
+
+import lightning as L
+
+from lightning_vidalign.rewards import FlickerReward, MotionMagnitudeReward
+
+
+def timed_fit(module, datamodule, steps: int, callbacks=None) -> float:
+    """Seconds per training batch of ``fit`` over ``steps`` batches (default rewards: motion with
+    target 1.07 px/frame, flicker weight 5, as the GRPO configs)."""
+    if callbacks is None:
+        callbacks = [MotionMagnitudeReward(target=1.07), FlickerReward(weight=5.0)]
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=list(callbacks))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return (time.perf_counter() - start) / steps
