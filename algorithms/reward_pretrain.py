@@ -9,25 +9,37 @@ from lightning_vidalign.rewards.base import find_rewards
 from lightning_vidalign.rewards.motion.imr import AdversarialDiscriminatorReward
 
 
-def temporal_corruptions(video: Tensor, generator: torch.Generator) -> Tensor:
+CORRUPTIONS = ("reversed", "shuffled", "frozen")
+
+
+def temporal_corruptions(video: Tensor, generator: torch.Generator, kind: str | None = None) -> Tensor:
     """Temporally corrupted copies of real clips: reversal, local shuffle, freeze from the middle.
 
-    Each clip gets one corruption, cycling ``reverse, shuffle, freeze`` by position. Local shuffle
-    permutes frames inside windows of 3; freeze repeats frame ``T//2`` to the end. Our choice.
+    With ``kind=None`` clip ``i`` gets corruption ``(i + o) mod 3`` in the order of :data:`CORRUPTIONS`,
+    with ``o`` drawn from ``generator`` per call (so a batch of 2 still sees all three over time).
+    Local shuffle permutes frames inside windows of 3; freeze repeats frame ``T//2`` to the end. Our choice.
 
     Args:
         video: ``(B, T, C, H, W)``.
+        generator: RNG of the offset and the shuffles.
+        kind: one of :data:`CORRUPTIONS` for every clip, or None (mixed, as above).
 
     Returns:
         Same shape; the spatial content of each frame is unchanged, only its order/timing.
+
+    Raises:
+        ValueError: on an unknown kind.
     """
     from lightning_vidalign.datamodules.preference import freeze_from, local_shuffle, reverse_frames
 
+    if kind is not None and kind not in CORRUPTIONS:
+        raise ValueError(f"temporal_corruptions: kind must be one of {CORRUPTIONS} or None, got {kind!r}")
     t = video.shape[1]
+    offset = int(torch.randint(0, 3, (1,), generator=generator)) if kind is None else 0
     out = []
     for i, v in enumerate(video):
-        kind = i % 3
-        out.append(reverse_frames(v) if kind == 0 else local_shuffle(v, 3, generator) if kind == 1 else freeze_from(v, t // 2))
+        k = kind or CORRUPTIONS[(i + offset) % 3]
+        out.append(reverse_frames(v) if k == "reversed" else local_shuffle(v, 3, generator) if k == "shuffled" else freeze_from(v, t // 2))
     return torch.stack(out)
 
 
@@ -68,11 +80,27 @@ class RewardPretrain(VideoAlignModule):
         return {"real": batch["video"], "fake": fake}
 
     def evaluation_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
-        """Held-out balanced accuracy of each adversarial reward: ``<prefix>/reward/<name>/accuracy``."""
-        fake = self.make_negatives(batch, self.generator(tag=2000 + batch_idx, batch=0))
+        """Held-out accuracy of each adversarial reward (EMA copy).
+
+        Logs ``<prefix>/reward/<name>/accuracy`` = ``0.5·(acc_real + acc_fake)``. With corrupted
+        negatives every held-out clip is scored under each of the three corruptions, ``acc_fake`` is
+        their mean, and each is also logged (``accuracy_real``, ``accuracy_reversed``, ...).
+        """
+        n = batch["video"].shape[0]
+        g = self.generator(tag=2000 + batch_idx, batch=0)
+        if self.negatives == "corrupt":
+            fakes = {k: temporal_corruptions(batch["video"], g, k) for k in CORRUPTIONS}
+        else:
+            fakes = {"rollouts": self.make_negatives(batch, g)}
         for cb in find_rewards(self.trainer):
-            if isinstance(cb, AdversarialDiscriminatorReward):
-                self.log(f"{prefix}/reward/{cb.name}/accuracy", cb.accuracy(batch["video"], fake), batch_size=batch["video"].shape[0])
+            if not isinstance(cb, AdversarialDiscriminatorReward):
+                continue
+            acc_real = (cb.logits(batch["video"]) > 0).float().mean().item()
+            acc_fake = {k: (cb.logits(v) < 0).float().mean().item() for k, v in fakes.items()}
+            mean_fake = sum(acc_fake.values()) / len(acc_fake)
+            metrics = {f"{prefix}/reward/{cb.name}/accuracy": 0.5 * (acc_real + mean_fake), f"{prefix}/reward/{cb.name}/accuracy_real": acc_real}
+            metrics.update({f"{prefix}/reward/{cb.name}/accuracy_{k}": v for k, v in acc_fake.items()})
+            self.log_dict(metrics, batch_size=n)
 
     def evaluation_epoch_end(self, prefix: str) -> None:
         pass

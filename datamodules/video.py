@@ -212,6 +212,11 @@ class VideoClipDataModule(L.LightningDataModule):
         cut_threshold: detector threshold (probability / histogram distance).
         val_fraction: fraction of clips held out (at least 1 when there are 2+ clips).
         split_seed: seed of the deterministic clip permutation for the split.
+        val_split: ``"random"``: a random ``val_fraction`` of the clips (overlapping clips, from a
+            ``clip_stride`` shorter than a clip, can then share frames across the split);
+            ``"tail"``: per source, the clips that start in the last ``val_fraction`` of its time span
+            are held out and training clips that overlap them are dropped (no frame is in both sets;
+            our choice for held-out evaluation of discriminators).
         batch_size, num_workers: DataLoader settings (training shuffles with ``split_seed``).
         on_error: ``"raise"`` (error naming the file) or ``"skip"`` (logged warning, counted in
             ``num_skipped`` and ``skipped``) for unreadable or too-short sources.
@@ -232,12 +237,15 @@ class VideoClipDataModule(L.LightningDataModule):
         cut_threshold: float = 0.5,
         val_fraction: float = 0.2,
         split_seed: int = 0,
+        val_split: str = "random",
         batch_size: int = 2,
         num_workers: int = 0,
         on_error: str = "raise",
         max_clips_per_source: int | None = None,
     ):
         super().__init__()
+        if val_split not in ("random", "tail"):
+            raise ValueError(f"val_split must be 'random' or 'tail', got {val_split!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if shot_detector not in ("transnetv2", "histogram", "none"):
@@ -323,12 +331,31 @@ class VideoClipDataModule(L.LightningDataModule):
             log.warning("VideoClipDataModule: skipped %d source(s): %s", len(self.skipped), [p for p, _ in self.skipped])
         if not clips:
             raise VideoDecodeError(f"no usable clip in {len(paths)} source(s): {paths}")
-        perm = np.random.default_rng(self.hparams.split_seed).permutation(len(clips))
-        n_val = 0 if len(clips) < 2 else max(1, round(self.hparams.val_fraction * len(clips))) if self.hparams.val_fraction > 0 else 0
-        val_ids, train_ids = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
+        if self.hparams.val_split == "tail":
+            val_ids, train_ids = self._tail_split(indices, clips)
+        else:
+            perm = np.random.default_rng(self.hparams.split_seed).permutation(len(clips))
+            n_val = 0 if len(clips) < 2 else max(1, round(self.hparams.val_fraction * len(clips))) if self.hparams.val_fraction > 0 else 0
+            val_ids, train_ids = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
         self.train_set = VideoClipDataset(indices, [clips[i] for i in train_ids], self.height, self.width, captions)
         self.val_set = VideoClipDataset(indices, [clips[i] for i in val_ids], self.height, self.width, captions)
         log.info("VideoClipDataModule: %d sources, %d train / %d val clips", len(indices), len(train_ids), len(val_ids))
+
+    def _tail_split(self, indices: list[VideoIndex], clips: list[ClipSpec]) -> tuple[list[int], list[int]]:
+        """Held-out = clips starting in the last ``val_fraction`` of each source; train = clips ending before that."""
+        duration = (self.num_frames - 1) / self.fps
+        val_ids, train_ids = [], []
+        for src, index in enumerate(indices):
+            t0, t1 = float(index.times[0]), float(index.times[-1])
+            boundary = t1 - self.hparams.val_fraction * (t1 - t0)
+            for i, c in enumerate(clips):
+                if c.source != src:
+                    continue
+                if c.start >= boundary:
+                    val_ids.append(i)
+                elif c.start + duration < boundary:
+                    train_ids.append(i)
+        return val_ids, train_ids
 
     def _replicas(self) -> tuple[int, int]:
         """``(world_size, global_rank)`` of the attached trainer (``(1, 0)`` without one)."""

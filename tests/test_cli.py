@@ -17,12 +17,29 @@ def test_configs_exist():
     assert {"sft.yaml", "shift.yaml", "imr_pretrain.yaml", "sage_grpo.yaml", "flow_grpo.yaml", "dance_grpo.yaml", "cps_grpo.yaml"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c) for c in CONFIGS])
-def test_every_config_parses_and_instantiates(path):
+def _pretrained_reward_files(config_path: str, root: str) -> None:
+    """Write fresh discriminator files where a config expects pretrained ones (``pretrained: runs/...``)."""
+    from lightning_vidalign.rewards import IMRReward, LMRReward
+
+    with open(config_path) as f:
+        cfg = yaml.safe_load(f)
+    for cb in cfg.get("trainer", {}).get("callbacks") or []:
+        path = (cb.get("init_args") or {}).get("pretrained")
+        if path:
+            cls = LMRReward if cb["class_path"].endswith("LMRReward") else IMRReward
+            os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+            cls(**{k: v for k, v in cb["init_args"].items() if k in ("name", "num_queries")}).save_pretrained(os.path.join(root, path))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(c, os.path.join(ROOT, "configs")) for c in CONFIGS])
+def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     with open(path) as f:
         first = f.readline()
     assert first.startswith("# Launch: vidalign "), f"{path} must start with its launch command"
     from lightning_vidalign.cli import VidAlignCLI
+
+    monkeypatch.chdir(tmp_path)  # relative runs/ paths (outputs, pretrained rewards) land here
+    _pretrained_reward_files(path, str(tmp_path))
 
     cli = VidAlignCLI(args=["--config", path], run=False)
     assert cli.model is not None and cli.datamodule is not None
@@ -226,3 +243,52 @@ def test_one_command_evaluation_reports_frechet_and_motion(tmp_path):
                 "test/gen/temporal_flickering", "test/gen/motion_smoothness"):
         assert key in metrics, key
     assert float(metrics["test/frechet_transnetv2"]) > 0
+
+
+SHIFT_ABLATIONS = ["a0_imr", "a1_noise_alignment", "a2_adversarial", "a3_lmr", "a4_full"]
+
+
+def _ablation_row(name: str, tmp_path) -> dict:
+    """Reward pretraining (1 step each, as the configs' headers say) then the ablation row for 2 rounds."""
+    from lightning_vidalign.cli import VidAlignCLI
+
+    common = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0", "--model.num_inference_steps", "2"]
+    for pre in ("imr_pretrain", "lmr_pretrain"):
+        if not os.path.isfile(tmp_path / "runs" / pre / f"{pre[:3]}.pt"):
+            VidAlignCLI(args=["fit", "--config", os.path.join(ROOT, "configs", f"{pre}.yaml"), "--trainer.max_steps", "1", "--model.negatives_per_real", "1", *common])
+    cfg = os.path.join(ROOT, "configs", "shift", f"{name}.yaml")
+    with open(cfg) as f:
+        callbacks = yaml.safe_load(f)["trainer"]["callbacks"]
+    keep = [cb for cb in callbacks if "ModelCheckpoint" not in cb["class_path"]]
+    cb_file = tmp_path / f"{name}_callbacks.yaml"
+    cb_file.write_text(yaml.safe_dump({"trainer": {"callbacks": keep}}))
+    cli = VidAlignCLI(args=["fit", "--config", cfg, "--config", str(cb_file), "--trainer.max_steps", "2", "--model.passes", "1", *common])
+    return {"cli": cli, "callbacks": keep}
+
+
+def _check_ablation(name, run):
+    from lightning_vidalign.rewards import IMRReward, LMRReward
+
+    cli, metrics = run["cli"], run["cli"].trainer.callback_metrics
+    rewards = {cb.name: cb for cb in cli.trainer.callbacks if isinstance(cb, (IMRReward, LMRReward))}
+    want_lmr = name in ("a3_lmr", "a4_full")
+    assert set(rewards) == ({"imr", "lmr"} if want_lmr else {"imr"})
+    adversarial = name in ("a2_adversarial", "a4_full")
+    for r in rewards.values():
+        assert r.adversarial == adversarial and r.num_updates == (1 + 2 if adversarial else 1)  # 1 pretraining step (+ 2 rounds)
+        assert f"reward/{r.name}/mean" in metrics
+    assert cli.model.noise_alignment == (name != "a0_imr")
+    assert {"reward/total/mean", "train/loss"} <= set(metrics) and all(bool(v.isfinite()) for v in metrics.values())
+
+
+def test_full_shift_ablation_row_runs(tmp_path, monkeypatch):
+    """A4 (both rewards, adversarial, noise alignment) in the default suite; all rows under -m slow."""
+    monkeypatch.chdir(tmp_path)
+    _check_ablation("a4_full", _ablation_row("a4_full", tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIFT_ABLATIONS)
+def test_every_shift_ablation_row_runs(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _check_ablation(name, _ablation_row(name, tmp_path))

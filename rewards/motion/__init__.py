@@ -2,6 +2,9 @@
 from lightning_vidalign.rewards.motion.flow import (
     DISFlow,
     FlowEstimator,
+    LearnedFlow,
+    SEARAFTFlow,
+    TorchvisionRAFTFlow,
     forward_backward_confidence,
     sobel_gradients,
     to_gray,
@@ -10,10 +13,14 @@ from lightning_vidalign.rewards.motion.flow import (
 )
 from lightning_vidalign.rewards.motion.tracking import LucasKanadeTracker, PointTracker, track_points
 from lightning_vidalign.rewards.motion.imr import AdversarialDiscriminatorReward, IMRDiscriminator, IMRReward, imr_features
+from lightning_vidalign.rewards.motion.lmr import CoTracker3Tracker, LMRDiscriminator, LMRReward, lmr_features, patch_ncc, sample_queries
 
 __all__ = [
     "DISFlow",
     "FlowEstimator",
+    "LearnedFlow",
+    "SEARAFTFlow",
+    "TorchvisionRAFTFlow",
     "forward_backward_confidence",
     "sobel_gradients",
     "to_gray",
@@ -26,4 +33,10 @@ __all__ = [
     "PointTracker",
     "LucasKanadeTracker",
     "track_points",
+    "CoTracker3Tracker",
+    "LMRDiscriminator",
+    "LMRReward",
+    "lmr_features",
+    "patch_ncc",
+    "sample_queries",
 ]

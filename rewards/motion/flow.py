@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import abc
+import logging
+import math
 
 import numpy as np
 import torch
@@ -162,3 +164,160 @@ def transport_residual(frames: Tensor, flow: Tensor) -> Tensor:
     iy = 0.5 * (gy[:, 1:] + gy[:, :-1])
     it = frames[:, 1:].float() - frames[:, :-1].float()
     return it + flow[:, :, 0:1].float() * ix + flow[:, :, 1:2].float() * iy
+
+
+def _load_state(path: str, what: str) -> dict:
+    """A state dict from a local file (plain, ``{"state_dict": ...}`` or ``{"model": ...}``).
+
+    Raises:
+        FileNotFoundError: naming ``path``.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: checkpoint {path!r} does not exist (weights are never downloaded; give a local file)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("model.").removeprefix("module."): v for k, v in state.items()}
+
+
+class LearnedFlow(FlowEstimator):
+    """Shared resizing for learned flow networks that need inputs of at least ``min_size`` pixels
+    and sides divisible by 8 (RAFT-family correlation pyramids).
+
+    Frames are resized (bilinear) to the smallest size ``>= min_size`` per side with sides divisible by
+    8 and the aspect kept as far as that allows; the flow is resized back and its ``(u, v)`` scaled by
+    the size ratio (our choice; SEA-RAFT and RAFT cannot run below 128 px).
+
+    Args:
+        min_size: smallest side fed to the network.
+        batch_size: frame pairs per network call.
+        device: where the network runs (None: the frames' device).
+    """
+
+    def __init__(self, min_size: int = 128, batch_size: int = 16, device: str | None = None):
+        self.min_size, self.batch_size, self.device = min_size, batch_size, device
+        self.model: torch.nn.Module
+
+    def _size(self, h: int, w: int) -> tuple[int, int]:
+        scale = max(1.0, self.min_size / min(h, w))
+        return int(math.ceil(h * scale / 8) * 8), int(math.ceil(w * scale / 8) * 8)
+
+    def network(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor | None]:
+        """RGB ``(N, 3, h, w)`` in ``[0, 1]`` at network size -> ``flow (N, 2, h, w)``, confidence or None."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, frames_a: Tensor, frames_b: Tensor) -> tuple[Tensor, Tensor]:
+        if frames_a.shape != frames_b.shape or frames_a.ndim != 4 or frames_a.shape[1] not in (1, 3):
+            raise ValueError(f"{type(self).__name__} expects two (B, 1|3, H, W) tensors, got {tuple(frames_a.shape)} and {tuple(frames_b.shape)}")
+        h, w = frames_a.shape[-2:]
+        nh, nw = self._size(h, w)
+        device = torch.device(self.device) if self.device else frames_a.device
+        self.model.to(device).eval()
+
+        def prep(x: Tensor) -> Tensor:
+            x = x.float().to(device)
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            return F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False) if (nh, nw) != (h, w) else x
+
+        flows, confs = [], []
+        for i in range(0, frames_a.shape[0], self.batch_size):
+            a, b = prep(frames_a[i : i + self.batch_size]), prep(frames_b[i : i + self.batch_size])
+            flow, conf = self.network(a, b)
+            if conf is None:  # forward–backward consistency, as DIS
+                back, _ = self.network(b, a)
+                conf = torch.from_numpy(np.stack([forward_backward_confidence(f.permute(1, 2, 0).cpu().numpy(), r.permute(1, 2, 0).cpu().numpy()) for f, r in zip(flow, back)]))[:, None].to(flow)
+            flows.append(flow)
+            confs.append(conf)
+        flow, conf = torch.cat(flows), torch.cat(confs)
+        if (nh, nw) != (h, w):
+            flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) * flow.new_tensor([w / nw, h / nh]).view(1, 2, 1, 1)
+            conf = F.interpolate(conf, size=(h, w), mode="bilinear", align_corners=False)
+        return flow.to(frames_a.device), conf.clamp(0, 1).to(frames_a.device)
+
+
+class SEARAFTFlow(LearnedFlow):
+    """SEA-RAFT (Wang, Lipson, Deng 2024) through ``ptlflow``, from a local checkpoint.
+
+    Confidence is SEA-RAFT's own uncertainty: its flow head predicts a two-component Laplace mixture
+    per pixel (mixture logits, log-scales ``log b``; the scales are in pixels, as in its loss); we take
+    the expected absolute error ``E = Σ_k π_k b_k`` of the final iteration and report
+    ``exp(-E / tau)`` (1 = certain; ``tau`` in pixels, our choice), upsampled from 1/8 resolution.
+
+    Args:
+        checkpoint: a ptlflow SEA-RAFT checkpoint file (e.g. ``sea_raft_s-things-*.ckpt``), or None
+            for random initialisation (tests only: the flow is then meaningless; a warning is logged).
+        variant: ``"s" | "m" | "l"`` (ptlflow ``sea_raft_s`` / ``_m`` / ``_l``).
+        iters: refinement iterations (ptlflow default 4).
+        tau: confidence scale in pixels.
+        **kwargs: :class:`LearnedFlow` arguments.
+
+    Raises:
+        ImportError: when ``ptlflow`` is not installed. FileNotFoundError: naming a missing checkpoint.
+    """
+
+    def __init__(self, checkpoint: str | None = None, variant: str = "s", iters: int = 4, tau: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        try:
+            from ptlflow.models.sea_raft.sea_raft import SEARAFT_L, SEARAFT_M, SEARAFT_S
+        except ImportError as err:
+            raise ImportError("SEARAFTFlow needs ptlflow: pip install --no-deps ptlflow==0.4.2 && pip install 'lightning-vidalign[flow]'") from err
+        classes = {"s": SEARAFT_S, "m": SEARAFT_M, "l": SEARAFT_L}
+        if variant not in classes:
+            raise ValueError(f"SEARAFTFlow: variant must be one of {sorted(classes)}, got {variant!r}")
+        cls = classes[variant]
+        import inspect
+
+        dims = inspect.signature(cls.__init__).parameters["block_dims"].default
+        self.model = cls(iters=iters, block_dims=list(dims))  # ptlflow 0.4.2 mutates block_dims in place: give a list
+        if checkpoint is None:
+            logging.getLogger(__name__).warning("SEARAFTFlow: no checkpoint, random initialisation (the flow is meaningless)")
+        else:
+            self.model.load_state_dict(_load_state(checkpoint, "SEARAFTFlow"))
+        self.tau = tau
+        self._info: list[Tensor] = []
+        self.model.flow_head.register_forward_hook(lambda module, args, out: self._info.append(out[:, 2:].detach()))
+
+    def network(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        self._info.clear()
+        out = self.model({"images": torch.stack([a, b], 1)})
+        flow = out["flows"][:, 0]
+        info = self._info[-1]  # final iteration: [mixture logits (2), raw log b (2)] at 1/8 resolution
+        log_b = torch.stack([info[:, 2].clamp(0, self.model.var_max), info[:, 3].clamp(self.model.var_min, 0)], 1)
+        expected = (info[:, :2].softmax(1) * log_b.exp()).sum(1, keepdim=True)
+        conf = torch.exp(-expected / self.tau)
+        return flow, F.interpolate(conf, size=flow.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class TorchvisionRAFTFlow(LearnedFlow):
+    """torchvision RAFT (Teed & Deng 2020) from local weights; confidence from forward–backward consistency.
+
+    Args:
+        weights: a local ``state_dict`` file of ``raft_small``/``raft_large`` (torchvision's own
+            weight files work), or None for random initialisation (tests only; a warning is logged).
+        variant: ``"small" | "large"``.
+        num_flow_updates: refinement iterations (torchvision default 12).
+        **kwargs: :class:`LearnedFlow` arguments.
+
+    Raises:
+        FileNotFoundError: naming a missing weights file.
+    """
+
+    def __init__(self, weights: str | None = None, variant: str = "small", num_flow_updates: int = 12, **kwargs):
+        super().__init__(**kwargs)
+        from torchvision.models.optical_flow import raft_large, raft_small
+
+        if variant not in ("small", "large"):
+            raise ValueError(f"TorchvisionRAFTFlow: variant must be 'small' or 'large', got {variant!r}")
+        self.model = (raft_small if variant == "small" else raft_large)(weights=None)
+        if weights is None:
+            logging.getLogger(__name__).warning("TorchvisionRAFTFlow: no weights, random initialisation (the flow is meaningless)")
+        else:
+            self.model.load_state_dict(_load_state(weights, "TorchvisionRAFTFlow"))
+        self.num_flow_updates = num_flow_updates
+
+    def network(self, a: Tensor, b: Tensor) -> tuple[Tensor, None]:
+        return self.model(2 * a - 1, 2 * b - 1, num_flow_updates=self.num_flow_updates)[-1], None

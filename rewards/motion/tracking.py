@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import abc
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ class LucasKanadeTracker(PointTracker):
         window: LK window side in pixels. levels: pyramid levels above the base.
         fb_threshold: forward–backward error (pixels) above which a point is lost.
     """
+
+    thread_safe = True  # stateless: videos of a batch are tracked in parallel threads
 
     def __init__(self, window: int = 15, levels: int = 3, fb_threshold: float = 1.0):
         if window < 3 or levels < 0 or fb_threshold <= 0:
@@ -78,6 +82,12 @@ def track_points(video: Tensor, queries: Tensor, tracker: PointTracker | None = 
     tracker = tracker or LucasKanadeTracker()
     gray = (to_gray(video.float()) if video.shape[2] == 3 else video.float())[:, :, 0]
     frames = (gray.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    out = [tracker.track(frames[b], queries[b].float().cpu().numpy()) for b in range(video.shape[0])]
+    q = queries.float().cpu().numpy()
+    workers = min(video.shape[0], os.cpu_count() or 1)
+    if workers > 1 and getattr(tracker, "thread_safe", False):  # OpenCV releases the GIL: one video per thread
+        with ThreadPoolExecutor(workers) as pool:
+            out = list(pool.map(tracker.track, frames, q))
+    else:
+        out = [tracker.track(frames[b], q[b]) for b in range(video.shape[0])]
     stack = lambda i: torch.from_numpy(np.stack([o[i] for o in out])).to(video.device)  # noqa: E731
     return stack(0), stack(1), stack(2)
