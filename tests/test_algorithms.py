@@ -144,8 +144,31 @@ def test_reward_pretrain_corrupt_negatives_logs_accuracy(tmp_path, datamodule):
     trainer = _trainer(tmp_path, 3, callbacks=[reward])
     trainer.fit(module, datamodule=datamodule)
     assert reward.num_updates == 3
-    assert 0.0 <= float(trainer.logged_metrics["val/reward/imr/accuracy"]) <= 1.0
+    logged = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("val/reward/imr/")}
+    assert set(logged) == {f"val/reward/imr/accuracy{s}" for s in ("", "_real", "_reversed", "_shuffled", "_frozen")}
+    fake = (logged["val/reward/imr/accuracy_reversed"] + logged["val/reward/imr/accuracy_shuffled"] + logged["val/reward/imr/accuracy_frozen"]) / 3
+    assert logged["val/reward/imr/accuracy"] == pytest.approx(0.5 * (logged["val/reward/imr/accuracy_real"] + fake), abs=1e-6)
     assert (tmp_path / "imr.pt").is_file()
+
+
+def test_temporal_corruptions_kinds_and_mix():
+    from lightning_vidalign.algorithms.reward_pretrain import CORRUPTIONS, temporal_corruptions
+
+    video = torch.arange(2 * 6, dtype=torch.float32).view(2, 6, 1, 1, 1).expand(2, 6, 3, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(temporal_corruptions(video, g, "reversed"), video.flip(1))
+    frozen = temporal_corruptions(video, g, "frozen")
+    assert torch.equal(frozen[:, 3:], video[:, 3:4].expand(2, 3, 3, 2, 2)) and torch.equal(frozen[:, :3], video[:, :3])
+    shuffled = temporal_corruptions(video, g, "shuffled")
+    assert not torch.equal(shuffled, video) and torch.equal(shuffled.sort(1).values, video)  # same frames, other order
+    seen = set()
+    for _ in range(12):  # a batch of 2 still meets all three kinds over calls (random offset)
+        out = temporal_corruptions(video, g)
+        for clip, src in zip(out, video):
+            seen.add("reversed" if torch.equal(clip, src.flip(0)) else "frozen" if torch.equal(clip[3:], src[3:4].expand(3, 3, 2, 2)) else "shuffled")
+    assert seen == set(CORRUPTIONS)
+    with pytest.raises(ValueError, match="kind"):
+        temporal_corruptions(video, g, "blurred")
 
 
 def test_nonfinite_loss_raises_or_skips(datamodule):

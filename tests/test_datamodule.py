@@ -133,3 +133,18 @@ def test_workers_and_missing_source(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["video"].shape == (2, 8, 3, 64, 64)
+
+
+def test_tail_split_shares_no_frame_between_train_and_val():
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    dm = VideoClipDataModule(clip_stride=0.25, val_fraction=0.3, val_split="tail")
+    dm.setup("fit")
+    assert len(dm.train_set) > 0 and len(dm.val_set) > 0
+    for src in {c.source for c in dm.val_set.clips}:
+        val_frames = {f for c in dm.val_set.clips if c.source == src for f in c.frame_ids}
+        train_frames = {f for c in dm.train_set.clips if c.source == src for f in c.frame_ids}
+        assert val_frames and train_frames and max(train_frames) < min(val_frames)
+    assert len({c.source for c in dm.val_set.clips}) >= 2 and {c.source for c in dm.val_set.clips} <= {c.source for c in dm.train_set.clips}
+    with pytest.raises(ValueError, match="val_split"):
+        VideoClipDataModule(val_split="middle")
