@@ -104,3 +104,57 @@ class RewardPretrain(VideoAlignModule):
 
     def evaluation_epoch_end(self, prefix: str) -> None:
         pass
+
+
+def train_on_corruptions(reward: AdversarialDiscriminatorReward, train: Tensor, steps: int, batch_size: int = 6, generator: torch.Generator | None = None) -> list[dict]:
+    """Train a discriminator on real clips vs their corrupted copies, outside Lightning.
+
+    Each step draws ``batch_size`` clips and gives one third of them each corruption of
+    :data:`CORRUPTIONS`, so every batch holds content-matched negatives of all three kinds.
+
+    Args:
+        reward: the reward whose discriminator learns (its own optimizer/EMA).
+        train: ``(N, T, 3, H, W)`` real clips in ``[0, 1]``.
+        steps: discriminator steps. batch_size: real clips per step (a multiple of 3).
+        generator: RNG of the batches and shuffles.
+
+    Returns:
+        The per-step metrics of :meth:`AdversarialDiscriminatorReward.discriminator_step`.
+
+    Raises:
+        ValueError: if ``batch_size`` is not a positive multiple of 3.
+    """
+    if batch_size < 3 or batch_size % 3:
+        raise ValueError(f"train_on_corruptions: batch_size must be a positive multiple of 3, got {batch_size}")
+    g = generator or torch.Generator().manual_seed(0)
+    per = batch_size // 3
+    history = []
+    for _ in range(steps):
+        real = train[torch.randint(0, len(train), (batch_size,), generator=g)]
+        fake = torch.cat([temporal_corruptions(real[i * per : (i + 1) * per], g, k) for i, k in enumerate(CORRUPTIONS)])
+        history.append(reward.discriminator_step(real, fake))
+    return history
+
+
+@torch.no_grad()
+def heldout_corruption_accuracy(reward: AdversarialDiscriminatorReward, val: Tensor, generator: torch.Generator | None = None, draws: int = 2) -> dict[str, float]:
+    """Accuracy and AUC of the EMA discriminator on held-out real clips vs each corruption of them.
+
+    Returns:
+        ``real``: share of real clips with logit > 0; per kind of :data:`CORRUPTIONS`: the share of
+        corrupted clips with logit < 0 (``draws`` draws for the random shuffle) and ``auc_<kind>``
+        = P(logit of a real clip > logit of a corrupted one) (ties count 1/2; threshold-free, which is
+        what a group-relative advantage uses); ``balanced`` = ``0.5·(real + mean over kinds)``;
+        ``auc`` = mean of the three AUCs.
+    """
+    g = generator or torch.Generator().manual_seed(1)
+    real = reward.logits(val)
+    out = {"real": (real > 0).float().mean().item()}
+    for k in CORRUPTIONS:
+        fake = torch.cat([reward.logits(temporal_corruptions(val, g, k)) for _ in range(1 if k != "shuffled" else draws)])
+        out[k] = (fake < 0).float().mean().item()
+        diff = real[:, None] - fake[None, :]
+        out[f"auc_{k}"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+    out["balanced"] = 0.5 * (out["real"] + sum(out[k] for k in CORRUPTIONS) / len(CORRUPTIONS))
+    out["auc"] = sum(out[f"auc_{k}"] for k in CORRUPTIONS) / len(CORRUPTIONS)
+    return out

