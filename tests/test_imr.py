@@ -25,14 +25,15 @@ def test_discriminator_separates_real_from_corrupted_heldout_clips(kind, heldout
 
     Measured and reported per corruption (see the issue note): shuffled and frozen copies are
     separated, reversal is not (IMR: the transport residual of a reversed pair is minus the
-    forward one, correlation 0.95 measured, so the residual maps carry no arrow of time); the
-    balanced target is therefore not met and this stays a real assertion under ``slow``.
+    forward one, correlation 0.95 measured, so the residual maps carry no arrow of time) and both
+    discriminators overfit the ~19 s of bundled video (train AUC 0.94-0.99, held-out 0.6-0.7); the
+    target is not met and this stays a real assertion under ``slow`` (currently failing).
     """
     from lightning_vidalign.algorithms.reward_pretrain import heldout_corruption_accuracy, train_on_corruptions
     from lightning_vidalign.rewards import LMRReward
 
     train, val = heldout_clips
-    reward = IMRReward(lr=1e-3, ema_decay=0.9, seed=0) if kind == "imr" else LMRReward(num_queries=256, lr=1e-3, ema_decay=0.9, seed=0)
+    reward = IMRReward(lr=3e-4, ema_decay=0.9, seed=0) if kind == "imr" else LMRReward(num_queries=256, lr=3e-4, ema_decay=0.9, seed=0)
     history = train_on_corruptions(reward, train, STEPS, batch_size=6, generator=torch.Generator().manual_seed(0))
     assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in history)
     acc = heldout_corruption_accuracy(reward, val)
@@ -40,7 +41,7 @@ def test_discriminator_separates_real_from_corrupted_heldout_clips(kind, heldout
     assert acc["balanced"] > 0.9
 
 
-STEPS = 600
+STEPS = 300  # the protocol of the issue-3 note: held-out balanced accuracy measured 0.55 (IMR), ~0.63 (LMR)
 
 
 def test_reward_state_roundtrip_ema_and_errors(tmp_path, datamodule):
