@@ -95,11 +95,9 @@ class RewardPretrain(VideoAlignModule):
         for cb in find_rewards(self.trainer):
             if not isinstance(cb, AdversarialDiscriminatorReward):
                 continue
-            acc_real = (cb.logits(batch["video"]) > 0).float().mean().item()
-            acc_fake = {k: (cb.logits(v) < 0).float().mean().item() for k, v in fakes.items()}
-            mean_fake = sum(acc_fake.values()) / len(acc_fake)
-            metrics = {f"{prefix}/reward/{cb.name}/accuracy": 0.5 * (acc_real + mean_fake), f"{prefix}/reward/{cb.name}/accuracy_real": acc_real}
-            metrics.update({f"{prefix}/reward/{cb.name}/accuracy_{k}": v for k, v in acc_fake.items()})
+            acc = accuracy_from_logits(cb.logits(batch["video"]), {k: cb.logits(v) for k, v in fakes.items()})
+            metrics = {f"{prefix}/reward/{cb.name}/accuracy": acc["balanced"], f"{prefix}/reward/{cb.name}/accuracy_real": acc["real"]}
+            metrics.update({f"{prefix}/reward/{cb.name}/accuracy_{k}": acc[k] for k in fakes})
             self.log_dict(metrics, batch_size=n)
 
     def evaluation_epoch_end(self, prefix: str) -> None:
@@ -136,25 +134,34 @@ def train_on_corruptions(reward: AdversarialDiscriminatorReward, train: Tensor, 
     return history
 
 
-@torch.no_grad()
-def heldout_corruption_accuracy(reward: AdversarialDiscriminatorReward, val: Tensor, generator: torch.Generator | None = None, draws: int = 2) -> dict[str, float]:
-    """Accuracy and AUC of the EMA discriminator on held-out real clips vs each corruption of them.
+def accuracy_from_logits(real: Tensor, fakes: dict[str, Tensor]) -> dict[str, float]:
+    """Accuracy and AUC of a discriminator from its logits on real clips and on kinds of negatives.
+
+    Args:
+        real: ``(N,)`` logits of real clips (positives).
+        fakes: ``{kind: (M_kind,)}`` logits of each kind of negative.
 
     Returns:
-        ``real``: share of real clips with logit > 0; per kind of :data:`CORRUPTIONS`: the share of
-        corrupted clips with logit < 0 (``draws`` draws for the random shuffle) and ``auc_<kind>``
-        = P(logit of a real clip > logit of a corrupted one) (ties count 1/2; threshold-free, which is
-        what a group-relative advantage uses); ``balanced`` = ``0.5·(real + mean over kinds)``;
-        ``auc`` = mean of the three AUCs.
+        ``real``: share of real logits > 0; per kind: share of its logits < 0 and ``auc_<kind>`` =
+        P(real logit > negative logit) (ties count 1/2; threshold-free, which is what a
+        group-relative advantage uses); ``balanced`` = ``0.5·(real + mean over kinds)``; ``auc`` = mean
+        of the kinds' AUCs.
     """
-    g = generator or torch.Generator().manual_seed(1)
-    real = reward.logits(val)
     out = {"real": (real > 0).float().mean().item()}
-    for k in CORRUPTIONS:
-        fake = torch.cat([reward.logits(temporal_corruptions(val, g, k)) for _ in range(1 if k != "shuffled" else draws)])
+    for k, fake in fakes.items():
         out[k] = (fake < 0).float().mean().item()
         diff = real[:, None] - fake[None, :]
         out[f"auc_{k}"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
-    out["balanced"] = 0.5 * (out["real"] + sum(out[k] for k in CORRUPTIONS) / len(CORRUPTIONS))
-    out["auc"] = sum(out[f"auc_{k}"] for k in CORRUPTIONS) / len(CORRUPTIONS)
+    out["balanced"] = 0.5 * (out["real"] + sum(out[k] for k in fakes) / len(fakes))
+    out["auc"] = sum(out[f"auc_{k}"] for k in fakes) / len(fakes)
     return out
+
+
+@torch.no_grad()
+def heldout_corruption_accuracy(reward: AdversarialDiscriminatorReward, val: Tensor, generator: torch.Generator | None = None, draws: int = 2) -> dict[str, float]:
+    """:func:`accuracy_from_logits` of the EMA discriminator on held-out real clips vs each corruption
+    of :data:`CORRUPTIONS` of them (``draws`` draws of the random shuffle, one of the others)."""
+    g = generator or torch.Generator().manual_seed(1)
+    real = reward.logits(val)
+    fakes = {k: torch.cat([reward.logits(temporal_corruptions(val, g, k)) for _ in range(1 if k != "shuffled" else draws)]) for k in CORRUPTIONS}
+    return accuracy_from_logits(real, fakes)

@@ -215,3 +215,11 @@ def test_shift_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert sorted(resumed) == [4, 5, 6, 7]  # crosses an epoch boundary (5 batches per epoch)
     for k in resumed:
         assert resumed[k] == full[k], (k, resumed[k], full[k])
+
+
+def test_accuracy_from_logits_hand_case():
+    from lightning_vidalign.algorithms.reward_pretrain import accuracy_from_logits
+
+    acc = accuracy_from_logits(torch.tensor([1.0, -1.0]), {"a": torch.tensor([-2.0, 0.5]), "b": torch.tensor([1.0, -3.0])})
+    # real: 1 of 2 > 0; a: 1 of 2 < 0, pairs (1>-2, 1>0.5, -1>-2, -1<0.5) -> 3/4; b: 1 of 2 < 0, (1=1 -> 1/2, 1>-3, -1<1, -1>-3) -> 2.5/4
+    assert acc == pytest.approx({"real": 0.5, "a": 0.5, "auc_a": 0.75, "b": 0.5, "auc_b": 0.625, "balanced": 0.5, "auc": 0.6875})

@@ -248,7 +248,7 @@ def test_one_command_evaluation_reports_frechet_and_motion(tmp_path):
 SHIFT_ABLATIONS = ["a0_imr", "a1_noise_alignment", "a2_adversarial", "a3_lmr", "a4_full"]
 
 
-def _ablation_row(name: str, tmp_path) -> dict:
+def _ablation_row(name: str, tmp_path):
     """Reward pretraining (1 step each, as the configs' headers say) then the ablation row for 2 rounds."""
     from lightning_vidalign.cli import VidAlignCLI
 
@@ -262,14 +262,13 @@ def _ablation_row(name: str, tmp_path) -> dict:
     keep = [cb for cb in callbacks if "ModelCheckpoint" not in cb["class_path"]]
     cb_file = tmp_path / f"{name}_callbacks.yaml"
     cb_file.write_text(yaml.safe_dump({"trainer": {"callbacks": keep}}))
-    cli = VidAlignCLI(args=["fit", "--config", cfg, "--config", str(cb_file), "--trainer.max_steps", "2", "--model.passes", "1", *common])
-    return {"cli": cli, "callbacks": keep}
+    return VidAlignCLI(args=["fit", "--config", cfg, "--config", str(cb_file), "--trainer.max_steps", "2", "--model.passes", "1", *common])
 
 
-def _check_ablation(name, run):
+def _check_ablation(name, cli):
     from lightning_vidalign.rewards import IMRReward, LMRReward
 
-    cli, metrics = run["cli"], run["cli"].trainer.callback_metrics
+    metrics = cli.trainer.callback_metrics
     rewards = {cb.name: cb for cb in cli.trainer.callbacks if isinstance(cb, (IMRReward, LMRReward))}
     want_lmr = name in ("a3_lmr", "a4_full")
     assert set(rewards) == ({"imr", "lmr"} if want_lmr else {"imr"})

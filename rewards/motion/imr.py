@@ -270,12 +270,6 @@ class AdversarialDiscriminatorReward(RewardCallback):
         for be, b in zip(self.ema.buffers(), self.disc.buffers()):
             be.copy_(b)
 
-    @torch.no_grad()
-    def accuracy(self, real: Tensor, fake: Tensor, use_ema: bool = True) -> float:
-        """Balanced accuracy of ``sign(logit)`` on real (positive) vs fake (negative) videos."""
-        lr, lf = self.logits(real, use_ema), self.logits(fake, use_ema)
-        return 0.5 * ((lr > 0).float().mean() + (lf < 0).float().mean()).item()
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if not self.adversarial or not isinstance(outputs, dict) or outputs.get("fake") is None or outputs.get("real") is None:
             return

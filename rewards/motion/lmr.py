@@ -62,14 +62,18 @@ def sample_queries(batch: int, num: int, height: int, width: int, mode: str = "r
     return grid[None].expand(batch, num, 2).float().clone()
 
 
+def _pixels_to_unit(points: Tensor, height: int, width: int) -> Tensor:
+    """``(..., 2)`` ``(x, y)`` pixels -> ``[-1, 1]`` with pixel centres at the ends (``align_corners=True``)."""
+    return torch.stack([2 * points[..., 0] / max(width - 1, 1) - 1, 2 * points[..., 1] / max(height - 1, 1) - 1], -1)
+
+
 def _sample_patches(frames: Tensor, centres: Tensor, radius: int) -> Tensor:
     """Bilinear patches: ``frames (M, 1, H, W)``, ``centres (M, N, 2)`` pixels -> ``(M, N, P)``, ``P = (2r+1)²``."""
     m, _, h, w = frames.shape
     off = torch.arange(-radius, radius + 1, dtype=frames.dtype, device=frames.device)
     oy, ox = torch.meshgrid(off, off, indexing="ij")
     pts = centres[:, :, None, :] + torch.stack([ox, oy], -1).reshape(1, 1, -1, 2)  # (M, N, P, 2)
-    norm = torch.stack([2 * pts[..., 0] / max(w - 1, 1) - 1, 2 * pts[..., 1] / max(h - 1, 1) - 1], -1)
-    return F.grid_sample(frames, norm, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+    return F.grid_sample(frames, _pixels_to_unit(pts, h, w), mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
 
 
 def patch_ncc(gray: Tensor, queries: Tensor, tracks: Tensor, patch_size: int = 7, eps: float = 1e-4) -> Tensor:
@@ -128,7 +132,7 @@ def lmr_features(tracks: Tensor, visibility: Tensor, confidence: Tensor, ncc: Te
     scale = 100.0 / max(height, width)
     delta = ((tracks[:, :, 1:] - tracks[:, :, :-1]).float() * scale).clamp(-max_step, max_step)
     steps = delta.shape[2]
-    q = torch.stack([2 * queries[..., 0] / max(width - 1, 1) - 1, 2 * queries[..., 1] / max(height - 1, 1) - 1], -1).float()
+    q = _pixels_to_unit(queries.float(), height, width)
     return torch.cat(
         [
             delta,
@@ -248,11 +252,10 @@ class LMRReward(AdversarialDiscriminatorReward):
         b, t, _, h, w = videos.shape
         if t < 2:
             raise ValueError(f"reward '{self.name}': LMR needs at least 2 frames, got videos {tuple(videos.shape)}")
-        queries = sample_queries(b, self.num_queries, h, w, self.query_sampling, margin=self.patch_size // 2, generator=self._query_generator())
-        tracks, vis, conf = track_points(videos, queries.to(videos.device), self.tracker)
-        gray = to_gray(videos.float())
-        ncc = patch_ncc(gray, queries.to(videos.device), tracks, self.patch_size)
-        return lmr_features(tracks, vis, conf, ncc, queries.to(videos.device), h, w)
+        queries = sample_queries(b, self.num_queries, h, w, self.query_sampling, margin=self.patch_size // 2, generator=self._query_generator()).to(videos.device)
+        tracks, vis, conf = track_points(videos, queries, self.tracker)
+        ncc = patch_ncc(to_gray(videos.float()), queries, tracks, self.patch_size)
+        return lmr_features(tracks, vis, conf, ncc, queries, h, w)
 
 
 class CoTracker3Tracker(PointTracker):
