@@ -1,4 +1,5 @@
 """Alignment algorithms: one LightningModule per file."""
+from lightning_vidalign.algorithms.base_pretrain import BasePretrain
 from lightning_vidalign.algorithms.bpgo import BPGO
 from lightning_vidalign.algorithms.dpo import DPO
 from lightning_vidalign.algorithms.grpo import GRPO
@@ -11,6 +12,6 @@ from lightning_vidalign.algorithms.shift import SHIFT
 from lightning_vidalign.algorithms.vipo import TimmViTFeatures, TransNetV2Features, ViPO
 
 __all__ = [
-    "SFT", "SHIFT", "RewardPretrain", "GRPO", "SAGEGRPO", "AdaptiveKLController", "DPO",
+    "SFT", "BasePretrain", "SHIFT", "RewardPretrain", "GRPO", "SAGEGRPO", "AdaptiveKLController", "DPO",
     "BPGO", "ViPO", "SelfPacedGRPO", "TransNetV2Features", "TimmViTFeatures",
 ]

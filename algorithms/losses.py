@@ -127,3 +127,48 @@ def dpo_pair_weights(loss_w: Tensor, loss_l: Tensor, ref_loss_w: Tensor, ref_los
     with torch.no_grad():
         inside = -0.5 * beta * ((loss_w - ref_loss_w) - (loss_l - ref_loss_l))
         return 0.5 * beta * torch.sigmoid(-inside)
+
+
+def vae_loss(recon: Tensor, target: Tensor, mean: Tensor, logvar: Tensor, kl_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """VAE training loss ``mean|x̂ - x| + kl_weight · mean KL(N(μ, σ²) || N(0, 1))``.
+
+    The KL is averaged over latent elements, ``KL = ½(μ² + σ² - 1 - ln σ²)`` per element (the
+    Gaussian posterior of the diffusers VAEs). L1 reconstruction as the SD/SVD VAE recipe, without its
+    perceptual and adversarial terms (no LPIPS/discriminator weights offline): our choice.
+
+    Args:
+        recon: reconstruction, any shape, in the units of ``target`` (``[-1, 1]``).
+        target: the input, same shape.
+        mean, logvar: posterior parameters, one shape.
+        kl_weight: weight of the KL term (>= 0).
+
+    Returns:
+        ``(loss, {"recon_l1", "kl"})``, scalars.
+
+    Raises:
+        ValueError: on shape mismatches or a negative ``kl_weight``.
+    """
+    if recon.shape != target.shape or mean.shape != logvar.shape:
+        raise ValueError(f"vae_loss: recon {tuple(recon.shape)} vs target {tuple(target.shape)}, mean {tuple(mean.shape)} vs logvar {tuple(logvar.shape)}")
+    if kl_weight < 0:
+        raise ValueError(f"vae_loss: kl_weight must be >= 0, got {kl_weight}")
+    rec = (recon.float() - target.float()).abs().mean()
+    kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).mean()
+    return rec + kl_weight * kl, {"recon_l1": rec.detach(), "kl": kl.detach()}
+
+
+def latent_moments(sums: Tensor, sq_sums: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (population) std from running sums: ``μ = S/n``, ``σ = sqrt(Q/n - μ²)``.
+
+    Args:
+        sums, sq_sums: ``(C,)`` sums of values and of squares.
+        count: values per channel (> 0).
+
+    Raises:
+        ValueError: for ``count <= 0``.
+    """
+    if count <= 0:
+        raise ValueError("latent_moments: no value accumulated (count 0)")
+    mean = sums.double() / count
+    var = (sq_sums.double() / count - mean**2).clamp_min(0)
+    return mean.float(), var.sqrt().float()

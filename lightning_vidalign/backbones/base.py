@@ -65,6 +65,23 @@ class VideoBackbone(nn.Module, abc.ABC):
         """The denoiser's blocks that FSDP2 wraps one by one (each is gathered only for its forward)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------ base pretraining
+    def vae_reconstruct(self, video: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Differentiable VAE pass for VAE training: ``(reconstruction, posterior mean, posterior logvar)``.
+
+        ``video (B, T, 3, H, W)`` in ``[0, 1]``; the reconstruction is in ``[-1, 1]`` units with the
+        input's shape; mean/logvar are unscaled latents ``(B, T', C, h, w)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support VAE training")
+
+    def set_latent_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Set the latent normalisation of the VAE from per-channel statistics ``(C,)`` of unscaled latents."""
+        raise NotImplementedError(f"{type(self).__name__} does not support latent statistics")
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
+        """Write the base model (adapters excluded) in the diffusers layout; returns ``directory``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save a base model")
+
     # ----------------------------------------------------------------- adapters
     def adapter_modules(self) -> Iterator[nn.Module]:
         """The peft LoRA layers of this backbone."""
@@ -94,6 +111,60 @@ class VideoBackbone(nn.Module, abc.ABC):
         """State of the trainable parameters only (keys as in ``self.state_dict()``)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+
+#: Shipped demo bases (issue 8): ``pretrained_path: demo:<name>`` resolves to this package folder.
+DEMO_BASES = {"svd_tiny": "SVD", "wan_tiny": "Wan 2.1 T2V"}
+DEMO_PREFIX = "demo:"
+
+
+def demo_base_dir(name: str) -> str:
+    """Directory of a demo base shipped inside the package (``lightning_vidalign/demo_bases/<name>``).
+
+    Args:
+        name: one of :data:`DEMO_BASES` (``"svd_tiny"``, ``"wan_tiny"``).
+
+    Raises:
+        ValueError: for an unknown name.
+        FileNotFoundError: if the folder is missing, naming it and the config that makes it.
+    """
+    if name not in DEMO_BASES:
+        raise ValueError(f"unknown demo base {name!r}; shipped: {sorted(DEMO_BASES)}")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_bases", name)
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(
+            f"demo base {name!r}: {path}/model_index.json does not exist; it is made by "
+            f"`vidalign fit --config configs/pretrain/{name}.yaml`"
+        )
+    return path
+
+
+def resolve_pretrained_path(path: str) -> str:
+    """``"demo:<name>"`` -> the shipped directory (:func:`demo_base_dir`); any other path unchanged.
+
+    The directory is then loaded with ``from_pretrained`` exactly as a real checkpoint.
+    """
+    if path.startswith(DEMO_PREFIX):
+        return demo_base_dir(path[len(DEMO_PREFIX) :])
+    return path
+
+
+FINETUNE_MODES = ("lora", "full")
+
+
+def export_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of a diffusers model cast to ``dtype`` for writing, with the submodules the model
+    class lists in ``_keep_in_fp32_modules`` (e.g. Wan's rope, time embedder, norms) kept in fp32,
+    as diffusers' own ``from_pretrained(torch_dtype=...)`` does."""
+    import copy
+
+    out = copy.deepcopy(module).to(dtype)
+    keep = getattr(out, "_keep_in_fp32_modules", None) or []
+    if dtype != torch.float32 and keep:
+        for name, sub in out.named_modules():
+            if any(k in name.split(".") for k in keep):
+                sub.float()
+    return out
 
 
 def require_files(root: str, relative_paths: list[str], what: str) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import VideoBackbone, require_files
+from lightning_vidalign.backbones.base import FINETUNE_MODES, VideoBackbone, export_copy, require_files, resolve_pretrained_path
 from lightning_vidalign.sampling import EDM_SAMPLERS, Trajectory, edm_preconditioning, euler_ancestral_step, euler_step
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,15 @@ class SVDBackbone(VideoBackbone):
 
     Args:
         pretrained_path: ``"tiny"`` builds the tiny configuration of :func:`tiny_svd_components`
-            (random init, seed ``init_seed``); otherwise a local diffusers directory of an SVD
-            checkpoint (never downloaded; a missing file raises ``FileNotFoundError`` naming it).
+            (random init, seed ``init_seed``); ``"demo:svd_tiny"`` the shipped demo base (the tiny
+            configuration pretrained on the bundled clips, issue 8); otherwise a local diffusers
+            directory of an SVD checkpoint (never downloaded; a missing file raises
+            ``FileNotFoundError`` naming it).
         variant: weight variant for ``from_pretrained`` (e.g. ``"fp16"``).
+        finetune: ``"lora"`` (adapters only; the frozen base is the reference policy) or ``"full"``
+            (no adapters, every UNet weight trained: base pretraining; the reference policy is then
+            the policy itself).
+        train_vae: also make the VAE trainable (base pretraining of a tiny model, :class:`BasePretrain`).
         lora_rank: LoRA rank ``r`` (paper: 32).
         lora_alpha: LoRA alpha (paper: 32; scale ``alpha/r``).
         lora_target_modules: regex over module names (default: temporal attention q/k/v/out).
@@ -157,6 +164,8 @@ class SVDBackbone(VideoBackbone):
         self,
         pretrained_path: str = "tiny",
         variant: str | None = None,
+        finetune: str = "lora",
+        train_vae: bool = False,
         lora_rank: int = 32,
         lora_alpha: float = 32.0,
         lora_target_modules: str = SVD_TEMPORAL_ATTN_LORA,
@@ -172,7 +181,9 @@ class SVDBackbone(VideoBackbone):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        parts = tiny_svd_components(init_seed) if pretrained_path == "tiny" else load_svd_components(pretrained_path, variant)
+        if finetune not in FINETUNE_MODES:
+            raise ValueError(f"SVDBackbone: finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
+        parts = tiny_svd_components(init_seed) if pretrained_path == "tiny" else load_svd_components(resolve_pretrained_path(pretrained_path), variant)
         self.unet = parts["unet"]
         self.vae = parts["vae"]
         self.image_encoder = parts["image_encoder"]
@@ -180,17 +191,22 @@ class SVDBackbone(VideoBackbone):
         for module in (self.unet, self.vae, self.image_encoder):
             module.requires_grad_(False)
             module.eval()
-        self.lora_config = LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed + 1)
-            inject_adapter_in_model(self.lora_config, self.unet)
-        n_lora = sum(p.numel() for n, p in self.unet.named_parameters() if "lora_" in n)
-        if n_lora == 0:
-            raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the SVD UNet")
+        self.finetune, self.train_vae = finetune, train_vae
+        self.lora_config = None
+        n_lora = 0
+        if finetune == "lora":
+            self.lora_config = LoraConfig(
+                r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed + 1)
+                inject_adapter_in_model(self.lora_config, self.unet)
+            n_lora = sum(p.numel() for n, p in self.unet.named_parameters() if "lora_" in n)
+            if n_lora == 0:
+                raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the SVD UNet")
         for name, param in self.unet.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_(finetune == "full" or "lora_" in name)
+        self.vae.requires_grad_(train_vae)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.fps = fps
@@ -201,7 +217,7 @@ class SVDBackbone(VideoBackbone):
         self.pretrained_path = pretrained_path
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-        log.info("SVDBackbone(%s): %d LoRA parameters", pretrained_path, n_lora)
+        log.info("SVDBackbone(%s, finetune=%s): %d LoRA parameters", pretrained_path, finetune, n_lora)
 
     def train(self, mode: bool = True):
         # frozen parts stay in eval mode (dropout etc.); LoRA dropout is 0
@@ -257,6 +273,69 @@ class SVDBackbone(VideoBackbone):
             out.append(self.vae.decode(chunk, num_frames=chunk.shape[0]).sample)
         video = torch.cat(out).float().unflatten(0, (b, t))
         return ((video + 1) / 2).clamp(0, 1)
+
+    def vae_reconstruct(self, video: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Differentiable VAE pass (for VAE training): frames encoded one by one, a posterior sample
+        decoded by the temporal decoder with ``num_frames = T``.
+
+        Args:
+            video: ``(B, T, 3, H, W)`` in ``[0, 1]``.
+            generator: RNG of the posterior sample.
+
+        Returns:
+            ``reconstruction (B, T, 3, H, W)`` in ``[-1, 1]`` units (the target is ``2·video - 1``),
+            posterior ``mean`` and ``logvar`` ``(B, T, 4, h, w)`` (unscaled).
+        """
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"vae_reconstruct expects video (B, T, 3, H, W), got {tuple(video.shape)}")
+        b, t = video.shape[:2]
+        posterior = self.vae.encode(video.flatten(0, 1).to(self.vae.dtype) * 2 - 1).latent_dist
+        z = posterior.sample(generator=generator)
+        recon = self.vae.decode(z, num_frames=t).sample.float().unflatten(0, (b, t))
+        return recon, posterior.mean.float().unflatten(0, (b, t)), posterior.logvar.float().unflatten(0, (b, t))
+
+    def set_latent_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """SVD scales latents by one number and does not centre them (as the SVD/SD VAEs): the
+        ``scaling_factor`` becomes ``1 / RMS`` of the unscaled latents, ``RMS = sqrt(mean_c(std_c² + mean_c²))``
+        (the Stable Diffusion recipe, there with the std: our choice, so that the scaled latents have
+        unit second moment). Written into the VAE config, hence saved by :meth:`save_pretrained`."""
+        rms = torch.sqrt((std.double() ** 2 + mean.double() ** 2).mean()).item()
+        if not math.isfinite(rms) or rms <= 0:
+            raise ValueError(f"set_latent_statistics: latent RMS must be finite and > 0, got {rms}")
+        self.vae.register_to_config(scaling_factor=1.0 / rms)
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
+        """Write the base model as a diffusers ``StableVideoDiffusionPipeline`` folder (``unet/ vae/
+        image_encoder/ scheduler/ feature_extractor/ model_index.json``, safetensors) that both
+        :func:`load_svd_components` and ``StableVideoDiffusionPipeline.from_pretrained`` read.
+
+        Args:
+            directory: output folder (created).
+            dtype: dtype of the written UNet and VAE weights (e.g. ``torch.float16``); the image
+                encoder is written in fp32. The in-memory model is not changed.
+
+        Raises:
+            ValueError: for a LoRA backbone (adapters are exported with :meth:`export_lora`).
+        """
+        import copy
+
+        from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+        from transformers import CLIPImageProcessor
+
+        if self.finetune != "full":
+            raise ValueError("SVDBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora")
+        pipe = StableVideoDiffusionPipeline(
+            vae=export_copy(self.vae, dtype),
+            image_encoder=copy.deepcopy(self.image_encoder).float(),
+            unet=export_copy(self.unet, dtype),
+            scheduler=EulerDiscreteScheduler.from_config(self.scheduler_config),
+            feature_extractor=CLIPImageProcessor(
+                do_resize=True, size={"shortest_edge": 224}, do_center_crop=True, crop_size={"height": 224, "width": 224},
+                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+            ),
+        )
+        pipe.save_pretrained(directory, safe_serialization=True)
+        return directory
 
     # ------------------------------------------------------------ conditions
     @torch.no_grad()
@@ -448,6 +527,8 @@ class SVDBackbone(VideoBackbone):
         """
         from peft import get_peft_model_state_dict
 
+        if self.lora_config is None:
+            raise ValueError("SVDBackbone(finetune='full') has no LoRA: write the base model with save_pretrained")
         sd = get_peft_model_state_dict(self.unet)
         scale = self.lora_config.lora_alpha / self.lora_config.r
         out = {}
@@ -490,6 +571,8 @@ class SVDBackbone(VideoBackbone):
         from peft import set_peft_model_state_dict
 
         path = os.path.join(directory, weight_name)
+        if self.lora_config is None:
+            raise ValueError("SVDBackbone(finetune='full') has no LoRA to load into")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"LoRA file {path!r} does not exist")
         state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(directory, weight_name=weight_name, local_files_only=True)

