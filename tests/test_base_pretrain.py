@@ -255,3 +255,12 @@ def test_demo_base_moves_like_the_real_clips_and_beats_random_init(family, tmp_p
     ratio = demo["test/gen/motion_score"] / demo["test/real/motion_score"]
     assert 0.5 <= ratio <= 2.0, f"demo motion {demo['test/gen/motion_score']:.3f} vs real {demo['test/real/motion_score']:.3f}"
     assert demo["test/frechet_transnetv2"] < 0.5 * rand["test/frechet_transnetv2"]
+
+
+def test_tiny_transformer_overrides():
+    b = WanBackbone(finetune="full", tiny_transformer={"num_layers": 3, "attention_head_dim": 8})
+    assert len(b.transformer.blocks) == 3 and b.transformer.config.attention_head_dim == 8
+    with pytest.raises(ValueError, match="unknown key"):
+        WanBackbone(tiny_transformer={"depth": 3})
+    with pytest.raises(ValueError, match="pretrained_path='tiny'"):
+        WanBackbone(pretrained_path="/nowhere", tiny_transformer={"num_layers": 3})
