@@ -240,7 +240,9 @@ def test_default_configs_start_from_the_demo_bases():
 def test_demo_base_moves_like_the_real_clips_and_beats_random_init(family, tmp_path):
     """Issue 8's must-show on all 14 clips (``vidalign test`` with the evaluation config): the demo
     base's motion score is within a factor 2 of the real clips' and its Fréchet distance (TransNetV2
-    space) is below half of the random-init tiny model's."""
+    space) is below half of the random-init tiny model's. Measured (README, "Demo base models"): the
+    Fréchet part holds for both (SVD 0.59 vs 6.91, Wan 1.79 vs 9.50); the motion part does not yet
+    (ratio SVD 0.46, Wan 0.18), so this test fails until better demo bases are shipped."""
     from lightning_vidalign.cli import VidAlignCLI
 
     config = os.path.join(ROOT, "configs", "eval.yaml" if family == "svd" else "eval_wan.yaml")
