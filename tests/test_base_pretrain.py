@@ -266,3 +266,18 @@ def test_tiny_transformer_overrides():
         WanBackbone(tiny_transformer={"depth": 3})
     with pytest.raises(ValueError, match="pretrained_path='tiny'"):
         WanBackbone(pretrained_path="/nowhere", tiny_transformer={"num_layers": 3})
+
+
+def test_caption_dropout_is_drawn_per_batch_and_reproducible():
+    from lightning_vidalign.algorithms import BasePretrain
+
+    module = BasePretrain(WanBackbone(finetune="full", negative_prompt=""), caption_dropout=0.5)
+    batch = {"caption": [f"clip {i}" for i in range(64)]}
+    module.batches_seen = 3
+    first, again = module.drop_captions(batch)["caption"], module.drop_captions(batch)["caption"]
+    assert first == again  # same batch index: same draw (a resumed run drops the same captions)
+    dropped = [c == "" for c in first]
+    assert 16 < sum(dropped) < 48 and all(c == f"clip {i}" for i, c in enumerate(first) if c)
+    module.batches_seen = 4
+    assert module.drop_captions(batch)["caption"] != first
+    assert BasePretrain(WanBackbone(finetune="full")).drop_captions(batch) is batch  # dropout 0: untouched
