@@ -25,8 +25,8 @@ class BasePretrain(SFT):
     :meth:`VideoBackbone.save_pretrained` to ``export_dir`` (diffusers layout). Source: our choice
     (latent diffusion's two-stage recipe, at tiny scale).
 
-    The checkpoint holds the VAE and denoiser weights, the moment accumulators and whether the
-    statistics were applied, so a stopped run resumes to the same result.
+    The checkpoint holds the VAE and denoiser weights and the moment accumulators; a run resumed
+    after the VAE phase re-applies the statistics, so a stopped run resumes to the same result.
 
     Args:
         vae_steps: number of VAE steps before the denoiser steps (0: keep the VAE as built).
@@ -73,7 +73,6 @@ class BasePretrain(SFT):
         self.vae_steps, self.vae_kl_weight = vae_steps, vae_kl_weight
         self.latent_stats_batches = latent_stats_batches
         self.export_dir, self.export_dtype = export_dir, export_dtype
-        self.stats_applied = vae_steps == 0
         self._sums = self._sq_sums = None
         self._count = 0
 
@@ -95,10 +94,9 @@ class BasePretrain(SFT):
         return {"loss": loss.detach()}
 
     def apply_latent_statistics(self) -> None:
-        """Write the accumulated latent moments into the backbone's VAE (once)."""
+        """Write the accumulated latent moments into the backbone's VAE (after the VAE phase)."""
         mean, std = latent_moments(self._sums, self._sq_sums, self._count)
         self.backbone.set_latent_statistics(mean, std)
-        self.stats_applied = True
         log.info("BasePretrain: latent statistics from %d values per channel: mean %s, std %s", self._count, mean.tolist(), std.tolist())
 
     def drop_captions(self, batch: dict) -> dict:
@@ -123,7 +121,7 @@ class BasePretrain(SFT):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["vidalign_base_pretrain"] = {
-            "sums": self._sums, "sq_sums": self._sq_sums, "count": self._count, "stats_applied": self.stats_applied,
+            "sums": self._sums, "sq_sums": self._sq_sums, "count": self._count,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -132,6 +130,5 @@ class BasePretrain(SFT):
         if state is None:
             raise KeyError("BasePretrain: the checkpoint has no 'vidalign_base_pretrain' entry (not written by BasePretrain?)")
         self._sums, self._sq_sums, self._count = state["sums"], state["sq_sums"], int(state["count"])
-        self.stats_applied = bool(state["stats_applied"])
-        if self.stats_applied and self.vae_steps > 0:
+        if 0 < self.vae_steps <= self.batches_seen:  # batches_seen restored by the base class
             self.apply_latent_statistics()

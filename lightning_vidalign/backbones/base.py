@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import glob
 import os
 from typing import Any, Iterator
 
@@ -83,6 +84,37 @@ class VideoBackbone(nn.Module, abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot save a base model")
 
     # ----------------------------------------------------------------- adapters
+    def setup_finetuning(self, denoiser: nn.Module, finetune: str, train_vae: bool, lora_config, add_adapter, seed: int) -> int:
+        """Make the trainable parameters of a freshly loaded (all-frozen) backbone.
+
+        ``finetune="lora"``: ``add_adapter(lora_config)`` under the RNG seed ``seed`` (deterministic
+        LoRA init), only ``lora_`` parameters of ``denoiser`` trainable; ``"full"``: no adapter, every
+        ``denoiser`` parameter trainable (``self.lora_config = None``). ``train_vae`` makes ``self.vae``
+        trainable too. Sets ``self.finetune``, ``self.train_vae``, ``self.lora_config``.
+
+        Returns:
+            The number of LoRA parameters (0 for ``"full"``).
+
+        Raises:
+            ValueError: for an unknown ``finetune``, or a LoRA that matched no module of ``denoiser``.
+        """
+        if finetune not in FINETUNE_MODES:
+            raise ValueError(f"{type(self).__name__}: finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
+        self.finetune, self.train_vae = finetune, train_vae
+        self.lora_config = lora_config if finetune == "lora" else None
+        n_lora = 0
+        if self.lora_config is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                add_adapter(self.lora_config)
+            n_lora = sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" in n)
+            if n_lora == 0:
+                raise ValueError(f"lora_target_modules={lora_config.target_modules!r} matched no module of the {type(denoiser).__name__}")
+        for name, param in denoiser.named_parameters():
+            param.requires_grad_(finetune == "full" or "lora_" in name)
+        self.vae.requires_grad_(train_vae)
+        return n_lora
+
     def adapter_modules(self) -> Iterator[nn.Module]:
         """The peft LoRA layers of this backbone."""
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -165,6 +197,15 @@ def export_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
             if any(k in name.split(".") for k in keep):
                 sub.float()
     return out
+
+
+def require_weight_files(root: str, subfolders: list[str], what: str) -> None:
+    """Raise ``FileNotFoundError`` naming the first of ``subfolders`` of ``root`` that holds no
+    ``*.safetensors`` or ``*.bin`` weight file."""
+    for sub in subfolders:
+        folder = os.path.join(root, sub)
+        if not glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")):
+            raise FileNotFoundError(f"{what}: no weight file (*.safetensors or *.bin) in {folder!r}")
 
 
 def require_files(root: str, relative_paths: list[str], what: str) -> None:

@@ -5,7 +5,6 @@ fine-tuning practice for training (DESIGN §2, "Family details").
 """
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import FINETUNE_MODES, VideoBackbone, export_copy, require_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import VideoBackbone, export_copy, require_files, require_weight_files, resolve_pretrained_path
 from lightning_vidalign.sampling import EDM_SAMPLERS, Trajectory, edm_preconditioning, euler_ancestral_step, euler_step
 
 log = logging.getLogger(__name__)
@@ -112,9 +111,7 @@ def load_svd_components(path: str, variant: str | None = None) -> dict[str, Any]
     from transformers import CLIPVisionModelWithProjection
 
     require_files(path, ["unet/config.json", "vae/config.json", "image_encoder/config.json", "scheduler/scheduler_config.json"], "SVD checkpoint")
-    for sub in ("unet", "vae", "image_encoder"):
-        if not glob.glob(os.path.join(path, sub, "*.safetensors")) + glob.glob(os.path.join(path, sub, "*.bin")):
-            raise FileNotFoundError(f"SVD checkpoint: no weight file (*.safetensors or *.bin) in {os.path.join(path, sub)!r}")
+    require_weight_files(path, ["unet", "vae", "image_encoder"], "SVD checkpoint")
     kw = {"local_files_only": True, "variant": variant}
     return {
         "unet": UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **kw),
@@ -181,8 +178,6 @@ class SVDBackbone(VideoBackbone):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        if finetune not in FINETUNE_MODES:
-            raise ValueError(f"SVDBackbone: finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
         parts = tiny_svd_components(init_seed) if pretrained_path == "tiny" else load_svd_components(resolve_pretrained_path(pretrained_path), variant)
         self.unet = parts["unet"]
         self.vae = parts["vae"]
@@ -191,22 +186,8 @@ class SVDBackbone(VideoBackbone):
         for module in (self.unet, self.vae, self.image_encoder):
             module.requires_grad_(False)
             module.eval()
-        self.finetune, self.train_vae = finetune, train_vae
-        self.lora_config = None
-        n_lora = 0
-        if finetune == "lora":
-            self.lora_config = LoraConfig(
-                r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed + 1)
-                inject_adapter_in_model(self.lora_config, self.unet)
-            n_lora = sum(p.numel() for n, p in self.unet.named_parameters() if "lora_" in n)
-            if n_lora == 0:
-                raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the SVD UNet")
-        for name, param in self.unet.named_parameters():
-            param.requires_grad_(finetune == "full" or "lora_" in name)
-        self.vae.requires_grad_(train_vae)
+        lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
+        n_lora = self.setup_finetuning(self.unet, finetune, train_vae, lora_config, lambda cfg: inject_adapter_in_model(cfg, self.unet), init_seed + 1)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.fps = fps
@@ -317,8 +298,6 @@ class SVDBackbone(VideoBackbone):
         Raises:
             ValueError: for a LoRA backbone (adapters are exported with :meth:`export_lora`).
         """
-        import copy
-
         from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
         from transformers import CLIPImageProcessor
 
@@ -326,7 +305,7 @@ class SVDBackbone(VideoBackbone):
             raise ValueError("SVDBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora")
         pipe = StableVideoDiffusionPipeline(
             vae=export_copy(self.vae, dtype),
-            image_encoder=copy.deepcopy(self.image_encoder).float(),
+            image_encoder=export_copy(self.image_encoder, torch.float32),
             unet=export_copy(self.unet, dtype),
             scheduler=EulerDiscreteScheduler.from_config(self.scheduler_config),
             feature_extractor=CLIPImageProcessor(

@@ -6,7 +6,6 @@ pipelines do: ``z = (mode - latents_mean) / latents_std``.
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import logging
 import os
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import FINETUNE_MODES, VideoBackbone, export_copy, require_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import VideoBackbone, export_copy, require_files, require_weight_files, resolve_pretrained_path
 from lightning_vidalign.sampling import SDE_TYPES, Trajectory, flow_schedule, sde_step_with_logprob
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,15 @@ def minilm_dir() -> str:
     return path
 
 
+def load_minilm() -> tuple[Any, Any]:
+    """The packaged all-MiniLM-L6-v2 (:func:`minilm_dir`) as ``(text_encoder, tokenizer)`` (transformers
+    ``AutoModel``/``AutoTokenizer``, local files only): the text path of the tiny Wan family."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    return AutoModel.from_pretrained(path, local_files_only=True), AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A tiny Wan: random-init ``WanTransformer3DModel`` and ``AutoencoderKLWan``, real text encoder.
 
@@ -66,7 +74,6 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides
         and ``expand_timesteps``.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoModel, AutoTokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -116,9 +123,7 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides
             raise ValueError(f"transformer_overrides: unknown key(s) {sorted(unknown)}; allowed: {sorted(dit)}")
         dit.update(transformer_overrides or {})
         transformer = WanTransformer3DModel(**dit)
-    path = minilm_dir()
-    text_encoder = AutoModel.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    text_encoder, tokenizer = load_minilm()
     return {
         "transformer": transformer,
         "vae": vae,
@@ -147,8 +152,6 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from transformers import AutoModel
-
     require_files(path, ["model_index.json"], "Wan checkpoint")
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
@@ -157,17 +160,13 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
         raise ValueError(f"{path}/model_index.json: vidalign_text_encoder must be {MINILM_PACKAGE!r}, got {packaged_text!r}")
     text_files = [] if packaged_text else ["text_encoder/config.json", "tokenizer"]
     require_files(path, ["transformer/config.json", "vae/config.json", *text_files, "scheduler/scheduler_config.json"], "Wan checkpoint")
-    for sub in ("transformer", "vae") if packaged_text else ("transformer", "vae", "text_encoder"):
-        if not glob.glob(os.path.join(path, sub, "*.safetensors")) + glob.glob(os.path.join(path, sub, "*.bin")):
-            raise FileNotFoundError(f"Wan checkpoint: no weight file (*.safetensors or *.bin) in {os.path.join(path, sub)!r}")
+    require_weight_files(path, ["transformer", "vae"] if packaged_text else ["transformer", "vae", "text_encoder"], "Wan checkpoint")
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         sched = json.load(f)
     shift = float(sched.get("flow_shift", sched.get("shift", 1.0)))
     kw = {"local_files_only": True, "variant": variant, "torch_dtype": torch_dtype}
     if packaged_text:
-        text_dir = minilm_dir()
-        text_encoder = AutoModel.from_pretrained(text_dir, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
+        text_encoder, tokenizer = load_minilm()
     else:
         text_encoder = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
@@ -245,8 +244,6 @@ class WanBackbone(VideoBackbone):
 
         if mode not in ("t2v", "ti2v"):
             raise ValueError(f"WanBackbone: mode must be 't2v' or 'ti2v', got {mode!r}")
-        if finetune not in FINETUNE_MODES:
-            raise ValueError(f"WanBackbone: finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
         if tiny_transformer and pretrained_path != "tiny":
             raise ValueError("WanBackbone: tiny_transformer applies to pretrained_path='tiny' only")
         parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer) if pretrained_path == "tiny" else load_wan_components(resolve_pretrained_path(pretrained_path), variant)
@@ -261,20 +258,8 @@ class WanBackbone(VideoBackbone):
         for module in (self.transformer, self.vae, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
-        self.finetune, self.train_vae = finetune, train_vae
-        self.lora_config = None
-        n_lora = 0
-        if finetune == "lora":
-            self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed + 1)
-                self.transformer.add_adapter(self.lora_config)
-            n_lora = sum(p.numel() for n, p in self.transformer.named_parameters() if "lora_" in n)
-            if n_lora == 0:
-                raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of the Wan transformer")
-        for name, param in self.transformer.named_parameters():
-            param.requires_grad_(finetune == "full" or "lora_" in name)
-        self.vae.requires_grad_(train_vae)
+        lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
+        n_lora = self.setup_finetuning(self.transformer, finetune, train_vae, lora_config, self.transformer.add_adapter, init_seed + 1)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.mode = mode
