@@ -268,6 +268,31 @@ def test_tiny_transformer_overrides():
         WanBackbone(pretrained_path="/nowhere", tiny_transformer={"num_layers": 3})
 
 
+def test_tiny_vae_temporal_compression_override(tmp_path):
+    default = WanBackbone(finetune="full")
+    assert default.vae.config.temperal_downsample == [True, True] and default.vae_scale_factor_temporal == 4
+    b = WanBackbone(finetune="full", tiny_vae={"temperal_downsample": [False, True]})
+    assert b.vae_scale_factor_temporal == 2 and b.latent_frames(9) == 5
+    video = torch.rand(1, 9, 3, 32, 32)
+    latents = b.encode(video)
+    assert latents.shape == (1, 5, 8, 8, 8) and b.decode(latents).shape == video.shape
+    with pytest.raises(ValueError, match="2k \\+ 1|= 2k"):
+        b.latent_frames(8)
+    # the factor travels with the exported folder, and the reloaded VAE encodes identically
+    b.save_pretrained(str(tmp_path / "wan"))
+    again = WanBackbone(pretrained_path=str(tmp_path / "wan"), finetune="full")
+    assert again.vae_scale_factor_temporal == 2
+    torch.testing.assert_close(again.encode(video), latents)
+    with pytest.raises(ValueError, match="unknown key"):
+        WanBackbone(tiny_vae={"z_dim": 4})
+    with pytest.raises(ValueError, match="two booleans"):
+        WanBackbone(tiny_vae={"temperal_downsample": [False, True, True]})
+    with pytest.raises(ValueError, match="T2V VAE only"):
+        WanBackbone(mode="ti2v", tiny_vae={"temperal_downsample": [False, True]})
+    with pytest.raises(ValueError, match="pretrained_path='tiny'"):
+        WanBackbone(pretrained_path="/nowhere", tiny_vae={"base_dim": 8})
+
+
 def test_caption_dropout_is_drawn_per_batch_and_reproducible():
     from lightning_vidalign.algorithms import BasePretrain
 

@@ -53,10 +53,18 @@ def load_minilm() -> tuple[Any, Any]:
     return AutoModel.from_pretrained(path, local_files_only=True), AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+TINY_VAE_KEYS = ("base_dim", "num_res_blocks", "temperal_downsample")
+
+
+def tiny_wan_components(
+    seed: int = 0,
+    ti2v: bool = False,
+    transformer_overrides: dict[str, Any] | None = None,
+    vae_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A tiny Wan: random-init ``WanTransformer3DModel`` and ``AutoencoderKLWan``, real text encoder.
 
-    The VAE compresses 4x in time (causal: ``T' = (T - 1)/4 + 1``), 8 latent channels
+    The VAE compresses 4x in time by default (causal: ``T' = (T - 1)/4 + 1``; see ``vae_overrides``), 8 latent channels
     (``latents_mean`` 0, ``latents_std`` 1): for T2V a Wan 2.1-style VAE (4x in space), for TI2V a
     Wan 2.2-style one (residual blocks, 2x2 pixel patchify, 8x in space). The DiT has 2 blocks of
     width 64 (4 heads x 16), patch ``(1, 2, 2)``. The text encoder is the real, pretrained all-MiniLM-L6-v2 (384-d token
@@ -68,6 +76,15 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides
         ti2v: configure for Wan 2.2-style text-image-to-video (first latent frame = the image).
         transformer_overrides: ``WanTransformer3DModel`` config values replacing the tiny ones (e.g.
             ``{"num_layers": 4, "attention_head_dim": 32, "ffn_dim": 512}`` for the demo base).
+        vae_overrides: T2V only: ``AutoencoderKLWan`` values replacing the tiny ones, among
+            ``base_dim``, ``num_res_blocks`` and ``temperal_downsample`` (diffusers' spelling; two
+            booleans, one per downsampling stage). The temporal factor follows from the latter:
+            ``scale_factor_temporal = 2 ** sum(temperal_downsample)`` (e.g. ``[False, True]``: 2x in
+            time, ``T' = (T - 1)/2 + 1``; the demo base's choice, issue 8).
+
+    Raises:
+        ValueError: an unknown override key, ``vae_overrides`` with ``ti2v``, or a
+            ``temperal_downsample`` that is not two booleans.
 
     Returns:
         dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``
@@ -75,6 +92,18 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+    vae_t2v = dict(base_dim=16, num_res_blocks=1, temperal_downsample=[True, True])
+    if vae_overrides:
+        if ti2v:
+            raise ValueError("vae_overrides: supported for the tiny T2V VAE only (ti2v=False)")
+        unknown = set(vae_overrides) - set(TINY_VAE_KEYS)
+        if unknown:
+            raise ValueError(f"vae_overrides: unknown key(s) {sorted(unknown)}; allowed: {list(TINY_VAE_KEYS)}")
+        vae_t2v.update(vae_overrides)
+        down = vae_t2v["temperal_downsample"]
+        if not (isinstance(down, (list, tuple)) and len(down) == 2 and all(isinstance(d, bool) for d in down)):
+            raise ValueError(f"vae_overrides: temperal_downsample must be two booleans, got {down!r}")
+        vae_t2v["temperal_downsample"] = list(down)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if ti2v:  # Wan 2.2 VAE: residual blocks, 2x2 pixel patchify (12 input channels), 4x8 compression
@@ -96,15 +125,13 @@ def tiny_wan_components(seed: int = 0, ti2v: bool = False, transformer_overrides
             )
         else:  # Wan 2.1 VAE: 4x4 compression
             vae = AutoencoderKLWan(
-                base_dim=16,
                 z_dim=8,
                 dim_mult=[1, 2, 4],
-                num_res_blocks=1,
-                temperal_downsample=[True, True],
                 latents_mean=[0.0] * 8,
                 latents_std=[1.0] * 8,
-                scale_factor_temporal=4,
+                scale_factor_temporal=2 ** sum(vae_t2v["temperal_downsample"]),
                 scale_factor_spatial=4,
+                **vae_t2v,
             )
         dit = dict(
             patch_size=(1, 2, 2),
@@ -214,6 +241,9 @@ class WanBackbone(VideoBackbone):
         gradient_checkpointing: enable the transformer's gradient checkpointing.
         tiny_transformer: with ``pretrained_path="tiny"``: overrides of the tiny DiT's config
             (:func:`tiny_wan_components`), e.g. a wider, deeper DiT for the demo base's pretraining.
+        tiny_vae: with ``pretrained_path="tiny"`` and ``t2v``: overrides of the tiny VAE's config
+            (:func:`tiny_wan_components`), e.g. ``{"temperal_downsample": [False, True]}`` for 2x
+            temporal compression.
     """
 
     condition_keys = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
@@ -238,15 +268,16 @@ class WanBackbone(VideoBackbone):
         init_seed: int = 0,
         gradient_checkpointing: bool = False,
         tiny_transformer: dict[str, Any] | None = None,
+        tiny_vae: dict[str, Any] | None = None,
     ):
         super().__init__()
         from peft import LoraConfig
 
         if mode not in ("t2v", "ti2v"):
             raise ValueError(f"WanBackbone: mode must be 't2v' or 'ti2v', got {mode!r}")
-        if tiny_transformer and pretrained_path != "tiny":
-            raise ValueError("WanBackbone: tiny_transformer applies to pretrained_path='tiny' only")
-        parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer) if pretrained_path == "tiny" else load_wan_components(resolve_pretrained_path(pretrained_path), variant)
+        if (tiny_transformer or tiny_vae) and pretrained_path != "tiny":
+            raise ValueError("WanBackbone: tiny_transformer / tiny_vae apply to pretrained_path='tiny' only")
+        parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer, vae_overrides=tiny_vae) if pretrained_path == "tiny" else load_wan_components(resolve_pretrained_path(pretrained_path), variant)
         if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
             raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json)")
         self.transformer = parts["transformer"]
@@ -303,7 +334,8 @@ class WanBackbone(VideoBackbone):
         """``T' = (T - 1)/f_t + 1``.
 
         Raises:
-            ValueError: unless ``T - 1`` is a multiple of the temporal factor ``f_t`` (Wan: 4k + 1 frames).
+            ValueError: unless ``T - 1`` is a multiple of the temporal factor ``f_t`` (Wan: 4k + 1
+                frames; the tiny demo base: 2k + 1).
         """
         f = self.vae_scale_factor_temporal
         if (num_frames - 1) % f:
@@ -323,7 +355,7 @@ class WanBackbone(VideoBackbone):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents ``(B, T', C, h, w)`` -> video ``(B, 4(T'-1)+1, 3, h·f, w·f)`` in ``[0, 1]``."""
+        """Normalised latents ``(B, T', C, h, w)`` -> video ``(B, f_t(T'-1)+1, 3, h·f, w·f)`` in ``[0, 1]``."""
         z = latents.float() / self.latents_inv_std + self.latents_mean
         video = self.vae.decode(z.permute(0, 2, 1, 3, 4).to(self.vae.dtype)).sample.float()
         return ((video.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
@@ -332,7 +364,7 @@ class WanBackbone(VideoBackbone):
         """Differentiable causal-VAE pass (for VAE training) on a posterior sample.
 
         Args:
-            video: ``(B, T, 3, H, W)`` in ``[0, 1]``, ``T = 4k + 1``.
+            video: ``(B, T, 3, H, W)`` in ``[0, 1]``, ``T = f_t k + 1``.
             generator: RNG of the posterior sample.
 
         Returns:
@@ -559,7 +591,7 @@ class WanBackbone(VideoBackbone):
             generator: CPU RNG for initial and step noise.
             keep_trajectory: record per-step ``x_t``, ``x_next`` (generated frames only),
                 ``log_prob (B, S)``.
-            num_frames, height, width: pixel size (``num_frames = 4k + 1``).
+            num_frames, height, width: pixel size (``num_frames = f_t k + 1``).
             eta: SDE noise scale.
             decode: decode the final latents.
             latents: optional initial noise ``(B, T', C, h, w)``.
