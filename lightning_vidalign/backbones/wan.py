@@ -222,7 +222,8 @@ class WanBackbone(VideoBackbone):
 
     Args:
         pretrained_path: ``"tiny"`` (see :func:`tiny_wan_components`), ``"demo:wan_tiny"`` (the shipped
-            demo base: the tiny T2V configuration pretrained on the bundled clips, issue 8) or a local
+            demo base: the tiny T2V family with a 2x-in-time VAE and a 6 x 128 DiT, pretrained on the
+            bundled clips by ``configs/pretrain/wan_tiny.yaml``, issue 8) or a local
             diffusers directory of a Wan checkpoint (never downloaded; missing files named).
         mode: ``"t2v"`` or ``"ti2v"`` (a real checkpoint's ``expand_timesteps`` must agree for ti2v).
         variant: weight variant for ``from_pretrained``.
