@@ -284,7 +284,7 @@ def test_tiny_vae_temporal_compression_override(tmp_path):
     video = torch.rand(1, 9, 3, 32, 32)
     latents = b.encode(video)
     assert latents.shape == (1, 5, 8, 8, 8) and b.decode(latents).shape == video.shape
-    with pytest.raises(ValueError, match="2k \\+ 1|= 2k"):
+    with pytest.raises(ValueError, match="num_frames = 2k \\+ 1"):
         b.latent_frames(8)
     # the factor travels with the exported folder, and the reloaded VAE encodes identically
     b.save_pretrained(str(tmp_path / "wan"))

@@ -53,7 +53,12 @@ def load_minilm() -> tuple[Any, Any]:
     return AutoModel.from_pretrained(path, local_files_only=True), AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-TINY_VAE_KEYS = ("base_dim", "num_res_blocks", "temperal_downsample")
+def _with_overrides(defaults: dict[str, Any], overrides: dict[str, Any] | None, what: str) -> dict[str, Any]:
+    """``defaults`` updated by ``overrides``; raises ``ValueError`` naming ``what`` for a key not in ``defaults``."""
+    unknown = set(overrides or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return {**defaults, **(overrides or {})}
 
 
 def tiny_wan_components(
@@ -92,18 +97,13 @@ def tiny_wan_components(
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    vae_t2v = dict(base_dim=16, num_res_blocks=1, temperal_downsample=[True, True])
-    if vae_overrides:
-        if ti2v:
-            raise ValueError("vae_overrides: supported for the tiny T2V VAE only (ti2v=False)")
-        unknown = set(vae_overrides) - set(TINY_VAE_KEYS)
-        if unknown:
-            raise ValueError(f"vae_overrides: unknown key(s) {sorted(unknown)}; allowed: {list(TINY_VAE_KEYS)}")
-        vae_t2v.update(vae_overrides)
-        down = vae_t2v["temperal_downsample"]
-        if not (isinstance(down, (list, tuple)) and len(down) == 2 and all(isinstance(d, bool) for d in down)):
-            raise ValueError(f"vae_overrides: temperal_downsample must be two booleans, got {down!r}")
-        vae_t2v["temperal_downsample"] = list(down)
+    if vae_overrides and ti2v:
+        raise ValueError("vae_overrides: supported for the tiny T2V VAE only (ti2v=False)")
+    vae_t2v = _with_overrides(dict(base_dim=16, num_res_blocks=1, temperal_downsample=[True, True]), vae_overrides, "vae_overrides")
+    down = vae_t2v["temperal_downsample"]
+    if not (isinstance(down, (list, tuple)) and len(down) == 2 and all(isinstance(d, bool) for d in down)):
+        raise ValueError(f"vae_overrides: temperal_downsample must be two booleans, got {down!r}")
+    vae_t2v["temperal_downsample"] = list(down)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if ti2v:  # Wan 2.2 VAE: residual blocks, 2x2 pixel patchify (12 input channels), 4x8 compression
@@ -123,7 +123,7 @@ def tiny_wan_components(
                 scale_factor_temporal=4,
                 scale_factor_spatial=8,
             )
-        else:  # Wan 2.1 VAE: 4x4 compression
+        else:  # Wan 2.1 VAE: 4x in space, 4x in time unless vae_overrides says otherwise
             vae = AutoencoderKLWan(
                 z_dim=8,
                 dim_mult=[1, 2, 4],
@@ -133,7 +133,7 @@ def tiny_wan_components(
                 scale_factor_spatial=4,
                 **vae_t2v,
             )
-        dit = dict(
+        dit = _with_overrides(dict(
             patch_size=(1, 2, 2),
             num_attention_heads=4,
             attention_head_dim=16,
@@ -144,11 +144,7 @@ def tiny_wan_components(
             ffn_dim=128,
             num_layers=2,
             rope_max_seq_len=64,
-        )
-        unknown = set(transformer_overrides or {}) - set(dit)
-        if unknown:
-            raise ValueError(f"transformer_overrides: unknown key(s) {sorted(unknown)}; allowed: {sorted(dit)}")
-        dit.update(transformer_overrides or {})
+        ), transformer_overrides, "transformer_overrides")
         transformer = WanTransformer3DModel(**dit)
     text_encoder, tokenizer = load_minilm()
     return {
