@@ -243,8 +243,8 @@ def test_demo_base_moves_like_the_real_clips_and_beats_random_init(family, tmp_p
     base's motion score is within a factor 2 of the real clips' and its Fréchet distance (TransNetV2
     space) is below half of the random-init model's (same architecture: the tiny overrides of the
     family's pretraining config). Measured (README, "Demo base models"): SVD passes (ratio 0.63,
-    Fréchet 0.37 vs 6.91); Wan passes the Fréchet part (2.12 vs 8.67) but not the motion part (ratio
-    0.29), so the ``wan`` case fails until a better Wan demo base is shipped."""
+    Fréchet 0.37 vs 6.91); Wan passes the Fréchet part (0.99 vs 8.69) but not the motion part (ratio
+    0.27), so the ``wan`` case fails until a better Wan demo base is shipped."""
     import yaml
 
     from lightning_vidalign.cli import VidAlignCLI
