@@ -295,8 +295,16 @@ def test_tiny_vae_temporal_compression_override(tmp_path):
         WanBackbone(tiny_vae={"z_dim": 4})
     with pytest.raises(ValueError, match="two booleans"):
         WanBackbone(tiny_vae={"temperal_downsample": [False, True, True]})
-    with pytest.raises(ValueError, match="T2V VAE only"):
-        WanBackbone(mode="ti2v", tiny_vae={"temperal_downsample": [False, True]})
+    # the Wan 2.2-style TI2V VAE takes the same override; causal: the first frame alone is the first latent frame
+    assert WanBackbone(mode="ti2v", finetune="full").vae_scale_factor_temporal == 4
+    ti2v = WanBackbone(mode="ti2v", finetune="full", tiny_vae={"temperal_downsample": [False, True]})
+    assert ti2v.vae.config.temperal_downsample == [False, True] and ti2v.vae.config.is_residual
+    assert ti2v.vae_scale_factor_temporal == 2 and ti2v.latent_frames(9) == 5
+    clip = torch.rand(1, 9, 3, 64, 64)
+    clip_latents = ti2v.encode(clip)
+    assert clip_latents.shape == (1, 5, 8, 8, 8) and ti2v.decode(clip_latents).shape == clip.shape
+    cond = ti2v.encode_condition({"caption": ["a rabbit"], "first_frame": clip[:, 0]})
+    torch.testing.assert_close(cond["image_latents"], clip_latents[:, :1])
     with pytest.raises(ValueError, match="pretrained_path='tiny'"):
         WanBackbone(pretrained_path="/nowhere", tiny_vae={"base_dim": 8})
 

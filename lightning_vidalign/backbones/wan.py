@@ -81,15 +81,16 @@ def tiny_wan_components(
         ti2v: configure for Wan 2.2-style text-image-to-video (first latent frame = the image).
         transformer_overrides: ``WanTransformer3DModel`` config values replacing the tiny ones (e.g.
             ``{"num_layers": 4, "attention_head_dim": 32, "ffn_dim": 512}`` for the demo base).
-        vae_overrides: T2V only: ``AutoencoderKLWan`` values replacing the tiny ones, among
-            ``base_dim``, ``num_res_blocks`` and ``temperal_downsample`` (diffusers' spelling; two
-            booleans, one per downsampling stage). The temporal factor follows from the latter:
-            ``scale_factor_temporal = 2 ** sum(temperal_downsample)`` (e.g. ``[False, True]``: 2x in
-            time, ``T' = (T - 1)/2 + 1``; the demo base's choice, issue 8).
+        vae_overrides: ``AutoencoderKLWan`` values replacing the tiny ones (T2V and TI2V VAE alike),
+            among ``base_dim`` (for TI2V also the decoder's), ``num_res_blocks`` and
+            ``temperal_downsample`` (diffusers' spelling; two booleans, one per downsampling stage).
+            The temporal factor follows from the latter: ``scale_factor_temporal = 2 **
+            sum(temperal_downsample)`` (e.g. ``[False, True]``: 2x in time, ``T' = (T - 1)/2 + 1``;
+            the demo base's choice, issue 8). The VAE stays causal: the first frame alone encodes to
+            the first latent frame, which TI2V uses as its image condition.
 
     Raises:
-        ValueError: an unknown override key, ``vae_overrides`` with ``ti2v``, or a
-            ``temperal_downsample`` that is not two booleans.
+        ValueError: an unknown override key or a ``temperal_downsample`` that is not two booleans.
 
     Returns:
         dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``
@@ -97,31 +98,28 @@ def tiny_wan_components(
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    if vae_overrides and ti2v:
-        raise ValueError("vae_overrides: supported for the tiny T2V VAE only (ti2v=False)")
-    vae_t2v = _with_overrides(dict(base_dim=16, num_res_blocks=1, temperal_downsample=[True, True]), vae_overrides, "vae_overrides")
-    down = vae_t2v["temperal_downsample"]
+    vae_cfg = _with_overrides(dict(base_dim=16, num_res_blocks=1, temperal_downsample=[True, True]), vae_overrides, "vae_overrides")
+    down = vae_cfg["temperal_downsample"]
     if not (isinstance(down, (list, tuple)) and len(down) == 2 and all(isinstance(d, bool) for d in down)):
         raise ValueError(f"vae_overrides: temperal_downsample must be two booleans, got {down!r}")
-    vae_t2v["temperal_downsample"] = list(down)
+    vae_cfg["temperal_downsample"] = list(down)
+    temporal_factor = 2 ** sum(vae_cfg["temperal_downsample"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if ti2v:  # Wan 2.2 VAE: residual blocks, 2x2 pixel patchify (12 input channels), 4x8 compression
+        if ti2v:  # Wan 2.2 VAE: residual blocks, 2x2 pixel patchify (12 input channels), 8x in space, 4x in time by default
             vae = AutoencoderKLWan(
-                base_dim=16,
-                decoder_base_dim=16,
+                decoder_base_dim=vae_cfg["base_dim"],
                 z_dim=8,
                 dim_mult=[1, 2, 2],
-                num_res_blocks=1,
-                temperal_downsample=[True, True],
                 is_residual=True,
                 in_channels=12,
                 out_channels=12,
                 patch_size=2,
                 latents_mean=[0.0] * 8,
                 latents_std=[1.0] * 8,
-                scale_factor_temporal=4,
+                scale_factor_temporal=temporal_factor,
                 scale_factor_spatial=8,
+                **vae_cfg,
             )
         else:  # Wan 2.1 VAE: 4x in space, 4x in time unless vae_overrides says otherwise
             vae = AutoencoderKLWan(
@@ -129,9 +127,9 @@ def tiny_wan_components(
                 dim_mult=[1, 2, 4],
                 latents_mean=[0.0] * 8,
                 latents_std=[1.0] * 8,
-                scale_factor_temporal=2 ** sum(vae_t2v["temperal_downsample"]),
+                scale_factor_temporal=temporal_factor,
                 scale_factor_spatial=4,
-                **vae_t2v,
+                **vae_cfg,
             )
         dit = _with_overrides(dict(
             patch_size=(1, 2, 2),
@@ -238,7 +236,7 @@ class WanBackbone(VideoBackbone):
         gradient_checkpointing: enable the transformer's gradient checkpointing.
         tiny_transformer: with ``pretrained_path="tiny"``: overrides of the tiny DiT's config
             (:func:`tiny_wan_components`), e.g. a wider, deeper DiT for the demo base's pretraining.
-        tiny_vae: with ``pretrained_path="tiny"`` and ``t2v``: overrides of the tiny VAE's config
+        tiny_vae: with ``pretrained_path="tiny"``: overrides of the tiny VAE's config
             (:func:`tiny_wan_components`), e.g. ``{"temperal_downsample": [False, True]}`` for 2x
             temporal compression.
     """
