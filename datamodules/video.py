@@ -101,7 +101,8 @@ def _span_time(row: dict, key: str, where: str) -> float | None:
 
 
 def load_captions(path: str) -> dict[str, list[CaptionSpan]]:
-    """Captions keyed by video file name (or folder name), per video a list of :class:`CaptionSpan`.
+    """Captions keyed by video file name and by that name without extension (the same list, so a
+    row for ``clip.mp4`` also serves a frame folder ``clip``), per video a list of :class:`CaptionSpan`.
 
     JSONL: one object per line with ``video`` (or ``path``) and ``caption`` (or ``text``), and
     optionally ``start`` / ``end`` in seconds from the video's first frame: a caption for one part
@@ -141,7 +142,9 @@ def load_captions(path: str) -> dict[str, list[CaptionSpan]]:
         span = CaptionSpan(str(cap), 0.0 if start is None else start, math.inf if end is None else end, n)
         if span.start >= span.end:
             raise ValueError(f"{where}: 'start' ({span.start}) must be before 'end' ({span.end})")
-        spans = out.setdefault(os.path.basename(str(key)), [])
+        name = os.path.basename(str(key))
+        spans = out.setdefault(name, [])
+        out.setdefault(os.path.splitext(name)[0], spans)
         for other in spans:
             if span.timed != other.timed:
                 continue

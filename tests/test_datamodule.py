@@ -143,6 +143,8 @@ def test_timed_captions_lookup_and_errors(tmp_path):
     assert caption_at(loaded, "/x/b.mp4", 0.7) == "b only timed"
     assert caption_at(loaded, "/x/b.mp4", 0.2) == ""
     assert caption_at(loaded, "/x/c.mp4", 0.2) == ""
+    # a row keyed with its extension also serves a frame folder of the same name
+    assert caption_at(loaded, "/x/a", 1.5) == "middle"
     csv_file = tmp_path / "caps.csv"
     csv_file.write_text("video,caption,start,end\na.mp4,all,,\na.mp4,late,3,\n")
     loaded = load_captions(str(csv_file))
