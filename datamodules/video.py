@@ -75,7 +75,9 @@ def expand_sources(sources: list[str]) -> list[str]:
 @dataclass(frozen=True)
 class CaptionSpan:
     """One caption row: ``caption`` for the part ``[start, end)`` (seconds from the video's first
-    frame) of a video; a row without times covers the whole video (``start = 0``, ``end = inf``)."""
+    frame) of a video; a row without times covers the whole video (``start = 0``, ``end = inf``).
+    ``line`` is the row's line in its captions file (for error messages). Source: our choice, after
+    the per-clip timestamps of captioned video datasets (Panda-70M)."""
 
     caption: str
     start: float = 0.0
@@ -158,7 +160,8 @@ def load_captions(path: str) -> dict[str, list[CaptionSpan]]:
 
 def caption_at(captions: dict[str, list[CaptionSpan]], path: str, time: float) -> str:
     """The caption of ``path`` (matched by file name, then by name without extension) at ``time``
-    seconds from its first frame: the timed span containing ``time``, else the untimed one, else ``""``."""
+    seconds from its first frame: the timed span containing ``time`` (``start <= time < end``), else the
+    untimed one, else ``""``. Source: our choice."""
     name = os.path.basename(os.path.normpath(path))
     spans = captions.get(name, captions.get(os.path.splitext(name)[0], []))
     for span in spans:
