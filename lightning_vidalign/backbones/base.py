@@ -146,7 +146,7 @@ class VideoBackbone(nn.Module, abc.ABC):
 
 
 #: Shipped demo bases (issue 8): ``pretrained_path: demo:<name>`` resolves to this package folder.
-DEMO_BASES = {"svd_tiny": "SVD", "wan_tiny": "Wan 2.1 T2V"}
+DEMO_BASES = {"svd_tiny": "SVD", "wan_tiny": "Wan 2.2 TI2V"}
 DEMO_PREFIX = "demo:"
 
 

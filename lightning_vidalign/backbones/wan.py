@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import VideoBackbone, export_copy, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import DEMO_PREFIX, VideoBackbone, export_copy, require_files, require_weight_files, resolve_pretrained_path
 from lightning_vidalign.sampling import SDE_TYPES, Trajectory, flow_schedule, sde_step_with_logprob
 
 log = logging.getLogger(__name__)
@@ -216,10 +216,12 @@ class WanBackbone(VideoBackbone):
 
     Args:
         pretrained_path: ``"tiny"`` (see :func:`tiny_wan_components`), ``"demo:wan_tiny"`` (the shipped
-            demo base: the tiny T2V family with a 2x-in-time VAE and a 6 x 128 DiT, pretrained on the
-            bundled clips by ``configs/pretrain/wan_tiny.yaml``, issue 8) or a local
-            diffusers directory of a Wan checkpoint (never downloaded; missing files named).
-        mode: ``"t2v"`` or ``"ti2v"`` (a real checkpoint's ``expand_timesteps`` must agree for ti2v).
+            demo base: the tiny Wan 2.2-style TI2V family, 2x-in-time / 8x-in-space VAE and a DiT of
+            width 128, pretrained on the bundled clips by ``configs/pretrain/wan_tiny.yaml``, issue 8;
+            ``mode="ti2v"`` only) or a local diffusers directory of a Wan checkpoint (never
+            downloaded; missing files named).
+        mode: ``"t2v"`` or ``"ti2v"`` (a real checkpoint's ``expand_timesteps`` must agree for ti2v;
+            a demo base was pretrained for one mode and refuses the other).
         variant: weight variant for ``from_pretrained``.
         finetune: ``"lora"`` (adapters only) or ``"full"`` (no adapters, every transformer weight
             trained: base pretraining; the reference policy is then the policy itself).
@@ -239,6 +241,12 @@ class WanBackbone(VideoBackbone):
         tiny_vae: with ``pretrained_path="tiny"``: overrides of the tiny VAE's config
             (:func:`tiny_wan_components`), e.g. ``{"temperal_downsample": [False, True]}`` for 2x
             temporal compression.
+
+    Raises:
+        ValueError: an unknown ``mode``; ``tiny_transformer`` / ``tiny_vae`` with a checkpoint;
+            ``mode="ti2v"`` on a checkpoint without ``expand_timesteps``; a demo base asked for the
+            mode it was not pretrained for.
+        FileNotFoundError: a missing checkpoint file (named).
     """
 
     condition_keys = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
@@ -275,6 +283,9 @@ class WanBackbone(VideoBackbone):
         parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer, vae_overrides=tiny_vae) if pretrained_path == "tiny" else load_wan_components(resolve_pretrained_path(pretrained_path), variant)
         if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
             raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json)")
+        if pretrained_path.startswith(DEMO_PREFIX) and mode != ("ti2v" if parts["expand_timesteps"] else "t2v"):
+            trained = "ti2v" if parts["expand_timesteps"] else "t2v"
+            raise ValueError(f"WanBackbone: the demo base {pretrained_path} was pretrained for mode={trained!r} only; got mode={mode!r}")
         self.transformer = parts["transformer"]
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
