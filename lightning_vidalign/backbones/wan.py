@@ -283,8 +283,8 @@ class WanBackbone(VideoBackbone):
         parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer, vae_overrides=tiny_vae) if pretrained_path == "tiny" else load_wan_components(resolve_pretrained_path(pretrained_path), variant)
         if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
             raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json)")
-        if pretrained_path.startswith(DEMO_PREFIX) and mode != ("ti2v" if parts["expand_timesteps"] else "t2v"):
-            trained = "ti2v" if parts["expand_timesteps"] else "t2v"
+        trained = "ti2v" if parts["expand_timesteps"] else "t2v"
+        if pretrained_path.startswith(DEMO_PREFIX) and mode != trained:  # a demo base is pretrained for one mode only
             raise ValueError(f"WanBackbone: the demo base {pretrained_path} was pretrained for mode={trained!r} only; got mode={mode!r}")
         self.transformer = parts["transformer"]
         self.vae = parts["vae"]
