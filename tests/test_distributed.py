@@ -105,6 +105,15 @@ def _strategy_run(tmp_path, strategy, algo):
     return a
 
 
+def _assert_same_adapters(fsdp, ddp):
+    """Same adapters up to fp32 reduction order: max |difference| <= 1e-4 x the largest weight. Meaningful
+    only for jobs whose rewards are smooth in the video (tests/strategy_job.py explains why)."""
+    scale = max(v.abs().max().item() for v in ddp["lora"].values())
+    diff = max((fsdp["lora"][k] - ddp["lora"][k]).abs().max().item() for k in ddp["lora"])
+    print(f"FSDP2 vs DDP: max |adapter difference| {diff:.3g} = {diff / scale:.3g} of the largest weight")
+    assert diff <= 1e-4 * scale
+
+
 @pytest.mark.parametrize("strategy,algo", [("ddp", "sft"), ("fsdp2", "sft"), ("fsdp2_bf16", "sft"), ("fsdp2", "shift")])
 def test_strategies_keep_ranks_identical(tmp_path, strategy, algo):
     state = _strategy_run(tmp_path, strategy, algo)
@@ -116,8 +125,7 @@ def test_grpo_under_fsdp2_matches_ddp(tmp_path):
     """SAGE-GRPO (2 optimizer steps per round, several backward passes each) under FSDP2 and DDP: same
     adapters up to fp32 reduction order."""
     fsdp, ddp = _strategy_run(tmp_path, "fsdp2", "grpo"), _strategy_run(tmp_path, "ddp", "grpo")
-    scale = max(v.abs().max().item() for v in ddp["lora"].values())
-    assert max((fsdp["lora"][k] - ddp["lora"][k]).abs().max().item() for k in ddp["lora"]) <= 1e-4 * scale
+    _assert_same_adapters(fsdp, ddp)
 
 
 @pytest.mark.parametrize("algo", ["dpo", "bpgo"])
@@ -126,5 +134,4 @@ def test_dpo_and_bpgo_under_fsdp2_match_ddp(tmp_path, algo):
     rank runs the same number of sharded forwards) give the DDP result; DPO uses SGD in the job so the
     comparison is linear in the gradients."""
     fsdp, ddp = _strategy_run(tmp_path, "fsdp2", algo), _strategy_run(tmp_path, "ddp", algo)
-    scale = max(v.abs().max().item() for v in ddp["lora"].values())
-    assert max((fsdp["lora"][k] - ddp["lora"][k]).abs().max().item() for k in ddp["lora"]) <= 1e-4 * scale
+    _assert_same_adapters(fsdp, ddp)
