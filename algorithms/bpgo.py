@@ -8,61 +8,103 @@ from torch import Tensor
 
 from lightning_vidalign.algorithms.advantages import (
     bpgo_group_weights,
-    bpgo_posterior_gap,
     contrastive_reward_transform,
+    crt_rerange,
     group_mean,
-    group_std,
     grpo_advantages,
+    ras_bayes_weight,
 )
 from lightning_vidalign.algorithms.grpo import GRPO
 
+CRT_FORMS = ("binary", "paper", "none")
+RAS_FORMS = ("bayes", "paper", "none")
+
 
 class BPGO(GRPO):
-    """GRPO whose advantages are anchored to a prior reward per condition.
+    """GRPO whose advantages are anchored to a prior reward per condition (Bayesian Prior-Guided
+    Optimization, arXiv 2511.18919).
 
-    ``A = w_g · (A_grpo(r) + ς·A_grpo(r̃))``, clipped to ``±advantage_clip``, where
+    Defaults follow TeleBoost's released code (``teleboost/algorithms/bgpo.py``, ``programs/wan/
+    bgpo.py``; "the paper's equations describe it at a higher level"); the paper's forms are options:
 
+    - ``crt="binary"`` (reference): Contrastive Reward Transformation :func:`crt_rerange`
+      ``R̃ = (a(R - R_prior) + 1[R > R_prior])·R·sigmoid(R/τ)`` *replaces* the rewards, then the group
+      advantage of ``R̃``. ``crt="paper"``: ``r̃ = (λ_c(r - r_prior) + 1[r > r_prior])·exp(r)``
+      (:func:`contrastive_reward_transform`), whose group advantage is *added* with weight ``ς``
+      (``crt_weight``) to that of ``r``. ``crt="none"``: no transformation.
+    - ``ras="bayes"`` (reference): Reliability-Adaptive Scaling with :func:`ras_bayes_weight` on the
+      group's (rearranged) rewards, group scale ``clamp(1 + α(w_bayes - 1), min_scale, max_scale)``.
+      ``ras="paper"``: ``1 + α(2σ(k(mean_g r - r_prior)) - 1)`` (:func:`bpgo_group_weights`).
+      ``ras="none"``: scale 1.
     - ``r_prior``: the reference policy's expected reward for the condition — the mean reward of
       ``prior_rollouts`` rollouts of the base model (adapters disabled, the training SDE), computed
       the first time a condition is seen and cached with the run (checkpointed; the draw is seeded
       by ``(seed, condition id)`` only, so every rank and every resume gets the same prior);
-      or ``batch["prior"]`` when the data provides it;
-    - ``w_g`` (Reliability-Adaptive Scaling, :func:`bpgo_group_weights`): ``ras="paper"``:
-      ``1 + α(2σ(k(mean_g r - r_prior)) - 1)``; ``ras="posterior"``: the same of the
-      reliability-shrunk gap of :func:`bpgo_posterior_gap` (our reading of TeleBoost's Bayesian form);
-    - ``r̃`` (Contrastive Reward Transformation, :func:`contrastive_reward_transform`), whose own group
-      advantage enters with weight ``ς`` (``crt_weight``).
+      or ``batch["prior"]`` when the data provides it (the reference reads it from the data only).
+
+    Final advantage ``clip(scale_g·A, ±advantage_clip)``. The reference's ``bayes`` rule compares the
+    *rearranged* rewards with the raw prior (as released; kept). Its group advantage divides by the
+    unbiased group std; ours keeps GRPO's population std (flow_grpo, SAGE-GRPO): with ``G`` rollouts
+    the two differ by the constant ``sqrt(G/(G-1))``. Combined with a min-norm joint reward per loss,
+    BPGO raises (the reference refuses BGPO with a joint reward too).
 
     Logged: ``bpgo/group_weight_{mean,min,max}``, ``bpgo/prior_mean``, ``bpgo/gap_mean``,
     ``bpgo/priors_cached``.
 
     Args:
-        alpha, k: RAS range and slope (paper α = 0.5; k our default 1).
-        ras: ``"paper"`` or ``"posterior"``; prior_var: prior variance of the posterior form.
-        crt_lambda: ``λ_c`` of CRT; crt_weight: ``ς`` (0 disables CRT).
+        crt: ``"binary" | "paper" | "none"``.
+        crt_a, crt_temperature: ``a`` and ``τ`` of the reference CRT (reference: 50, 5).
+        crt_shift: constant added to rewards and prior before the reference CRT, which keeps the
+            order only for non-negative rewards (:func:`crt_rerange`; the reference's reward models
+            score ``>= 0``). Set it so that ``R + crt_shift >= 0`` for the rewards in use (our heuristic
+            rewards are ``<= 0``); a negative shifted reward or prior raises.
+        crt_lambda, crt_weight: ``λ_c`` and ``ς`` of the paper's CRT.
+        ras: ``"bayes" | "paper" | "none"``.
+        alpha: RAS strength ``α`` (reference ``regularization_term_alpha``: 1.0; paper: 0.5).
+        prior_var, weight_range: of the ``bayes`` rule (reference: 1.0, (0.5, 1.5)).
+        min_scale, max_scale: clamp of the ``bayes`` group scale (reference: 0.01, 10).
+        k: slope of the paper's RAS (our default 1).
         prior_rollouts: rollouts of the reference policy per condition for its prior.
         **kwargs: :class:`GRPO` arguments.
+
+    Raises:
+        ValueError: on an unknown ``crt``/``ras``, ``prior_rollouts < 1``, or a joint reward combined
+            per loss.
     """
 
     def __init__(
         self,
         *args,
-        alpha: float = 0.5,
-        k: float = 1.0,
-        ras: str = "paper",
-        prior_var: float = 1.0,
+        crt: str = "binary",
+        crt_a: float = 50.0,
+        crt_temperature: float = 5.0,
+        crt_shift: float = 0.0,
         crt_lambda: float = 1.0,
         crt_weight: float = 0.5,
+        ras: str = "bayes",
+        alpha: float = 1.0,
+        prior_var: float = 1.0,
+        weight_range: tuple[float, float] = (0.5, 1.5),
+        min_scale: float = 0.01,
+        max_scale: float = 10.0,
+        k: float = 1.0,
         prior_rollouts: int = 4,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if ras not in ("paper", "posterior"):
-            raise ValueError(f"BPGO: ras must be 'paper' or 'posterior', got {ras!r}")
+        if crt not in CRT_FORMS:
+            raise ValueError(f"BPGO: crt must be one of {CRT_FORMS}, got {crt!r}")
+        if ras not in RAS_FORMS:
+            raise ValueError(f"BPGO: ras must be one of {RAS_FORMS}, got {ras!r}")
         if prior_rollouts < 1:
             raise ValueError(f"BPGO: prior_rollouts must be >= 1, got {prior_rollouts}")
-        self.alpha, self.k, self.ras, self.prior_var = alpha, k, ras, prior_var
-        self.crt_lambda, self.crt_weight, self.prior_rollouts = crt_lambda, crt_weight, prior_rollouts
+        if self.reward_combination == "min_norm" and self.joint_combination == "loss":
+            raise ValueError("BPGO: a min-norm joint reward combined per loss would bypass the BPGO scaling; use joint_combination='advantage'")
+        self.crt, self.crt_a, self.crt_temperature, self.crt_lambda, self.crt_weight = crt, crt_a, crt_temperature, crt_lambda, crt_weight
+        self.crt_shift = crt_shift
+        self.ras, self.alpha, self.prior_var, self.weight_range = ras, alpha, prior_var, tuple(weight_range)
+        self.min_scale, self.max_scale, self.k = min_scale, max_scale, k
+        self.prior_rollouts = prior_rollouts
         self.priors: dict[int, float] = {}
 
     @torch.no_grad()
@@ -98,27 +140,44 @@ class BPGO(GRPO):
     def compute_advantages(self, rewards: Tensor, group_ids: Tensor, batch: dict) -> Tensor:
         g = self.rollouts_per_condition
         prior = self.gather(self.condition_priors(batch).to(rewards.device).repeat_interleave(g))
-        base = self.group_advantages(rewards, group_ids)
-        crt = contrastive_reward_transform(rewards, prior, self.crt_lambda)
-        crt_adv, _ = grpo_advantages(crt, group_ids, self.advantage_eps, self.advantage_clip)
-        mean = group_mean(rewards, group_ids)
-        if self.ras == "posterior":
-            gap = bpgo_posterior_gap(mean, group_std(rewards, group_ids) ** 2, g, prior, self.prior_var)
-            weights = bpgo_group_weights(gap, torch.zeros_like(gap), self.alpha, self.k)
+        raw_mean = group_mean(rewards, group_ids)
+        ras_prior = prior  # the reference compares the (rearranged) group rewards with the prior
+        if self.crt == "binary":
+            shifted, shifted_prior = rewards + self.crt_shift, prior + self.crt_shift
+            if bool((shifted < 0).any() or (shifted_prior < 0).any()):
+                low = float(torch.minimum(shifted.min(), shifted_prior.min()))
+                raise ValueError(
+                    f"BPGO: crt='binary' needs rewards and priors >= 0 after crt_shift={self.crt_shift} (lowest: {low:.4g}); "
+                    "its rearrangement R̃ = (a(R - p) + 1[R > p])·R·sigmoid(R/τ) reverses the order of negative rewards. "
+                    "Raise crt_shift, or use crt='paper' / 'none'."
+                )
+            rewards, ras_prior = crt_rerange(shifted, shifted_prior, self.crt_a, self.crt_temperature), shifted_prior
+        adv = self.group_advantages(rewards, group_ids)
+        if self.crt == "paper":
+            crt_adv, _ = grpo_advantages(contrastive_reward_transform(rewards, prior, self.crt_lambda), group_ids, self.advantage_eps, self.advantage_clip)
+            adv = adv + self.crt_weight * crt_adv
+        if self.ras == "bayes":
+            _, inverse = torch.unique(group_ids, return_inverse=True)
+            per_group = torch.stack([
+                ras_bayes_weight(rewards[inverse == i], ras_prior[inverse == i][0], self.prior_var, self.weight_range) for i in range(int(inverse.max()) + 1)
+            ])
+            weights = (1.0 + self.alpha * (per_group[inverse] - 1.0)).clamp(self.min_scale, self.max_scale)
+        elif self.ras == "paper":
+            weights = bpgo_group_weights(raw_mean, prior, self.alpha, self.k)
         else:
-            weights = bpgo_group_weights(mean, prior, self.alpha, self.k)
+            weights = torch.ones_like(rewards)
         self.log_dict(
             {
                 "bpgo/group_weight_mean": weights.mean(),
                 "bpgo/group_weight_min": weights.min(),
                 "bpgo/group_weight_max": weights.max(),
                 "bpgo/prior_mean": prior.mean(),
-                "bpgo/gap_mean": (mean - prior).mean(),
+                "bpgo/gap_mean": (raw_mean - prior).mean(),  # in reward units, before CRT
                 "bpgo/priors_cached": float(len(self.priors)),
             },
             batch_size=rewards.numel(),
         )
-        return (weights * (base + self.crt_weight * crt_adv)).clamp(-self.advantage_clip, self.advantage_clip)
+        return (weights * adv).clamp(-self.advantage_clip, self.advantage_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -13,14 +13,24 @@ from lightning_vidalign.algorithms.losses import ppo_clip_loss
 from lightning_vidalign.module import VideoAlignModule
 from lightning_vidalign.sampling import (
     SDE_TYPES,
+    KL_FORMS,
+    LOG_PROB_FORMS,
+    _as_level,
     equalizer_scales,
     gaussian_kl,
     gradient_norm_proxy,
+    kl_std,
     sde_step_parameters,
     sde_step_with_logprob,
 )
 
 KL_TYPES = ("none", "fixed", "step", "moving", "dual")
+TIMESTEP_SELECTIONS = ("per_sample", "random", "ordered")
+
+
+def _per_sample(value: float | Tensor, like: Tensor) -> Tensor:
+    """A noise level or scale as an fp32 ``(n,)`` CPU tensor (a float is the same for all samples)."""
+    return torch.as_tensor(value, dtype=torch.float32).cpu().expand(like.shape[0])
 
 
 class GRPO(VideoAlignModule):
@@ -39,7 +49,13 @@ class GRPO(VideoAlignModule):
     ``step`` (``log π_old - log π_θ``, SAGE Eq. 15: the policy that drew the rollout); ``moving``
     (reference = an anchor copy of the adapters refreshed every ``anchor_interval`` optimizer steps,
     SAGE Eq. 13); ``dual`` (``w_pos·moving + w_vel·step``, SAGE Eq. 14). Gaussian KLs use
-    ``||μ_θ - μ_ref||²/(2·std²)`` per step (mean over elements).
+    ``||μ_θ - μ_ref||²/(2·std²)`` per step (mean over elements), ``std`` from
+    :func:`~lightning_vidalign.sampling.kl_std` (``kl_form``).
+
+    Reference-code defaults (each with the paper's / exact form as an option):
+    ``log_prob_form="reference"`` (CPS log-prob ``-(x - μ)²`` as flow_grpo), ``kl_form="reference"``
+    (Flow-GRPO's KL divided by ``2·σ_t²`` without ``Δ``), ``timestep_selection="per_sample"`` (each
+    rollout trains its own random subset of steps, as DanceGRPO, SAGE-GRPO and TeleBoost draw them).
 
     Args:
         sde_type: rollout SDE (``flow_grpo | dance_grpo | cps | sage``), see
@@ -47,8 +63,16 @@ class GRPO(VideoAlignModule):
         eta: SDE noise scale.
         rollouts_per_condition: group size ``G``.
         timestep_fraction: share of the stochastic steps trained per round (Flow-GRPO: 0.5–1).
-        timestep_selection: ``"random"`` (a random subset per round, drawn from the step's
-            generator; the same for every sample) or ``"ordered"`` (the first, highest-noise steps).
+        timestep_selection: ``"per_sample"`` (default: every rollout its own random subset,
+            ``torch.randperm`` per sample from the step's generator, as DanceGRPO
+            ``train_grpo_flux.py``, SAGE-GRPO ``post_train.py`` and TeleBoost ``_build_perms``),
+            ``"random"`` (one random subset per round shared by every sample) or ``"ordered"``
+            (the first, highest-noise steps: flow_grpo's current ``train_wan2_1.py``, whose
+            per-sample ``randperm`` is commented out).
+        log_prob_form: ``"reference"`` | ``"gaussian"``: the per-step log-prob, see
+            :func:`~lightning_vidalign.sampling.step_log_density` (differs for ``cps`` only).
+        kl_form: ``"reference"`` | ``"exact"``: the KL normaliser, see
+            :func:`~lightning_vidalign.sampling.kl_std` (differs for ``flow_grpo`` only).
         clip_range: PPO ``ε`` (Flow-GRPO: 1e-4).
         advantage_clip: ``|A|`` bound (DESIGN: 5).
         advantage_eps: std stabiliser ``ε`` of the advantage.
@@ -70,6 +94,12 @@ class GRPO(VideoAlignModule):
         reward_combination: ``"sum"`` (advantage of the weighted sum of the rewards) or
             ``"min_norm"`` (joint reward: min-norm combination of per-reward advantages; every
             variant that calls :meth:`group_advantages` inherits it).
+        joint_combination: with ``reward_combination="min_norm"``: ``"loss"`` (default, TeleBoost
+            §3.5: ``Σ_i c_i·L_i``, each reward's own PPO-clip term with its advantage ``A_i``) or
+            ``"advantage"`` (one PPO-clip term on ``Σ_i c_i·A_i``). They agree at ratio 1 or when
+            the ``A_i`` of a sample share a sign. TeleBoost's released code combines in advantage
+            space, with per-sample weights (``joint_advantage_weights.py``); our ``c`` is one
+            min-norm point per round.
         **kwargs: :class:`VideoAlignModule` arguments (``num_inference_steps``, ``guidance``, ...;
             ``sampler`` is the validation/predict sampler, ``ode`` for flow models).
 
@@ -85,7 +115,7 @@ class GRPO(VideoAlignModule):
         eta: float = 0.7,
         rollouts_per_condition: int = 4,
         timestep_fraction: float = 0.5,
-        timestep_selection: str = "random",
+        timestep_selection: str = "per_sample",
         clip_range: float = 1e-4,
         advantage_clip: float = 5.0,
         advantage_eps: float = 1e-4,
@@ -101,6 +131,9 @@ class GRPO(VideoAlignModule):
         train_batch_size: int = 8,
         minibatches_per_round: int = 1,
         reward_combination: str = "sum",
+        joint_combination: str = "loss",
+        log_prob_form: str = "reference",
+        kl_form: str = "reference",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -108,8 +141,14 @@ class GRPO(VideoAlignModule):
             raise ValueError(f"GRPO: sde_type must be a stochastic one of {SDE_TYPES[1:]}, got {sde_type!r}")
         if kl_type not in KL_TYPES:
             raise ValueError(f"GRPO: kl_type must be one of {KL_TYPES}, got {kl_type!r}")
-        if timestep_selection not in ("random", "ordered"):
-            raise ValueError(f"GRPO: timestep_selection must be 'random' or 'ordered', got {timestep_selection!r}")
+        if timestep_selection not in TIMESTEP_SELECTIONS:
+            raise ValueError(f"GRPO: timestep_selection must be one of {TIMESTEP_SELECTIONS}, got {timestep_selection!r}")
+        if log_prob_form not in LOG_PROB_FORMS:
+            raise ValueError(f"GRPO: log_prob_form must be one of {LOG_PROB_FORMS}, got {log_prob_form!r}")
+        if kl_form not in KL_FORMS:
+            raise ValueError(f"GRPO: kl_form must be one of {KL_FORMS}, got {kl_form!r}")
+        if joint_combination not in ("loss", "advantage"):
+            raise ValueError(f"GRPO: joint_combination must be 'loss' or 'advantage', got {joint_combination!r}")
         if not 0 < timestep_fraction <= 1:
             raise ValueError(f"GRPO: timestep_fraction must be in (0, 1], got {timestep_fraction}")
         if rollouts_per_condition < 2:
@@ -132,7 +171,10 @@ class GRPO(VideoAlignModule):
         self.minibatches_per_round = minibatches_per_round
         if reward_combination not in ("sum", "min_norm"):
             raise ValueError(f"GRPO: reward_combination must be 'sum' or 'min_norm', got {reward_combination!r}")
-        self.reward_combination = reward_combination
+        self.reward_combination, self.joint_combination = reward_combination, joint_combination
+        self.log_prob_form, self.kl_form = log_prob_form, kl_form
+        #: joint reward combined per loss: ``(c (K,), A (K, B·G))`` of this rank's rollouts, else None
+        self.round_joint: tuple[Tensor, Tensor] | None = None
         self.optimizer_steps_per_batch = minibatches_per_round  # trainer.max_steps counts rounds
         self.updates = 0  # optimizer steps taken
         self.anchor: dict[str, Tensor] | None = None  # adapter weights of the moving reference
@@ -158,6 +200,8 @@ class GRPO(VideoAlignModule):
         per = torch.stack([grpo_advantages(r, group_ids, self.advantage_eps, self.advantage_clip)[0] for r in components.values()])
         c = min_norm_weights(per)
         self.log_dict({f"joint/c_{name}": c[i] for i, name in enumerate(components)}, batch_size=rewards.numel())
+        if self.joint_combination == "loss":
+            self.round_joint = (c, per)  # sliced to this rank's rollouts by training_step
         return (c.view(-1, 1) * per).sum(0)
 
     #: record the rollout's transition means (variants that need per-element old log-probs)
@@ -169,8 +213,14 @@ class GRPO(VideoAlignModule):
 
     def policy_loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, x_next: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, dict]:
         """Per-sample policy loss of one denoising step (override in variants): PPO-clip on the
-        sequence log-probs. ``x_next``, ``mean``, ``std`` give the per-element Gaussian transition."""
-        return ppo_clip_loss(log_prob, old_log_prob, advantages, self.clip_range)
+        sequence log-probs. ``x_next``, ``mean``, ``std`` give the per-element Gaussian transition.
+        A joint reward combined per loss (``joint_combination="loss"``) gives ``Σ_i c_i·L_i(A_i)``."""
+        loss, metrics = ppo_clip_loss(log_prob, old_log_prob, advantages, self.clip_range)
+        if self.round_joint is not None:
+            c, per = self.round_joint
+            per = per[:, self.current_index]
+            loss = sum(c[i] * ppo_clip_loss(log_prob, old_log_prob, per[i], self.clip_range)[0] for i in range(len(c)))
+        return loss, metrics
 
     # --------------------------------------------------------------- helpers
     def condition_ids(self, batch: dict) -> Tensor:
@@ -187,28 +237,36 @@ class GRPO(VideoAlignModule):
             return x
         return self.all_gather(x).flatten(0, 1)
 
-    def train_steps(self, sigmas: Tensor, generator: torch.Generator) -> list[int]:
-        """Denoising step indices trained this round: stochastic steps (``std > 0``, inside
-        ``sde_window``), of which ``ceil(fraction·n)`` ordered or random ones."""
+    def train_steps(self, sigmas: Tensor, generator: torch.Generator, num_samples: int) -> Tensor:
+        """Denoising step indices trained this round, ``(num_samples, k)`` long: of the stochastic
+        steps (``std > 0``, inside ``sde_window``), ``k = round(fraction·n)`` per sample — a random
+        subset per sample (``per_sample``), one random subset shared by all (``random``), or the
+        first ``k`` (``ordered``)."""
         p = sde_step_parameters(sigmas[:-1], sigmas[1:], self.sde_type, self.eta)
         eligible = [i for i in range(len(sigmas) - 1) if float(p["std"][i]) > 0 and (self.sde_window is None or i in self.sde_window)]
         if not eligible:
             raise ValueError(f"GRPO: no stochastic step to train (sde_type={self.sde_type}, eta={self.eta}, sde_window={self.sde_window})")
         k = max(1, int(round(self.timestep_fraction * len(eligible))))
+        eligible_t = torch.tensor(eligible)
+        if self.timestep_selection == "per_sample":
+            return torch.stack([eligible_t[torch.randperm(len(eligible), generator=generator)[:k]] for _ in range(num_samples)])
         if self.timestep_selection == "ordered":
-            return eligible[:k]
-        perm = torch.randperm(len(eligible), generator=generator)[:k]
-        return sorted(eligible[int(i)] for i in perm)
+            shared = eligible_t[:k]
+        else:
+            shared = eligible_t[torch.randperm(len(eligible), generator=generator)[:k]].sort().values
+        return shared.expand(num_samples, k).clone()
 
-    def step_scales(self, sigmas: Tensor, steps: list[int]) -> dict[int, float]:
-        """``S_t`` of the gradient-norm equalizer over all stochastic steps (1 when it is off)."""
+    def step_scales(self, sigmas: Tensor) -> Tensor:
+        """``S_t`` of the gradient-norm equalizer for every step of the schedule, ``(S,)`` (computed
+        over the stochastic steps; 1 for the deterministic ones, and everywhere when it is off)."""
+        scales = torch.ones(len(sigmas) - 1)
         if not self.equalizer:
-            return {t: 1.0 for t in steps}
+            return scales
         p = sde_step_parameters(sigmas[:-1], sigmas[1:], self.sde_type, self.eta)
         stoch = [i for i in range(len(sigmas) - 1) if float(p["std"][i]) > 0]
         proxies = gradient_norm_proxy(sigmas[stoch], sigmas[[i + 1 for i in stoch]], self.sde_type, self.eta)
-        scales = dict(zip(stoch, equalizer_scales(proxies).tolist()))
-        return {t: scales[t] for t in steps}
+        scales[stoch] = equalizer_scales(proxies)
+        return scales
 
     @contextlib.contextmanager
     def anchor_weights(self):
@@ -236,16 +294,26 @@ class GRPO(VideoAlignModule):
     def kl_coefficient(self) -> float:
         return self.kl_controller.value if self.kl_controller is not None else self.kl_coef
 
-    def reference_mean(self, x_t: Tensor, s: float, s_next: float, cond: dict, which: str) -> Tensor:
-        """Transition mean of a reference policy (``fixed``: adapters off; ``moving``: anchor)."""
+    def reference_mean(self, x_t: Tensor, s: Tensor, s_next: Tensor, cond: dict, which: str) -> Tensor:
+        """Transition mean of a reference policy (``fixed``: adapters off; ``moving``: anchor), at
+        per-sample levels ``s``, ``s_next`` ``(n,)``."""
+        s, s_next = _per_sample(s, x_t), _per_sample(s_next, x_t)
         ctx = self.backbone.adapters_disabled() if which == "fixed" else self.anchor_weights()
         with ctx, torch.no_grad():
-            v = self.backbone.guided_velocity(x_t, torch.full((x_t.shape[0],), s, device=x_t.device), cond, self.guidance)
-        p = sde_step_parameters(torch.tensor(s), torch.tensor(s_next), self.sde_type, self.eta)
-        return p["a"] * x_t.float() + p["b"] * v
+            v = self.backbone.guided_velocity(x_t, s.to(x_t.device), cond, self.guidance)
+        p = sde_step_parameters(_as_level(s, x_t), _as_level(s_next, x_t), self.sde_type, self.eta)
+        return p["a"] * x_t.float() + p["b"] * v.float()
 
-    def step_loss(self, x_t: Tensor, x_next: Tensor, old_log_prob: Tensor, advantages: Tensor, s: float, s_next: float, cond: dict, scale: float):
-        """Per-sample loss of one denoising step: ``S_t·PPO-clip + λ_KL·KL`` and its metrics."""
+    def step_loss(self, x_t: Tensor, x_next: Tensor, old_log_prob: Tensor, advantages: Tensor, s: Tensor, s_next: Tensor, cond: dict, scale: Tensor):
+        """Per-sample loss of one denoising step: ``S_t·PPO-clip + λ_KL·KL`` and its metrics.
+
+        Args:
+            x_t, x_next: ``(n, ...)`` the transition of each sample; old_log_prob, advantages: ``(n,)``.
+            s, s_next: ``(n,)`` each sample's noise levels (samples may sit at different steps).
+            cond: the samples' conditions. scale: ``(n,)`` equalizer scales ``S_t``.
+            (Floats are accepted for levels and scale: the same for every sample.)
+        """
+        s, s_next, scale = _per_sample(s, x_t), _per_sample(s_next, x_t), _per_sample(scale, x_t)
         # reference means first: loading the anchor writes the adapter weights in place, which
         # must not happen between the policy forward and its backward
         ref = {}
@@ -253,10 +321,12 @@ class GRPO(VideoAlignModule):
             ref["fixed"] = self.reference_mean(x_t, s, s_next, cond, "fixed")
         if self.kl_type in ("moving", "dual"):
             ref["moving"] = self.reference_mean(x_t, s, s_next, cond, "moving")
-        v = self.backbone.guided_velocity(x_t, torch.full((x_t.shape[0],), s, device=x_t.device), cond, self.guidance)
-        _, mean, std, log_prob = sde_step_with_logprob(v, x_t, s, s_next, self.sde_type, self.eta, prev_sample=x_next)
+        v = self.backbone.guided_velocity(x_t, s.to(x_t.device), cond, self.guidance)
+        _, mean, std, log_prob = sde_step_with_logprob(v, x_t, s, s_next, self.sde_type, self.eta, prev_sample=x_next, log_prob_form=self.log_prob_form)
         policy, metrics = self.policy_loss(log_prob, old_log_prob, advantages, x_next, mean, std)
-        kl = {k: gaussian_kl(mean, m, std) for k, m in ref.items()}
+        if ref:
+            ref_std = kl_std(_as_level(s, x_t), _as_level(s_next, x_t), self.sde_type, self.eta, self.kl_form)
+        kl = {k: gaussian_kl(mean, m, ref_std) for k, m in ref.items()}
         if self.kl_type in ("step", "dual"):
             kl["step"] = old_log_prob.detach() - log_prob
         if self.kl_type == "dual":
@@ -264,7 +334,7 @@ class GRPO(VideoAlignModule):
         elif kl:
             kl["total"] = next(iter(kl.values()))
         total_kl = kl.get("total", torch.zeros_like(policy))
-        loss = scale * policy + self.kl_coefficient() * total_kl
+        loss = scale.to(policy.device) * policy + self.kl_coefficient() * total_kl
         metrics.update({f"kl/{k}": v.detach().mean() for k, v in kl.items()})
         metrics["policy_loss"] = policy.detach().mean()
         return loss, metrics
@@ -288,7 +358,7 @@ class GRPO(VideoAlignModule):
                     self.backbone.rollout(
                         sub, self.sde_type, self.num_inference_steps, self.guidance, gen, keep_trajectory=True,
                         num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta, decode=True, sde_steps=self.sde_window,
-                        keep_means=self.keep_means,
+                        keep_means=self.keep_means, log_prob_form=self.log_prob_form,
                     )
                 )
             sigmas = parts[0].sigmas
@@ -307,16 +377,20 @@ class GRPO(VideoAlignModule):
         if not self.loss_is_finite(all_rewards, "rewards"):
             return None  # round skipped on every rank (logged, counted in train/skipped_steps)
         self.round_components = {k: self.gather(v) for k, v in components.items()}  # per reward, (N_all,) each
+        self.round_joint = None
         all_adv = self.compute_advantages(all_rewards, all_group_ids, batch)
         rank = self.global_rank if self.trainer.world_size > 1 else 0
-        advantages = all_adv[rank * b * g : (rank + 1) * b * g]
+        mine = slice(rank * b * g, (rank + 1) * b * g)
+        advantages = all_adv[mine]
+        if self.round_joint is not None:
+            self.round_joint = (self.round_joint[0], self.round_joint[1][:, mine])
         with self.timer("prepare_round"):
             self.prepare_round(videos)
 
         # 4. PPO-clip (+ KL) accumulated over the trained steps; one optimizer step per minibatch
         #    of rollouts (later minibatches see ratios != 1: the PPO clip acts there)
-        steps = self.train_steps(sigmas, gen)
-        scales = self.step_scales(sigmas, steps)
+        steps = self.train_steps(sigmas, gen, b * g)  # (B·G, k): the steps each rollout trains
+        scales = self.step_scales(sigmas)
         order = torch.randperm(b * g, generator=gen)
         minibatches = order.chunk(min(self.minibatches_per_round, b * g))
         sums: dict[str, float] = {}
@@ -324,22 +398,23 @@ class GRPO(VideoAlignModule):
         with self.timer("update"):
             for mb in minibatches:
                 chunks = mb.split(self.train_batch_size)
-                n_terms = len(steps) * len(mb)
+                n_steps = steps.shape[1]
+                n_terms = n_steps * len(mb)
                 bad, mb_kl = False, 0.0
-                for j, t in enumerate(steps):
-                    s, s_next = float(sigmas[t]), float(sigmas[t + 1])
+                for j in range(n_steps):
                     for c, idx in enumerate(chunks):
-                        sub = {k: v[idx] for k, v in cond.items()}
+                        t = steps[idx, j]  # (n,) each sample's j-th trained step
+                        sub = {key: v[idx] for key, v in cond.items()}
                         self.current_index, self.current_step = idx, t  # for per-sample round data in hooks
-                        loss, metrics = self.step_loss(x_t[idx, t], x_next[idx, t], old_log_prob[idx, t], advantages[idx], s, s_next, sub, scales[t])
+                        loss, metrics = self.step_loss(x_t[idx, t], x_next[idx, t], old_log_prob[idx, t], advantages[idx], sigmas[t], sigmas[t + 1], sub, scales[t])
                         loss = loss.sum() / n_terms
                         if not bool(torch.isfinite(loss)):
                             # keep every rank's backward passes (and their gradient syncs) aligned:
                             # back-propagate a zero instead; the step is skipped below on all ranks
                             bad, loss = True, self.zero_loss()
-                        self.backward_pass(loss, last=(j == len(steps) - 1 and c == len(chunks) - 1))
+                        self.backward_pass(loss, last=(j == n_steps - 1 and c == len(chunks) - 1))
                         mb_kl += float(metrics.get("kl/total", 0.0)) * len(idx) / n_terms
-                        weight = len(idx) / (b * g * len(steps))
+                        weight = len(idx) / (b * g * n_steps)
                         for k, v in {"loss": loss.detach() * n_terms / len(idx), **metrics}.items():
                             sums[k] = sums.get(k, 0.0) + float(v) * weight
                 if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
@@ -365,8 +440,8 @@ class GRPO(VideoAlignModule):
                 "adv/abs_mean": advantages.abs().mean(),
                 "adv/clip_frac": (advantages.abs() >= self.advantage_clip).float().mean(),
                 "kl/coef": self.kl_coefficient(),
-                "train/trained_steps": float(len(steps)),
-                "train/equalizer_max_over_min": max(scales.values()) / max(min(scales.values()), 1e-12),
+                "train/trained_steps": float(steps.shape[1]),
+                "train/equalizer_max_over_min": float(scales[steps.unique()].max() / scales[steps.unique()].min().clamp(min=1e-12)),
             },
             prog_bar=False,
             batch_size=b * g,
@@ -396,15 +471,15 @@ class GRPO(VideoAlignModule):
         p = sde_step_parameters(traj.sigmas[:-1], traj.sigmas[1:], self.sde_type, self.eta)
         steps = [i for i in range(self.num_inference_steps) if float(p["std"][i]) > 0]
         was, self.equalizer = self.equalizer, equalize
-        scales = self.step_scales(traj.sigmas, steps)
+        scales = self.step_scales(traj.sigmas)
         self.equalizer = was
         params = self.backbone.trainable_parameters()
         out = {}
         for t in steps:
             s, s_next = float(traj.sigmas[t]), float(traj.sigmas[t + 1])
             v = self.backbone.guided_velocity(traj.x_t[:, t], torch.full((b * g,), s, device=video.device), cond, self.guidance)
-            _, _, _, lp = sde_step_with_logprob(v, traj.x_t[:, t], s, s_next, self.sde_type, self.eta, prev_sample=traj.x_next[:, t])
-            loss = scales[t] * (-(adv * lp)).mean()
+            _, _, _, lp = sde_step_with_logprob(v, traj.x_t[:, t], s, s_next, self.sde_type, self.eta, prev_sample=traj.x_next[:, t], log_prob_form=self.log_prob_form)
+            loss = float(scales[t]) * (-(adv * lp)).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             out[t] = float(torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads if gr is not None)))
         return out

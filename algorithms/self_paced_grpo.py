@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_vidalign.algorithms.advantages import grpo_advantages, hoyer_sparsity, self_paced_weights
+from lightning_vidalign.algorithms.advantages import group_saturation, grpo_advantages, self_paced_weights
 from lightning_vidalign.algorithms.grpo import GRPO
 
 
@@ -13,20 +13,21 @@ class SelfPacedGRPO(GRPO):
     """GRPO on a combined reward whose component weights follow the generator's competence.
 
     Components ``j = 1..K`` are reward callbacks named in curriculum order (paper: visual fidelity,
-    temporal/motion, text alignment). Per group of ``G`` rollouts,
-    ``g_j = sigmoid((mean r_j - τ_j)/T) + β·(S(r_j) - S(r_{j+1}))`` (``S`` = Hoyer sparsity,
-    ``S(r_{K+1}) = 0``), ``w = softmax(g)`` (:func:`self_paced_weights`), combined reward
-    ``Σ_j w_j r_j`` per rollout, then group advantages. A component whose mean passes its threshold
-    ``τ_j`` (mastered) and whose rewards are not sparse hands weight to the next one.
+    temporal/motion, text alignment). Per group of ``G`` rollouts, competence
+    ``c_j = sigmoid((mean r_j - τ_j)/T)``, saturation ``S_j`` (Hoyer sparsity of the min-shifted
+    rewards, 1 for zero variance), mastery ``m_j = 1 - (1 - c_j)(1 - β·S_j)``, and weights passed
+    down the curriculum ``w_j = m_1···m_{j-1}·(1 - m_j)`` (:func:`self_paced_weights`); combined reward
+    ``Σ_j w_j r_j`` per rollout, then group advantages. A component that is mastered (mean past
+    ``τ_j``) or saturated hands its weight to the next one.
 
     ``τ_j`` are configured (in each component's own units), not calibrated: our choice — set them
     near the reward a competent model reaches (e.g. the real clips' score for that reward).
-    Logged over training: ``curriculum/w_<name>`` (mean over groups), ``curriculum/sparsity_<name>``.
+    Logged over training: ``curriculum/w_<name>`` (mean over groups), ``curriculum/saturation_<name>``.
 
     Args:
         components: reward-callback names in curriculum order (K >= 1); they are also the rewards
             used (``rewards``).
-        tau: ``(K,)`` thresholds. beta: sparsity weight ``β``. temperature: ``T``.
+        tau: ``(K,)`` thresholds. beta: saturation weight ``β ∈ [0, 1]``. temperature: ``T``.
         **kwargs: :class:`GRPO` arguments.
     """
 
@@ -47,12 +48,12 @@ class SelfPacedGRPO(GRPO):
         weights = self_paced_weights(grouped, torch.tensor(self.tau), self.sp_beta, self.temperature)  # (N/G, K)
         combined = (grouped * weights.unsqueeze(1)).sum(-1).flatten()
         adv, zero_frac = grpo_advantages(combined, group_ids, self.advantage_eps, self.advantage_clip)
-        sparsity = hoyer_sparsity(grouped.transpose(1, 2)).mean(0)
+        saturation = group_saturation(grouped.transpose(1, 2)).mean(0)
         self.log_dict(
             {
                 "train/zero_std_groups": zero_frac,
                 **{f"curriculum/w_{c}": weights[:, j].mean() for j, c in enumerate(self.components)},
-                **{f"curriculum/sparsity_{c}": sparsity[j] for j, c in enumerate(self.components)},
+                **{f"curriculum/saturation_{c}": saturation[j] for j, c in enumerate(self.components)},
             },
             batch_size=rewards.numel(),
         )

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_vidalign.algorithms.advantages import vipo_advantage_map
 from lightning_vidalign.algorithms.grpo import GRPO
 from lightning_vidalign.algorithms.losses import ppo_clip_loss
-from lightning_vidalign.sampling import gaussian_log_density
+from lightning_vidalign.sampling import step_log_density
 
 
 class PerceptualBackbone(nn.Module):
@@ -107,13 +107,20 @@ class ViPO(GRPO):
 
     ``ratio_mode``:
 
-    - ``"weighted"`` (default): the log-probability is the ``M``-weighted mean of the element-wise
-      Gaussian log-densities (``M`` broadcast over channels), ``ρ = exp(log π_M - log π_M,old)``, PPO
-      clip on that ratio. Its gradient at ``ρ = 1`` is ``A·M`` per position, and an all-ones map
+    - ``"per_position"`` (default; TeleBoost's released code, ``reduce_wan_log_density`` and the Wan
+      actor): log-prob per latent position summed over channels, a ratio and a PPO clip per position
+      with the dense advantage ``A·M``, averaged over positions. It equals the GRPO loss only at
+      ``ρ = 1`` (a mean of ratios is not the ratio of means), and its ratios are sums over channels,
+      so ``clip_range`` acts on a larger log-ratio than GRPO's element mean.
+    - ``"weighted"`` (our option): the log-probability is the ``M``-weighted mean of the
+      element-wise log-densities (``M`` broadcast over channels), ``ρ = exp(log π_M - log π_M,old)``,
+      PPO clip on that ratio. Its gradient at ``ρ = 1`` is ``A·M`` per position, and an all-ones map
       gives *exactly* the GRPO loss (tested).
-    - ``"per_position"`` (DESIGN's reading): log-prob per position summed over channels, a ratio and
-      a clip per position with the dense advantage ``A·M``, averaged over positions. It equals the
-      GRPO loss only at ``ρ = 1`` (a mean of ratios is not the ratio of means).
+
+    The map follows the reference step by step (:func:`vipo_advantage_map`). Remaining differences
+    from the reference, with the reason: the default perceptual backbone is TransNetV2 (offline,
+    pretrained) instead of DINOv2-large (no weights offline; :class:`TimmViTFeatures` loads a local
+    DINOv2), and the PCA runs in float64.
 
     The rollouts' transition means are recorded so the old per-position log-probs are exact. In
     TI2V mode the map's time axis is resampled to the generated latent frames. Logged: the map of the
@@ -122,28 +129,42 @@ class ViPO(GRPO):
 
     Args:
         perceptual_backbone: a :class:`PerceptualBackbone` (default :class:`TransNetV2Features`).
-        ratio_mode: ``"weighted"`` or ``"per_position"``.
-        blur_sigma: Gaussian blur of the map (paper: 1).
+        ratio_mode: ``"per_position"`` (reference) or ``"weighted"``.
+        blur_sigma: Gaussian blur of the map (paper and reference: 1).
+        sign_rule: PCA sign rule of :func:`vipo_advantage_map` (``"none"``: reference).
         log_map_every: log the map image every this many rounds (0: never).
         **kwargs: :class:`GRPO` arguments.
     """
 
     keep_means = True
 
-    def __init__(self, *args, perceptual_backbone: PerceptualBackbone | None = None, ratio_mode: str = "weighted", blur_sigma: float = 1.0, log_map_every: int = 10, **kwargs):
+    def __init__(
+        self,
+        *args,
+        perceptual_backbone: PerceptualBackbone | None = None,
+        ratio_mode: str = "per_position",
+        blur_sigma: float = 1.0,
+        sign_rule: str = "none",
+        log_map_every: int = 10,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        if self.reward_combination == "min_norm" and self.joint_combination == "loss":
+            raise ValueError("ViPO: its dense policy loss does not combine per-reward losses; use joint_combination='advantage'")
         if ratio_mode not in ("weighted", "per_position"):
             raise ValueError(f"ViPO: ratio_mode must be 'weighted' or 'per_position', got {ratio_mode!r}")
         self.perceptual_backbone = perceptual_backbone if perceptual_backbone is not None else TransNetV2Features()
         self.perceptual_backbone.requires_grad_(False)
-        self.ratio_mode, self.blur_sigma, self.log_map_every = ratio_mode, blur_sigma, log_map_every
+        if sign_rule not in ("none", "svd_flip"):
+            raise ValueError(f"ViPO: sign_rule must be 'none' or 'svd_flip', got {sign_rule!r}")
+        self.ratio_mode, self.blur_sigma, self.sign_rule, self.log_map_every = ratio_mode, blur_sigma, sign_rule, log_map_every
         self.round_maps: Tensor | None = None
         self.rounds = 0
 
     def advantage_maps(self, videos: Tensor, latent_size: tuple[int, int, int]) -> Tensor:
         """``(N, T', h', w')`` maps of decoded rollouts ``(N, T, 3, H, W)``."""
         feats = self.perceptual_backbone(videos)
-        return torch.stack([vipo_advantage_map(f, latent_size, self.blur_sigma) for f in feats]).to(videos.device)
+        return torch.stack([vipo_advantage_map(f, latent_size, self.blur_sigma, sign_rule=self.sign_rule) for f in feats]).to(videos.device)
 
     def prepare_round(self, videos: Tensor) -> None:
         t_gen, _, h, w = self.round_old_means.shape[2:]
@@ -161,8 +182,8 @@ class ViPO(GRPO):
     def policy_loss(self, log_prob, old_log_prob, advantages, x_next, mean, std):
         maps = self.round_maps[self.current_index].unsqueeze(2)  # (n, T', 1, h, w), broadcast over channels
         old_mean = self.round_old_means[self.current_index, self.current_step]
-        new_el = gaussian_log_density(x_next, mean, std)
-        old_el = gaussian_log_density(x_next, old_mean, std)
+        new_el = step_log_density(x_next, mean, std, self.sde_type, self.log_prob_form)
+        old_el = step_log_density(x_next, old_mean, std, self.sde_type, self.log_prob_form)
         if self.ratio_mode == "weighted":
             return ppo_clip_loss((maps * new_el).flatten(1).mean(1), (maps * old_el).flatten(1).mean(1), advantages, self.clip_range)
         diff = (new_el - old_el.detach()).sum(2)  # per position, summed over channels

@@ -219,13 +219,35 @@ def gaussian_log_density(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """Log-density of ``x`` under ``N(mean, std²)`` (all constants kept), averaged over all
-    non-batch elements (flow_grpo's convention), shape ``(B,)``.
-
-    Note: flow_grpo's CPS code drops the ``-log std - log sqrt(2π)`` constants; we keep them, which
-    changes log-probs by a per-step constant and leaves ratios unchanged.
-    """
+    non-batch elements (flow_grpo's convention), shape ``(B,)``."""
     lp = gaussian_log_density(x, mean, std)
     return lp.flatten(1).mean(1) if lp.dim() > 1 else lp
+
+
+#: forms of the per-step log-probability: ``reference`` (the public reference code of each SDE type)
+#: or ``gaussian`` (the true Gaussian log-density for every type)
+LOG_PROB_FORMS = ("reference", "gaussian")
+
+
+def step_log_density(x: Tensor, mean: Tensor, std: Tensor, sde_type: str, log_prob_form: str = "reference") -> Tensor:
+    """Element-wise log-probability of a transition ``x ~ N(mean, std²)``, fp32, the shape of ``x``.
+
+    ``log_prob_form="reference"`` (default): what the public code of the SDE type computes —
+    for ``cps`` flow_grpo's ``-(x - mean)²`` (``sd3_sde_with_logprob.py``, "remove all constants":
+    it drops the ``1/(2·std²)`` factor too, so every CPS log-ratio is the Gaussian one times
+    ``2·std²``, ×0.59 … ×927 per step on an 8-step shift-5 schedule, and flow_grpo's clip ranges
+    are tuned for that scale); for every other type the full Gaussian log-density (flow_grpo
+    ``sde``, SAGE-GRPO). ``"gaussian"``: the full Gaussian log-density for every type, ``cps``
+    included (the paper's likelihood; ratios then differ from flow_grpo's by that per-step factor).
+
+    Raises:
+        ValueError: on an unknown ``log_prob_form``.
+    """
+    if log_prob_form not in LOG_PROB_FORMS:
+        raise ValueError(f"log_prob_form must be one of {LOG_PROB_FORMS}, got {log_prob_form!r}")
+    if sde_type == "cps" and log_prob_form == "reference":
+        return -((x.float() - mean.float()) ** 2)
+    return gaussian_log_density(x, mean, std)
 
 
 def sde_step_with_logprob(
@@ -238,6 +260,7 @@ def sde_step_with_logprob(
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
     sigma_max: float | None = None,
+    log_prob_form: str = "reference",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One reverse step of a flow-matching sampler, with its Gaussian log-probability (DESIGN §2).
 
@@ -264,11 +287,14 @@ def sde_step_with_logprob(
         generator: CPU RNG for the drawn noise (drawn on CPU in fp32, then moved: device-independent).
         prev_sample: if given, it is scored, not drawn.
         sigma_max: flow_grpo boundary value (see :func:`flow_grpo_noise_scale`).
+        log_prob_form: ``"reference"`` (default; for ``cps`` flow_grpo's ``-(x - mean)²`` without
+            the ``1/(2·std²)`` factor) or ``"gaussian"``: see :func:`step_log_density`.
 
     Returns:
         ``(prev_sample, mean, std, log_prob)``: ``prev_sample`` and ``mean`` shaped like ``sample``
-        (fp32), ``std`` broadcastable to it, ``log_prob (B,)`` averaged over the non-batch elements,
-        or None when ``std == 0`` (ODE or ``eta = 0``), where no density exists.
+        (fp32), ``std`` broadcastable to it, ``log_prob (B,)``: :func:`step_log_density` averaged
+        over the non-batch elements, or None when ``std == 0`` (ODE or ``eta = 0``), where no
+        density exists.
 
     Raises:
         ValueError: on an unknown ``sde_type``, shape mismatch or ``sigma_next >= sigma``.
@@ -290,19 +316,55 @@ def sde_step_with_logprob(
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         prev_sample = mean + std * noise
     prev_sample = prev_sample.float()
-    return prev_sample, mean, std, gaussian_log_prob(prev_sample, mean, std)
+    lp = step_log_density(prev_sample, mean, std, sde_type, log_prob_form)
+    return prev_sample, mean, std, lp.flatten(1).mean(1) if lp.dim() > 1 else lp
 
 
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: float | Tensor) -> Tensor:
     """KL between two Gaussian transitions with equal covariance ``std²·I``:
     ``||μ_θ - μ_ref||² / (2·std²)``, averaged over the non-batch elements, shape ``(B,)``.
 
-    Source: SAGE-GRPO Eq. 11/13 (with the step's variance ``std²``; the paper prints ``Σ_t²``) and
-    Flow-GRPO's per-step KL.
+    ``std`` is a scalar or broadcastable to ``mean`` (e.g. ``(B, 1, ...)`` per sample). Which
+    ``std`` a run divides by is :func:`kl_std` (the reference codes differ per SDE type).
+    Source: SAGE-GRPO Eq. 11/13, Flow-GRPO's per-step KL.
     """
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std**2)
     return kl.flatten(1).mean(1)
+
+
+#: forms of the per-step KL normaliser: ``reference`` (the public code of the SDE type) or ``exact``
+KL_FORMS = ("reference", "exact")
+
+
+def kl_std(sigma: Tensor, sigma_next: Tensor, sde_type: str, eta: float, kl_form: str = "reference", sigma_max=None) -> Tensor:
+    """The ``std`` that the per-step KL ``||μ_θ - μ_ref||²/(2·std²)`` divides by.
+
+    ``kl_form="exact"``: the step's own transition std (the true KL of the two Gaussians).
+    ``kl_form="reference"`` (default): what the reference code divides by — for ``flow_grpo``
+    the diffusion coefficient ``σ_t = η·sqrt(s/(1-s))`` *without* ``sqrt(Δ)`` (flow_grpo
+    ``scripts/train_sd3.py``: ``/ (2 * std_dev_t ** 2)`` with the ``std_dev_t`` that
+    ``sde_step_with_logprob`` returns; SAGE-GRPO's ``flow_grpo`` branch does the same), i.e. the
+    exact KL times ``Δ``, so a β from flow_grpo's configs transfers; for ``dance_grpo``, ``sage``
+    and ``cps`` the full step std (SAGE-GRPO ``grpo_utils.py``; flow_grpo's ``cps`` returns the
+    full std), the same as ``exact``.
+
+    Args:
+        sigma, sigma_next: levels ``s``, ``s'`` (tensors, scalar or ``(B,)``).
+        sde_type, eta, sigma_max: as in :func:`sde_step_with_logprob`.
+        kl_form: ``"reference"`` or ``"exact"``.
+
+    Returns:
+        The std, shaped like the broadcast levels.
+
+    Raises:
+        ValueError: on an unknown ``kl_form``.
+    """
+    if kl_form not in KL_FORMS:
+        raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
+    if sde_type == "flow_grpo" and kl_form == "reference":
+        return flow_grpo_noise_scale(sigma, eta, sigma_max, sigma_next)
+    return torch.as_tensor(sde_step_parameters(sigma, sigma_next, sde_type, eta, sigma_max)["std"])
 
 
 def gradient_norm_proxy(sigma: float | Tensor, sigma_next: float | Tensor, sde_type: str, eta: float, sigma_max=None) -> Tensor:

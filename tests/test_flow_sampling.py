@@ -78,15 +78,19 @@ def test_sage_std_below_flow_grpo_in_high_noise_steps():
 
 @pytest.mark.parametrize("sde_type", STOCHASTIC)
 def test_log_prob_is_the_gaussian_density_and_rescoring_is_exact(sde_type):
+    """The Gaussian form for every type (CPS's reference form is tested in test_reference_forms.py);
+    re-scoring gives ratio exactly 1 in both forms."""
     x, v = _xv(1)
-    prev, mean, std, lp = sde_step_with_logprob(v, x, 0.8, 0.6, sde_type, 0.7, torch.Generator().manual_seed(3))
+    prev, mean, std, lp = sde_step_with_logprob(v, x, 0.8, 0.6, sde_type, 0.7, torch.Generator().manual_seed(3), log_prob_form="gaussian")
     ref = torch.distributions.Normal(mean, torch.as_tensor(std).expand_as(mean)).log_prob(prev).flatten(1).mean(1)
     torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
-    _, _, _, lp2 = sde_step_with_logprob(v, x, 0.8, 0.6, sde_type, 0.7, prev_sample=prev)
-    assert torch.equal(lp, lp2)  # ratio exactly 1
-    # a different velocity gives a different log-prob of the same sample
-    _, _, _, lp3 = sde_step_with_logprob(v + 0.1, x, 0.8, 0.6, sde_type, 0.7, prev_sample=prev)
-    assert not torch.allclose(lp, lp3)
+    for form in ("gaussian", "reference"):
+        _, _, _, lp1 = sde_step_with_logprob(v, x, 0.8, 0.6, sde_type, 0.7, prev_sample=prev, log_prob_form=form)
+        _, _, _, lp2 = sde_step_with_logprob(v, x, 0.8, 0.6, sde_type, 0.7, prev_sample=prev, log_prob_form=form)
+        assert torch.equal(lp1, lp2)  # ratio exactly 1
+        # a different velocity gives a different log-prob of the same sample
+        _, _, _, lp3 = sde_step_with_logprob(v + 0.1, x, 0.8, 0.6, sde_type, 0.7, prev_sample=prev, log_prob_form=form)
+        assert not torch.allclose(lp1, lp3)
 
 
 def test_per_sample_levels_and_bad_input():

@@ -44,7 +44,7 @@ def _perturb(backbone, seed=0, scale=0.05):
 # ------------------------------------------------------------------------ ViPO
 def test_all_ones_map_gives_exactly_the_grpo_loss(wan_batch):
     backbone = WanBackbone(lora_rank=4, lora_alpha=4)
-    vipo = ViPO(backbone=backbone, **COMMON)
+    vipo = ViPO(backbone=backbone, ratio_mode="weighted", **COMMON)
     grpo = GRPO(backbone=backbone, **COMMON)
     cond = backbone.encode_condition(wan_batch)
     traj = backbone.rollout(cond, "sage", 5, 2.0, torch.Generator().manual_seed(0), keep_trajectory=True, keep_means=True, num_frames=9, decode=False)
@@ -68,7 +68,10 @@ def test_all_ones_map_gives_exactly_the_grpo_loss(wan_batch):
 
 
 def test_psm_map_follows_a_moving_object():
-    """The TransNetV2-feature map of a red square moving on a flat background is higher on the square."""
+    """The TransNetV2-feature map of a red square moving on a flat background separates the square from
+    the background. Its polarity (square high or low) follows the sign LAPACK gives the principal
+    components, as in TeleBoost's reference (no sign rule, then ``max - x``), so only the contrast is
+    asserted."""
     t = 9
     video = torch.full((1, t, 3, 64, 64), 0.3)
     mask = torch.zeros(t, 64, 64)
@@ -81,8 +84,8 @@ def test_psm_map_follows_a_moving_object():
     m = vipo_advantage_map(feats[0], (t, 16, 16))
     assert m.shape == (t, 16, 16) and m.min() == 0 and m.max() == 1
     mk = torch.nn.functional.interpolate(mask[:, None], size=(16, 16), mode="area")[:, 0]
-    assert m[mk > 0.5].mean() > m[mk < 0.1].mean() + 0.1
-    assert torch.corrcoef(torch.stack([m.flatten(), mk.flatten()]))[0, 1] > 0.25
+    assert abs(m[mk > 0.5].mean() - m[mk < 0.1].mean()) > 0.1
+    assert abs(torch.corrcoef(torch.stack([m.flatten(), mk.flatten()]))[0, 1]) > 0.25
     assert torch.equal(vipo_advantage_map(torch.ones(3, 8, 4, 4), (2, 4, 4)), torch.ones(2, 4, 4))  # constant -> all ones
 
 
@@ -114,7 +117,7 @@ def test_vipo_smoke_logs_its_map(tmp_path, wan_datamodule):
 
 # ------------------------------------------------------------------------ BPGO
 def test_bpgo_priors_weights_and_checkpoint(tmp_path, wan_datamodule, wan_batch):
-    module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), prior_rollouts=2, **COMMON)
+    module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), prior_rollouts=2, crt_shift=10.0, **COMMON)
     metrics = _fit_and_check(module, tmp_path, wan_datamodule)
     assert len(module.priors) >= 2 and float(metrics["bpgo/priors_cached"]) == len(module.priors)
     assert 0.5 < float(metrics["bpgo/group_weight_min"]) <= float(metrics["bpgo/group_weight_max"]) < 1.5
@@ -126,6 +129,10 @@ def test_bpgo_priors_weights_and_checkpoint(tmp_path, wan_datamodule, wan_batch)
     # a prior given by the data is used as is (no rollout)
     assert torch.equal(fresh.condition_priors({**wan_batch, "prior": torch.tensor([0.25, -1.0])}), torch.tensor([0.25, -1.0]))
     assert fresh.priors == module.priors
+    # the reference CRT on negative rewards (motion and flicker rewards are <= 0) is refused, naming crt_shift
+    unshifted = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), prior_rollouts=1, **COMMON)
+    with pytest.raises(ValueError, match="crt_shift=0.0"):
+        _trainer(tmp_path, 1).fit(unshifted, datamodule=wan_datamodule)
 
 
 # ------------------------------------------------------- self-paced and joint
@@ -140,7 +147,7 @@ def test_self_paced_grpo_logs_curriculum_weights(tmp_path, wan_datamodule):
 
 def test_joint_reward_min_norm_in_grpo_and_bpgo(tmp_path, wan_datamodule):
     for cls in (GRPO, BPGO):
-        kw = dict(prior_rollouts=1) if cls is BPGO else {}
+        kw = dict(prior_rollouts=1, crt_shift=10.0, joint_combination="advantage") if cls is BPGO else {}
         module = cls(backbone=WanBackbone(lora_rank=4, lora_alpha=4), reward_combination="min_norm", **kw, **COMMON)
         metrics = _fit_and_check(module, tmp_path, wan_datamodule)
         c = float(metrics["joint/c_motion"]) + float(metrics["joint/c_flicker"])

@@ -581,6 +581,7 @@ class WanBackbone(VideoBackbone):
         latents: Tensor | None = None,
         sde_steps: list[int] | None = None,
         keep_means: bool = False,
+        log_prob_form: str = "reference",
     ) -> Trajectory:
         """Sample with the shifted flow-match Euler schedule and an SDE type per step.
 
@@ -603,6 +604,9 @@ class WanBackbone(VideoBackbone):
             latents: optional initial noise ``(B, T', C, h, w)``.
             sde_steps: indices of the steps taken with ``sampler``; the others are ODE steps
                 (e.g. a stochastic window as in MixGRPO); None = all steps.
+            keep_means: record the per-step transition means and stds in ``extras``.
+            log_prob_form: form of the recorded log-probs (``reference`` | ``gaussian``, see
+                :func:`~lightning_vidalign.sampling.step_log_density`).
 
         Returns:
             :class:`Trajectory` with full-clip ``latents (B, T', C, h, w)``.
@@ -624,7 +628,7 @@ class WanBackbone(VideoBackbone):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
             kind = sampler if sde_steps is None or i in sde_steps else "ode"
-            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator)
+            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
             if keep_means:
                 means.append(mean)
                 stds.append(float(torch.as_tensor(std).max()))
