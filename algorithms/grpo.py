@@ -89,8 +89,8 @@ class GRPO(VideoAlignModule):
         minibatches_per_round: optimizer steps per round; the round's rollouts are shuffled and
             split into this many minibatches, each accumulated over the trained denoising steps
             (Flow-GRPO's inner loop). 1 = one on-policy step (ratio 1, nothing clipped).
-            ``trainer.max_steps`` still counts rounds (batches); the LR scheduler and
-            ``ModelCheckpoint(every_n_train_steps)`` count optimizer steps.
+            ``trainer.max_steps``, ``ModelCheckpoint(every_n_train_steps)``, the logging step and
+            the progress bar count rounds (batches); the LR scheduler counts optimizer steps.
         reward_combination: ``"sum"`` (advantage of the weighted sum of the rewards) or
             ``"min_norm"`` (joint reward: min-norm combination of per-reward advantages; every
             variant that calls :meth:`group_advantages` inherits it).
@@ -441,6 +441,7 @@ class GRPO(VideoAlignModule):
                 "adv/clip_frac": (advantages.abs() >= self.advantage_clip).float().mean(),
                 "kl/coef": self.kl_coefficient(),
                 "train/trained_steps": float(steps.shape[1]),
+                "train/optimizer_steps": float(self.updates),
                 "train/equalizer_max_over_min": float(scales[steps.unique()].max() / scales[steps.unique()].min().clamp(min=1e-12)),
             },
             prog_bar=False,

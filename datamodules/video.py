@@ -158,12 +158,17 @@ def load_captions(path: str) -> dict[str, list[CaptionSpan]]:
     return out
 
 
+def caption_spans(captions: dict[str, list[CaptionSpan]], path: str) -> list[CaptionSpan]:
+    """The caption rows of ``path``, matched by file name, then by name without extension (``[]``: none)."""
+    name = os.path.basename(os.path.normpath(path))
+    return captions.get(name, captions.get(os.path.splitext(name)[0], []))
+
+
 def caption_at(captions: dict[str, list[CaptionSpan]], path: str, time: float) -> str:
     """The caption of ``path`` (matched by file name, then by name without extension) at ``time``
     seconds from its first frame: the timed span containing ``time`` (``start <= time < end``), else the
     untimed one, else ``""``. Source: our choice."""
-    name = os.path.basename(os.path.normpath(path))
-    spans = captions.get(name, captions.get(os.path.splitext(name)[0], []))
+    spans = caption_spans(captions, path)
     for span in spans:
         if span.timed and span.start <= time < span.end:
             return span.caption
@@ -402,7 +407,9 @@ class VideoClipDataModule(L.LightningDataModule):
         if self.skipped:
             log.warning("VideoClipDataModule: skipped %d source(s): %s", len(self.skipped), [p for p, _ in self.skipped])
         if not clips:
-            raise VideoDecodeError(f"no usable clip in {len(paths)} source(s): {paths}")
+            raise VideoDecodeError(f"no usable clip in {len(paths)} source(s): {paths}" + (f" (from {self.sources})" if self.sources else ""))
+        if self.hparams.captions:
+            self._check_captions(captions, [index.path for index in indices])
         if self.hparams.val_split == "tail":
             val_ids, train_ids = self._tail_split(indices, clips)
         else:
@@ -412,6 +419,26 @@ class VideoClipDataModule(L.LightningDataModule):
         self.train_set = VideoClipDataset(indices, [clips[i] for i in train_ids], self.height, self.width, captions)
         self.val_set = VideoClipDataset(indices, [clips[i] for i in val_ids], self.height, self.width, captions)
         log.info("VideoClipDataModule: %d sources, %d train / %d val clips", len(indices), len(train_ids), len(val_ids))
+
+    def _check_captions(self, captions: dict[str, list[CaptionSpan]], paths: list[str]) -> None:
+        """A captions file that matches none of the videos is an error (a text-conditioned model would
+        train on empty prompts); videos without a caption are counted in a warning; the matched count
+        is logged."""
+        unmatched = [p for p in paths if not caption_spans(captions, p)]
+        by_stem: dict[str, str] = {}  # one name per video (the keys include extension-less aliases)
+        for key in captions:
+            by_stem[os.path.splitext(key)[0]] = max(by_stem.get(os.path.splitext(key)[0], ""), key, key=len)
+        names = sorted(by_stem.values())
+        if len(unmatched) == len(paths):
+            raise ValueError(
+                f"data.captions {self.hparams.captions!r}: none of its {len(names)} video name(s) (e.g. {names[:3]}) "
+                f"matches the {len(paths)} video(s) of data.sources (e.g. {[os.path.basename(p) for p in paths[:3]]}); rows match by "
+                "file name, with or without extension. Give a captions file for these videos, or data.captions: null to train without captions."
+            )
+        if unmatched:
+            log.warning("VideoClipDataModule: %d of %d video(s) have no caption in %s and get '': %s", len(unmatched), len(paths),
+                        self.hparams.captions, [os.path.basename(p) for p in unmatched[:10]])
+        log.info("VideoClipDataModule: captions for %d of %d video(s) from %s", len(paths) - len(unmatched), len(paths), self.hparams.captions)
 
     def _tail_split(self, indices: list[VideoIndex], clips: list[ClipSpec]) -> tuple[list[int], list[int]]:
         """Held-out = clips starting in the last ``val_fraction`` of each source; train = clips ending before that."""

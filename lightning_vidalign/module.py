@@ -186,6 +186,11 @@ class VideoAlignModule(L.LightningModule):
     def step_optimizer(self) -> dict[str, float]:
         """Clip the accumulated gradients, step the optimizer and the scheduler, zero the grads.
 
+        Lightning's ``global_step`` counts *batches* (DESIGN §4): only the first optimizer step of a
+        batch advances it, so ``trainer.max_steps``, ``ModelCheckpoint(every_n_train_steps)``, the
+        logging step and the progress bar all count batches (GRPO: rounds), whatever the number of
+        optimizer steps a batch takes. The LR scheduler steps with every optimizer step.
+
         Returns:
             ``{"grad_norm": float (before clipping), "lr": float}``.
         """
@@ -195,7 +200,16 @@ class VideoAlignModule(L.LightningModule):
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
         if self.grad_clip and self.grad_clip > 0 and not deepspeed:  # DeepSpeed clips from its config ("gradient_clipping")
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
+        if self._batch_step_counted:  # a later optimizer step of the same batch: not a new global step
+            hooks = (opt._on_before_step, opt._on_after_step)
+            opt._on_before_step = opt._on_after_step = lambda: None
+            try:
+                opt.step()
+            finally:
+                opt._on_before_step, opt._on_after_step = hooks
+        else:
+            opt.step()
+            self._batch_step_counted = True
         opt.zero_grad(set_to_none=True)
         sched = self.lr_schedulers()
         if sched is not None:
@@ -254,6 +268,7 @@ class VideoAlignModule(L.LightningModule):
         # counted before the step so that checkpoints written by callbacks at batch end (which run
         # before the module's own batch-end hook) hold the number of completed batches
         self.batches_seen += 1
+        self._batch_step_counted = False
 
     def setup(self, stage: str) -> None:
         """Refuse strategy combinations that cannot work, with the fix in the message."""
@@ -290,18 +305,13 @@ class VideoAlignModule(L.LightningModule):
     #: optimizer steps a training batch may take (GRPO with several minibatches per round: > 1)
     optimizer_steps_per_batch: int = 1
 
-    def on_fit_start(self) -> None:
-        # ``trainer.max_steps`` counts batches here (DESIGN §4); Lightning counts optimizer steps, so
-        # its own limit is raised to never stop a multi-step batch early, and ours stops the run
-        epoch_loop = self.trainer.fit_loop.epoch_loop
-        self.max_batches = epoch_loop.max_steps
-        if self.optimizer_steps_per_batch > 1 and epoch_loop.max_steps > 0:
-            epoch_loop.max_steps = epoch_loop.max_steps * self.optimizer_steps_per_batch
+    _batch_step_counted: bool = False
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # progress is counted in batches (DESIGN §4): ``trainer.max_steps`` also stops a module that
-        # takes no optimizer step (reward pretraining) or skipped non-finite steps
-        max_batches = getattr(self, "max_batches", self.trainer.max_steps)
+        # progress is counted in batches (DESIGN §4; step_optimizer makes global_step count batches):
+        # ``trainer.max_steps`` also stops a module that takes no optimizer step (reward pretraining)
+        # or a batch whose steps were all skipped as non-finite
+        max_batches = self.trainer.max_steps
         if max_batches is not None and max_batches > 0 and self.batches_seen >= max_batches:
             self.trainer.should_stop = True
 

@@ -55,10 +55,9 @@ if __name__ == "__main__":
     callbacks = [IMRReward(seed=0), Dump(out, mode)]
     if mode == "preempt":
         callbacks += [Gate(out), PreemptionCheckpoint(dirpath=f"{out}/ck")]
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning_vidalign.strategies import FSDP2Strategy
 
-    strategy = "ddp" if os.environ.get("VIDALIGN_TEST_STRATEGY", "ddp") == "ddp" else ModelParallelStrategy(
-        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    strategy = "ddp" if os.environ.get("VIDALIGN_TEST_STRATEGY", "ddp") == "ddp" else FSDP2Strategy()
     trainer = L.Trainer(strategy=strategy, devices=2, accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)

@@ -16,12 +16,13 @@ import sys
 import lightning_vidalign  # noqa: F401  (torchvision shim first)
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_vidalign.algorithms import BPGO, DPO, SAGEGRPO, SFT, SHIFT
 from lightning_vidalign.backbones import SVDBackbone, WanBackbone
 from lightning_vidalign.datamodules import VideoClipDataModule
 from lightning_vidalign.rewards import FlickerReward, IMRReward
+from lightning_vidalign.strategies import FSDP2Strategy
 
 CAPTIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "data", "skvideo_captions.jsonl")
 
@@ -65,7 +66,7 @@ if __name__ == "__main__":
         module = SAGEGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=4, guidance=2.0,
                           rollouts_per_condition=2, minibatches_per_round=2, anchor_interval=2, val_num_videos=0)
         callbacks.append(FlickerReward(name="smooth", kind="raw"))
-    strategy = DDPStrategy() if strategy_name == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    strategy = DDPStrategy() if strategy_name == "ddp" else FSDP2Strategy()
     trainer = L.Trainer(strategy=strategy, devices=2, accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, datamodule=dm)

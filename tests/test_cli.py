@@ -185,9 +185,23 @@ def test_fsdp1_and_multi_step_deepspeed_are_refused():
     grpo.setup("fit")  # one optimizer step per batch: allowed
 
 
-def test_slurm_script_matches_the_trainer():
-    """The sbatch file's srun line sets num_nodes/devices from the allocation, adds the preemption callback and
-    resumes from last; the callback arguments it passes exist."""
+def _sbatch_args(tmp_path, *args):
+    """Run the sbatch script with bash as SLURM would (a stand-in ``srun`` on PATH records its arguments)."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/srun_args\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "7"}
+    out = subprocess.run(["bash", os.path.join(ROOT, "configs", "slurm", "vidalign.sbatch"), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return (tmp_path / "srun_args").read_text().splitlines()
+
+
+def test_slurm_script_matches_the_trainer(tmp_path):
+    """The sbatch file sets num_nodes/devices from the allocation, adds the preemption callback, resumes from
+    last, passes every config given and the extra arguments after ``--``; its log needs no folder."""
     import inspect
     import re
 
@@ -199,25 +213,24 @@ def test_slurm_script_matches_the_trainer():
     tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", text).group(1))
     gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
     assert nodes >= 1 and tasks == gpus  # one process per GPU
-    assert '--trainer.num_nodes "$SLURM_JOB_NUM_NODES"' in text and '--trainer.devices "$SLURM_NTASKS_PER_NODE"' in text
-    assert "--signal=USR1@" in text and "#SBATCH --requeue" in text and "--ckpt_path last" in text
-    assert "--trainer.callbacks+=lightning_vidalign.preemption.PreemptionCheckpoint" in text
+    assert "/" not in re.search(r"#SBATCH --output=(\S+)", text).group(1)  # opened by SLURM before the script runs
+    assert "--signal=USR1@" in text and "#SBATCH --requeue" in text
     assert "signal_name" in inspect.signature(PreemptionCheckpoint.__init__).parameters
-    for arg in re.findall(r"--config \"\$(\w+)\"", text):
-        assert arg in ("CONFIG", "STRATEGY")
+    args = _sbatch_args(tmp_path, "configs/sage_grpo.yaml", "configs/strategies/fsdp2.yaml", "--", "--trainer.max_steps", "100")
+    assert args[:4] == ["--kill-on-bad-exit=1", ".venv/bin/vidalign", "fit", "--config"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--config"] == ["configs/sage_grpo.yaml", "configs/strategies/fsdp2.yaml"]
+    assert args[args.index("--trainer.num_nodes") + 1] == "2" and args[args.index("--trainer.devices") + 1] == "8"
+    assert "--trainer.callbacks+=lightning_vidalign.preemption.PreemptionCheckpoint" in args and args[args.index("--ckpt_path") + 1] == "last"
+    assert args[-2:] == ["--trainer.max_steps", "100"]
+    default = _sbatch_args(tmp_path)
+    assert [default[i + 1] for i, a in enumerate(default) if a == "--config"] == ["configs/sage_grpo.yaml", "configs/strategies/ddp.yaml"]
 
 
-def test_slurm_srun_arguments_parse(capsys):
-    """The srun line of the sbatch file parses with the CLI (GPU and SLURM values substituted)."""
-    import shlex
-
-    text = open(os.path.join(ROOT, "configs", "slurm", "vidalign.sbatch")).read()
-    cmd = text[text.index("srun ") :].replace("\\\n", " ")
-    for var, value in {'"$CONFIG"': "configs/sage_grpo.yaml", '"$STRATEGY"': "configs/strategies/ddp.yaml",
-                       '"$SLURM_JOB_NUM_NODES"': "1", '"$SLURM_NTASKS_PER_NODE"': "2", "accelerator gpu": "accelerator cpu"}.items():
-        cmd = cmd.replace(var, value)
-    args = shlex.split(cmd)
+def test_slurm_srun_arguments_parse(tmp_path, capsys):
+    """What the sbatch file hands to srun parses with the CLI (CPU in place of the GPU)."""
+    args = _sbatch_args(tmp_path, "configs/sage_grpo.yaml", "configs/strategies/fsdp2.yaml", "--", "--trainer.max_steps", "100")
     args = args[args.index("fit") :]
+    args[args.index("--trainer.accelerator") + 1] = "cpu"
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -228,6 +241,8 @@ def test_slurm_srun_arguments_parse(capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["plugins"]["init_args"]["auto_requeue"] is False
+    assert printed["trainer"]["num_nodes"] == 2 and printed["trainer"]["max_steps"] == 100
+    assert printed["trainer"]["strategy"]["class_path"] == "lightning_vidalign.strategies.FSDP2Strategy"
     assert any(cb["class_path"].endswith("PreemptionCheckpoint") for cb in printed["trainer"]["callbacks"])
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 import logging
 import os
 import shutil
@@ -201,3 +202,23 @@ def test_tail_split_shares_no_frame_between_train_and_val():
     assert len({c.source for c in dm.val_set.clips}) >= 2 and {c.source for c in dm.val_set.clips} <= {c.source for c in dm.train_set.clips}
     with pytest.raises(ValueError, match="val_split"):
         VideoClipDataModule(val_split="middle")
+
+
+def test_captions_that_match_no_video_are_an_error_and_partial_matches_are_counted(tmp_path, caplog):
+    """A captions file for other videos (e.g. the shipped one with --data.sources pointing elsewhere) would
+    train text conditioning on empty prompts: refused, naming the file and example names (issue 18)."""
+    import logging
+
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"video": "my_clip_001.mp4", "caption": "a dog"}) + "\n")
+    dm = VideoClipDataModule(num_frames=8, fps=7, batch_size=2, shot_detector="histogram", captions=str(other))
+    with pytest.raises(ValueError, match=r"other\.jsonl.*none of its 1 video name.*my_clip_001\.mp4.*bikes"):
+        dm.setup("fit")
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps({"video": "bikes.mp4", "caption": "cyclists"}) + "\n")
+    with caplog.at_level(logging.INFO, logger="lightning_vidalign.datamodules.video"):
+        dm = VideoClipDataModule(num_frames=8, fps=7, batch_size=2, shot_detector="histogram", captions=str(partial))
+        dm.setup("fit")
+    assert re.search(r"2 of 3 video\(s\) have no caption", caplog.text) and "captions for 1 of 3 video(s)" in caplog.text

@@ -251,6 +251,8 @@ class WanBackbone(VideoBackbone):
 
     condition_keys = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
 
+    _warned_empty_captions: bool = False
+
     def __init__(
         self,
         pretrained_path: str = "tiny",
@@ -472,6 +474,10 @@ class WanBackbone(VideoBackbone):
         if prompts is None:
             raise KeyError(f"WanBackbone needs batch['caption'] (list of prompts); batch has keys {sorted(batch)}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not any(prompts) and not self._warned_empty_captions:
+            log.warning("WanBackbone: every caption of the batch is empty: text conditioning gets no text (set data.captions "
+                        "to a captions file for your videos; this is logged once)")
+            self._warned_empty_captions = True
         b = len(prompts)
         embeds = self.encode_prompt(prompts)
         negative = self.encode_prompt([self.negative_prompt]).expand(b, -1, -1).contiguous()
