@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -187,6 +189,60 @@ def transnetv2_cuts(thumbs: np.ndarray, threshold: float = 0.5) -> list[int]:
         single, _ = model.predict_frames(torch.from_numpy(np.ascontiguousarray(thumbs)), quiet=True)
     prob = single.numpy()
     return [int(i) + 1 for i in np.nonzero(prob > threshold)[0] if i + 1 < len(prob)]
+
+
+SHOT_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> str:
+    """``$VIDALIGN_CACHE_DIR``, else ``$XDG_CACHE_HOME/lightning_vidalign``, else ``~/.cache/lightning_vidalign``."""
+    if os.environ.get("VIDALIGN_CACHE_DIR"):
+        return os.environ["VIDALIGN_CACHE_DIR"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lightning_vidalign")
+
+
+def source_fingerprint(path: str) -> str:
+    """SHA-256 of a video file's bytes, or of a frame folder's frame names and bytes (hex)."""
+    h = hashlib.sha256()
+    files = [os.path.join(path, f) for f in _folder_frames(path)] if os.path.isdir(path) else [path]
+    for name in files:
+        h.update(os.path.basename(name).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_cuts(path: str, settings: dict, compute, cache_dir: str | None) -> tuple[list[int], bool]:
+    """Shot cuts of ``path`` from the cache, or ``compute()`` and store them.
+
+    The entry is keyed by the source's content (:func:`source_fingerprint`) and ``settings`` (detector,
+    threshold, thumbnail rate): an edited file or other settings miss the cache and are recomputed; a
+    moved or renamed file with the same bytes hits it. Entries are small JSON files written atomically
+    (temporary file + rename) under ``cache_dir`` (None: no cache). Source: our choice.
+
+    Returns:
+        ``(cuts, hit)``.
+    """
+    if cache_dir is None:
+        return compute(), False
+    key = hashlib.sha256(json.dumps({"v": SHOT_CACHE_VERSION, "source": source_fingerprint(path), **settings}, sort_keys=True).encode()).hexdigest()
+    entry = os.path.join(cache_dir, "shots", key[:2], key + ".json")
+    try:
+        with open(entry) as f:
+            return [int(c) for c in json.load(f)["cuts"]], True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or unreadable entry: recompute
+    cuts = [int(c) for c in compute()]
+    try:
+        os.makedirs(os.path.dirname(entry), exist_ok=True)
+        tmp = f"{entry}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"cuts": cuts, "path": os.path.abspath(path), **settings}, f)
+        os.replace(tmp, entry)
+    except OSError as err:  # a read-only cache folder costs time, not correctness
+        log.warning("shot cache %s not writable (%s): cuts of %s recomputed next time", cache_dir, err, path)
+    return cuts, False
 
 
 def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:

