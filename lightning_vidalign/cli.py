@@ -64,7 +64,57 @@ def main(args: list[str] | None = None) -> None:
     """
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        export(argv[1:])
+        return
     VidAlignCLI(args=args)
+
+
+def export(args: list[str]) -> str:
+    """``vidalign export --config CONFIG [--config ...] --ckpt_path FILE [--output DIR] [other overrides]``:
+    write the LoRA of a checkpoint in diffusers format (the same file ``fit`` writes at its end).
+
+    The model is built from the configs (as ``fit`` would), the checkpoint's adapter weights are loaded
+    into it, and ``backbone.export_lora(DIR)`` writes ``DIR/pytorch_lora_weights.safetensors``
+    (default ``DIR``: ``<checkpoint folder>/../lora-<checkpoint name>``). Returns the written path.
+
+    Raises:
+        SystemExit: without ``--ckpt_path``. FileNotFoundError: naming a missing checkpoint.
+        KeyError: if the checkpoint lacks adapter tensors of the configured backbone (another LoRA
+            config or backbone), naming examples.
+    """
+    import torch
+
+    def take(flag: str) -> str | None:
+        for i, a in enumerate(args):
+            if a == flag and i + 1 < len(args):
+                value = args[i + 1]
+                del args[i : i + 2]
+                return value
+            if a.startswith(flag + "="):
+                del args[i]
+                return a.split("=", 1)[1]
+        return None
+
+    args = list(args)
+    ckpt_path, output = take("--ckpt_path"), take("--output")
+    if not ckpt_path:
+        raise SystemExit("vidalign export: --ckpt_path FILE is required (and --config CONFIG of the run)")
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"vidalign export: checkpoint {ckpt_path!r} does not exist")
+    cli = VidAlignCLI(args=args, run=False)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    adapters = {f"backbone.{k}" for k in cli.model.backbone.trainable_state_dict()}
+    missing = sorted(adapters - set(state))
+    if missing:
+        raise KeyError(f"{ckpt_path}: no tensor for {len(missing)} adapter weight(s) of the configured backbone, e.g. {missing[:3]} (another LoRA config or backbone?)")
+    cli.model.load_state_dict({k: v for k, v in state.items() if k in adapters}, strict=False)
+    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
+    output = output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), f"lora-{stem}")
+    path = cli.model.backbone.export_lora(output)
+    print(f"LoRA (diffusers format) of {ckpt_path} written to {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import math
 import warnings
 
@@ -76,6 +77,9 @@ class VideoAlignModule(L.LightningModule):
         fsdp_param_dtype: under FSDP2 only: compute the sharded denoiser in this dtype
             (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``) while the stored parameters —
             the LoRA master weights included — stay fp32.
+        export_lora: at the end of ``fit``, write the trained LoRA in diffusers format to
+            ``<trainer.default_root_dir>/lora/pytorch_lora_weights.safetensors`` (the backbone's
+            ``export_lora``; ``vidalign export`` does the same for any checkpoint).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class VideoAlignModule(L.LightningModule):
         on_nonfinite: str = "raise",
         fsdp_param_dtype: str | None = None,
         val_frechet: bool = True,
+        export_lora: bool = True,
     ):
         super().__init__()
         if fsdp_param_dtype not in (None, "bfloat16", "float16"):
@@ -111,6 +116,7 @@ class VideoAlignModule(L.LightningModule):
         self.guidance = guidance
         self.val_num_videos = val_num_videos
         self.on_nonfinite = on_nonfinite
+        self.export_lora = export_lora
         self.batches_seen = 0
         self.skipped_steps = 0
         self.timer = StageTimer()
@@ -306,6 +312,16 @@ class VideoAlignModule(L.LightningModule):
     optimizer_steps_per_batch: int = 1
 
     _batch_step_counted: bool = False
+
+    def on_fit_end(self) -> None:
+        """Write the trained LoRA under the run folder (``export_lora``; every rank gathers, rank 0 writes)."""
+        if not self.export_lora or getattr(self.backbone, "lora_config", None) is None:
+            return
+        path = self.backbone.export_lora(os.path.join(self.trainer.default_root_dir, "lora"), write=self.trainer.is_global_zero)
+        if self.trainer.is_global_zero:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"LoRA (diffusers format) written to {path}")
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # progress is counted in batches (DESIGN §4; step_optimizer makes global_step count batches):

@@ -67,6 +67,27 @@ def test_two_node_rehearsal_on_loopback_and_resume(tmp_path, fragment):
     assert any(v.abs().sum() > 0 for k, v in a["lora"].items() if "lora_B" in k)
     ckpt = tmp_path / "runs" / "sft" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
+    # the LoRA written at the end of fit (every rank gathers, rank 0 writes) holds the trained adapters,
+    # and `vidalign export` of the checkpoint writes the same tensors
+    from safetensors.torch import load_file
+
+    from lightning_vidalign.backbones import SVDBackbone
+
+    lora_file = tmp_path / "runs" / "sft" / "lora" / "pytorch_lora_weights.safetensors"
+    fresh = SVDBackbone(pretrained_path="demo:svd_tiny", lora_rank=8, lora_alpha=8)
+    fresh.load_lora(str(lora_file.parent))
+    assert all(torch.allclose(v, a["lora"][k], rtol=1e-6, atol=0) for k, v in fresh.trainable_state_dict().items())
+    out = subprocess.run([VIDALIGN, "export", "--config", f"{ROOT}/configs/sft.yaml", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "exported")],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exported, at_end = load_file(tmp_path / "exported" / "pytorch_lora_weights.safetensors"), load_file(lora_file)
+    assert exported.keys() == at_end.keys() and all(torch.equal(exported[k], at_end[k]) for k in at_end)
+    if fragment == "ddp":  # a checkpoint of another LoRA config is named, not half-loaded
+        from lightning_vidalign.cli import export
+
+        with pytest.raises(KeyError, match="last.ckpt: no tensor for .* adapter weight"):
+            export(["--config", f"{ROOT}/configs/sft.yaml", "--model.init_args.backbone.init_args.lora_target_modules", ".*attn1.to_q",
+                    "--ckpt_path", str(ckpt), "--output", str(tmp_path / "never")])
     c, d = launch(3, "resumed", ["--ckpt_path", str(ckpt)])
     assert c["batches"] == d["batches"] == 3 and c["global_step"] == 3
     assert all(torch.equal(c["lora"][k], d["lora"][k]) for k in c["lora"])

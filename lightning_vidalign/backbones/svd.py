@@ -512,14 +512,17 @@ class SVDBackbone(VideoBackbone):
         scale = self.lora_config.lora_alpha / self.lora_config.r
         out = {}
         for k, v in sd.items():
-            v = v.detach().float().cpu().contiguous()
+            v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()  # FSDP2: gathered (collective)
             if "lora_B" in k:
                 v = v * scale
             out[f"unet.{k}"] = v
         return out
 
-    def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> str:
+    def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors", write: bool = True) -> str:
         """Write the LoRA as ``<directory>/pytorch_lora_weights.safetensors`` (diffusers format).
+
+        Under FSDP2 every rank must call it (the adapters are gathered collectively); pass
+        ``write=False`` on all ranks but one.
 
         The file is read by diffusers' pipeline LoRA reader
         (``StableDiffusionLoraLoaderMixin.lora_state_dict``) and applied by :meth:`load_lora`.
@@ -532,9 +535,11 @@ class SVDBackbone(VideoBackbone):
         """
         from safetensors.torch import save_file
 
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, weight_name)
-        save_file(self.lora_state_dict_diffusers(), path)
+        state = self.lora_state_dict_diffusers()
+        if write:
+            os.makedirs(directory, exist_ok=True)
+            save_file(state, path)
         return path
 
     def load_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:

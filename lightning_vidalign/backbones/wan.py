@@ -666,17 +666,19 @@ class WanBackbone(VideoBackbone):
         scale = self.lora_config.lora_alpha / self.lora_config.r
         out = {}
         for k, v in get_peft_model_state_dict(self.transformer).items():
-            v = v.detach().float().cpu().contiguous()
+            v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()  # FSDP2: gathered (collective)
             out[f"transformer.{k}"] = v * scale if "lora_B" in k else v
         return out
 
-    def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> str:
+    def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors", write: bool = True) -> str:
         """Write the LoRA with diffusers' ``WanPipeline.save_lora_weights``; a ``WanPipeline`` reads
-        it back with ``load_lora_weights`` (tested). Returns the written file's path."""
+        it back with ``load_lora_weights`` (tested). Returns the written file's path. Under FSDP2
+        every rank must call it (collective gather); pass ``write=False`` on all ranks but one."""
         from diffusers import WanPipeline
 
         sd = self.lora_state_dict_diffusers()
-        WanPipeline.save_lora_weights(directory, transformer_lora_layers={k[len("transformer.") :]: v for k, v in sd.items()}, weight_name=weight_name)
+        if write:
+            WanPipeline.save_lora_weights(directory, transformer_lora_layers={k[len("transformer.") :]: v for k, v in sd.items()}, weight_name=weight_name)
         return os.path.join(directory, weight_name)
 
     def load_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
