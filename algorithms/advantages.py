@@ -267,13 +267,14 @@ def hoyer_sparsity(rewards: Tensor) -> Tensor:
 
 
 def group_saturation(rewards: Tensor) -> Tensor:
-    """Saturation of a group's rewards: the Hoyer sparsity of the min-shifted rewards
-    ``S(r - min r)`` over the last dimension, and 1 for a zero-variance group.
+    """Saturation of a group's rewards: the Hoyer sparsity of the group-centred deviations
+    ``S(|r - mean r|)`` over the last dimension, and 1 for a zero-variance group.
 
-    1 when all rollouts score the same (nothing left to learn from this component) or all but one
-    do; lower when the rewards spread. Independent of a constant offset of the rewards (min-shift)
-    and of their scale (Hoyer). Our reading of Self-Paced GRPO's "saturation (low variance)" signal
-    (arXiv 2511.19356; TeleBoost §3.4).
+    1 when all rollouts score the same (nothing left to learn from this component); high when the
+    spread sits in few rollouts (most score alike); 0 when every rollout deviates equally (e.g. any
+    two different rewards of a group of 2). Independent of a constant offset of the rewards
+    (centring) and of their scale (Hoyer). Our reading of Self-Paced GRPO's "saturation (low
+    variance) / sparsity" signal (arXiv 2511.19356; TeleBoost §3.4; DESIGN: group-centred rewards).
 
     Args:
         rewards: ``(..., G)``, ``G >= 2``.
@@ -281,9 +282,9 @@ def group_saturation(rewards: Tensor) -> Tensor:
     Returns:
         ``(...)`` in ``[0, 1]``.
     """
-    shifted = rewards - rewards.min(-1, keepdim=True).values
-    flat = shifted.abs().amax(-1) <= 1e-12 * rewards.abs().amax(-1).clamp(min=1.0)
-    return torch.where(flat, torch.ones_like(flat, dtype=rewards.dtype), hoyer_sparsity(shifted))
+    deviation = (rewards - rewards.mean(-1, keepdim=True)).abs()
+    flat = deviation.amax(-1) <= 1e-12 * rewards.abs().amax(-1).clamp(min=1.0)
+    return torch.where(flat, torch.ones_like(flat, dtype=rewards.dtype), hoyer_sparsity(deviation))
 
 
 def self_paced_weights(components: Tensor, tau: Tensor, beta: float = 1.0, temperature: float = 1.0) -> Tensor:

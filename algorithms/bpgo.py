@@ -55,9 +55,12 @@ class BPGO(GRPO):
         crt: ``"binary" | "paper" | "none"``.
         crt_a, crt_temperature: ``a`` and ``τ`` of the reference CRT (reference: 50, 5).
         crt_shift: constant added to rewards and prior before the reference CRT, which keeps the
-            order only for non-negative rewards (:func:`crt_rerange`; the reference's reward models
-            score ``>= 0``). Set it so that ``R + crt_shift >= 0`` for the rewards in use (our heuristic
-            rewards are ``<= 0``); a negative shifted reward or prior raises.
+            order only where ``R > max(p, 0)`` and, below the prior, roughly where ``R > p/2``
+            (:func:`crt_rerange`; the reference's reward models score ``>= 0``). Set it so that
+            shifted rewards are ``>= 0`` (a negative one raises) and, to keep the order of samples far
+            below the prior, above half the shifted prior: for rewards ``>= r_min`` and priors ``<= p_max``,
+            ``crt_shift >= p_max - 2·r_min``. The share of samples below half the shifted prior is logged
+            as ``bpgo/crt_below_half_prior``.
         crt_lambda, crt_weight: ``λ_c`` and ``ς`` of the paper's CRT.
         ras: ``"bayes" | "paper" | "none"``.
         alpha: RAS strength ``α`` (reference ``regularization_term_alpha``: 1.0; paper: 0.5).
@@ -100,6 +103,9 @@ class BPGO(GRPO):
             raise ValueError(f"BPGO: prior_rollouts must be >= 1, got {prior_rollouts}")
         if self.reward_combination == "min_norm" and self.joint_combination == "loss":
             raise ValueError("BPGO: a min-norm joint reward combined per loss would bypass the BPGO scaling; use joint_combination='advantage'")
+        if self.reward_combination == "min_norm" and crt == "binary":
+            raise ValueError("BPGO: crt='binary' rearranges the summed reward, which a min-norm joint reward (combining per-reward "
+                             "advantages) would ignore; use crt='paper' or 'none' with reward_combination='min_norm'")
         self.crt, self.crt_a, self.crt_temperature, self.crt_lambda, self.crt_weight = crt, crt_a, crt_temperature, crt_lambda, crt_weight
         self.crt_shift = crt_shift
         self.ras, self.alpha, self.prior_var, self.weight_range = ras, alpha, prior_var, tuple(weight_range)
@@ -151,6 +157,7 @@ class BPGO(GRPO):
                     "its rearrangement R̃ = (a(R - p) + 1[R > p])·R·sigmoid(R/τ) reverses the order of negative rewards. "
                     "Raise crt_shift, or use crt='paper' / 'none'."
                 )
+            self.log("bpgo/crt_below_half_prior", (shifted < shifted_prior / 2).float().mean(), batch_size=rewards.numel())
             rewards, ras_prior = crt_rerange(shifted, shifted_prior, self.crt_a, self.crt_temperature), shifted_prior
         adv = self.group_advantages(rewards, group_ids)
         if self.crt == "paper":

@@ -425,7 +425,7 @@ class GRPO(VideoAlignModule):
                 self.updates += 1
                 if self.kl_controller is not None:
                     # mean KL of this optimizer step over all ranks: the controller stays identical everywhere
-                    self.kl_controller.update(float(self.trainer.strategy.reduce(torch.tensor(mb_kl), reduce_op="mean")))
+                    self.kl_controller.update(float(self.trainer.strategy.reduce(torch.tensor(mb_kl, device=self.device), reduce_op="mean")))
                 if self.kl_type in ("moving", "dual") and self.updates % self.anchor_interval == 0:
                     self.refresh_anchor()
 

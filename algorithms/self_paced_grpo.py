@@ -14,8 +14,8 @@ class SelfPacedGRPO(GRPO):
 
     Components ``j = 1..K`` are reward callbacks named in curriculum order (paper: visual fidelity,
     temporal/motion, text alignment). Per group of ``G`` rollouts, competence
-    ``c_j = sigmoid((mean r_j - τ_j)/T)``, saturation ``S_j`` (Hoyer sparsity of the min-shifted
-    rewards, 1 for zero variance), mastery ``m_j = 1 - (1 - c_j)(1 - β·S_j)``, and weights passed
+    ``c_j = sigmoid((mean r_j - τ_j)/T)``, saturation ``S_j`` (Hoyer sparsity of the group-centred
+    deviations, 1 for zero variance), mastery ``m_j = 1 - (1 - c_j)(1 - β·S_j)``, and weights passed
     down the curriculum ``w_j = m_1···m_{j-1}·(1 - m_j)`` (:func:`self_paced_weights`); combined reward
     ``Σ_j w_j r_j`` per rollout, then group advantages. A component that is mastered (mean past
     ``τ_j``) or saturated hands its weight to the next one.

@@ -204,7 +204,7 @@ def default_cache_dir() -> str:
 def source_fingerprint(path: str) -> str:
     """SHA-256 of a video file's bytes, or of a frame folder's frame names and bytes (hex)."""
     h = hashlib.sha256()
-    files = [os.path.join(path, f) for f in _folder_frames(path)] if os.path.isdir(path) else [path]
+    files = _folder_frames(path) if os.path.isdir(path) else [path]
     for name in files:
         h.update(os.path.basename(name).encode() + b"\0")
         with open(name, "rb") as f:
@@ -237,9 +237,13 @@ def cached_cuts(path: str, settings: dict, compute, cache_dir: str | None) -> tu
     try:
         os.makedirs(os.path.dirname(entry), exist_ok=True)
         tmp = f"{entry}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"cuts": cuts, "path": os.path.abspath(path), **settings}, f)
-        os.replace(tmp, entry)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"cuts": cuts, "path": os.path.abspath(path), **settings}, f)
+            os.replace(tmp, entry)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     except OSError as err:  # a read-only cache folder costs time, not correctness
         log.warning("shot cache %s not writable (%s): cuts of %s recomputed next time", cache_dir, err, path)
     return cuts, False

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import lightning_vidalign  # noqa: F401  (applies the torchvision shim before lightning imports it)
 
+import logging
 import os
 import sys
 
@@ -52,6 +53,33 @@ class VidAlignCLI(LightningCLI):
         _fill_run_dir(config, str(run_dir))
 
 
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips (e.g. the litlogger one) from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet_console() -> None:
+    """Keep the ``vidalign`` console to messages a user acts on (README, "Console"): no Lightning tips,
+    no transformers weight-loading bars, no diffusers notes on unused config attributes (diffusers
+    logs at error level), no torch ``LeafSpec`` deprecation raised inside Lightning."""
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``vidalign`` console script (``args=None`` reads ``sys.argv``).
 
@@ -64,6 +92,7 @@ def main(args: list[str] | None = None) -> None:
     """
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    quiet_console()
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
         export(argv[1:])
@@ -72,8 +101,9 @@ def main(args: list[str] | None = None) -> None:
 
 
 def export(args: list[str]) -> str:
-    """``vidalign export --config CONFIG [--config ...] --ckpt_path FILE [--output DIR] [other overrides]``:
-    write the LoRA of a checkpoint in diffusers format (the same file ``fit`` writes at its end).
+    """``vidalign export --config CONFIG [--config ...] --ckpt_path FILE|last [--output DIR] [other overrides]``:
+    write the LoRA of a checkpoint in diffusers format (the same file ``fit`` writes at its end), on one
+    CPU process whatever the run's strategy (``last``: ``<trainer.default_root_dir>/checkpoints/last.ckpt``).
 
     The model is built from the configs (as ``fit`` would), the checkpoint's adapter weights are loaded
     into it, and ``backbone.export_lora(DIR)`` writes ``DIR/pytorch_lora_weights.safetensors``
@@ -100,10 +130,14 @@ def export(args: list[str]) -> str:
     args = list(args)
     ckpt_path, output = take("--ckpt_path"), take("--output")
     if not ckpt_path:
-        raise SystemExit("vidalign export: --ckpt_path FILE is required (and --config CONFIG of the run)")
+        raise SystemExit("vidalign export: --ckpt_path FILE (or last: the run folder's checkpoints/last.ckpt) is required, with the run's --config")
+    # the model only: on one CPU process, without the run's callbacks and logger (a login node has no GPU)
+    cli = VidAlignCLI(args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+                            "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    if ckpt_path == "last":
+        ckpt_path = os.path.join(cli.trainer.default_root_dir, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"vidalign export: checkpoint {ckpt_path!r} does not exist")
-    cli = VidAlignCLI(args=args, run=False)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
     adapters = {f"backbone.{k}" for k in cli.model.backbone.trainable_state_dict()}
     missing = sorted(adapters - set(state))

@@ -315,8 +315,8 @@ class VideoAlignModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Write the trained LoRA under the run folder (``export_lora``; every rank gathers, rank 0 writes)."""
-        if not self.export_lora or getattr(self.backbone, "lora_config", None) is None:
-            return
+        if not self.export_lora or getattr(self.backbone, "lora_config", None) is None or self.trainer.global_step == 0:
+            return  # (no optimizer step: nothing trained, nothing written)
         path = self.backbone.export_lora(os.path.join(self.trainer.default_root_dir, "lora"), write=self.trainer.is_global_zero)
         if self.trainer.is_global_zero:
             from lightning.pytorch.utilities import rank_zero_info

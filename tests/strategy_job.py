@@ -59,7 +59,7 @@ if __name__ == "__main__":
     elif algo == "bpgo":
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
         module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=3,
-                      rollouts_per_condition=2, prior_rollouts=1, val_num_videos=0, crt_shift=1.0)  # raw flicker in [-1, 0]
+                      rollouts_per_condition=2, prior_rollouts=1, val_num_videos=0, crt_shift=2.0)  # raw flicker in [-1, 0]: shift >= p_max - 2 r_min
         callbacks.append(FlickerReward(name="smooth", kind="raw"))
     else:
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)

@@ -250,3 +250,19 @@ def test_shot_cuts_are_cached_per_content_and_settings(tmp_path, monkeypatch):
         f.write(b"\0")
     setup(shot_cache=False)
     assert sorted((tmp_path / "cache").rglob("*.json")) == entries  # off: nothing read or written
+
+
+def test_shot_cache_fingerprint_of_a_relative_frame_folder(tmp_path, monkeypatch):
+    """A frame folder given by a relative path hashes its frames (it opened a doubled path before)."""
+    from PIL import Image
+
+    from lightning_vidalign.datamodules.io import source_fingerprint
+
+    (tmp_path / "frames").mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 80, 0, 0)).save(tmp_path / "frames" / f"{i:05d}.png")
+    monkeypatch.chdir(tmp_path)
+    relative = source_fingerprint("frames")
+    assert relative == source_fingerprint(str(tmp_path / "frames"))
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "frames" / "00001.png")
+    assert source_fingerprint("frames") != relative

@@ -117,7 +117,7 @@ def test_vipo_smoke_logs_its_map(tmp_path, wan_datamodule):
 
 # ------------------------------------------------------------------------ BPGO
 def test_bpgo_priors_weights_and_checkpoint(tmp_path, wan_datamodule, wan_batch):
-    module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), prior_rollouts=2, crt_shift=10.0, **COMMON)
+    module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), prior_rollouts=2, crt_shift=20.0, **COMMON)
     metrics = _fit_and_check(module, tmp_path, wan_datamodule)
     assert len(module.priors) >= 2 and float(metrics["bpgo/priors_cached"]) == len(module.priors)
     assert 0.5 < float(metrics["bpgo/group_weight_min"]) <= float(metrics["bpgo/group_weight_max"]) < 1.5
@@ -147,7 +147,7 @@ def test_self_paced_grpo_logs_curriculum_weights(tmp_path, wan_datamodule):
 
 def test_joint_reward_min_norm_in_grpo_and_bpgo(tmp_path, wan_datamodule):
     for cls in (GRPO, BPGO):
-        kw = dict(prior_rollouts=1, crt_shift=10.0, joint_combination="advantage") if cls is BPGO else {}
+        kw = dict(prior_rollouts=1, crt="paper", joint_combination="advantage") if cls is BPGO else {}
         module = cls(backbone=WanBackbone(lora_rank=4, lora_alpha=4), reward_combination="min_norm", **kw, **COMMON)
         metrics = _fit_and_check(module, tmp_path, wan_datamodule)
         c = float(metrics["joint/c_motion"]) + float(metrics["joint/c_flicker"])

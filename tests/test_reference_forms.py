@@ -170,6 +170,8 @@ def test_bpgo_defaults_are_the_reference_recipe():
             bpgo.min_scale, bpgo.max_scale) == ("binary", 50.0, 5.0, "bayes", 1.0, 1.0, (0.5, 1.5), 0.01, 10.0)
     with pytest.raises(ValueError, match="joint"):
         BPGO(backbone=WanBackbone(lora_rank=2, lora_alpha=2), reward_combination="min_norm", val_num_videos=0)
+    with pytest.raises(ValueError, match="crt='binary'.*min-norm"):  # the rearranged sum would be ignored
+        BPGO(backbone=WanBackbone(lora_rank=2, lora_alpha=2), reward_combination="min_norm", joint_combination="advantage", val_num_videos=0)
 
 
 # ------------------------------------------------------------------ 4. ViPO map (TeleBoost vipo.py)
@@ -234,6 +236,12 @@ def test_self_paced_weights_move_to_the_next_component_when_one_is_mastered():
     torch.testing.assert_close(w, torch.tensor([1 - c1, c1]))
     assert float(group_saturation(torch.tensor([0.2, 0.2, 0.2]))) == 1.0
     assert float(group_saturation(torch.tensor([0.0, 1.0, 2.0]) + 7)) == pytest.approx(float(group_saturation(torch.tensor([0.0, 1.0, 2.0]))))
+    assert float(group_saturation(torch.tensor([0.3, 0.9]))) == pytest.approx(0.0, abs=1e-6)  # G = 2: any spread is not saturation
+    # one success of four: deviations [.25, .25, .25, .75], Hoyer (2 - 1.5/sqrt(0.75))/(2 - 1)
+    assert float(group_saturation(torch.tensor([0.0, 0.0, 0.0, 1.0]))) == pytest.approx(2 - 1.5 / math.sqrt(0.75), rel=1e-5)
+    # G = 2 with spread does not saturate: the weights follow competence alone
+    pair = torch.tensor([[0.0, 1.0], [1.0, 2.0]])  # (G=2, K=2)
+    torch.testing.assert_close(self_paced_weights(pair, torch.tensor([0.0, 0.0]), beta=1.0), self_paced_weights(pair, torch.tensor([0.0, 0.0]), beta=0.0))
 
 
 # ------------------------------------------------------------------ 6. joint reward combination

@@ -32,7 +32,7 @@ def _setup(name):
     backbone = WanBackbone(lora_rank=4, lora_alpha=4)
     module = {
         "grpo_min_norm": lambda: GRPO(backbone=backbone, reward_combination="min_norm", kl_type="fixed", kl_coef=0.01, **WAN),
-        "bpgo": lambda: BPGO(backbone=backbone, prior_rollouts=1, crt_shift=10.0, **WAN),
+        "bpgo": lambda: BPGO(backbone=backbone, prior_rollouts=1, crt_shift=20.0, **WAN),
         "vipo": lambda: ViPO(backbone=backbone, log_map_every=0, **WAN),
         "self_paced": lambda: SelfPacedGRPO(backbone=backbone, components=["flicker", "motion"], tau=[-0.03, -0.7], **WAN),
     }[name]()
