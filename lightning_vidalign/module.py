@@ -230,7 +230,8 @@ class VideoAlignModule(L.LightningModule):
             videos: ``(N, T, 3, H, W)`` in ``[0, 1]``.
             names: reward callbacks to use (None: all; see :func:`find_rewards`).
             batch: passed to each callback's ``score``.
-            log: log ``reward/<name>/mean`` and ``reward/<name>/std`` per callback.
+            log: log ``reward/<name>/mean`` and ``reward/<name>/std`` per callback, and the mean of each
+                named part the callback reports (``score_components()``) as ``reward/<name>/<part>``.
 
         Returns:
             ``(total (N,), components)``: the sum of ``weight·score`` over the callbacks (fp32, on the
@@ -248,7 +249,8 @@ class VideoAlignModule(L.LightningModule):
             components[cb.name] = r
             total += cb.weight * r
             if log:
-                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False)}, batch_size=videos.shape[0])
+                parts = {f"reward/{cb.name}/{k}": v.float().mean() for k, v in cb.score_components().items() if k not in ("mean", "std")}
+                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False), **parts}, batch_size=videos.shape[0])
         return total, components
 
     # ------------------------------------------------------------------ RNG

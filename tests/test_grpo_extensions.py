@@ -141,6 +141,7 @@ def test_self_paced_grpo_logs_curriculum_weights(tmp_path, wan_datamodule):
     metrics = _fit_and_check(module, tmp_path, wan_datamodule)
     w = float(metrics["curriculum/w_flicker"]) + float(metrics["curriculum/w_motion"])
     assert w == pytest.approx(1.0, abs=1e-5)
+    assert float(metrics["reward/motion/motion_px"]) > 0  # the reward's score_components() are logged
     with pytest.raises(ValueError, match="one tau per component"):
         SelfPacedGRPO(backbone=WanBackbone(lora_rank=2), components=["a", "b"], tau=[0.0], **{k: v for k, v in COMMON.items()})
 
