@@ -47,6 +47,19 @@ class VidAlignCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(VideoAlignModule, L.LightningDataModule, *args, **kwargs)
 
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with :class:`~lightning_vidalign.progress.VidAlignProgressBar` in place of
+        Lightning's default Rich bar (a progress bar given in the config is kept)."""
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        from lightning_vidalign.progress import VidAlignProgressBar
+
+        trainer = super().instantiate_trainer(**kwargs)
+        for i, cb in enumerate(trainer.callbacks):
+            if type(cb) is RichProgressBar:  # Lightning's default, not one the user configured
+                trainer.callbacks[i] = VidAlignProgressBar()
+        return trainer
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.get("trainer", {}).get("default_root_dir") or os.getcwd()

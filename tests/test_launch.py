@@ -112,7 +112,7 @@ def test_readme_add_a_method_example_runs_as_written(tmp_path):
                          cwd=tmp_path, env={**_env(), "PYTHONPATH": HERE}, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     console = out.stdout + out.stderr
-    for noise in ("💡 Tip", "LeafSpec", "Loading weights", "are not expected by"):
+    for noise in ("💡 Tip", "LeafSpec", "Loading weights", "are not expected by", "/-2", "v_num"):
         assert noise not in console, noise  # quiet console (issue 18)
     assert "LoRA (diffusers format) written to" in console and "`max_steps=2` reached" in console
     state = torch.load(tmp_path / "dump" / "rank0.pt")
