@@ -76,12 +76,15 @@ class _DropTips(logging.Filter):
 def quiet_console() -> None:
     """Keep the ``vidalign`` console to messages a user acts on (README, "Console"): no Lightning tips,
     no transformers weight-loading bars, no diffusers notes on unused config attributes (diffusers
-    logs at error level), no torch ``LeafSpec`` deprecation raised inside Lightning."""
+    logs at error level), no torch ``LeafSpec`` deprecation raised inside Lightning, no advice on
+    pre-optimization checkpoints (our modules checkpoint after the batch's optimizer steps on purpose)."""
     import warnings
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # our modules checkpoint the state after the batch's optimizer steps on purpose (resume continues from it)
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps.*")
     try:
         import transformers
 
@@ -145,8 +148,12 @@ def export(args: list[str]) -> str:
     if not ckpt_path:
         raise SystemExit("vidalign export: --ckpt_path FILE (or last: the run folder's checkpoints/last.ckpt) is required, with the run's --config")
     # the model only: on one CPU process, without the run's callbacks and logger (a login node has no GPU)
-    cli = VidAlignCLI(args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
-                            "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are passed explicitly (no "args and argv" warning)
+    try:
+        cli = VidAlignCLI(args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+                                "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    finally:
+        sys.argv = argv
     if ckpt_path == "last":
         ckpt_path = os.path.join(cli.trainer.default_root_dir, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt_path):

@@ -57,8 +57,9 @@ def test_two_node_rehearsal_on_loopback_and_resume(tmp_path, fragment):
                                   env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0"))
                  for r in (0, 1)]
         outs = [p.communicate(timeout=600) for p in procs]
-        for p, (_, err) in zip(procs, outs):
+        for p, (out, err) in zip(procs, outs):
             assert p.returncode == 0, err[-3000:]
+            assert "pre-optimization state" not in out + err  # checkpoints were written (every 2 batches): no advice essay
         return [torch.load(tmp_path / dump / f"rank{r}.pt") for r in (0, 1)]
 
     a, b = launch(2, "first")
@@ -80,6 +81,7 @@ def test_two_node_rehearsal_on_loopback_and_resume(tmp_path, fragment):
     out = subprocess.run([VIDALIGN, "export", "--config", f"{ROOT}/configs/sft.yaml", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "exported")],
                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "args parameter is intended" not in out.stderr
     exported, at_end = load_file(tmp_path / "exported" / "pytorch_lora_weights.safetensors"), load_file(lora_file)
     assert exported.keys() == at_end.keys() and all(torch.equal(exported[k], at_end[k]) for k in at_end)
     if fragment == "ddp":  # a checkpoint of another LoRA config is named, not half-loaded
