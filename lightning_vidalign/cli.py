@@ -130,21 +130,15 @@ def export(args: list[str]) -> str:
         KeyError: if the checkpoint lacks adapter tensors of the configured backbone (another LoRA
             config or backbone), naming examples.
     """
+    import argparse
+
     import torch
 
-    def take(flag: str) -> str | None:
-        for i, a in enumerate(args):
-            if a == flag and i + 1 < len(args):
-                value = args[i + 1]
-                del args[i : i + 2]
-                return value
-            if a.startswith(flag + "="):
-                del args[i]
-                return a.split("=", 1)[1]
-        return None
-
-    args = list(args)
-    ckpt_path, output = take("--ckpt_path"), take("--output")
+    own = argparse.ArgumentParser(prog="vidalign export", add_help=False)
+    own.add_argument("--ckpt_path")
+    own.add_argument("--output")
+    known, args = own.parse_known_args(args)  # the rest (configs, overrides) goes to the CLI
+    ckpt_path, output = known.ckpt_path, known.output
     if not ckpt_path:
         raise SystemExit("vidalign export: --ckpt_path FILE (or last: the run folder's checkpoints/last.ckpt) is required, with the run's --config")
     # the model only: on one CPU process, without the run's callbacks and logger (a login node has no GPU)

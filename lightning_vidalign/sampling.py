@@ -220,8 +220,12 @@ def gaussian_log_density(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """Log-density of ``x`` under ``N(mean, std²)`` (all constants kept), averaged over all
     non-batch elements (flow_grpo's convention), shape ``(B,)``."""
-    lp = gaussian_log_density(x, mean, std)
-    return lp.flatten(1).mean(1) if lp.dim() > 1 else lp
+    return _mean_over_elements(gaussian_log_density(x, mean, std))
+
+
+def _mean_over_elements(values: Tensor) -> Tensor:
+    """Mean over all non-batch elements, shape ``(B,)`` (a ``(B,)`` input is returned as is)."""
+    return values.flatten(1).mean(1) if values.dim() > 1 else values
 
 
 #: forms of the per-step log-probability: ``reference`` (the public reference code of each SDE type)
@@ -316,8 +320,7 @@ def sde_step_with_logprob(
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         prev_sample = mean + std * noise
     prev_sample = prev_sample.float()
-    lp = step_log_density(prev_sample, mean, std, sde_type, log_prob_form)
-    return prev_sample, mean, std, lp.flatten(1).mean(1) if lp.dim() > 1 else lp
+    return prev_sample, mean, std, _mean_over_elements(step_log_density(prev_sample, mean, std, sde_type, log_prob_form))
 
 
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: float | Tensor) -> Tensor:
