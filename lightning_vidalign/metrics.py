@@ -181,3 +181,16 @@ def transnetv2_frechet_distance(**kwargs) -> Metric:
 
     kwargs.setdefault("reset_real_features", False)
     return FrechetInceptionDistance(feature=TransNetV2VideoFeatures(), **kwargs)
+
+
+def mean_and_standard_error(values: Tensor) -> tuple[float, float]:
+    """Mean and standard error ``std/√n`` (unbiased std) of a 1-D sample; SE is ``nan`` for ``n < 2``.
+
+    Raises:
+        ValueError: on an empty or non-1-D tensor.
+    """
+    if values.ndim != 1 or values.numel() == 0:
+        raise ValueError(f"mean_and_standard_error: expected a non-empty 1-D tensor, got shape {tuple(values.shape)}")
+    v = values.double()
+    se = float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
+    return float(v.mean()), se

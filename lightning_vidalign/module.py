@@ -80,6 +80,17 @@ class VideoAlignModule(L.LightningModule):
         export_lora: at the end of ``fit``, write the trained LoRA in diffusers format to
             ``<trainer.default_root_dir>/lora/pytorch_lora_weights.safetensors`` (the backbone's
             ``export_lora``; ``vidalign export`` does the same for any checkpoint).
+        heldout_conditions: held-out evaluation of the training objective (0 = off): the first
+            ``heldout_conditions`` conditions of the validation set (never trained on), each sampled
+            ``heldout_samples`` times with the module's sampler from noise fixed by ``(heldout_seed,
+            condition index, draw)`` — the same videos' noise at every evaluation and for every training
+            seed — and scored with the run's reward callbacks. Logged before the first update (step 0)
+            and at every validation, see :meth:`heldout_evaluation`.
+        heldout_samples: noise draws per held-out condition (their rewards are averaged per condition).
+        heldout_seed: seed of the held-out noise (our choice: independent of ``seed`` so that runs of
+            different training seeds are scored on the same videos' noise).
+        heldout_drift: also sample the base model (adapters off) once from the same noise and log the
+            mean absolute pixel difference to it (``heldout/drift_from_base``, ``[0, 1]``).
     """
 
     def __init__(
@@ -97,8 +108,14 @@ class VideoAlignModule(L.LightningModule):
         fsdp_param_dtype: str | None = None,
         val_frechet: bool = True,
         export_lora: bool = True,
+        heldout_conditions: int = 0,
+        heldout_samples: int = 1,
+        heldout_seed: int = 1234,
+        heldout_drift: bool = True,
     ):
         super().__init__()
+        if heldout_conditions < 0 or heldout_samples < 1:
+            raise ValueError(f"heldout_conditions must be >= 0 and heldout_samples >= 1, got {heldout_conditions}, {heldout_samples}")
         if fsdp_param_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"fsdp_param_dtype must be None, 'bfloat16' or 'float16', got {fsdp_param_dtype!r}")
         self.fsdp_param_dtype = fsdp_param_dtype
@@ -124,6 +141,14 @@ class VideoAlignModule(L.LightningModule):
         self.val_frechet = transnetv2_frechet_distance() if val_frechet else None
         self._frechet_real_done = False
         self._val_videos: list[tuple[Tensor, Tensor]] = []
+        self.heldout_conditions, self.heldout_samples = heldout_conditions, heldout_samples
+        self.heldout_seed, self.heldout_drift = heldout_seed, heldout_drift
+        self.heldout_metrics = torch.nn.ModuleDict(motion_metrics()) if heldout_conditions else None
+        self.heldout_frechet = transnetv2_frechet_distance() if heldout_conditions and val_frechet else None
+        #: per-condition total reward before any update: ``(dataset indices (M,), rewards (M,))``; checkpointed
+        self.heldout_baseline: tuple[Tensor, Tensor] | None = None
+        self._heldout_rows: list[tuple[int, float, dict[str, float], float]] = []
+        self._heldout_base_videos: dict[tuple[int, int], Tensor] = {}  # base model's samples (uint8, CPU)
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):
@@ -352,6 +377,163 @@ class VideoAlignModule(L.LightningModule):
         )
         return traj.video
 
+    # ------------------------------------------------- held-out evaluation
+    def heldout_generator(self, index: int, draw: int) -> torch.Generator:
+        """CPU generator of held-out condition ``index``, noise draw ``draw`` (independent of rank,
+        training seed and batch composition)."""
+        key = f"heldout/{self.heldout_seed}/{index}/{draw}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
+
+    def _reward_names(self) -> list[str] | None:
+        return getattr(self, "reward_names", None)
+
+    def _has_rewards(self) -> bool:
+        from lightning_vidalign.rewards.base import RewardCallback
+
+        return self._trainer is not None and any(isinstance(cb, RewardCallback) for cb in self.trainer.callbacks)
+
+    @torch.no_grad()
+    def heldout_update(self, batch: dict) -> None:
+        """Sample and score the held-out conditions of one validation batch (up to ``heldout_conditions``
+        on this rank); rows are kept until :meth:`heldout_evaluation`."""
+        if not self.heldout_conditions:
+            return
+        have = len({row[0] for row in self._heldout_rows})
+        if have >= self.heldout_conditions:
+            return
+        indices = torch.as_tensor(batch["index"]).view(-1).tolist()
+        real = batch["video"].float()
+        for i, index in enumerate(indices[: self.heldout_conditions - have]):
+            sub = {k: v[i : i + 1] for k, v in batch.items()}
+            totals, parts, drift = [], {}, []
+            for draw in range(self.heldout_samples):
+                video = self.rollout_videos(sub, self.heldout_generator(index, draw))
+                if self._has_rewards():
+                    total, components = self.score_rewards(video, self._reward_names(), batch=sub, log=False)
+                    totals.append(float(total[0]))
+                    for name, r in components.items():
+                        parts.setdefault(name, []).append(float(r[0]))
+                if self.heldout_drift:
+                    key = (index, draw)
+                    if key not in self._heldout_base_videos:
+                        with self.backbone.adapters_disabled():
+                            base = self.rollout_videos(sub, self.heldout_generator(index, draw))
+                        self._heldout_base_videos[key] = (base.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                    ours = (video.float().clamp(0, 1) * 255).round().cpu()  # both in uint8 steps: 0 at step 0
+                    drift.append(float((ours - self._heldout_base_videos[key].float()).abs().mean() / 255))
+                for metric in self.heldout_metrics.values():
+                    metric.update(video.float())
+                if self.heldout_frechet is not None:
+                    self.heldout_frechet.update(video.float(), real=False)
+            if self.heldout_frechet is not None and not self._frechet_heldout_real_done:
+                self.heldout_frechet.update(real[i : i + 1], real=True)
+            mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+            self._heldout_rows.append((int(index), mean(totals), {k: mean(v) for k, v in parts.items()}, mean(drift)))
+
+    _frechet_heldout_real_done: bool = False
+
+    def heldout_evaluation(self) -> dict[str, float]:
+        """Gather this evaluation's held-out rows from every rank and return the metrics (then reset).
+
+        Keys: ``heldout/batches_seen`` (training batches done: the x axis of learning curves),
+        ``heldout/reward`` (mean over conditions of the total training reward, the weighted sum
+        of the reward callbacks), ``heldout/reward_se`` (its standard error over conditions),
+        ``heldout/reward/<name>`` (each callback, unweighted), ``heldout/reward_step0`` and
+        ``heldout/improvement`` / ``heldout/improvement_se`` / ``heldout/improvement_z``: the paired
+        difference to the step-0 reward of the same conditions and noise (mean, standard error over
+        conditions, mean/SE; the learning criterion of the recipes is ``z >= 3``), ``heldout/<metric>``
+        (motion score, dynamic degree, flickering, smoothness of the held-out samples),
+        ``heldout/frechet_transnetv2`` (samples vs the held-out real clips) and
+        ``heldout/drift_from_base``. Reward keys only with reward callbacks; the improvement keys
+        once a step-0 evaluation exists (:attr:`heldout_baseline`, set by the first evaluation of a
+        fit before any update, saved with the checkpoints). Conditions are deduplicated by dataset
+        index (a distributed sampler pads the last batch). Collective under DDP/FSDP2.
+        """
+        from lightning_vidalign.metrics import mean_and_standard_error
+
+        rows = self._heldout_rows
+        self._heldout_rows = []
+        names = sorted({k for row in rows for k in row[2]})
+        local = torch.tensor([[row[0], row[1], row[3], *[row[2].get(n, float("nan")) for n in names]] for row in rows], dtype=torch.float64).view(-1, 3 + len(names))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            n = torch.tensor([local.shape[0]], device=self.device)
+            most = int(self.all_gather(n).max())
+            padded = torch.full((most, local.shape[1]), float("nan"), dtype=torch.float64)
+            padded[: local.shape[0]] = local
+            local = self.all_gather(padded.to(self.device)).reshape(-1, local.shape[1]).cpu()
+            local = local[~torch.isnan(local[:, 0])]
+        seen, keep = set(), []
+        for r in range(local.shape[0]):
+            if int(local[r, 0]) not in seen:
+                seen.add(int(local[r, 0]))
+                keep.append(r)
+        table = local[keep]
+        table = table[table[:, 0].argsort()]
+        # training batches (rounds) completed: Lightning logs a validation after batch n at step n - 1
+        out: dict[str, float] = {"heldout/batches_seen": float(0 if self._heldout_is_step0 else self.batches_seen)}
+        for key, metric in self.heldout_metrics.items():
+            if metric.update_called:
+                out[f"heldout/{key}"] = float(metric.compute())
+            metric.reset()
+        if self.heldout_frechet is not None:
+            self._frechet_heldout_real_done = True
+            fd = self.heldout_frechet
+            if int(fd.real_features_num_samples) >= 2 and int(fd.fake_features_num_samples) >= 2:
+                out["heldout/frechet_transnetv2"] = float(fd.compute())
+            fd.reset()
+        if table.shape[0] == 0:
+            return out
+        if self.heldout_drift:
+            out["heldout/drift_from_base"] = float(table[:, 2].mean())
+        if not torch.isnan(table[:, 1]).all():
+            out["heldout/reward"], out["heldout/reward_se"] = mean_and_standard_error(table[:, 1])
+            for j, name in enumerate(names):
+                out[f"heldout/reward/{name}"] = float(table[:, 3 + j].mean())
+            indices, rewards = table[:, 0].long(), table[:, 1].float()
+            if self._heldout_is_step0:
+                self.heldout_baseline = (indices, rewards)
+            if self.heldout_baseline is not None:
+                base_idx, base_r = self.heldout_baseline
+                lookup = {int(i): float(r) for i, r in zip(base_idx, base_r)}
+                common = [k for k, i in enumerate(indices.tolist()) if i in lookup]
+                if common:
+                    before = torch.tensor([lookup[int(indices[k])] for k in common], dtype=torch.float64)
+                    diff = rewards[common].double() - before
+                    out["heldout/reward_step0"] = float(before.mean())
+                    out["heldout/improvement"], out["heldout/improvement_se"] = mean_and_standard_error(diff)
+                    se = out["heldout/improvement_se"]
+                    out["heldout/improvement_z"] = out["heldout/improvement"] / se if se > 0 else float("nan")
+        return out
+
+    _heldout_is_step0: bool = False
+
+    def on_train_start(self) -> None:
+        """Held-out evaluation before the first update (step 0) of a fit that starts from scratch:
+        the reference point of ``heldout/improvement``; logged at step 0 to every logger."""
+        if not self.heldout_conditions or self.global_step != 0 or self.heldout_baseline is not None:
+            return
+        loader = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule is not None else None
+        if loader is None:
+            raise ValueError("heldout_conditions > 0 needs a datamodule with a val_dataloader (the held-out conditions)")
+        modes = {m: m.training for m in self.modules()}  # restored after: the frozen base stays in eval mode
+        self.eval()
+        for batch in loader:
+            self.heldout_update(self.trainer.strategy.batch_to_device(batch))
+            if len(self._heldout_rows) >= self.heldout_conditions:
+                break
+        self._heldout_is_step0 = True
+        try:
+            metrics = self.heldout_evaluation()
+        finally:
+            self._heldout_is_step0 = False
+        for m, mode in modes.items():
+            m.train(mode)
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
+        log.info("held-out evaluation at step 0: %s", {k: round(v, 4) for k, v in metrics.items()})
+
     def evaluation_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
         """Validation/test: denoising loss with fixed noise, motion metrics of real clips and of
         ``val_num_videos`` generated videos (same seeds at every evaluation), videos kept for logging."""
@@ -377,6 +559,7 @@ class VideoAlignModule(L.LightningModule):
             if self.val_frechet is not None:
                 self.val_frechet.update(fake.float(), real=False)
             self._val_videos.append((real[:n].cpu(), fake.cpu()))
+        self.heldout_update(batch)
 
     def evaluation_epoch_end(self, prefix: str) -> None:
         """Log ``<prefix>/{gen,real}/<metric>`` and the sampled videos; reset the metrics."""
@@ -391,6 +574,9 @@ class VideoAlignModule(L.LightningModule):
             if int(fd.real_features_num_samples) >= 2 and int(fd.fake_features_num_samples) >= 2:
                 self.log(f"{prefix}/frechet_transnetv2", fd.compute().float(), sync_dist=False)
             fd.reset()
+        if self.heldout_conditions:
+            for key, value in self.heldout_evaluation().items():
+                self.log(key, value, sync_dist=False)  # gathered over ranks already
         if self._val_videos and self.global_rank == 0:
             self.log_videos(f"{prefix}/samples", self._val_videos)
         self._val_videos = []
@@ -442,7 +628,7 @@ class VideoAlignModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("backbone.")}
-        checkpoint["vidalign"] = {"batches_seen": self.batches_seen, "skipped_steps": self.skipped_steps}
+        checkpoint["vidalign"] = {"batches_seen": self.batches_seen, "skipped_steps": self.skipped_steps, "heldout_baseline": self.heldout_baseline}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
@@ -453,3 +639,4 @@ class VideoAlignModule(L.LightningModule):
         state = checkpoint.get("vidalign", {})
         self.batches_seen = int(state.get("batches_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.heldout_baseline = state.get("heldout_baseline")

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Run the learning recipes (``configs/recipes/*.yaml``) over seeds, resumably, and write the results
+table (markdown) and the learning-curve figures (PNG).
+
+    .venv/bin/python scripts/learning_runs.py                       # every recipe, its seeds
+    .venv/bin/python scripts/learning_runs.py --recipes flow_grpo   # a subset
+    .venv/bin/python scripts/learning_runs.py --report-only         # table and figures from what ran
+
+Each run is ``vidalign fit --config configs/recipes/<recipe>.yaml --seed_everything N
+--model.init_args.seed N --trainer.default_root_dir <out>/<recipe>/seed<N>``; a run folder with a
+``result.json`` is done and skipped, one with ``checkpoints/last.ckpt`` is resumed from it
+(``--ckpt_path last``: the same result as an uninterrupted run), so the script can be stopped and
+started again at any point. A recipe's seeds come from its header line ``# seeds: 0 1 2`` (default
+``0``), or ``--seeds``.
+
+The table (``<report>/learning.md``, and the README between ``<!-- learning-table:start -->`` and
+``<!-- learning-table:end -->`` with ``--readme``) gives per run: held-out reward at step 0 and at the
+end (mean ± standard error over held-out conditions), the paired improvement and its ``z`` (mean/SE;
+the recipe criterion is ``z >= 3``), the drift from the base model, the held-out Fréchet distance, the
+last logged KL and the minutes. Figures (``<report>/figures/<recipe>.png``, held-out reward vs
+step, one line per seed) need matplotlib (``pip install -c constraints.txt -e ".[plots]"``).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CRITERION_Z = 3.0
+
+
+def recipe_seeds(path: str) -> list[int]:
+    """Seeds named in the recipe's header (``# seeds: 0 1 2``), default ``[0]``."""
+    for line in open(path):
+        m = re.match(r"#\s*seeds:\s*([\d\s]+)$", line.strip())
+        if m:
+            return [int(s) for s in m.group(1).split()]
+    return [0]
+
+
+def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a run's TensorBoard logs (every ``tb/version_*``: a resumed run writes a new
+    version), ``{tag: [(step, value), ...]}`` sorted by step, the latest write winning per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, dict[int, tuple[float, float]]] = {}
+    for f in sorted(glob.glob(os.path.join(run_dir, "tb", "version_*", "events.*"))):
+        acc = EventAccumulator(f, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                old = series.setdefault(tag, {}).get(e.step)
+                if old is None or e.wall_time >= old[0]:
+                    series[tag][e.step] = (e.wall_time, e.value)
+    return {tag: sorted((s, v) for s, (_, v) in d.items()) for tag, d in series.items()}
+
+
+def curve(sc: dict, tag: str) -> list[tuple[int, float]]:
+    """``[(training batches done, value), ...]`` of a held-out series (x from ``heldout/batches_seen``)."""
+    x = dict(sc.get("heldout/batches_seen", []))
+    return [(int(x.get(step, step)), v) for step, v in sc.get(tag, [])]
+
+
+def summarize(run_dir: str, minutes: float) -> dict:
+    """The result of one finished run from its logs (raises KeyError naming a missing held-out key)."""
+    sc = read_scalars(run_dir)
+    if "heldout/reward" not in sc:
+        raise KeyError(f"{run_dir}: no heldout/reward logged (set model.init_args.heldout_conditions in the recipe)")
+
+    def last(tag: str, default=float("nan")) -> float:
+        return sc[tag][-1][1] if tag in sc and sc[tag] else default
+
+    kl_tags = [t for t in sc if t.startswith("kl/") and t != "kl/coef"]
+    kl_tag = "kl/total" if "kl/total" in sc else (kl_tags[0] if kl_tags else None)
+    kl_tail = [v for _, v in sc[kl_tag][-5:]] if kl_tag else []
+    z = last("heldout/improvement_z")
+    return {
+        "reward_step0": sc["heldout/reward"][0][1],
+        "reward_step0_se": sc["heldout/reward_se"][0][1],
+        "reward_final": last("heldout/reward"),
+        "reward_final_se": last("heldout/reward_se"),
+        "improvement": last("heldout/improvement"),
+        "improvement_se": last("heldout/improvement_se"),
+        "improvement_z": z,
+        "learned": bool(z >= CRITERION_Z),
+        "drift_from_base": last("heldout/drift_from_base"),
+        "frechet_step0": sc.get("heldout/frechet_transnetv2", [(0, float("nan"))])[0][1],
+        "frechet_final": last("heldout/frechet_transnetv2"),
+        "kl_tag": kl_tag,
+        "kl_last5_mean": sum(kl_tail) / len(kl_tail) if kl_tail else float("nan"),
+        "steps": int(last("heldout/batches_seen", 0)),
+        "minutes": minutes,
+        "curve": curve(sc, "heldout/reward"),
+        "curve_motion": curve(sc, "heldout/motion_score"),
+    }
+
+
+def run_one(recipe: str, seed: int, out: str, extra: list[str]) -> dict:
+    run_dir = os.path.join(out, recipe, f"seed{seed}")
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        return json.load(open(result_path))
+    os.makedirs(run_dir, exist_ok=True)
+    vidalign = os.path.join(os.path.dirname(sys.executable), "vidalign")
+    cmd = [vidalign, "fit", "--config", os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml"),
+           "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
+           "--trainer.default_root_dir", run_dir, "--trainer.enable_progress_bar", "false", *extra]
+    spent_path = os.path.join(run_dir, "minutes_spent")
+    spent = float(open(spent_path).read()) if os.path.exists(spent_path) else 0.0
+    if os.path.exists(os.path.join(run_dir, "checkpoints", "last.ckpt")):
+        cmd += ["--ckpt_path", "last"]
+    print(f"[learning_runs] {recipe} seed {seed}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(run_dir, "console.log"), "a") as log:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    spent += (time.time() - t0) / 60
+    open(spent_path, "w").write(f"{spent:.3f}")
+    if code != 0:
+        raise RuntimeError(f"{recipe} seed {seed} failed (exit {code}); see {os.path.join(run_dir, 'console.log')}")
+    result = {"recipe": recipe, "seed": seed, **summarize(run_dir, spent)}
+    json.dump(result, open(result_path, "w"), indent=1)
+    return result
+
+
+def recipe_reward(recipe: str) -> str:
+    """The reward line of a recipe's header (``# reward: ...``), for the table."""
+    for line in open(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")):
+        m = re.match(r"#\s*reward:\s*(.+)$", line.strip())
+        if m:
+            return m.group(1)
+    return ""
+
+
+def fmt(x: float, nd: int = 3) -> str:
+    return "–" if x != x else f"{x:.{nd}f}"
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| recipe | reward | seed | held-out reward step 0 | final | improvement (SE) | z | learned (z ≥ 3) | drift from base | Fréchet step 0 → final | KL (last 5) | min |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results, key=lambda r: (r["recipe"], r["seed"])):
+        rows.append(
+            f"| {r['recipe']} | {recipe_reward(r['recipe'])} | {r['seed']} | {fmt(r['reward_step0'])} ± {fmt(r['reward_step0_se'])} "
+            f"| {fmt(r['reward_final'])} ± {fmt(r['reward_final_se'])} | {fmt(r['improvement'], 4)} ({fmt(r['improvement_se'], 4)}) "
+            f"| {fmt(r['improvement_z'], 1)} | {'yes' if r['learned'] else '**no**'} | {fmt(r['drift_from_base'], 4)} "
+            f"| {fmt(r['frechet_step0'])} → {fmt(r['frechet_final'])} | {fmt(r['kl_last5_mean'], 4)} ({r['kl_tag'] or '–'}) | {fmt(r['minutes'], 1)} |"
+        )
+    return "\n".join(rows)
+
+
+def figures(results: list[dict], folder: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[learning_runs] matplotlib not installed: no figures (pip install -c constraints.txt -e '.[plots]')")
+        return []
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for recipe in sorted({r["recipe"] for r in results}):
+        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=110)
+        for r in sorted((r for r in results if r["recipe"] == recipe), key=lambda r: r["seed"]):
+            steps, values = zip(*r["curve"])
+            ax.plot(steps, values, marker="o", label=f"seed {r['seed']}")
+        ax.set_xlabel("training step (round / batch)")
+        ax.set_ylabel("held-out reward")
+        ax.set_title(f"{recipe}: {recipe_reward(recipe)}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(folder, f"{recipe}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipes", nargs="*", help="recipe names (default: every configs/recipes/*.yaml)")
+    p.add_argument("--seeds", nargs="*", type=int, help="seeds (default: each recipe's '# seeds:' header)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "learning"), help="run folders")
+    p.add_argument("--report", default=os.path.join(ROOT, "docs"), help="where learning.md and figures/ go")
+    p.add_argument("--readme", action="store_true", help="also replace the README's learning table")
+    p.add_argument("--report-only", action="store_true", help="no training: table and figures from finished runs")
+    args, extra = p.parse_known_args(argv)
+    recipes = args.recipes or sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
+    results = []
+    for recipe in recipes:
+        path = os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no recipe {path}")
+        for seed in args.seeds if args.seeds is not None else recipe_seeds(path):
+            done = os.path.join(args.out, recipe, f"seed{seed}", "result.json")
+            if args.report_only:
+                if os.path.exists(done):
+                    results.append(json.load(open(done)))
+                continue
+            results.append(run_one(recipe, seed, args.out, extra))
+    md = table(results)
+    os.makedirs(args.report, exist_ok=True)
+    open(os.path.join(args.report, "learning.md"), "w").write(
+        "# Learning runs (scripts/learning_runs.py)\n\nHeld-out reward: mean ± standard error over held-out conditions; "
+        f"improvement: paired difference to step 0 (same conditions, same noise); learned: z ≥ {CRITERION_Z:g}.\n\n" + md + "\n"
+    )
+    paths = figures(results, os.path.join(args.report, "figures"))
+    if args.readme:
+        readme = os.path.join(ROOT, "README.md")
+        text = open(readme).read()
+        start, end = "<!-- learning-table:start -->", "<!-- learning-table:end -->"
+        if start not in text or end not in text:
+            raise KeyError(f"README.md lacks the markers {start} … {end}")
+        a, b = text.index(start) + len(start), text.index(end)
+        text = text[:a] + "\n" + md + "\n" + text[b:]
+        open(readme, "w").write(text)
+    print(md)
+    for path in paths:
+        print(f"[learning_runs] figure {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
