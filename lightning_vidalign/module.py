@@ -466,11 +466,12 @@ class VideoAlignModule(L.LightningModule):
         trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("backbone.")}
         checkpoint["vidalign"] = {"batches_seen": self.batches_seen, "skipped_steps": self.skipped_steps,
-                                  "identity": run_identity(self, self.trainer)}
+                                  "identity": run_identity(self, self._trainer)}
 
     def check_checkpoint_identity(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another run (:func:`~lightning_vidalign.checkpointing.check_identity`): when
-        fitting, every identity field; in ``validate``/``test``/``predict`` (adapters only), the adapter fields.
+        fitting, every identity field; in ``validate``/``test``/``predict`` (adapters only) and without a trainer,
+        the adapter fields.
         Called by :meth:`on_load_checkpoint` (``FSDP2Strategy.load_checkpoint`` calls it before loading any weight).
 
         Raises:
@@ -478,7 +479,8 @@ class VideoAlignModule(L.LightningModule):
         """
         from lightning.pytorch.trainer.states import TrainerFn
 
-        fitting = self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        # a module outside a run (no trainer: the hook called directly) cannot resume one: adapter fields only
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         path = str(self.trainer.ckpt_path) if self._trainer is not None and self.trainer.ckpt_path else None
         check_identity(checkpoint, run_identity(self, self._trainer), path, adapters_only=not fitting)
 
