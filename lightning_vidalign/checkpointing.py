@@ -329,7 +329,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     :class:`CorruptCheckpointError` naming it and the newest intact checkpoint of its folder.
 
     Installed by ``VideoAlignModule.setup`` in place of Lightning's default ``TorchCheckpointIO`` (a
-    ``CheckpointIO`` given in ``trainer.plugins`` is kept). Covers every file written through the strategy's
+    ``CheckpointIO`` given in ``trainer.plugins`` is kept; not under DeepSpeed, which writes its folders itself). Covers every file written through the strategy's
     ``CheckpointIO``: single device, DDP, FSDP2 with consolidated checkpoints (``save_distributed_checkpoint:
     false``, our default). Not covered: FSDP2's distributed checkpoint folders and DeepSpeed's checkpoint
     folders (written by torch.distributed.checkpoint / DeepSpeed directly, in place), and the symlink of

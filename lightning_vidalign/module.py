@@ -298,7 +298,6 @@ class VideoAlignModule(L.LightningModule):
         """Refuse strategy combinations that cannot work, with the fix in the message; make checkpoint writes
         atomic (:func:`~lightning_vidalign.checkpointing.use_atomic_checkpoint_io`); load ``init_adapter_from``
         (before FSDP2 shards the backbone in :meth:`configure_model`)."""
-        use_atomic_checkpoint_io(self.trainer.strategy)
         if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError(
                 f"{type(self).__name__} uses manual optimization, which Lightning's FSDPStrategy (FSDP1) does not support: "
@@ -309,6 +308,8 @@ class VideoAlignModule(L.LightningModule):
                 f"{type(self).__name__} takes {self.optimizer_steps_per_batch} optimizer steps per batch, which DeepSpeed's single "
                 "engine step per batch cannot express: set minibatches_per_round: 1 or use DDP/FSDP2"
             )
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed writes its checkpoint folders itself
+            use_atomic_checkpoint_io(self.trainer.strategy)
         if self.init_adapter_from and not self._adapters_initialised:
             load_adapter_weights(self, self.init_adapter_from)
             self._adapters_initialised = True
