@@ -179,7 +179,7 @@ def check_identity(checkpoint: dict, current: Identity, path: str | None, adapte
     saved = (checkpoint.get("vidalign") or {}).get("identity")
     where = path or "the checkpoint"
     if saved is None:
-        log.warning("%s records no run identity (written before lightning-vidalign 0.1.0 recorded it): "
+        log.warning("%s records no run identity (written before lightning-vidalign recorded run identities): "
                     "not checked against this run's method and configuration", where)
         return
     fields = ADAPTER_FIELDS + WARN_FIELDS + ("backbone.weights",) if adapters_only else None
