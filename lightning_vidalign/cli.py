@@ -127,12 +127,13 @@ def export(args: list[str]) -> str:
 
     Raises:
         SystemExit: without ``--ckpt_path``. FileNotFoundError: naming a missing checkpoint.
+        CorruptCheckpointError: naming a truncated checkpoint and the newest intact one beside it.
         KeyError: if the checkpoint lacks adapter tensors of the configured backbone (another LoRA
             config or backbone), naming examples.
     """
     import argparse
 
-    import torch
+    from lightning_vidalign.checkpointing import load_checkpoint_file
 
     own = argparse.ArgumentParser(prog="vidalign export", add_help=False)
     own.add_argument("--ckpt_path")
@@ -152,7 +153,7 @@ def export(args: list[str]) -> str:
         ckpt_path = os.path.join(cli.trainer.default_root_dir, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"vidalign export: checkpoint {ckpt_path!r} does not exist")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint_file(ckpt_path)["state_dict"]  # a truncated file is named (issue 20)
     adapters = {f"backbone.{k}" for k in cli.model.backbone.trainable_state_dict()}
     missing = sorted(adapters - set(state))
     if missing:

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_vidalign.backbones.base import VideoBackbone
+from lightning_vidalign.checkpointing import base_weights_fingerprint, check_identity, load_adapter_weights, run_identity, use_atomic_checkpoint_io
 from lightning_vidalign.metrics import motion_metrics, transnetv2_frechet_distance
 from lightning_vidalign.utils import StageTimer, add_gif_summary
 
@@ -91,6 +92,17 @@ class VideoAlignModule(L.LightningModule):
             different training seeds are scored on the same videos' noise).
         heldout_drift: also sample the base model (adapters off) once from the same noise and log the
             mean absolute pixel difference to it (``heldout/drift_from_base``, ``[0, 1]``).
+        init_adapter_from: a checkpoint file of any ``VideoAlignModule`` run whose adapter (trainable) tensors
+            initialise this run's backbone in :meth:`setup` — a *new* run (fresh optimizer, step 0), e.g. SHIFT
+            from an SFT run (:func:`~lightning_vidalign.checkpointing.load_adapter_weights`: refused, with the
+            differing fields, when the LoRA config or backbone differ). With ``--ckpt_path`` as well (a resumed
+            run), the resumed checkpoint's adapters replace them.
+
+    Resume safety (issue 20; :mod:`lightning_vidalign.checkpointing`): every checkpoint records
+    :func:`~lightning_vidalign.checkpointing.run_identity` under ``checkpoint["vidalign"]["identity"]``, and a
+    ``--ckpt_path`` of another method or configuration is refused (``CheckpointMismatchError`` listing each
+    differing field). :meth:`setup` installs :class:`~lightning_vidalign.checkpointing.AtomicCheckpointIO` in
+    place of Lightning's default ``TorchCheckpointIO`` (atomic writes; a corrupt file named on load).
     """
 
     def __init__(
@@ -112,6 +124,7 @@ class VideoAlignModule(L.LightningModule):
         heldout_samples: int = 1,
         heldout_seed: int = 1234,
         heldout_drift: bool = True,
+        init_adapter_from: str | None = None,
     ):
         super().__init__()
         if heldout_conditions < 0 or heldout_samples < 1:
@@ -134,6 +147,9 @@ class VideoAlignModule(L.LightningModule):
         self.val_num_videos = val_num_videos
         self.on_nonfinite = on_nonfinite
         self.export_lora = export_lora
+        self.init_adapter_from = init_adapter_from
+        # base weights as built (before sharding or training): part of every checkpoint's identity
+        self._base_fingerprint = base_weights_fingerprint(backbone)
         self.batches_seen = 0
         self.skipped_steps = 0
         self.timer = StageTimer()
@@ -304,7 +320,9 @@ class VideoAlignModule(L.LightningModule):
         self._batch_step_counted = False
 
     def setup(self, stage: str) -> None:
-        """Refuse strategy combinations that cannot work, with the fix in the message."""
+        """Refuse strategy combinations that cannot work, with the fix in the message; make checkpoint writes
+        atomic (:func:`~lightning_vidalign.checkpointing.use_atomic_checkpoint_io`); load ``init_adapter_from``
+        (before FSDP2 shards the backbone in :meth:`configure_model`)."""
         if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError(
                 f"{type(self).__name__} uses manual optimization, which Lightning's FSDPStrategy (FSDP1) does not support: "
@@ -315,6 +333,11 @@ class VideoAlignModule(L.LightningModule):
                 f"{type(self).__name__} takes {self.optimizer_steps_per_batch} optimizer steps per batch, which DeepSpeed's single "
                 "engine step per batch cannot express: set minibatches_per_round: 1 or use DDP/FSDP2"
             )
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed writes its checkpoint folders itself
+            use_atomic_checkpoint_io(self.trainer.strategy)
+        if self.init_adapter_from and not self._adapters_initialised:
+            load_adapter_weights(self, self.init_adapter_from)
+            self._adapters_initialised = True
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the
@@ -339,6 +362,7 @@ class VideoAlignModule(L.LightningModule):
     optimizer_steps_per_batch: int = 1
 
     _batch_step_counted: bool = False
+    _adapters_initialised: bool = False  # init_adapter_from loaded (once per module, whatever the number of fits)
 
     def on_fit_end(self) -> None:
         """Write the trained LoRA under the run folder (``export_lora``; every rank gathers, rank 0 writes)."""
@@ -628,9 +652,29 @@ class VideoAlignModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("backbone.")}
-        checkpoint["vidalign"] = {"batches_seen": self.batches_seen, "skipped_steps": self.skipped_steps, "heldout_baseline": self.heldout_baseline}
+        checkpoint["vidalign"] = {"batches_seen": self.batches_seen, "skipped_steps": self.skipped_steps,
+                                  "heldout_baseline": self.heldout_baseline,
+                                  "identity": run_identity(self, self._trainer)}
+
+    def check_checkpoint_identity(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another run (:func:`~lightning_vidalign.checkpointing.check_identity`): when
+        fitting, every identity field; in ``validate``/``test``/``predict`` (adapters only) and without a trainer,
+        the adapter fields.
+        Called by :meth:`on_load_checkpoint` (``FSDP2Strategy.load_checkpoint`` calls it before loading any weight).
+
+        Raises:
+            CheckpointMismatchError: listing each differing field ``name: checkpoint → this run``.
+        """
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        # a module outside a run (no trainer: the hook called directly) cannot resume one: adapter fields only
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        path = str(self.trainer.ckpt_path) if self._trainer is not None and self.trainer.ckpt_path else None
+        check_identity(checkpoint, run_identity(self, self._trainer), path, adapters_only=not fitting)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if not checkpoint.pop("_vidalign_identity_checked", False):  # (set by FSDP2Strategy, which checked already)
+            self.check_checkpoint_identity(checkpoint)
         trainable = {f"backbone.{k}" for k in self.backbone.trainable_state_dict()}
         # FSDP2 (ModelParallelStrategy) loads the weights itself and hands the hooks the rest
         missing = trainable - set(checkpoint["state_dict"]) if "state_dict" in checkpoint else set()

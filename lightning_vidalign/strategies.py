@@ -1,8 +1,11 @@
 """Strategies shipped as config fragments (``configs/strategies/*.yaml``)."""
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from typing import Any
 
+import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -33,6 +36,25 @@ class FSDP2Strategy(ModelParallelStrategy):
     def _setup_distributed(self) -> None:
         super()._setup_distributed()
         self._data_parallel_size = self.world_size  # read by ModelParallelStrategy.setup_environment next
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load (which reads the file itself, not through the ``CheckpointIO``), preceded by the
+        module's identity check (``VideoAlignModule.check_checkpoint_identity``: refused before any weight is
+        loaded) and with a truncated or corrupt file named (``CorruptCheckpointError``, issue 20)."""
+        from lightning_vidalign.checkpointing import naming_corrupt_checkpoint
+
+        module = self.lightning_module
+        checked = os.path.isfile(checkpoint_path) and hasattr(module, "check_checkpoint_identity")
+        if checked:
+            with naming_corrupt_checkpoint(checkpoint_path):
+                peek = torch.load(checkpoint_path, mmap=True, map_location="cpu", weights_only=False)
+            module.check_checkpoint_identity(peek)
+            del peek
+        with naming_corrupt_checkpoint(checkpoint_path):
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if checked:
+            checkpoint["_vidalign_identity_checked"] = True
+        return checkpoint
 
 
 __all__ = ["FSDP2Strategy"]
