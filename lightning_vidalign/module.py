@@ -161,8 +161,8 @@ class VideoAlignModule(L.LightningModule):
         self.heldout_seed, self.heldout_drift = heldout_seed, heldout_drift
         self.heldout_metrics = torch.nn.ModuleDict(motion_metrics()) if heldout_conditions else None
         self.heldout_frechet = transnetv2_frechet_distance() if heldout_conditions and val_frechet else None
-        #: per-condition total reward before any update: ``(dataset indices (M,), rewards (M,))``; checkpointed
-        self.heldout_baseline: tuple[Tensor, Tensor] | None = None
+        #: per-condition total reward before any update: ``{"indices" (M,), "rewards" (M,), "settings"}``; checkpointed
+        self.heldout_baseline: dict | None = None
         self._heldout_rows: list[tuple[int, float, dict[str, float], float]] = []
         self._heldout_base_videos: dict[tuple[int, int], Tensor] = {}  # base model's samples (uint8, CPU)
 
@@ -420,14 +420,14 @@ class VideoAlignModule(L.LightningModule):
     def heldout_update(self, batch: dict) -> None:
         """Sample and score the held-out conditions of one validation batch (up to ``heldout_conditions``
         on this rank); rows are kept until :meth:`heldout_evaluation`."""
-        if not self.heldout_conditions:
+        if not self.heldout_conditions or (self._trainer is not None and self.trainer.sanity_checking):
             return
         have = len({row[0] for row in self._heldout_rows})
-        if have >= self.heldout_conditions:
+        if have >= self.heldout_per_rank():
             return
         indices = torch.as_tensor(batch["index"]).view(-1).tolist()
         real = batch["video"].float()
-        for i, index in enumerate(indices[: self.heldout_conditions - have]):
+        for i, index in enumerate(indices[: self.heldout_per_rank() - have]):
             sub = {k: v[i : i + 1] for k, v in batch.items()}
             totals, parts, drift = [], {}, []
             for draw in range(self.heldout_samples):
@@ -456,6 +456,19 @@ class VideoAlignModule(L.LightningModule):
 
     _frechet_heldout_real_done: bool = False
 
+    def heldout_per_rank(self) -> int:
+        """Held-out conditions each rank evaluates: ``ceil(heldout_conditions / world size)`` of its
+        shard of the validation set (rank ``r`` holds conditions ``r, r + W, ...``), so that about
+        ``heldout_conditions`` are evaluated in all, the same ones at every evaluation."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return math.ceil(self.heldout_conditions / world)
+
+    def heldout_settings(self) -> dict:
+        """What fixes the held-out videos' noise and sampling (stored with the step-0 baseline; a resumed
+        run with other settings drops the baseline, with a warning, instead of pairing other videos)."""
+        return {"seed": self.heldout_seed, "samples": self.heldout_samples, "sampler": self.sampler,
+                "num_inference_steps": self.num_inference_steps, "guidance": str(self.guidance)}
+
     def heldout_evaluation(self) -> dict[str, float]:
         """Gather this evaluation's held-out rows from every rank and return the metrics (then reset).
 
@@ -477,7 +490,12 @@ class VideoAlignModule(L.LightningModule):
 
         rows = self._heldout_rows
         self._heldout_rows = []
-        names = sorted({k for row in rows for k in row[2]})
+        if self._has_rewards():  # the same columns on every rank (a rank may have no row)
+            from lightning_vidalign.rewards.base import find_rewards
+
+            names = sorted(cb.name for cb in find_rewards(self.trainer, self._reward_names()))
+        else:
+            names = []
         local = torch.tensor([[row[0], row[1], row[3], *[row[2].get(n, float("nan")) for n in names]] for row in rows], dtype=torch.float64).view(-1, 3 + len(names))
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
@@ -516,9 +534,9 @@ class VideoAlignModule(L.LightningModule):
                 out[f"heldout/reward/{name}"] = float(table[:, 3 + j].mean())
             indices, rewards = table[:, 0].long(), table[:, 1].float()
             if self._heldout_is_step0:
-                self.heldout_baseline = (indices, rewards)
+                self.heldout_baseline = {"indices": indices, "rewards": rewards, "settings": self.heldout_settings()}
             if self.heldout_baseline is not None:
-                base_idx, base_r = self.heldout_baseline
+                base_idx, base_r = self.heldout_baseline["indices"], self.heldout_baseline["rewards"]
                 lookup = {int(i): float(r) for i, r in zip(base_idx, base_r)}
                 common = [k for k, i in enumerate(indices.tolist()) if i in lookup]
                 if common:
@@ -537,14 +555,19 @@ class VideoAlignModule(L.LightningModule):
         the reference point of ``heldout/improvement``; logged at step 0 to every logger."""
         if not self.heldout_conditions or self.global_step != 0 or self.heldout_baseline is not None:
             return
-        loader = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule is not None else None
+        # the loader Lightning prepared (with its distributed sampler: each rank its shard, as in validation)
+        loader = self.trainer.val_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if loader is None and self.trainer.datamodule is not None:
+            loader = self.trainer.datamodule.val_dataloader()
         if loader is None:
             raise ValueError("heldout_conditions > 0 needs a datamodule with a val_dataloader (the held-out conditions)")
         modes = {m: m.training for m in self.modules()}  # restored after: the frozen base stays in eval mode
         self.eval()
         for batch in loader:
             self.heldout_update(self.trainer.strategy.batch_to_device(batch))
-            if len(self._heldout_rows) >= self.heldout_conditions:
+            if len(self._heldout_rows) >= self.heldout_per_rank():
                 break
         self._heldout_is_step0 = True
         try:
@@ -683,4 +706,9 @@ class VideoAlignModule(L.LightningModule):
         state = checkpoint.get("vidalign", {})
         self.batches_seen = int(state.get("batches_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.heldout_baseline = state.get("heldout_baseline")
+        baseline = state.get("heldout_baseline")
+        if isinstance(baseline, dict) and baseline.get("settings") != self.heldout_settings():
+            log.warning("held-out settings differ from the checkpoint's (%s -> %s): its step-0 held-out baseline is dropped "
+                        "(no heldout/improvement in this run)", baseline.get("settings"), self.heldout_settings())
+            baseline = None
+        self.heldout_baseline = baseline if isinstance(baseline, dict) else None

@@ -61,6 +61,16 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted((s, v) for s, (_, v) in d.items()) for tag, d in series.items()}
 
 
+def configured_max_steps(run_dir: str) -> int | None:
+    """``trainer.max_steps`` of the run (from the ``config.yaml`` LightningCLI saved in the run folder)."""
+    import yaml
+
+    for path in [os.path.join(run_dir, "config.yaml"), *sorted(glob.glob(os.path.join(run_dir, "tb", "version_*", "config.yaml")))]:
+        if os.path.exists(path):
+            return (yaml.safe_load(open(path)) or {}).get("trainer", {}).get("max_steps")
+    return None
+
+
 def curve(sc: dict, tag: str) -> list[tuple[int, float]]:
     """``[(training batches done, value), ...]`` of a held-out series (x from ``heldout/batches_seen``)."""
     x = dict(sc.get("heldout/batches_seen", []))
@@ -81,8 +91,8 @@ def summarize(run_dir: str, minutes: float) -> dict:
     kl_tail = [v for _, v in sc[kl_tag][-5:]] if kl_tag else []
     z = last("heldout/improvement_z")
     return {
-        "reward_step0": sc["heldout/reward"][0][1],
-        "reward_step0_se": sc["heldout/reward_se"][0][1],
+        "reward_step0": sc["heldout/reward"][0][1] if dict(curve(sc, "heldout/reward")).get(0) is not None else last("heldout/reward_step0"),
+        "reward_step0_se": sc["heldout/reward_se"][0][1] if dict(curve(sc, "heldout/reward")).get(0) is not None else float("nan"),
         "reward_final": last("heldout/reward"),
         "reward_final_se": last("heldout/reward_se"),
         "improvement": last("heldout/improvement"),
@@ -123,6 +133,15 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str]) -> dict:
     open(spent_path, "w").write(f"{spent:.3f}")
     if code != 0:
         raise RuntimeError(f"{recipe} seed {seed} failed (exit {code}); see {os.path.join(run_dir, 'console.log')}")
+    # a run stopped during its last validation and resumed ends without it (Lightning does not repeat the
+    # validation of a checkpointed batch): evaluate the last checkpoint instead
+    max_steps = configured_max_steps(run_dir)
+    done = read_scalars(run_dir).get("heldout/batches_seen", [])
+    if max_steps and (not done or done[-1][1] < max_steps):
+        val = [vidalign, "validate", *cmd[2:cmd.index("--seed_everything")], "--trainer.default_root_dir", run_dir, "--ckpt_path", "last"]
+        with open(os.path.join(run_dir, "console.log"), "a") as log:
+            if subprocess.call(val, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) != 0:
+                raise RuntimeError(f"{recipe} seed {seed}: the final held-out evaluation failed; see {os.path.join(run_dir, 'console.log')}")
     result = {"recipe": recipe, "seed": seed, **summarize(run_dir, spent)}
     json.dump(result, open(result_path, "w"), indent=1)
     return result
