@@ -289,14 +289,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Delete ``*.tmp-<pid>`` files of ``folder`` left by a killed writer: those whose process is not this one
-    and no longer runs on this host (a live writer's file is kept). Returns the removed paths."""
+    """Delete ``*.tmp-<pid>`` files of ``folder`` left by a killed writer: those whose process no longer runs on
+    this host (another live writer's file is kept), and those named with this process's own PID — a killed
+    process whose PID was reused (containers restart with small PIDs): called before a save, when this
+    process writes nothing (its saves are sequential). Returns the removed paths."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for name in os.listdir(folder):
         m = TMP_PATTERN.search(name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if not m or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
             continue
         with contextlib.suppress(OSError):
             os.remove(os.path.join(folder, name))

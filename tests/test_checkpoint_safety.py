@@ -224,3 +224,25 @@ def test_truncated_checkpoint_is_named_with_the_newest_intact_one(sft_run, tmp_p
     (lone / "last.ckpt").write_bytes(data[:1000])
     with pytest.raises(CorruptCheckpointError, match=f"There is no intact checkpoint in {lone} to fall back to"):
         load_checkpoint_file(str(lone / "last.ckpt"))
+
+
+def test_stale_temporaries_of_dead_or_reused_pids_are_removed_and_a_live_writers_kept(tmp_path):
+    """Before a save: a temp file of a dead process, or one named with this process's PID (a killed
+    process whose PID was reused: saves within a process are sequential), is removed; a live writer's stays."""
+    import os
+    import subprocess
+
+    from lightning_vidalign.checkpointing import remove_stale_temporaries
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        names = {"dead": f"a.ckpt.tmp-{dead.pid}", "own": f"b.ckpt.tmp-{os.getpid()}", "live": f"c.ckpt.tmp-{live.pid}", "ckpt": "last.ckpt"}
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"x")
+        removed = {os.path.basename(p) for p in remove_stale_temporaries(str(tmp_path))}
+        assert removed == {names["dead"], names["own"]}
+        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], names["ckpt"]])
+    finally:
+        live.kill()
