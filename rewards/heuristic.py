@@ -170,4 +170,29 @@ class CompressibilityReward(RewardCallback):
         return dict(self._last)
 
 
-__all__ = ["MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "h264_bytes"]
+class LuminanceReward(RewardCallback):
+    """Reward = mean luma of the clip, ``r = scale · mean(0.299 R + 0.587 G + 0.114 B)`` (BT.601 weights,
+    pixels in ``[0, 1]``; range ``[0, scale]``).
+
+    A sanity-check objective (our choice): linear in the pixels, so every rollout's advantage carries a
+    clear signal, and easy for any adapter to raise. A method or configuration that cannot raise the
+    held-out luma within a few rounds has a broken learning loop (sign, pairing of advantages with
+    rollouts, log-probabilities of the wrong transition), whatever its formulas say. The shipped recipes
+    use it to show that each method learns; it is not a quality objective.
+
+    Args:
+        name, weight: see :class:`RewardCallback`.
+        scale: multiplier (default 10: a 1% brighter clip gains about 0.04 at mid-grey).
+    """
+
+    def __init__(self, name: str = "luminance", weight: float = 1.0, scale: float = 10.0):
+        super().__init__(name=name, weight=weight)
+        self.scale = scale
+
+    @torch.no_grad()
+    def score(self, videos: Tensor, batch: dict | None = None) -> Tensor:
+        luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=videos.device).view(1, 1, 3, 1, 1)
+        return self.scale * (videos.float() * luma).sum(2).flatten(1).mean(1)
+
+
+__all__ = ["MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "LuminanceReward", "h264_bytes"]

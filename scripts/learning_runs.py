@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default=os.path.join(ROOT, "docs"), help="where learning.md and figures/ go")
     p.add_argument("--readme", action="store_true", help="also replace the README's learning table")
     p.add_argument("--report-only", action="store_true", help="no training: table and figures from finished runs")
+    # (the table and figures always cover every finished run in --out, not only this invocation's recipes)
     args, extra = p.parse_known_args(argv)
     recipes = args.recipes or sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
     results = []
@@ -224,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(json.load(open(done)))
                 continue
             results.append(run_one(recipe, seed, args.out, extra))
+    # the report covers every finished run in --out (earlier invocations' subsets included)
+    done = {(r["recipe"], r["seed"]) for r in results}
+    for path in sorted(glob.glob(os.path.join(args.out, "*", "seed*", "result.json"))):
+        r = json.load(open(path))
+        if (r["recipe"], r["seed"]) not in done and os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{r['recipe']}.yaml")):
+            results.append(r)
     md = table(results)
     os.makedirs(args.report, exist_ok=True)
     open(os.path.join(args.report, "learning.md"), "w").write(
