@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import lightning_vidalign  # noqa: F401  (applies the torchvision shim before lightning imports it)
 
+import contextlib
 import logging
 import os
 import sys
@@ -60,6 +61,17 @@ class VidAlignCLI(LightningCLI):
                 trainer.callbacks[i] = VidAlignProgressBar()
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's CLI reads an explicit ``--ckpt_path FILE`` (for its hyperparameters) before the trainer's
+        CheckpointIO does: a truncated or corrupt file is named here too (:class:`~lightning_vidalign.checkpointing.
+        CorruptCheckpointError`, with the newest intact checkpoint of its folder), not left to torch's bare error."""
+        from lightning_vidalign.checkpointing import naming_corrupt_checkpoint
+
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        with naming_corrupt_checkpoint(path) if path else contextlib.nullcontext():
+            super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.get("trainer", {}).get("default_root_dir") or os.getcwd()
@@ -110,10 +122,17 @@ def main(args: list[str] | None = None) -> None:
         sys.path.insert(0, os.getcwd())
     quiet_console()
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["export"]:
-        export(argv[1:])
-        return
-    VidAlignCLI(args=args)
+    from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
+
+    try:
+        if argv[:1] == ["export"]:
+            export(argv[1:])
+            return
+        VidAlignCLI(args=args)
+    except (CheckpointMismatchError, CorruptCheckpointError) as e:
+        # a refusal with its own full explanation: the message, without Lightning's traceback
+        print(f"vidalign: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def export(args: list[str]) -> str:

@@ -579,7 +579,23 @@ class VideoAlignModule(L.LightningModule):
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)
-        log.info("held-out evaluation at step 0: %s", {k: round(v, 4) for k, v in metrics.items()})
+        self.print_heldout(metrics)
+
+    def print_heldout(self, metrics: dict[str, float]) -> None:
+        """One console line (rank 0) per held-out evaluation: reward ± SE, the paired improvement and its z,
+        the drift from the base."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        if "heldout/reward" not in metrics and "heldout/drift_from_base" not in metrics:
+            return
+        parts = [f"held-out after {int(metrics.get('heldout/batches_seen', 0))} batches:"]
+        if "heldout/reward" in metrics:
+            parts.append(f"reward {metrics['heldout/reward']:.4f} ± {metrics['heldout/reward_se']:.4f}")
+        if "heldout/improvement" in metrics and metrics.get("heldout/batches_seen", 0) > 0:
+            parts.append(f"improvement {metrics['heldout/improvement']:+.4f} (z {metrics['heldout/improvement_z']:.1f})")
+        if "heldout/drift_from_base" in metrics:
+            parts.append(f"drift from base {metrics['heldout/drift_from_base']:.4f}")
+        rank_zero_info(parts[0] + " " + ", ".join(parts[1:]))
 
     def evaluation_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
         """Validation/test: denoising loss with fixed noise, motion metrics of real clips and of
@@ -621,9 +637,11 @@ class VideoAlignModule(L.LightningModule):
             if int(fd.real_features_num_samples) >= 2 and int(fd.fake_features_num_samples) >= 2:
                 self.log(f"{prefix}/frechet_transnetv2", fd.compute().float(), sync_dist=False)
             fd.reset()
-        if self.heldout_conditions:
-            for key, value in self.heldout_evaluation().items():
+        if self.heldout_conditions and not self.trainer.sanity_checking:
+            metrics = self.heldout_evaluation()
+            for key, value in metrics.items():
                 self.log(key, value, sync_dist=False)  # gathered over ranks already
+            self.print_heldout(metrics)
         if self._val_videos and self.global_rank == 0:
             self.log_videos(f"{prefix}/samples", self._val_videos)
         self._val_videos = []

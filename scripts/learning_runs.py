@@ -115,6 +115,7 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str]) -> dict:
     run_dir = os.path.join(out, recipe, f"seed{seed}")
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
+        print(f"[learning_runs] {recipe} seed {seed}: finished earlier, skipped ({result_path})", flush=True)
         return json.load(open(result_path))
     os.makedirs(run_dir, exist_ok=True)
     vidalign = os.path.join(os.path.dirname(sys.executable), "vidalign")

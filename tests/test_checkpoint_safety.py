@@ -193,7 +193,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(sft_run, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # = the uninterrupted run
 
 
-def test_truncated_checkpoint_is_named_with_the_newest_intact_one(sft_run, tmp_path):
+def test_truncated_checkpoint_is_named_with_the_newest_intact_one(sft_run, tmp_path, capsys):
     from lightning_vidalign.cli import VidAlignCLI
 
     ckpt, _ = sft_run
@@ -213,6 +213,16 @@ def test_truncated_checkpoint_is_named_with_the_newest_intact_one(sft_run, tmp_p
     assert message.startswith(f"checkpoint {truncated} ({len(data) // 2} bytes) is truncated or corrupt")
     assert "central directory" in message  # torch's own complaint kept
     assert f"The newest intact checkpoint in {folder} is {intact}: resume with --ckpt_path {intact}" in message
+    # an explicit path: Lightning's CLI reads the file (for hyperparameters) before the CheckpointIO does
+    with pytest.raises(CorruptCheckpointError, match=f"resume with --ckpt_path {intact}"):
+        VidAlignCLI(args=_args(SFT_CONFIG, tmp_path, 4, "--ckpt_path", str(truncated)))
+    from lightning_vidalign.cli import main  # the console script: the message, exit status 2, no traceback
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", SFT_CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--ckpt_path", str(truncated)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"vidalign: CorruptCheckpointError: checkpoint {truncated}" in err and "Traceback" not in err
     from lightning_vidalign.strategies import FSDP2Strategy  # reads the file itself, not through the CheckpointIO
 
     fsdp2 = FSDP2Strategy()
