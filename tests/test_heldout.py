@@ -145,7 +145,7 @@ def test_luminance_reward_is_bt601_luma_times_scale():
     assert torch.allclose(r, torch.tensor([0.0, 10.0, 10.0 * 0.587 * 0.5]))
 
 
-RECIPE_SEEDS = [(r, s) for r in ("flow_grpo", "sage_grpo") for s in (0, 1, 2)] + [(r, 0) for r in ("dance_grpo", "cps_grpo", "bpgo", "vipo", "joint_grpo")]
+RECIPE_SEEDS = [(r, s) for r in ("flow_grpo", "sage_grpo") for s in (0, 1, 2)] + [(r, 0) for r in ("dance_grpo", "cps_grpo", "bpgo", "vipo", "joint_grpo", "self_paced_grpo")]
 
 
 @pytest.mark.slow
