@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -260,7 +259,7 @@ def naming_corrupt_checkpoint(path) -> Iterator[None]:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised unchanged unless the file itself is broken
         local = isinstance(path, (str, os.PathLike)) and "://" not in str(path)
-        if local and os.path.isfile(path) and not os.path.isdir(path) and not is_intact_checkpoint(str(path)):
+        if local and os.path.isfile(path) and not is_intact_checkpoint(str(path)):
             raise corrupt_checkpoint_error(str(path), e) from e
         raise
 

@@ -520,10 +520,9 @@ class VideoAlignModule(L.LightningModule):
             metric.reset()
         if self.heldout_frechet is not None:
             self._frechet_heldout_real_done = True
-            fd = self.heldout_frechet
-            if int(fd.real_features_num_samples) >= 2 and int(fd.fake_features_num_samples) >= 2:
-                out["heldout/frechet_transnetv2"] = float(fd.compute())
-            fd.reset()
+            value = self.finish_frechet(self.heldout_frechet)
+            if value is not None:
+                out["heldout/frechet_transnetv2"] = float(value)
         if table.shape[0] == 0:
             return out
         if self.heldout_drift:
@@ -633,10 +632,9 @@ class VideoAlignModule(L.LightningModule):
             metric.reset()
         if self.val_frechet is not None:
             self._frechet_real_done = True  # the real clips' statistics are kept (reset_real_features=False)
-            fd = self.val_frechet
-            if int(fd.real_features_num_samples) >= 2 and int(fd.fake_features_num_samples) >= 2:
-                self.log(f"{prefix}/frechet_transnetv2", fd.compute().float(), sync_dist=False)
-            fd.reset()
+            value = self.finish_frechet(self.val_frechet)
+            if value is not None:
+                self.log(f"{prefix}/frechet_transnetv2", value, sync_dist=False)
         if self.heldout_conditions and not self.trainer.sanity_checking:
             metrics = self.heldout_evaluation()
             for key, value in metrics.items():
@@ -645,6 +643,14 @@ class VideoAlignModule(L.LightningModule):
         if self._val_videos and self.global_rank == 0:
             self.log_videos(f"{prefix}/samples", self._val_videos)
         self._val_videos = []
+
+    @staticmethod
+    def finish_frechet(fd) -> Tensor | None:
+        """The Fréchet distance of an evaluation (fp32 0-dim), or None with fewer than 2 clips of either side;
+        the generated clips' statistics are reset (the real ones are kept, ``reset_real_features=False``)."""
+        value = fd.compute().float() if int(fd.real_features_num_samples) >= 2 and int(fd.fake_features_num_samples) >= 2 else None
+        fd.reset()
+        return value
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluation_step(batch, batch_idx, "val")

@@ -90,9 +90,11 @@ def summarize(run_dir: str, minutes: float) -> dict:
     kl_tag = "kl/total" if "kl/total" in sc else (kl_tags[0] if kl_tags else None)
     kl_tail = [v for _, v in sc[kl_tag][-5:]] if kl_tag else []
     z = last("heldout/improvement_z")
+    rewards = curve(sc, "heldout/reward")
+    has_step0 = rewards[0][0] == 0  # (a run resumed from a checkpoint without a step-0 baseline starts later)
     return {
-        "reward_step0": sc["heldout/reward"][0][1] if dict(curve(sc, "heldout/reward")).get(0) is not None else last("heldout/reward_step0"),
-        "reward_step0_se": sc["heldout/reward_se"][0][1] if dict(curve(sc, "heldout/reward")).get(0) is not None else float("nan"),
+        "reward_step0": rewards[0][1] if has_step0 else last("heldout/reward_step0"),
+        "reward_step0_se": sc["heldout/reward_se"][0][1] if has_step0 else float("nan"),
         "reward_final": last("heldout/reward"),
         "reward_final_se": last("heldout/reward_se"),
         "improvement": last("heldout/improvement"),
@@ -106,7 +108,7 @@ def summarize(run_dir: str, minutes: float) -> dict:
         "kl_last5_mean": sum(kl_tail) / len(kl_tail) if kl_tail else float("nan"),
         "steps": int(last("heldout/batches_seen", 0)),
         "minutes": minutes,
-        "curve": curve(sc, "heldout/reward"),
+        "curve": rewards,
         "curve_motion": curve(sc, "heldout/motion_score"),
     }
 
