@@ -184,7 +184,9 @@ def transnetv2_frechet_distance(**kwargs) -> Metric:
 
 
 def mean_and_standard_error(values: Tensor) -> tuple[float, float]:
-    """Mean and standard error ``std/√n`` (unbiased std) of a 1-D sample; SE is ``nan`` for ``n < 2``.
+    """Mean and standard error ``std/√n`` (unbiased std) of a 1-D sample ``(n,)``; SE is ``nan`` for ``n < 2``.
+    Values in the sample's own units, returned as Python floats (float64 arithmetic). Source: the textbook
+    standard error of the mean; used over held-out conditions (issue 21's ≥ 3 SE criterion).
 
     Raises:
         ValueError: on an empty or non-1-D tensor.
