@@ -32,6 +32,40 @@ def _fill_run_dir(node, run_dir: str):
             _fill_run_dir(value, run_dir)
 
 
+class RunFolderInUseError(RuntimeError):
+    """``fit`` without ``--ckpt_path`` into a run folder that already holds checkpoints of an earlier run: its
+    ``last.ckpt`` would be joined by a ``last-v1.ckpt`` and ``--ckpt_path last`` would no longer say which run
+    it means. The message names the folder, its checkpoints and the three ways on."""
+
+
+def _checkpoint_folders(config, run_dir: str) -> list[str]:
+    """``<run_dir>/checkpoints`` and the ``dirpath`` of every ModelCheckpoint in ``config.trainer.callbacks``."""
+    folders = [os.path.join(run_dir, "checkpoints")]
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if hasattr(cb, "get") and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            dirpath = (cb.get("init_args") or {}).get("dirpath")
+            if dirpath:
+                folders.append(str(dirpath))
+    return list(dict.fromkeys(os.path.abspath(f) for f in folders))
+
+
+def refuse_used_run_folder(config, run_dir: str) -> None:
+    """Raise :class:`RunFolderInUseError` if a checkpoint folder of this run (:func:`_checkpoint_folders`) already
+    holds ``*.ckpt`` files (our choice: refuse rather than auto-version, so ``--ckpt_path last`` always means the
+    one run of its folder)."""
+    found = []
+    for folder in _checkpoint_folders(config, run_dir):
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".ckpt")]
+    if found:
+        newest = max(found, key=os.path.getmtime)
+        raise RunFolderInUseError(
+            f"the run folder {run_dir!r} already holds a run ({len(found)} checkpoint(s), newest {newest!r}). "
+            f"Resume it: --ckpt_path last; start a new run elsewhere: --trainer.default_root_dir runs/<new name>; "
+            f"or delete {os.path.dirname(newest)!r} to start over in this folder.")
+
+
 class VidAlignCLI(LightningCLI):
     """``vidalign fit|validate|test|predict --config CONFIG``; any ``VideoAlignModule`` subclass
     (``--model my_pkg.MyMethod``) and any ``LightningDataModule``.
@@ -44,38 +78,93 @@ class VidAlignCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # the optimizer and its warm-up belong to the module (--model.init_args.optimizer / lr_scheduler): Lightning's
+        # top-level --optimizer replaced configure_optimizers and silently dropped the module's schedule
+        kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(VideoAlignModule, L.LightningDataModule, *args, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with :class:`~lightning_vidalign.progress.VidAlignProgressBar` in place of
-        Lightning's default Rich bar (a progress bar given in the config is kept)."""
+        """The trainer, with :class:`~lightning_vidalign.progress.VidAlignProgressBar` and
+        :class:`~lightning_vidalign.progress.VidAlignModelSummary` in place of Lightning's default Rich bar and
+        summary (ones given in the config are kept)."""
         from lightning.pytorch.callbacks import RichProgressBar
 
         from lightning_vidalign.progress import VidAlignProgressBar
+
+        from lightning.pytorch.callbacks import RichModelSummary
+
+        from lightning_vidalign.progress import VidAlignModelSummary
 
         trainer = super().instantiate_trainer(**kwargs)
         for i, cb in enumerate(trainer.callbacks):
             if type(cb) is RichProgressBar:  # Lightning's default, not one the user configured
                 trainer.callbacks[i] = VidAlignProgressBar()
+            elif type(cb) is RichModelSummary:  # Lightning's default: the same table without its FLOPs column of 0
+                trainer.callbacks[i] = VidAlignModelSummary(max_depth=cb._max_depth)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's CLI reads an explicit ``--ckpt_path FILE`` (for its hyperparameters) before the trainer's
-        CheckpointIO does: a truncated or corrupt file is named here too (:class:`~lightning_vidalign.checkpointing.
-        CorruptCheckpointError`, with the newest intact checkpoint of its folder), not left to torch's bare error."""
-        from lightning_vidalign.checkpointing import naming_corrupt_checkpoint
+        """Lightning's CLI would read the hyperparameters of an explicit ``--ckpt_path FILE`` and put them in place of
+        the configured model (a SHIFT config resuming an SFT checkpoint would silently become SFT). Here the given
+        configs decide: the checkpoint's run identity is compared with them when it is loaded and another run's is
+        refused, naming the differing fields (:class:`~lightning_vidalign.checkpointing.CheckpointMismatchError`).
+        A truncated or corrupt file is named by the trainer's loader (``CorruptCheckpointError``)."""
 
-        sub = self.config.get("subcommand")
-        path = self.config[sub].get("ckpt_path") if sub else None
-        with naming_corrupt_checkpoint(path) if path else contextlib.nullcontext():
-            super()._parse_ckpt_path()
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's parsing, after refusing Lightning's top-level ``--optimizer`` / ``--lr_scheduler`` with the
+        module's own options named (they are not defined here: ``auto_configure_optimizers=False``)."""
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list):
+            for arg in argv:
+                top = str(arg).split("=", 1)[0]
+                if top in ("--optimizer", "--lr_scheduler") or top.startswith(("--optimizer.", "--lr_scheduler.")):
+                    raise SystemExit(
+                        f"vidalign: {top} is not an option: the optimizer and its schedule belong to the module, "
+                        f"--model.init_args.optimizer and --model.init_args.lr_scheduler (e.g. "
+                        f"--model.init_args.optimizer.init_args.lr 1e-4), so a warm-up is never dropped silently")
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
+        """Fills ``{run_dir}``; ``fit`` without ``--ckpt_path`` into a folder holding checkpoints is refused
+        (:class:`RunFolderInUseError`) before anything is built or written."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.get("trainer", {}).get("default_root_dir") or os.getcwd()
         _fill_run_dir(config, str(run_dir))
+        if self.subcommand == "fit" and not config.get("ckpt_path"):
+            refuse_used_run_folder(config, str(run_dir))
+
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's run of the subcommand; a ``fit`` that fails before its first training step removes the
+        log folder it created (``tb/version_N`` with nothing in it), so failed and refused runs leave no empty
+        version behind."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if subcommand == "fit":
+                remove_logs_of_failed_start(self.trainer)
+            raise
+
+
+def remove_logs_of_failed_start(trainer) -> list[str]:
+    """Remove the logger folders of a run that failed before any training step (``global_step == 0``, rank 0;
+    for a resumed run, before its restore) and their parent when it is left empty. Returns the removed folders."""
+    import shutil
+
+    removed = []
+    if trainer is None or trainer.global_step != 0 or not trainer.is_global_zero:
+        return removed
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir and os.path.isdir(log_dir):
+            shutil.rmtree(log_dir, ignore_errors=True)
+            removed.append(log_dir)
+            parent = os.path.dirname(log_dir)
+            if os.path.isdir(parent) and not os.listdir(parent):
+                os.rmdir(parent)
+    return removed
 
 
 class _DropTips(logging.Filter):
@@ -117,22 +206,64 @@ def main(args: list[str] | None = None) -> None:
 
     The working folder is put first on ``sys.path`` (as ``python -m`` does), so a user's own module
     in the folder the command runs from imports by its dotted name (``--model my_pkg.my_method.MyMethod``).
+
+    Bad input (:func:`user_error`: a refused checkpoint or run folder, a missing file, a bad config value named
+    by our code) is printed as one line ``vidalign: <Error>: <message>`` and exits with status 2; any other
+    error keeps its traceback; ``VIDALIGN_TRACEBACK=1`` shows it always.
     """
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     quiet_console()
     argv = sys.argv[1:] if args is None else list(args)
-    from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
-
     try:
         if argv[:1] == ["export"]:
             export(argv[1:])
             return
         VidAlignCLI(args=args)
-    except (CheckpointMismatchError, CorruptCheckpointError) as e:
-        # a refusal with its own full explanation: the message, without Lightning's traceback
-        print(f"vidalign: {type(e).__name__}: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a bad-input error with its own explanation
+        cause = user_error(e)
+        if cause is None or os.environ.get("VIDALIGN_TRACEBACK"):
+            raise
+        print(f"vidalign: {type(cause).__name__}: {_message(cause)}", file=sys.stderr)
+        print("(bad input: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _message(error: BaseException) -> str:
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def _own_code_dirs() -> tuple[str, ...]:
+    import lightning_vidalign as pkg
+
+    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (pkg, algorithms, datamodules, rewards))
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The bad-input error behind ``error`` to print as one message (no traceback), or None for anything else.
+
+    Follows the ``__cause__`` chain (jsonargparse wraps an error raised while building a class from the config in
+    a "Does not validate against any of the Union subtypes" error with a dump of the whole config), outermost
+    first, and takes the first error that is one of our refusals (:class:`RunFolderInUseError`, ``CheckpointMismatchError``,
+    ``CorruptCheckpointError``, ``VideoDecodeError``), a ``FileNotFoundError``, or a ``ValueError`` / ``KeyError``
+    raised by this package's own code (our messages name the key or file and what was expected). A bug (any other
+    error, or one raised inside a library) keeps its traceback. Our choice."""
+    from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
+    from lightning_vidalign.datamodules.io import VideoDecodeError
+
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
+        if isinstance(exc, (RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError)):
+            return exc
+        if isinstance(exc, (ValueError, KeyError)) and exc.__traceback__ is not None:
+            tb = exc.__traceback__
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_own_code_dirs()):
+                return exc
+    return None
 
 
 def export(args: list[str]) -> str:

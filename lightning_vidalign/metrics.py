@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from lightning_vidalign.rewards.motion.flow import DISFlow, FlowEstimator, to_gray, video_flow
 
@@ -169,18 +170,22 @@ class TransNetV2VideoFeatures(torch.nn.Module):
         return x.mean(dim=(2, 3, 4)).to(video.device)
 
 
+class TransNetV2FrechetDistance(FrechetInceptionDistance):
+    """torchmetrics' ``FrechetInceptionDistance`` computed over TransNetV2 video features: the class exists so
+    that the name says what is measured (built by :func:`transnetv2_frechet_distance`)."""
+
+
 def transnetv2_frechet_distance(**kwargs) -> Metric:
     """Fréchet distance between real and generated clips in :class:`TransNetV2VideoFeatures` space.
 
     torchmetrics' ``FrechetInceptionDistance`` with our feature extractor (``update(videos
     (B, T, 3, H, W) in [0, 1], real: bool)``, ``compute()``): ``||μ_r - μ_g||² + Tr(Σ_r + Σ_g -
-    2(Σ_r Σ_g)^{1/2})``. Named for what it is — not FVD. Real statistics are kept across ``reset()``
+    2(Σ_r Σ_g)^{1/2})``. Named for what it is — not FVD, not Inception (the class is
+    ``TransNetV2FrechetDistance``, so model summaries say so too). Real statistics are kept across ``reset()``
     (``reset_real_features=False``): the real clips never change between evaluations.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     kwargs.setdefault("reset_real_features", False)
-    return FrechetInceptionDistance(feature=TransNetV2VideoFeatures(), **kwargs)
+    return TransNetV2FrechetDistance(feature=TransNetV2VideoFeatures(), **kwargs)
 
 
 def mean_and_standard_error(values: Tensor) -> tuple[float, float]:

@@ -136,6 +136,7 @@ class VideoAlignModule(L.LightningModule):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.automatic_optimization = False
         self.strict_loading = False  # adapter-only checkpoints
+        self._save_cli_config()
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -165,6 +166,53 @@ class VideoAlignModule(L.LightningModule):
         self.heldout_baseline: dict | None = None
         self._heldout_rows: list[tuple[int, float, dict[str, float], float]] = []
         self._heldout_base_videos: dict[tuple[int, int], Tensor] = {}  # base model's samples (uint8, CPU)
+
+    def _save_cli_config(self) -> None:
+        """Built by ``vidalign`` (LightningCLI), record the model's config (class paths and init args, not objects) as
+        the hyperparameters, so ``MyMethod.load_from_checkpoint(path)`` rebuilds the backbone, rewards and settings
+        from the checkpoint alone (then loads its adapters). Built in Python, nothing is recorded (the arguments are
+        objects): pass them, ``load_from_checkpoint(path, backbone=...)``. ``init_adapter_from`` is not carried
+        over (the checkpoint holds the adapters)."""
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+        if _given_hyperparameters.get() is None:
+            return
+        self.save_hyperparameters()
+        for hparams in (self._hparams, self._hparams_initial):
+            if "init_adapter_from" in hparams:
+                hparams["init_adapter_from"] = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's ``load_from_checkpoint`` for our adapter-only checkpoints
+        (``SHIFT.load_from_checkpoint("runs/shift/checkpoints/last.ckpt")``; called on a base class, e.g.
+        ``VideoAlignModule``, it builds the run's own class when that is imported, as every shipped one is); a checkpoint written by ``vidalign``
+        holds the model's config, so the backbone (from its ``pretrained_path``), rewards and settings are rebuilt
+        and the adapters loaded; keyword arguments override the config (``backbone=...``, required for a run built
+        in Python). The base weights come from the backbone, not the checkpoint, so Lightning's warning listing
+        them as "not in the checkpoint" is not shown; instead every adapter tensor must be in the checkpoint
+        (:meth:`on_load_checkpoint`).
+
+        Raises:
+            KeyError: if the checkpoint lacks adapter tensors of the rebuilt backbone (another LoRA config), naming
+                examples. CorruptCheckpointError: for a truncated file.
+        """
+        import sys
+
+        from lightning_vidalign.checkpointing import naming_corrupt_checkpoint
+
+        with naming_corrupt_checkpoint(checkpoint_path):
+            stored = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+        class_path = (stored.get("hyper_parameters") or {}).get("_class_path")
+        if class_path and "." in class_path:  # the run's own class, when already imported and a subclass of cls
+            module_name, name = class_path.rsplit(".", 1)
+            target = getattr(sys.modules.get(module_name), name, None)
+            if isinstance(target, type) and target is not cls and issubclass(target, cls):
+                return target.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+            model = super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
+        return model
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):

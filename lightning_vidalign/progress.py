@@ -1,8 +1,9 @@
 """The ``vidalign`` console progress bar."""
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
 
 class VidAlignProgressBar(RichProgressBar):
@@ -29,4 +30,33 @@ class VidAlignProgressBar(RichProgressBar):
         return metrics
 
 
-__all__ = ["VidAlignProgressBar"]
+class VidAlignModelSummary(RichModelSummary):
+    """Lightning's Rich model summary without the FLOPs column and its ``Total FLOPs: 0`` line (our choice):
+    Lightning counts FLOPs only through a module's ``example_input_array``, which a video alignment module has
+    no single one of (its forward passes differ per algorithm), so the column was always 0."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters: int, trainable_parameters: int, model_size: float,
+                  total_training_modes: dict[str, int], total_flops: int = 0, **summarize_kwargs) -> None:
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name, style="dim" if not name.strip() else None,
+                             justify="right" if name in ("Params", "Params per Device", "In sizes", "Out sizes") else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        grid = Table.grid(expand=True)
+        grid.add_column()
+        frozen = total_parameters - trainable_parameters
+        grid.add_row(f"[bold]Trainable params[/]: {get_human_readable_count(int(trainable_parameters))}    "
+                     f"[bold]Frozen[/]: {get_human_readable_count(int(frozen))}    "
+                     f"[bold]Total[/]: {get_human_readable_count(int(total_parameters))} ({get_formatted_model_size(model_size)} MB)")
+        console.print(grid)
+
+
+__all__ = ["VidAlignModelSummary", "VidAlignProgressBar"]

@@ -213,7 +213,7 @@ def test_truncated_checkpoint_is_named_with_the_newest_intact_one(sft_run, tmp_p
     assert message.startswith(f"checkpoint {truncated} ({len(data) // 2} bytes) is truncated or corrupt")
     assert "central directory" in message  # torch's own complaint kept
     assert f"The newest intact checkpoint in {folder} is {intact}: resume with --ckpt_path {intact}" in message
-    # an explicit path: Lightning's CLI reads the file (for hyperparameters) before the CheckpointIO does
+    # an explicit path: named by the trainer's loader too (our CLI does not read it first for hyperparameters)
     with pytest.raises(CorruptCheckpointError, match=f"resume with --ckpt_path {intact}"):
         VidAlignCLI(args=_args(SFT_CONFIG, tmp_path, 4, "--ckpt_path", str(truncated)))
     from lightning_vidalign.cli import main  # the console script: the message, exit status 2, no traceback

@@ -1,0 +1,92 @@
+"""A run's folder and console, through the ``vidalign`` CLI as a user runs it (issue 18): a second ``fit`` into a used
+run folder is refused (``--ckpt_path last`` resumes it), ``load_from_checkpoint`` rebuilds a run from its checkpoint
+alone, bad input is one line without traceback and leaves no empty log folder, the top-level ``--optimizer`` is refused,
+and the model summary has no FLOPs column of zeros."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIDALIGN = shutil.which("vidalign", path=os.path.dirname(sys.executable)) or shutil.which("vidalign")
+FAST = ["--data.init_args.shot_detector", "histogram", "--model.init_args.val_num_videos", "0", "--trainer.limit_val_batches", "0"]
+
+
+def _vidalign(*args, cwd, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("VIDALIGN_TRACEBACK", None)
+    return subprocess.run([VIDALIGN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_used_run_folder_is_refused_last_resumes_and_the_checkpoint_loads_alone(tmp_path):
+    run = tmp_path / "runs" / "sft"
+    sft = ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--trainer.default_root_dir", str(run), *FAST]
+    first = _vidalign(*sft, "--trainer.max_steps", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # the model summary: no FLOPs column (always 0 here), the Fréchet metric under its own name
+    assert "FLOPs" not in first.stdout and "TransNetV2FrechetDistance" in first.stdout and "FrechetInceptionDistance" not in first.stdout
+    assert (run / "checkpoints" / "last.ckpt").is_file() and sorted(os.listdir(run / "tb")) == ["version_0"]
+
+    again = _vidalign(*sft, "--trainer.max_steps", "1", cwd=tmp_path)
+    assert again.returncode == 2
+    assert "RunFolderInUseError" in again.stderr and "--ckpt_path last" in again.stderr and str(run) in again.stderr
+    assert "Traceback" not in again.stderr
+    assert sorted(os.listdir(run / "tb")) == ["version_0"] and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
+
+    resumed = _vidalign(*sft, "--trainer.max_steps", "2", "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {run / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
+
+    # load_from_checkpoint, from the checkpoint alone: the run's class (also when called on the base class), its
+    # backbone rebuilt from the recorded config, the trained adapters loaded
+    import lightning_vidalign  # noqa: F401
+    from lightning_vidalign.algorithms import SFT
+    from lightning_vidalign.module import VideoAlignModule
+
+    for cls in (SFT, VideoAlignModule):
+        model = cls.load_from_checkpoint(str(run / "checkpoints" / "last.ckpt"))
+        assert type(model) is SFT and model.backbone.lora_config.r == 8
+        state = model.state_dict()
+        adapters = {k: v for k, v in ckpt["state_dict"].items() if "lora_" in k}
+        assert adapters and all(torch.equal(state[k], v) for k, v in adapters.items())
+        assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained, not the initial zeros
+    # a checkpoint missing an adapter tensor is named, not loaded half
+    missing = next(k for k in ckpt["state_dict"] if "lora_A" in k)
+    del ckpt["state_dict"][missing]
+    torch.save(ckpt, tmp_path / "partial.ckpt")
+    with pytest.raises(KeyError, match="checkpoint lacks 1 adapter tensor"):
+        SFT.load_from_checkpoint(str(tmp_path / "partial.ckpt"))
+
+
+def test_bad_input_is_one_line_and_leaves_no_log_folder(tmp_path):
+    run = tmp_path / "run"
+    base = ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--trainer.default_root_dir", str(run), "--trainer.max_steps", "1", *FAST]
+    # an error while building the model: jsonargparse used to wrap it with the whole config (printed twice)
+    missing = _vidalign(*base, "--model.init_args.backbone.init_args.pretrained_path", str(tmp_path / "no_such_model"), cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.count("does not exist") == 1 and "no_such_model" in missing.stderr
+    assert "Traceback" not in missing.stderr and "Namespace(" not in missing.stderr and len(missing.stderr) < 600
+    # an error in the data's setup, after the logger made its folder: the empty version folder is removed
+    captions = tmp_path / "other.jsonl"
+    captions.write_text(json.dumps({"video": "my_clip_001.mp4", "caption": "a cat"}) + "\n")
+    unmatched = _vidalign(*base, "--data.init_args.captions", str(captions), cwd=tmp_path)
+    assert unmatched.returncode == 2, unmatched.stderr[-3000:]
+    assert "vidalign: ValueError: data.captions" in unmatched.stderr and "none of its 1 video name(s)" in unmatched.stderr
+    assert "Traceback" not in unmatched.stderr
+    assert not (run / "tb").exists()
+    # a bug keeps its traceback: an exception raised inside a library is not shortened (the optimizer's own check)
+    bug = _vidalign(*base, "--model.init_args.optimizer.init_args.lr", "-1", cwd=tmp_path)
+    assert bug.returncode != 0 and "Traceback" in bug.stderr and "Invalid learning rate" in bug.stderr
+
+
+def test_top_level_optimizer_is_refused_naming_the_module_option(tmp_path):
+    out = _vidalign("fit", "--config", f"{ROOT}/configs/sft.yaml", "--optimizer", "Adam", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "--model.init_args.optimizer" in out.stderr and "warm-up" in out.stderr
+    assert not (tmp_path / "runs").exists()
