@@ -157,7 +157,7 @@ class VideoAlignModule(L.LightningModule):
         self.val_metrics = torch.nn.ModuleDict({f"{src}_{k}": m for src in ("gen", "real") for k, m in motion_metrics().items()})
         self.val_frechet = transnetv2_frechet_distance() if val_frechet else None
         self._frechet_real_done = False
-        self._val_videos: list[tuple[Tensor, Tensor]] = []
+        self._val_videos: list[tuple[Tensor, Tensor, list[str]]] = []
         self.heldout_conditions, self.heldout_samples = heldout_conditions, heldout_samples
         self.heldout_seed, self.heldout_drift = heldout_seed, heldout_drift
         self.heldout_metrics = torch.nn.ModuleDict(motion_metrics()) if heldout_conditions else None
@@ -659,7 +659,7 @@ class VideoAlignModule(L.LightningModule):
                 metric.update(real)
         if self.val_frechet is not None and not self._frechet_real_done:
             self.val_frechet.update(real, real=True)
-        have = sum(v.shape[0] for _, v in self._val_videos)
+        have = sum(v.shape[0] for _, v, _ in self._val_videos)
         if have < self.val_num_videos:
             n = min(self.val_num_videos - have, real.shape[0])
             fake = self.rollout_videos(batch, gen, n)
@@ -668,7 +668,7 @@ class VideoAlignModule(L.LightningModule):
                     metric.update(fake)
             if self.val_frechet is not None:
                 self.val_frechet.update(fake.float(), real=False)
-            self._val_videos.append((real[:n].cpu(), fake.cpu()))
+            self._val_videos.append((real[:n].cpu(), fake.cpu(), self.sample_labels(batch, n)))
         self.heldout_update(batch)
 
     def evaluation_epoch_end(self, prefix: str) -> None:
@@ -717,8 +717,27 @@ class VideoAlignModule(L.LightningModule):
         gen = self.generator(tag=3000 + batch_idx, batch=0)
         return {"video": self.rollout_videos(batch, gen), "path": batch.get("path"), "start": batch.get("start")}
 
-    def log_videos(self, tag: str, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        """Log ``[real | generated]`` side by side as GIFs to every TensorBoard logger."""
+    @staticmethod
+    def sample_labels(batch: dict, n: int) -> list[str]:
+        """Labels of the first ``n`` clips of ``batch``: ``"<file name> from <start> s"`` and, when the batch has
+        captions, ``': "<caption>"'`` (what a logged sample was conditioned on)."""
+        paths, starts, captions = batch.get("path"), batch.get("start"), batch.get("caption")
+        labels = []
+        for i in range(n):
+            label = os.path.basename(str(paths[i])) if paths is not None else f"clip {i}"
+            if starts is not None:
+                label += f" from {float(starts[i]):.2f} s"
+            if captions is not None and captions[i]:
+                label += f': "{captions[i]}"'
+            labels.append(label)
+        return labels
+
+    def log_videos(self, tag: str, samples: list[tuple[Tensor, Tensor, list[str]]]) -> None:
+        """Log ``[real | generated]`` side by side as GIFs to every TensorBoard logger: tag ``<tag>/<k>_<clip name>``,
+        with a description (TensorBoard's card info) saying left = the real clip, right = the model's sample from its
+        condition, the clip, start and caption, and the fixed seed."""
+        import re
+
         from lightning.pytorch.loggers import TensorBoardLogger
 
         fps = float(getattr(self.backbone, "fps", 7))
@@ -726,9 +745,13 @@ class VideoAlignModule(L.LightningModule):
             if not isinstance(logger, TensorBoardLogger):
                 continue
             k = 0
-            for real, fake in pairs:
-                for r, f in zip(real, fake):
-                    add_gif_summary(logger.experiment, f"{tag}/{k}", torch.cat([r, f], dim=-1), self.global_step, fps)
+            for real, fake, labels in samples:
+                for r, f, label in zip(real, fake, labels):
+                    name = re.sub(r"[^-\w.]", "_", label.split(":")[0])[:48]
+                    description = (f"left: the real clip ({label}); right: the model's sample at step {self.global_step} from the "
+                                   f"same condition (first frame / caption), same noise at every evaluation (seed {self.seed})")
+                    add_gif_summary(logger.experiment, f"{tag}/{k}_{name}", torch.cat([r, f], dim=-1), self.global_step, fps,
+                                    description=description)
                     k += 1
 
     # ----------------------------------------------------------- checkpoint

@@ -47,7 +47,7 @@ def video_to_gif(video: Tensor, fps: float = 7.0) -> bytes:
     return buf.getvalue()
 
 
-def add_gif_summary(writer, tag: str, video: Tensor, step: int, fps: float = 7.0) -> None:
+def add_gif_summary(writer, tag: str, video: Tensor, step: int, fps: float = 7.0, description: str | None = None) -> None:
     """Write a video to TensorBoard as an animated GIF image summary (needs no moviepy).
 
     Args:
@@ -56,12 +56,17 @@ def add_gif_summary(writer, tag: str, video: Tensor, step: int, fps: float = 7.0
         video: ``(T, 3, H, W)`` in ``[0, 1]``.
         step: global step.
         fps: playback rate.
+        description: optional text shown with the image in TensorBoard (the summary's metadata description).
     """
     from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.image import metadata as image_metadata
+    from tensorboard.util import tensor_util
 
     t, c, h, w = video.shape
-    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=video_to_gif(video, fps))
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    # the image plugin's own tensor form ([width, height, encoded image]) keeps the description attached
+    metadata = image_metadata.create_summary_metadata(display_name=tag, description=description or "")
+    tensor = tensor_util.make_tensor_proto([str(w).encode(), str(h).encode(), video_to_gif(video, fps)])
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)]), step)
 
 
 class SavedActivationTracker:
