@@ -218,7 +218,8 @@ class DPO(VideoAlignModule):
             x_w, x_l, cond, weights, pair_logs = self.make_pairs(batch, gen)
             weights = weights.to(x_w.device)
         if self.trainer.strategy.reduce_boolean_decision(bool(weights.sum() == 0), all=True):
-            self.log_dict(pair_logs, batch_size=x_w.shape[0])
+            # the same logging arguments as a training batch's (Lightning refuses a key logged with other ones later)
+            self.log_dict(pair_logs, prog_bar=True, batch_size=x_w.shape[0])
             return None  # no pair above the margin on any rank: nothing to learn from
         sigma, noise = self.sample_noise(x_w, gen)  # one (σ, ε) per pair, shared by winner and loser
         with self.timer("reference"), torch.no_grad(), self.backbone.adapters_disabled():

@@ -225,3 +225,25 @@ def test_dpo_resume_is_bitwise_identical(tmp_path):
     assert m_res.updates == 5 and m_res.current_beta() == m_full.current_beta()
     for k, v in m_full.backbone.trainable_state_dict().items():
         assert torch.equal(v, m_res.backbone.trainable_state_dict()[k]), k
+
+
+def test_dpo_on_policy_goes_on_after_a_batch_without_pairs(tmp_path, wan_datamodule):
+    """A batch whose pairs all fall under ``pair_margin`` is skipped (logged), and the next batch trains: its logging
+    used other arguments than a training batch's, which Lightning refused on the next batch (found by the DPO recipe)."""
+    from lightning_vidalign.rewards import LuminanceReward
+
+    class TiesFirst(LuminanceReward):
+        """Luminance, except every rollout of the first batch ties (gap 0: no pair above the margin)."""
+
+        calls = 0
+
+        def score(self, videos, batch=None):
+            type(self).calls += 1
+            return torch.zeros(videos.shape[0]) if type(self).calls == 1 else super().score(videos, batch)
+
+    module = DPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), beta=500.0, pair_source="on_policy", sampler="ode",
+                 rollouts_per_condition=2, num_inference_steps=2, pair_margin=1e-6, val_num_videos=0,
+                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = _trainer(tmp_path, 2, callbacks=[TiesFirst(name="luminance")])
+    trainer.fit(module, datamodule=wan_datamodule)
+    assert module.updates == 1 and float(trainer.logged_metrics["train/pairs_dropped"]) == 0.0
