@@ -81,6 +81,30 @@ def test_wan_fit_lora_loads_into_the_demo_folder_pipeline(tmp_path, wan_batch):
     assert np.abs(tuned - base).max() > 1e-4
 
 
+def test_wan_export_merged_loads_in_wan_pipeline_as_the_lora_policy(tmp_path):
+    """``WanBackbone.export_merged`` (tiny T2V, trained-like adapters): ``WanPipeline.from_pretrained`` of the folder,
+    from a prompt string, reproduces our rollout with the adapters; the policy keeps its adapters."""
+    from diffusers import WanPipeline
+    from test_wan import _perturb_lora
+
+    from lightning_vidalign.backbones import WanBackbone
+
+    bb = WanBackbone(lora_rank=4, lora_alpha=8)
+    _perturb_lora(bb, 3)
+    adapters = {k: v.clone() for k, v in bb.trainable_state_dict().items()}
+    pipe = WanPipeline.from_pretrained(bb.export_merged(str(tmp_path / "merged")))
+    assert not any("lora" in name for name, _ in pipe.transformer.named_modules())
+    assert bb.trainable_state_dict().keys() == adapters.keys() and all(torch.equal(v, adapters[k]) for k, v in bb.trainable_state_dict().items())
+    prompt = "a red car drives down a hill"
+    ours = bb.rollout(bb.encode_condition({"caption": [prompt]}), "ode", 3, 1.0, _g(), num_frames=5, height=32, width=32, decode=False).latents
+    theirs = pipe(prompt, guidance_scale=1.0, num_inference_steps=3, num_frames=5, height=32, width=32, max_sequence_length=32, generator=_g(),
+                  output_type="latent").frames
+    torch.testing.assert_close(ours.permute(0, 2, 1, 3, 4), theirs, atol=1e-4, rtol=1e-4)
+    with bb.adapters_disabled():  # and not the base model's
+        base = bb.rollout(bb.encode_condition({"caption": [prompt]}), "ode", 3, 1.0, _g(), num_frames=5, height=32, width=32, decode=False).latents
+    assert (base - ours).abs().max() > 1e-3
+
+
 def test_svd_fit_then_export_merged_loads_in_stable_video_diffusion_pipeline(tmp_path, real_batch, monkeypatch, capsys):
     """``vidalign fit --config configs/sft.yaml`` (2 steps), then ``vidalign export --merged`` (in this process: the
     console script's ``main``): the folder loads with ``StableVideoDiffusionPipeline.from_pretrained`` as is and generates

@@ -562,7 +562,8 @@ class SVDBackbone(VideoBackbone):
         (``StableDiffusionLoraLoaderMixin.lora_state_dict``) and applied by :meth:`load_lora`.
         Note: in diffusers 0.42 ``UNetSpatioTemporalConditionModel`` has no ``load_lora_adapter``
         and its ``load_attn_procs`` only accepts Custom Diffusion weights, so the SVD pipeline
-        itself has no LoRA loader; :meth:`load_lora` is the peft equivalent.
+        itself has no LoRA loader; :meth:`load_lora` is the peft equivalent, and :meth:`export_merged` writes a
+        folder that the pipeline loads as is.
 
         Returns:
             The path of the written file.
