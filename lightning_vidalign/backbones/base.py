@@ -190,13 +190,47 @@ def export_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     as diffusers' own ``from_pretrained(torch_dtype=...)`` does."""
     import copy
 
-    out = copy.deepcopy(module).to(dtype)
-    keep = getattr(out, "_keep_in_fp32_modules", None) or []
+    return _cast_for_export(copy.deepcopy(module), dtype)
+
+
+def _cast_for_export(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` cast to ``dtype`` in place, its ``_keep_in_fp32_modules`` kept in fp32 (see :func:`export_copy`)."""
+    module.to(dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
     if dtype != torch.float32 and keep:
-        for name, sub in out.named_modules():
+        for name, sub in module.named_modules():
             if any(k in name.split(".") for k in keep):
                 sub.float()
-    return out
+    return module
+
+
+def merged_copy(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of a diffusers model with its peft LoRA fused into the base weights, as a plain model of
+    the original class (no adapter layers, no ``peft_config``), cast as :func:`export_copy` does.
+
+    Each LoRA layer is merged with peft's ``BaseTunerLayer.merge(safe_merge=True)`` (``W ← W + (α/r)·B·A``,
+    computed on the fp32 copy before the cast) and then replaced by its base layer with diffusers'
+    ``recurse_remove_peft_layers`` (what ``fuse_lora`` + ``unload_lora`` do for models that have them;
+    the SVD UNet has no ``fuse_lora``). The given ``module`` and its adapters are untouched.
+
+    Raises:
+        ValueError: peft's, if a merged weight is not finite.
+    """
+    import copy
+
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = copy.deepcopy(module).float()
+    for layer in out.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge(safe_merge=True)
+    recurse_remove_peft_layers(out)
+    if hasattr(out, "peft_config"):
+        del out.peft_config
+    if getattr(out, "_hf_peft_config_loaded", False):
+        out._hf_peft_config_loaded = False  # else diffusers' save_pretrained would treat it as an adapter holder
+    return _cast_for_export(out, dtype)
 
 
 def require_weight_files(root: str, subfolders: list[str], what: str) -> None:

@@ -298,15 +298,49 @@ class SVDBackbone(VideoBackbone):
         Raises:
             ValueError: for a LoRA backbone (adapters are exported with :meth:`export_lora`).
         """
+        if self.finetune != "full":
+            raise ValueError("SVDBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora "
+                             "(or export_merged: the LoRA fused into a full folder)")
+        return self._write_pipeline(directory, export_copy(self.unet, dtype), dtype)
+
+    def export_merged(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
+        """Write the policy with its LoRA fused into the UNet as a complete diffusers folder that
+        ``StableVideoDiffusionPipeline.from_pretrained(directory)`` loads as is (``model_index.json``,
+        ``unet/ vae/ image_encoder/ feature_extractor/ scheduler/``, safetensors): the SVD pipeline has
+        no LoRA loader (see :meth:`export_lora`), so this is how a trained SVD policy reaches diffusers.
+
+        The UNet is a copy with every LoRA layer merged by peft (``W + (alpha/r)·B·A``, computed in fp32;
+        :func:`~lightning_vidalign.backbones.base.merged_copy`); the training model and its adapters are
+        untouched. ``vidalign export --merged`` calls this for a checkpoint.
+
+        Args:
+            directory: output folder (created; existing files of the same names are overwritten).
+            dtype: dtype of the written UNet and VAE weights (fp32 by default: the fused weights exactly;
+                ``torch.float16`` halves the size); the image encoder is written in fp32.
+
+        Returns:
+            ``directory``.
+
+        Raises:
+            ValueError: for ``finetune="full"`` (no LoRA: use :meth:`save_pretrained`), or a non-finite
+                merged weight (peft's ``safe_merge``).
+        """
+        from lightning_vidalign.backbones.base import merged_copy
+
+        if self.lora_config is None:
+            raise ValueError("SVDBackbone(finetune='full') has no LoRA to merge: write the model with save_pretrained")
+        return self._write_pipeline(directory, merged_copy(self.unet, dtype), dtype)
+
+    def _write_pipeline(self, directory: str, unet: torch.nn.Module, dtype: torch.dtype) -> str:
+        """``StableVideoDiffusionPipeline(...).save_pretrained(directory)`` with ``unet`` (already cast), copies of the
+        VAE (``dtype``) and image encoder (fp32), the backbone's scheduler and the CLIP feature extractor."""
         from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
         from transformers import CLIPImageProcessor
 
-        if self.finetune != "full":
-            raise ValueError("SVDBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora")
         pipe = StableVideoDiffusionPipeline(
             vae=export_copy(self.vae, dtype),
             image_encoder=export_copy(self.image_encoder, torch.float32),
-            unet=export_copy(self.unet, dtype),
+            unet=unet,
             scheduler=EulerDiscreteScheduler.from_config(self.scheduler_config),
             feature_extractor=CLIPImageProcessor(
                 do_resize=True, size={"shortest_edge": 224}, do_center_crop=True, crop_size={"height": 224, "width": 224},
@@ -528,7 +562,8 @@ class SVDBackbone(VideoBackbone):
         (``StableDiffusionLoraLoaderMixin.lora_state_dict``) and applied by :meth:`load_lora`.
         Note: in diffusers 0.42 ``UNetSpatioTemporalConditionModel`` has no ``load_lora_adapter``
         and its ``load_attn_procs`` only accepts Custom Diffusion weights, so the SVD pipeline
-        itself has no LoRA loader; :meth:`load_lora` is the peft equivalent.
+        itself has no LoRA loader; :meth:`load_lora` is the peft equivalent, and :meth:`export_merged` writes a
+        folder that the pipeline loads as is.
 
         Returns:
             The path of the written file.

