@@ -120,10 +120,10 @@ class VidAlignCLI(LightningCLI):
             for arg in argv:
                 top = str(arg).split("=", 1)[0]
                 if top in ("--optimizer", "--lr_scheduler") or top.startswith(("--optimizer.", "--lr_scheduler.")):
-                    raise SystemExit(
-                        f"vidalign: {top} is not an option: the optimizer and its schedule belong to the module, "
-                        f"--model.init_args.optimizer and --model.init_args.lr_scheduler (e.g. "
-                        f"--model.init_args.optimizer.init_args.lr 1e-4), so a warm-up is never dropped silently")
+                    print(f"vidalign: UsageError: {top} is not an option: the optimizer and its schedule belong to the module, "
+                          f"--model.init_args.optimizer and --model.init_args.lr_scheduler (e.g. "
+                          f"--model.init_args.optimizer.init_args.lr 1e-4), so a warm-up is never dropped silently", file=sys.stderr)
+                    raise SystemExit(2)
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
@@ -150,7 +150,8 @@ class VidAlignCLI(LightningCLI):
 
 def remove_logs_of_failed_start(trainer) -> list[str]:
     """Remove the logger folders of a run that failed before any training step (``global_step == 0``, rank 0;
-    for a resumed run, before its restore) and their parent when it is left empty. Returns the removed folders."""
+    for a resumed run, before its restore) and the folders that leaves empty, up to the run folder
+    (``trainer.default_root_dir``). Returns the removed logger folders."""
     import shutil
 
     removed = []
@@ -161,9 +162,13 @@ def remove_logs_of_failed_start(trainer) -> list[str]:
         if log_dir and os.path.isdir(log_dir):
             shutil.rmtree(log_dir, ignore_errors=True)
             removed.append(log_dir)
-            parent = os.path.dirname(log_dir)
-            if os.path.isdir(parent) and not os.listdir(parent):
-                os.rmdir(parent)
+            # then the folders it left empty, up to the run folder itself (made by this failed start)
+            folder, top = os.path.dirname(os.path.abspath(log_dir)), os.path.abspath(trainer.default_root_dir)
+            while folder.startswith(top) and os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+                if folder == top:
+                    break
+                folder = os.path.dirname(folder)
     return removed
 
 
@@ -195,6 +200,8 @@ def quiet_console() -> None:
                                               r"FSDPUNetSpatioTemporalConditionModel)\) returned a view tensor")
     # our val/* and heldout/* values are already global (torchmetrics' cross-rank compute, or gathered over ranks)
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|heldout)/")
+    # raised inside Lightning's own all_gather (lightning.fabric.utilities.distributed), not by our calls
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     try:
         import transformers
 
