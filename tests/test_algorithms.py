@@ -76,7 +76,7 @@ def test_shift_smoke_fit_updates_lora_discriminator_and_logs(tmp_path, datamodul
     assert module.buffer.round == 2  # 2 conditions x G=2 rollouts, minibatch 2 -> 2 steps/pass x 2 passes = 4 steps/round
 
 
-def test_shift_noise_alignment_shares_sigma_and_noise(datamodule, real_batch):
+def test_shift_noise_alignment_shares_sigma_and_noise(tmp_path, datamodule, real_batch):
     calls = {}
 
     for aligned in (True, False):
@@ -89,7 +89,7 @@ def test_shift_noise_alignment_shares_sigma_and_noise(datamodule, real_batch):
             return _orig(x0, cond, sigma, noise)
 
         module.backbone.training_loss = spy
-        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[IMRReward()])
+        trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[IMRReward()])
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
         (s_fake, n_fake), (s_real, n_real) = seen
         calls[aligned] = torch.equal(s_fake, s_real) and torch.equal(n_fake, n_real)
