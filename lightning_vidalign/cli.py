@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import lightning_vidalign  # noqa: F401  (applies the torchvision shim before lightning imports it)
 
-import contextlib
 import logging
 import os
 import sys
@@ -89,13 +88,9 @@ class VidAlignCLI(LightningCLI):
         """The trainer, with :class:`~lightning_vidalign.progress.VidAlignProgressBar` and
         :class:`~lightning_vidalign.progress.VidAlignModelSummary` in place of Lightning's default Rich bar and
         summary (ones given in the config are kept)."""
-        from lightning.pytorch.callbacks import RichProgressBar
+        from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 
-        from lightning_vidalign.progress import VidAlignProgressBar
-
-        from lightning.pytorch.callbacks import RichModelSummary
-
-        from lightning_vidalign.progress import VidAlignModelSummary
+        from lightning_vidalign.progress import VidAlignModelSummary, VidAlignProgressBar
 
         trainer = super().instantiate_trainer(**kwargs)
         for i, cb in enumerate(trainer.callbacks):
@@ -134,7 +129,6 @@ class VidAlignCLI(LightningCLI):
         _fill_run_dir(config, str(run_dir))
         if self.subcommand == "fit" and not config.get("ckpt_path"):
             refuse_used_run_folder(config, str(run_dir))
-
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Lightning's run of the subcommand; a ``fit`` that fails before its first training step removes the

@@ -211,8 +211,7 @@ class VideoAlignModule(L.LightningModule):
                 return target.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-            model = super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
-        return model
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):
