@@ -429,24 +429,23 @@ class GRPO(VideoAlignModule):
                 if self.kl_type in ("moving", "dual") and self.updates % self.anchor_interval == 0:
                     self.refresh_anchor()
 
-        # 5. logs
-        self.log_dict(
-            {
-                **{(k if k.startswith("kl/") else f"train/{k}"): v for k, v in sums.items()},
-                **{f"train/{k}": v for k, v in stats.items()},
-                "reward/total/mean": rewards.mean(),
-                "reward/total/std": rewards.std(unbiased=False),
-                "adv/mean": advantages.mean(),
-                "adv/abs_mean": advantages.abs().mean(),
-                "adv/clip_frac": (advantages.abs() >= self.advantage_clip).float().mean(),
-                "kl/coef": self.kl_coefficient(),
-                "train/trained_steps": float(steps.shape[1]),
-                "train/optimizer_steps": float(self.updates),
-                "train/equalizer_max_over_min": float(scales[steps.unique()].max() / scales[steps.unique()].min().clamp(min=1e-12)),
-            },
-            prog_bar=False,
-            batch_size=b * g,
-        )
+        # 5. logs (the progress bar shows the round's mean reward, the loss and the ratio; the rest is in the logger)
+        logs = {
+            **{(k if k.startswith("kl/") else f"train/{k}"): v for k, v in sums.items()},
+            **{f"train/{k}": v for k, v in stats.items()},
+            "reward/total/mean": rewards.mean(),
+            "reward/total/std": rewards.std(unbiased=False),
+            "adv/mean": advantages.mean(),
+            "adv/abs_mean": advantages.abs().mean(),
+            "adv/clip_frac": (advantages.abs() >= self.advantage_clip).float().mean(),
+            "kl/coef": self.kl_coefficient(),
+            "train/trained_steps": float(steps.shape[1]),
+            "train/optimizer_steps": float(self.updates),
+            "train/equalizer_max_over_min": float(scales[steps.unique()].max() / scales[steps.unique()].min().clamp(min=1e-12)),
+        }
+        on_bar = ("reward/total/mean", "train/loss", "train/ratio")
+        self.log_dict({k: v for k, v in logs.items() if k in on_bar}, prog_bar=True, batch_size=b * g)
+        self.log_dict({k: v for k, v in logs.items() if k not in on_bar}, prog_bar=False, batch_size=b * g)
         return {"loss": torch.tensor(sums.get("loss", float("nan"))), "real": video, "fake": videos[::g]}
 
     # -------------------------------------------------------- diagnostics

@@ -7,16 +7,42 @@ from lightning.pytorch.utilities.model_summary.model_summary import get_formatte
 
 
 class VidAlignProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar with three fixes for step-counted runs (our choice):
+    """Lightning's Rich progress bar with four fixes for step-counted runs (our choice):
 
-    - "Epoch N" without the ``/-2`` Lightning prints when ``max_epochs`` is -1 (runs here end on
-      ``trainer.max_steps``, counted in batches);
+    - in a run that ends on ``trainer.max_steps`` (``max_epochs`` -1, the configs' setting) the bar counts
+      the run's batches, ``global_step / max_steps``, across epochs and resumes, so it agrees with the final
+      "``max_steps=N`` reached" line (Lightning's bar counts the batch index within an epoch against the
+      batches left, which after a mid-epoch resume reads e.g. ``4/2``);
+    - "Epoch N" without the ``/-2`` Lightning prints when ``max_epochs`` is -1;
     - no ``v_num`` (the logger version is in the run folder's path);
     - metrics with 3 significant digits (``.3g``), so a learning rate of 2e-4 is not shown as 0.000.
     """
 
     def __init__(self, refresh_rate: int = 1, leave: bool = False):
         super().__init__(refresh_rate=refresh_rate, leave=leave, theme=RichProgressBarTheme(metrics_format=".3g"))
+
+    def _counts_run_batches(self) -> bool:
+        trainer = self.trainer
+        return trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        if self._counts_run_batches():
+            return self.trainer.max_steps
+        return super().total_train_batches
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self._counts_run_batches() and self.train_progress_bar_id is not None:
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._counts_run_batches():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = super()._get_train_description(current_epoch)

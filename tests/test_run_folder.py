@@ -37,11 +37,16 @@ def test_a_used_run_folder_is_refused_last_resumes_and_the_checkpoint_loads_alon
     assert "Traceback" not in again.stderr
     assert sorted(os.listdir(run / "tb")) == ["version_0"] and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
 
-    resumed = _vidalign(*sft, "--trainer.max_steps", "2", "--ckpt_path", "last", cwd=tmp_path)
+    # resumed mid-epoch (3 batches per epoch) across an epoch end: the progress bar counts the run's batches and
+    # agrees with the stop line (Lightning's own bar read "4/2" here)
+    resumed = _vidalign(*sft, "--trainer.max_steps", "4", "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {run / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    assert "`max_steps=4` reached" in resumed.stdout + resumed.stderr
+    bar = [line for line in resumed.stdout.splitlines() if line.startswith("Epoch ")][-1]
+    assert bar.startswith("Epoch 1 ") and " 4/4 " in bar, bar
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 2 and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
+    assert ckpt["global_step"] == 4 and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
 
     # load_from_checkpoint, from the checkpoint alone: the run's class (also when called on the base class), its
     # backbone rebuilt from the recorded config, the trained adapters loaded
