@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_vidalign.algorithms.advantages import shift_advantages
+from lightning_vidalign.algorithms.advantages import grpo_advantages, shift_advantages
 from lightning_vidalign.algorithms.losses import shift_loss
 from lightning_vidalign.buffer import RolloutBuffer
 from lightning_vidalign.module import VideoAlignModule
@@ -15,7 +15,8 @@ class SHIFT(VideoAlignModule):
     A round takes the first frames of the current real batch (``B`` conditions), draws
     ``rollouts_per_condition`` (``G``) rollouts each with any sampler (no trajectory kept), scores
     them with the reward callbacks (EMA discriminators), and fills the :class:`RolloutBuffer` with
-    ``A = clip(r - mean_group(r), ±advantage_clip)``. Each training step then takes one minibatch of
+    ``A = clip(r - mean_group(r), ±advantage_clip)`` (``advantage_normalization="center"``, the paper's form) or
+    ``A = clip((r - mean_group(r)) / (std_group(r) + 1e-4), ±advantage_clip)`` (``"std"``). Each training step then takes one minibatch of
     ``B`` rollouts and the current ``B`` real clips:
     ``L = lam·mean(A·ℓ(x̃0)) + w_sft·mean ℓ(x0)``, with one ``(σ, ε)`` shared by both terms when
     ``noise_alignment`` (SHIFT App. C "match_sigmas"). A round lasts ``passes·G`` steps.
@@ -27,6 +28,9 @@ class SHIFT(VideoAlignModule):
         passes: ``K`` passes over each round (paper: 10).
         advantage_clip: ``c`` (lost in extraction; our choice 5).
         baseline: ``"group"`` (mean over the ``G`` rollouts of a condition) or ``"batch"``.
+        advantage_normalization: ``"center"`` (SHIFT §4.3 / App. C: recentring only, the default) or ``"std"``
+            (also divided by the group's population std, as GRPO; our option: makes ``lam`` independent of the
+            reward's scale; a zero-variance group gets advantage 0).
         noise_alignment: share ``(σ, ε)`` between the fake and real terms (SHIFT A1).
         rewards: names of the reward callbacks to sum (weights from each callback's ``weight``);
             None = all reward callbacks.
@@ -43,6 +47,7 @@ class SHIFT(VideoAlignModule):
         passes: int = 10,
         advantage_clip: float = 5.0,
         baseline: str = "group",
+        advantage_normalization: str = "center",
         noise_alignment: bool = True,
         rewards: list[str] | None = None,
         rollout_batch_size: int = 8,
@@ -51,11 +56,14 @@ class SHIFT(VideoAlignModule):
         super().__init__(*args, **kwargs)
         if baseline not in ("group", "batch"):
             raise ValueError(f"SHIFT: baseline must be 'group' or 'batch', got {baseline!r}")
+        if advantage_normalization not in ("center", "std"):
+            raise ValueError(f"SHIFT: advantage_normalization must be 'center' or 'std', got {advantage_normalization!r}")
         if rollouts_per_condition < 1 or passes < 1:
             raise ValueError(f"SHIFT: rollouts_per_condition and passes must be >= 1, got {rollouts_per_condition}, {passes}")
         self.lam, self.w_sft = lam, w_sft
         self.rollouts_per_condition, self.passes = rollouts_per_condition, passes
         self.advantage_clip, self.baseline = advantage_clip, baseline
+        self.advantage_normalization = advantage_normalization
         self.noise_alignment = noise_alignment
         self.reward_names = rewards
         self.rollout_batch_size = rollout_batch_size
@@ -82,7 +90,10 @@ class SHIFT(VideoAlignModule):
         with self.timer("reward"):
             rewards, _ = self.score_rewards(videos, self.reward_names)
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)
-        advantages = shift_advantages(rewards, group_ids, self.advantage_clip)
+        if self.advantage_normalization == "std":
+            advantages, _ = grpo_advantages(rewards, group_ids, clip=self.advantage_clip)
+        else:
+            advantages = shift_advantages(rewards, group_ids, self.advantage_clip)
         self.buffer.minibatch_size = b
         self.buffer.fill(latents=latents, video=videos, rewards=rewards, advantages=advantages, group_ids=group_ids, **cond)
         self.log_dict(

@@ -183,7 +183,8 @@ class LuminanceReward(RewardCallback):
 
     Args:
         name, weight: see :class:`RewardCallback`.
-        scale: multiplier (default 10: a 1% brighter clip gains about 0.04 at mid-grey).
+        scale: multiplier (default 10: a 1% brighter clip gains about 0.04 at mid-grey). A negative scale rewards
+            darkness (range ``[scale, 0]``; the SHIFT recipe uses -10, a direction its SFT anchor opposes).
     """
 
     def __init__(self, name: str = "luminance", weight: float = 1.0, scale: float = 10.0):

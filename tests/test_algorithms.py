@@ -223,3 +223,24 @@ def test_accuracy_from_logits_hand_case():
     acc = accuracy_from_logits(torch.tensor([1.0, -1.0]), {"a": torch.tensor([-2.0, 0.5]), "b": torch.tensor([1.0, -3.0])})
     # real: 1 of 2 > 0; a: 1 of 2 < 0, pairs (1>-2, 1>0.5, -1>-2, -1<0.5) -> 3/4; b: 1 of 2 < 0, (1=1 -> 1/2, 1>-3, -1<1, -1>-3) -> 2.5/4
     assert acc == pytest.approx({"real": 0.5, "a": 0.5, "auc_a": 0.75, "b": 0.5, "auc_b": 0.625, "balanced": 0.5, "auc": 0.6875})
+
+
+@pytest.mark.parametrize("normalization", ["center", "std"])
+def test_shift_advantage_normalization_fills_the_buffer_with_its_form(tmp_path, datamodule, normalization):
+    from lightning_vidalign.algorithms.advantages import grpo_advantages, shift_advantages
+    from lightning_vidalign.rewards import LuminanceReward
+
+    module = _shift(advantage_normalization=normalization, passes=1, val_num_videos=0)
+    trainer = _trainer(tmp_path, 1, callbacks=[LuminanceReward()], limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    data = module.buffer.data
+    rewards, groups = data["rewards"], data["group_ids"]
+    assert rewards.shape == (4,) and groups.tolist() == [0, 0, 1, 1] and rewards.std() > 0
+    expected = grpo_advantages(rewards, groups, clip=5.0)[0] if normalization == "std" else shift_advantages(rewards, groups, 5.0)
+    assert torch.allclose(data["advantages"], expected)
+    # the better rollout of each condition gets the positive advantage (both forms)
+    for g in (0, 1):
+        r, a = rewards[groups == g], data["advantages"][groups == g]
+        assert torch.equal(r.argmax(), a.argmax()) and a.sum().abs() < 1e-3
+    with pytest.raises(ValueError, match="advantage_normalization"):
+        _shift(advantage_normalization="rank")
