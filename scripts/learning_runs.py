@@ -19,6 +19,11 @@ end (mean ± standard error over held-out conditions), the paired improvement an
 the recipe criterion is ``z >= 3``), the drift from the base model, the held-out Fréchet distance, the
 last logged KL and the minutes. Figures (``<report>/figures/<recipe>.png``, held-out reward vs
 step, one line per seed) need matplotlib (``pip install -c constraints.txt -e ".[plots]"``).
+
+Each finished run's result (with the recipe file's SHA-256 and the git commit it ran at) is also kept in
+``<report>/results/<recipe>_seed<N>.json`` (committed with the table), so the report covers every run made for
+the current recipe files, across sessions and run folders; a kept result whose recipe file has changed since is
+left out of the report (and named), so the table never mixes settings.
 """
 from __future__ import annotations
 
@@ -113,6 +118,34 @@ def summarize(run_dir: str, minutes: float) -> dict:
     }
 
 
+def recipe_sha(recipe: str) -> str:
+    """SHA-256 (first 16 hex digits) of the recipe file's bytes."""
+    import hashlib
+
+    return hashlib.sha256(open(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml"), "rb").read()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def kept_results(report: str) -> list[dict]:
+    """Results kept in ``<report>/results/`` whose recipe file is unchanged (stale ones are named and left out)."""
+    kept = []
+    for path in sorted(glob.glob(os.path.join(report, "results", "*.json"))):
+        r = json.load(open(path))
+        if not os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{r['recipe']}.yaml")):
+            continue
+        if r.get("recipe_sha") != recipe_sha(r["recipe"]):
+            print(f"[learning_runs] {path}: the recipe changed since this run (left out of the report; run it again)", flush=True)
+            continue
+        kept.append(r)
+    return kept
+
+
 def run_one(recipe: str, seed: int, out: str, extra: list[str]) -> dict:
     run_dir = os.path.join(out, recipe, f"seed{seed}")
     result_path = os.path.join(run_dir, "result.json")
@@ -145,7 +178,8 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str]) -> dict:
         with open(os.path.join(run_dir, "console.log"), "a") as log:
             if subprocess.call(val, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) != 0:
                 raise RuntimeError(f"{recipe} seed {seed}: the final held-out evaluation failed; see {os.path.join(run_dir, 'console.log')}")
-    result = {"recipe": recipe, "seed": seed, **summarize(run_dir, spent)}
+    result = {"recipe": recipe, "seed": seed, "recipe_sha": recipe_sha(recipe), "commit": git_commit(),
+              "extra_args": extra, **summarize(run_dir, spent)}
     json.dump(result, open(result_path, "w"), indent=1)
     return result
 
@@ -228,12 +262,19 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(json.load(open(done)))
                 continue
             results.append(run_one(recipe, seed, args.out, extra))
-    # the report covers every finished run in --out (earlier invocations' subsets included)
+    # the report covers every finished run in --out (earlier invocations' subsets included), then the results kept
+    # in <report>/results/ for unchanged recipes (earlier sessions); a run here replaces a kept one
     done = {(r["recipe"], r["seed"]) for r in results}
     for path in sorted(glob.glob(os.path.join(args.out, "*", "seed*", "result.json"))):
         r = json.load(open(path))
         if (r["recipe"], r["seed"]) not in done and os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{r['recipe']}.yaml")):
             results.append(r)
+            done.add((r["recipe"], r["seed"]))
+    os.makedirs(os.path.join(args.report, "results"), exist_ok=True)
+    for r in results:
+        if r.get("recipe_sha") == recipe_sha(r["recipe"]) and not r.get("extra_args"):  # (runs with extra CLI arguments are not the recipe's)
+            json.dump(r, open(os.path.join(args.report, "results", f"{r['recipe']}_seed{r['seed']}.json"), "w"), indent=1)
+    results += [r for r in kept_results(args.report) if (r["recipe"], r["seed"]) not in done]
     md = table(results)
     os.makedirs(args.report, exist_ok=True)
     open(os.path.join(args.report, "learning.md"), "w").write(
