@@ -115,6 +115,9 @@ def summarize(run_dir: str, minutes: float) -> dict:
         "minutes": minutes,
         "curve": rewards,
         "curve_motion": curve(sc, "heldout/motion_score"),
+        "curve_kl": sc[kl_tag] if kl_tag else [],
+        # every held-out series (reward components, metrics) as a curve, for the claims' comparisons
+        "curves": {tag: curve(sc, tag) for tag in sc if tag.startswith("heldout/") and tag != "heldout/batches_seen"},
     }
 
 
@@ -146,8 +149,10 @@ def kept_results(report: str) -> list[dict]:
     return kept
 
 
-def run_one(recipe: str, seed: int, out: str, extra: list[str]) -> dict:
-    run_dir = os.path.join(out, recipe, f"seed{seed}")
+def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | None = None) -> dict:
+    """Train (or resume, or skip when finished) one run of ``recipe`` with ``seed``; ``extra``: CLI arguments
+    after the recipe's (a claim's variant); ``run_dir`` default ``<out>/<recipe>/seed<N>``."""
+    run_dir = run_dir or os.path.join(out, recipe, f"seed{seed}")
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         print(f"[learning_runs] {recipe} seed {seed}: finished earlier, skipped ({result_path})", flush=True)
@@ -239,6 +244,156 @@ def figures(results: list[dict], folder: str) -> list[str]:
     return written
 
 
+# ------------------------------------------------------------------ claims (configs/claims.yaml)
+def load_claims() -> dict:
+    import yaml
+
+    path = os.path.join(ROOT, "configs", "claims.yaml")
+    claims = yaml.safe_load(open(path)) or {}
+    for name, claim in claims.items():
+        for key in ("title", "seeds", "variants"):
+            if key not in claim:
+                raise KeyError(f"{path}: claim {name!r} lacks {key!r}")
+        for v in claim["variants"]:
+            if not os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{v['recipe']}.yaml")):
+                raise FileNotFoundError(f"{path}: claim {name!r}, variant {v.get('name')!r}: no recipe configs/recipes/{v['recipe']}.yaml")
+    return claims
+
+
+def variant_dir(out: str, claim: str, variant: dict, seed: int) -> str | None:
+    """Run folder of a claim's variant; None for a variant without arguments (the recipe's own run)."""
+    if not variant.get("args"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", variant["name"]).strip("_").lower()
+    return os.path.join(out, "claims", claim, slug, f"seed{seed}")
+
+
+def run_claim(name: str, claim: dict, out: str, report: str, run: bool = True) -> list[dict]:
+    """Every variant × seed of a claim (trained unless finished here or kept in ``<report>/results``;
+    ``run=False``: finished ones only)."""
+    results = []
+    for v in claim["variants"]:
+        for seed in claim["seeds"]:
+            run_dir = variant_dir(out, name, v, seed) or os.path.join(out, v["recipe"], f"seed{seed}")
+            done = os.path.join(run_dir, "result.json")
+            args = list(map(str, v.get("args", [])))
+            if args:  # a variant's result is kept as <report>/results/claims/<claim>/<variant>_seed<N>.json
+                keep = os.path.join(report, "results", "claims", name, f"{os.path.basename(os.path.dirname(run_dir))}_seed{seed}.json")
+                kept = [json.load(open(keep))] if os.path.exists(keep) else []
+                kept = [k for k in kept if k.get("recipe_sha") == recipe_sha(v["recipe"]) and k.get("extra_args") == args]
+            else:  # the recipe's own run (kept by the recipe table)
+                keep = None
+                kept = [k for k in kept_results(report) if k["recipe"] == v["recipe"] and k["seed"] == seed]
+            if kept and not os.path.exists(done):  # finished in an earlier session
+                results.append({**kept[0], "variant": v["name"]})
+                continue
+            if not run and not os.path.exists(done):
+                continue
+            r = run_one(v["recipe"], seed, out, args, run_dir=run_dir)
+            if keep:
+                os.makedirs(os.path.dirname(keep), exist_ok=True)
+                json.dump(r, open(keep, "w"), indent=1)
+            results.append({**r, "variant": v["name"]})
+    return results
+
+
+def _series_ends(r: dict, metric: str) -> tuple[float, float]:
+    c = r.get("curves", {}).get(metric) or (r["curve"] if metric == "heldout/reward" else [])
+    return (c[0][1], c[-1][1]) if c else (float("nan"), float("nan"))
+
+
+def claim_table(name: str, claim: dict, results: list[dict]) -> str:
+    """Markdown: one row per variant (mean and spread over seeds)."""
+    import statistics
+
+    metric = claim.get("metric", "heldout/reward")
+    lines = [f"**{claim['title']}** ({claim.get('source', '')}; compared: `{metric}`; seeds {', '.join(map(str, claim['seeds']))})", "",
+             "| variant | seeds | step 0 | final (mean ± sd over seeds) | change | z per seed (total reward) | drift from base | KL (last 5) | min/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in claim["variants"]:
+        rs = sorted((r for r in results if r["variant"] == v["name"]), key=lambda r: r["seed"])
+        if not rs:
+            lines.append(f"| {v['name']} | – | not run | | | | | | |")
+            continue
+        ends = [_series_ends(r, metric) for r in rs]
+        finals = [e[1] for e in ends]
+        sd = statistics.stdev(finals) if len(finals) > 1 else float("nan")
+        change = statistics.mean(e[1] - e[0] for e in ends)
+        lines.append(
+            f"| {v['name']} | {len(rs)} | {fmt(statistics.mean(e[0] for e in ends))} | {fmt(statistics.mean(finals))} ± {fmt(sd)} "
+            f"| {change:+.4f} | {' / '.join(fmt(r['improvement_z'], 1) for r in rs)} | {fmt(statistics.mean(r['drift_from_base'] for r in rs), 4)} "
+            f"| {fmt(statistics.mean(r['kl_last5_mean'] for r in rs), 5) if rs[0]['kl_tag'] else '–'} | {fmt(statistics.mean(r['minutes'] for r in rs), 1)} |")
+    return "\n".join(lines)
+
+
+def claim_figure(name: str, claim: dict, results: list[dict], folder: str) -> str | None:
+    """``<folder>/claim_<name>.png``: the compared held-out series per variant (mean over seeds) and, where
+    logged, the KL per round."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metric = claim.get("metric", "heldout/reward")
+    has_kl = any(r.get("curve_kl") for r in results)
+    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(9 if has_kl else 4.5, 3.2), dpi=110, squeeze=False)
+    for v in claim["variants"]:
+        rs = [r for r in results if r["variant"] == v["name"]]
+        if not rs:
+            continue
+        curves = [r.get("curves", {}).get(metric) or r["curve"] for r in rs]
+        n = min(len(c) for c in curves)
+        xs = [c[0] for c in curves[0][:n]]
+        axes[0][0].plot(xs, [sum(c[i][1] for c in curves) / len(curves) for i in range(n)], marker="o", label=v["name"])
+        if has_kl and rs[0].get("curve_kl"):
+            kl = rs[0]["curve_kl"]
+            axes[0][1].plot([s + 1 for s, _ in kl], [val for _, val in kl], label=v["name"])
+    axes[0][0].set_xlabel("training step (round / batch)")
+    axes[0][0].set_ylabel(f"{metric} (mean over seeds)")
+    axes[0][0].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if has_kl:
+        axes[0][1].set_xlabel("round")
+        axes[0][1].set_ylabel("KL (seed 0 / first seed)")
+        axes[0][1].set_yscale("symlog", linthresh=1e-6)
+        axes[0][1].grid(alpha=0.3)
+    fig.suptitle(claim["title"], fontsize=8)
+    fig.tight_layout()
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"claim_{name}.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def claims_report(names: list[str], out: str, report: str, run: bool) -> str:
+    claims = load_claims()
+    unknown = [n for n in names if n not in claims]
+    if unknown:
+        raise KeyError(f"unknown claim(s) {unknown}; configs/claims.yaml has {sorted(claims)}")
+    parts = []
+    for name in names:
+        results = run_claim(name, claims[name], out, report, run=run)
+        parts.append(claim_table(name, claims[name], results))
+        path = claim_figure(name, claims[name], results, os.path.join(report, "figures"))
+        if path:
+            parts.append(f"\n![{name}](docs/figures/{os.path.basename(path)})")
+    md = "\n\n".join(parts)
+    os.makedirs(report, exist_ok=True)
+    open(os.path.join(report, "claims.md"), "w").write("# The papers' claims at tiny scale (scripts/learning_runs.py --claims)\n\n" + md + "\n")
+    return md
+
+
+def replace_between(path: str, start: str, end: str, md: str) -> None:
+    text = open(path).read()
+    if start not in text or end not in text:
+        raise KeyError(f"{path} lacks the markers {start} … {end}")
+    a, b = text.index(start) + len(start), text.index(end)
+    open(path, "w").write(text[:a] + "\n" + md + "\n" + text[b:])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", nargs="*", help="recipe names (default: every configs/recipes/*.yaml)")
@@ -247,9 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default=os.path.join(ROOT, "docs"), help="where learning.md and figures/ go")
     p.add_argument("--readme", action="store_true", help="also replace the README's learning table")
     p.add_argument("--report-only", action="store_true", help="no training: table and figures from finished runs")
+    p.add_argument("--claims", nargs="*", help="claims of configs/claims.yaml to run (no names: all). Without --recipes and "
+                   "--claims every recipe and every claim runs; with only one of them, only that part")
     # (the table and figures always cover every finished run in --out, not only this invocation's recipes)
     args, extra = p.parse_known_args(argv)
-    recipes = args.recipes or sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
+    everything = args.recipes is None and args.claims is None
+    if args.claims is not None and args.recipes is None:
+        args.recipes = []  # claims only
+    recipes = args.recipes if args.recipes is not None else sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
     results = []
     for recipe in recipes:
         path = os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")
@@ -283,15 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     paths = figures(results, os.path.join(args.report, "figures"))
     if args.readme:
-        readme = os.path.join(ROOT, "README.md")
-        text = open(readme).read()
-        start, end = "<!-- learning-table:start -->", "<!-- learning-table:end -->"
-        if start not in text or end not in text:
-            raise KeyError(f"README.md lacks the markers {start} … {end}")
-        a, b = text.index(start) + len(start), text.index(end)
-        text = text[:a] + "\n" + md + "\n" + text[b:]
-        open(readme, "w").write(text)
+        replace_between(os.path.join(ROOT, "README.md"), "<!-- learning-table:start -->", "<!-- learning-table:end -->", md)
     print(md)
+    if everything or args.claims is not None:
+        names = args.claims or list(load_claims())
+        claims_md = claims_report(names, args.out, args.report, run=not args.report_only)
+        if args.readme:
+            replace_between(os.path.join(ROOT, "README.md"), "<!-- claims-table:start -->", "<!-- claims-table:end -->", claims_md)
+        print(claims_md)
     for path in paths:
         print(f"[learning_runs] figure {path}")
     return 0

@@ -145,7 +145,8 @@ def test_luminance_reward_is_bt601_luma_times_scale():
     assert torch.allclose(r, torch.tensor([0.0, 10.0, 10.0 * 0.587 * 0.5]))
 
 
-RECIPE_SEEDS = [(r, s) for r in ("flow_grpo", "sage_grpo") for s in (0, 1, 2)] + [(r, 0) for r in ("dance_grpo", "cps_grpo", "bpgo", "vipo", "joint_grpo", "self_paced_grpo")]
+RECIPE_SEEDS = ([(r, s) for r in ("flow_grpo", "sage_grpo", "shift", "dpo") for s in (0, 1, 2)]
+                + [(r, 0) for r in ("dance_grpo", "cps_grpo", "bpgo", "vipo", "joint_grpo", "self_paced_grpo")])
 
 
 @pytest.mark.slow
@@ -159,7 +160,9 @@ def test_recipe_meets_the_learning_criterion(recipe, seed, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from learning_runs import run_one
 
+    from learning_runs import configured_max_steps
+
     result = run_one(recipe, seed, str(tmp_path), [])
     print(f"{recipe} seed {seed}: {result['reward_step0']:.4f} -> {result['reward_final']:.4f}, z {result['improvement_z']:.1f}")
-    assert result["steps"] == 20
+    assert result["steps"] == configured_max_steps(str(tmp_path / recipe / f"seed{seed}"))
     assert result["improvement_z"] >= 3.0

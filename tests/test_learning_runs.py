@@ -1,0 +1,47 @@
+"""The learning-runs report (``scripts/learning_runs.py``) without training: kept results of changed recipes are
+left out, claims tables average over seeds and name the variants not run (issue 21)."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import learning_runs  # noqa: E402
+
+
+def _result(recipe, seed, step0, final, z, **kw):
+    return {"recipe": recipe, "seed": seed, "recipe_sha": learning_runs.recipe_sha(recipe), "extra_args": [],
+            "reward_step0": step0, "reward_step0_se": 0.1, "reward_final": final, "reward_final_se": 0.1,
+            "improvement": final - step0, "improvement_se": 0.01, "improvement_z": z, "learned": z >= 3,
+            "drift_from_base": 0.005, "frechet_step0": 0.4, "frechet_final": 0.41, "kl_tag": "kl/total",
+            "kl_last5_mean": 0.002, "steps": 20, "minutes": 1.5, "curve": [(0, step0), (20, final)], "curve_kl": [(0, 0.0), (19, 0.002)],
+            "curves": {"heldout/reward/luminance": [(0, step0), (20, final)]}, **kw}
+
+
+def test_kept_results_of_a_changed_recipe_are_left_out(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    json.dump(_result("flow_grpo", 0, 4.0, 4.1, 10.0), open(tmp_path / "results" / "flow_grpo_seed0.json", "w"))
+    json.dump({**_result("sage_grpo", 0, 4.0, 4.1, 10.0), "recipe_sha": "0" * 16}, open(tmp_path / "results" / "sage_grpo_seed0.json", "w"))
+    kept = learning_runs.kept_results(str(tmp_path))
+    assert [(r["recipe"], r["seed"]) for r in kept] == [("flow_grpo", 0)]
+    assert "sage_grpo_seed0.json: the recipe changed" in capsys.readouterr().out
+
+
+def test_claim_table_means_and_spread_over_seeds_and_names_variants_not_run():
+    claim = {"title": "T", "seeds": [0, 1], "metric": "heldout/reward/luminance",
+             "variants": [{"name": "A", "recipe": "flow_grpo"}, {"name": "B", "recipe": "sage_grpo", "args": ["--x", "1"]}]}
+    results = [{**_result("flow_grpo", 0, 4.0, 4.2, 8.0), "variant": "A"}, {**_result("flow_grpo", 1, 4.0, 4.4, 9.0), "variant": "A"}]
+    md = learning_runs.claim_table("c", claim, results)
+    row_a = next(line for line in md.splitlines() if line.startswith("| A |"))
+    cells = [c.strip() for c in row_a.split("|")[1:-1]]
+    assert cells[1] == "2" and cells[2] == "4.000" and cells[3] == "4.300 ± 0.141" and cells[4] == "+0.3000" and cells[5] == "8.0 / 9.0"
+    assert "| B | – | not run |" in md
+
+
+def test_claims_file_names_existing_recipes():
+    claims = learning_runs.load_claims()
+    assert {"sage_vs_baselines", "kl_modes", "extensions_vs_grpo"} <= set(claims)
+    with pytest.raises(KeyError, match="unknown claim"):
+        learning_runs.claims_report(["no_such_claim"], "/nonexistent", "/nonexistent", run=False)
