@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_vidalign.datamodules.io import (
+    FRAME_EXTENSIONS,
     VIDEO_EXTENSIONS,
     VideoDecodeError,
     VideoIndex,
@@ -64,7 +65,7 @@ def expand_sources(sources: list[str]) -> list[str]:
             videos = [os.path.join(src, e) for e in entries if e.lower().endswith(VIDEO_EXTENSIONS)]
             if videos:
                 out += videos
-            elif any(e.lower().endswith((".jpg", ".jpeg", ".png")) for e in entries):
+            elif any(e.lower().endswith(FRAME_EXTENSIONS) for e in entries):
                 out.append(src)
             else:
                 subdirs = [os.path.join(src, e) for e in entries if os.path.isdir(os.path.join(src, e))]
@@ -416,6 +417,12 @@ class VideoClipDataModule(L.LightningDataModule):
             clips += found
         if self.skipped:
             log.warning("VideoClipDataModule: skipped %d source(s): %s", len(self.skipped), [p for p, _ in self.skipped])
+        if not clips and not paths:
+            raise VideoDecodeError(
+                f"no video in {self.sources}: a source is a video file ({', '.join(VIDEO_EXTENSIONS)}), a folder holding such "
+                f"files or frame images ({', '.join(FRAME_EXTENSIONS)}) or a DAVIS root (JPEGImages/), sub-folders searched too; "
+                "set --data.init_args.sources to a list of them"
+            )
         if not clips:
             raise VideoDecodeError(f"no usable clip in {len(paths)} source(s): {paths}" + (f" (from {self.sources})" if self.sources else ""))
         if self.hparams.captions:

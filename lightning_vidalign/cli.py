@@ -31,6 +31,11 @@ def _fill_run_dir(node, run_dir: str):
             _fill_run_dir(value, run_dir)
 
 
+class UsageError(ValueError):
+    """A command-line option that ``vidalign`` refuses (Lightning's top-level ``--optimizer``), naming the option to
+    use instead."""
+
+
 class RunFolderInUseError(RuntimeError):
     """``fit`` without ``--ckpt_path`` into a run folder that already holds checkpoints of an earlier run: its
     ``last.ckpt`` would be joined by a ``last-v1.ckpt`` and ``--ckpt_path last`` would no longer say which run
@@ -115,10 +120,9 @@ class VidAlignCLI(LightningCLI):
             for arg in argv:
                 top = str(arg).split("=", 1)[0]
                 if top in ("--optimizer", "--lr_scheduler") or top.startswith(("--optimizer.", "--lr_scheduler.")):
-                    print(f"vidalign: UsageError: {top} is not an option: the optimizer and its schedule belong to the module, "
-                          f"--model.init_args.optimizer and --model.init_args.lr_scheduler (e.g. "
-                          f"--model.init_args.optimizer.init_args.lr 1e-4), so a warm-up is never dropped silently", file=sys.stderr)
-                    raise SystemExit(2)
+                    raise UsageError(f"{top} is not an option: the optimizer and its schedule belong to the module, "
+                                     f"--model.init_args.optimizer and --model.init_args.lr_scheduler (e.g. "
+                                     f"--model.init_args.optimizer.init_args.lr 1e-4), so a warm-up is never dropped silently")
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
@@ -129,6 +133,14 @@ class VidAlignCLI(LightningCLI):
         _fill_run_dir(config, str(run_dir))
         if self.subcommand == "fit" and not config.get("ckpt_path"):
             refuse_used_run_folder(config, str(run_dir))
+        elif self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            folders = _checkpoint_folders(config, str(run_dir))
+            if not any(os.path.isfile(os.path.join(f, "last.ckpt")) for f in folders):
+                # Lightning's own warning here advises save_last=True, which the configs set: the run is simply new
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(f"--ckpt_path last: no last.ckpt in {folders[0] if len(folders) == 1 else folders} yet, "
+                               "so a new run starts there")
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Lightning's run of the subcommand; a ``fit`` that fails before its first training step removes the
@@ -177,7 +189,8 @@ def quiet_console() -> None:
     """Keep the ``vidalign`` console to messages a user acts on (README, "Console"): no Lightning tips,
     no transformers weight-loading bars, no diffusers notes on unused config attributes (diffusers
     logs at error level), no torch ``LeafSpec`` deprecation raised inside Lightning, no advice on
-    pre-optimization checkpoints (our modules checkpoint after the batch's optimizer steps on purpose), no FSDP2
+    pre-optimization checkpoints (our modules checkpoint after the batch's optimizer steps on purpose), no advice to
+    set ``save_last`` when ``--ckpt_path last`` finds no checkpoint in a new run folder (we say a new run starts), no FSDP2
     "returned a view tensor" warning for the three SVD UNet blocks where it is harmless, no ``sync_dist`` advice
     for our ``val/*`` / ``heldout/*`` values (already global). Each is explained in the README's "Console"."""
     import warnings
@@ -194,6 +207,8 @@ def quiet_console() -> None:
                                               r"FSDPUNetSpatioTemporalConditionModel)\) returned a view tensor")
     # our val/* and heldout/* values are already global (torchmetrics' cross-rank compute, or gathered over ranks)
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|heldout)/")
+    # --ckpt_path last in a new run folder (VidAlignCLI says so itself; Lightning's hint to set save_last is moot)
+    warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint available')
     # raised inside Lightning's own all_gather (lightning.fabric.utilities.distributed), not by our calls
     warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     try:
@@ -265,7 +280,7 @@ def user_error(error: BaseException) -> BaseException | None:
     while chain[-1].__cause__ is not None and len(chain) < 20:
         chain.append(chain[-1].__cause__)
     for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
-        if isinstance(exc, (RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError)):
+        if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError)):
             return exc
         if isinstance(exc, (ValueError, KeyError)) and exc.__traceback__ is not None:
             tb = exc.__traceback__

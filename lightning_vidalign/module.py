@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -195,7 +196,8 @@ class VideoAlignModule(L.LightningModule):
 
         Raises:
             KeyError: if the checkpoint lacks adapter tensors of the rebuilt backbone (another LoRA config), naming
-                examples. CorruptCheckpointError: for a truncated file.
+                examples. CorruptCheckpointError: for a truncated file. TypeError: if the checkpoint's class is not
+                ``cls`` or a subclass (``SHIFT.load_from_checkpoint`` of an SFT run), naming the class to load it with.
         """
         import sys
 
@@ -209,6 +211,12 @@ class VideoAlignModule(L.LightningModule):
             target = getattr(sys.modules.get(module_name), name, None)
             if isinstance(target, type) and target is not cls and issubclass(target, cls):
                 return target.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
+            if isinstance(target, type) and not issubclass(target, cls):
+                raise TypeError(
+                    f"{checkpoint_path} was written by a {name} run ({class_path}), which is not a {cls.__name__}: load it "
+                    f"with {name}.load_from_checkpoint or VideoAlignModule.load_from_checkpoint; to start a {cls.__name__} "
+                    f"run from its adapters, set --model.init_args.init_adapter_from {checkpoint_path}"
+                )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
@@ -221,7 +229,17 @@ class VideoAlignModule(L.LightningModule):
         opt = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+        scheduler = self.scheduler_factory(opt)
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.min_ratio == 0 and max_steps and max_steps > 0:
+            steps = max_steps * self.optimizer_steps_per_batch
+            if steps > scheduler.total_steps:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"WarmupCosineLR reaches lr 0 at total_steps={scheduler.total_steps} optimizer steps, before the run's "
+                               f"{steps} (trainer.max_steps={max_steps}): the last {steps - scheduler.total_steps} do not change "
+                               f"the model; set --model.init_args.lr_scheduler.init_args.total_steps {steps}")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimize(self, loss: Tensor) -> dict[str, float]:
         """One optimizer step on ``loss``: backward, clip, step, scheduler step.
@@ -428,6 +446,11 @@ class VideoAlignModule(L.LightningModule):
         max_batches = self.trainer.max_steps
         if max_batches is not None and max_batches > 0 and self.batches_seen >= max_batches:
             self.trainer.should_stop = True
+            # The loops' state as a checkpoint written now holds it. Lightning then ends the epoch (counted as
+            # completed) and ModelCheckpoint writes last.ckpt at epoch or train end: resumed with a larger
+            # max_steps, that checkpoint would skip the rest of the epoch. on_save_checkpoint writes this state
+            # instead, so extending a finished run continues where it stopped (our choice; test_run_folder.py).
+            self._stop_loop_state = (self.trainer.global_step, copy.deepcopy(self.trainer.fit_loop.state_dict()))
 
     # ----------------------------------------------------------- validation
     def rollout_videos(self, batch: dict, generator: torch.Generator, num: int | None = None) -> Tensor:
@@ -599,6 +622,7 @@ class VideoAlignModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Held-out evaluation before the first update (step 0) of a fit that starts from scratch:
         the reference point of ``heldout/improvement``; logged at step 0 to every logger."""
+        self._stop_loop_state = None  # (a former fit's, see on_train_batch_end)
         if not self.heldout_conditions or self.global_step != 0 or self.heldout_baseline is not None:
             return
         # the loader Lightning prepared (with its distributed sampler: each rank its shard, as in validation)
@@ -772,6 +796,10 @@ class VideoAlignModule(L.LightningModule):
         checkpoint["vidalign"] = {"batches_seen": self.batches_seen, "skipped_steps": self.skipped_steps,
                                   "heldout_baseline": self.heldout_baseline,
                                   "identity": run_identity(self, self._trainer)}
+        stop = getattr(self, "_stop_loop_state", None)
+        if stop is not None and self._trainer is not None and stop[0] == self.trainer.global_step and "loops" in checkpoint:
+            checkpoint["loops"]["fit_loop"] = copy.deepcopy(stop[1])  # (see on_train_batch_end)
+            checkpoint["epoch"] = stop[1]["epoch_progress"]["current"]["completed"]
 
     def check_checkpoint_identity(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another run (:func:`~lightning_vidalign.checkpointing.check_identity`): when

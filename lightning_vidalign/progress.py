@@ -1,9 +1,14 @@
 """The ``vidalign`` console progress bar."""
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 
 class VidAlignProgressBar(RichProgressBar):
@@ -15,11 +20,32 @@ class VidAlignProgressBar(RichProgressBar):
       batches left, which after a mid-epoch resume reads e.g. ``4/2``);
     - "Epoch N" without the ``/-2`` Lightning prints when ``max_epochs`` is -1;
     - no ``v_num`` (the logger version is in the run folder's path);
-    - metrics with 3 significant digits (``.3g``), so a learning rate of 2e-4 is not shown as 0.000.
+    - metrics with 3 significant digits (``.3g``), so a learning rate of 2e-4 is not shown as 0.000;
+    - in such a run, elapsed time, time left and speed cover this fit's batches (from the start of ``fit``, not of
+      the epoch; a resume's earlier batches do not count), the speed in ``s/it`` below one batch per second
+      (video steps take seconds: Lightning's bar showed ``0.00it/s``) and ``-`` before the first batch.
     """
 
     def __init__(self, refresh_rate: int = 1, leave: bool = False):
         super().__init__(refresh_rate=refresh_rate, leave=leave, theme=RichProgressBarTheme(metrics_format=".3g"))
+
+    def configure_columns(self, trainer) -> list:
+        columns = super().configure_columns(trainer)
+        return columns[:-2] + [_RunTimeColumn(self, columns[-2]), _RunSpeedColumn(self, columns[-1])]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._fit_start = (time.monotonic(), trainer.global_step)
+
+    def run_rate(self, task) -> tuple[float, float | None] | None:
+        """``(elapsed seconds, batches per second or None)`` of this fit for the train task of a step-counted run;
+        None for any other task (validation) or another kind of run."""
+        start = getattr(self, "_fit_start", None)
+        if start is None or task.id != self.train_progress_bar_id or not self._counts_run_batches():
+            return None
+        elapsed = time.monotonic() - start[0]
+        done = self.trainer.global_step - start[1]
+        return elapsed, (done / elapsed if done > 0 and elapsed > 0 else None)
 
     def _counts_run_batches(self) -> bool:
         trainer = self.trainer
@@ -32,6 +58,11 @@ class VidAlignProgressBar(RichProgressBar):
         return super().total_train_batches
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._counts_run_batches() and self.progress is not None and self.train_progress_bar_id is not None and not self._leave:
+            # a later epoch of the same run: the same task, new description (Lightning resets it: time and speed restart)
+            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(trainer.current_epoch))
+            self.refresh()
+            return
         super().on_train_epoch_start(trainer, pl_module)
         if self._counts_run_batches() and self.train_progress_bar_id is not None:
             self._update(self.train_progress_bar_id, trainer.global_step)
@@ -54,6 +85,44 @@ class VidAlignProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+def _clock(seconds: float | None) -> str:
+    return "-:--:--" if seconds is None else str(timedelta(seconds=int(seconds)))
+
+
+class _RunTimeColumn(ProgressColumn):
+    """``elapsed • left`` of this fit for the train task of a step-counted run, else Lightning's column."""
+
+    max_refresh = 0.5
+
+    def __init__(self, bar: VidAlignProgressBar, fallback: ProgressColumn):
+        super().__init__()
+        self.bar, self.fallback = bar, fallback
+
+    def render(self, task) -> Text:
+        rate = self.bar.run_rate(task)
+        if rate is None:
+            return self.fallback.render(task)
+        elapsed, speed = rate
+        left = (task.total - task.completed) / speed if speed else None
+        return Text(f"{_clock(elapsed)} • {_clock(left)}", style=self.fallback.style)
+
+
+class _RunSpeedColumn(ProgressColumn):
+    """Speed of this fit for the train task of a step-counted run (``it/s``; ``s/it`` below 1 it/s), else Lightning's."""
+
+    def __init__(self, bar: VidAlignProgressBar, fallback: ProgressColumn):
+        super().__init__()
+        self.bar, self.fallback = bar, fallback
+
+    def render(self, task) -> Text:
+        rate = self.bar.run_rate(task)
+        if rate is None:
+            return self.fallback.render(task)
+        speed = rate[1]
+        text = "-it/s" if not speed else (f"{speed:.2f}it/s" if speed >= 1 else f"{1 / speed:.1f}s/it")
+        return Text(text, style=self.fallback.style)
 
 
 class VidAlignModelSummary(RichModelSummary):

@@ -86,3 +86,23 @@ def test_saved_activation_tracker_counts_what_autograd_keeps():
         b = torch.tanh(x @ (2 * w)).sum()  # two graphs alive together: 2 tanh outputs (2·w is not
         (a + b).backward()  # saved: x needs no gradient)
     assert tr.peak_bytes == 4000 + 4000
+
+
+def test_cosine_schedule_shorter_than_the_run_is_named():
+    """A run extended past the schedule's total_steps (``--trainer.max_steps`` raised alone) would train at lr 0."""
+    import lightning as L
+
+    from lightning_vidalign.algorithms import SFT
+    from lightning_vidalign.backbones import SVDBackbone
+
+    module = SFT(SVDBackbone(lora_rank=2, lora_alpha=2), lr_scheduler=lambda o: WarmupCosineLR(o, 1, 5), val_num_videos=0)
+    module.trainer = L.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match=r"total_steps=5 optimizer steps, before the run's 8 .* the last 3 do not change the model; "
+                                         r"set --model.init_args.lr_scheduler.init_args.total_steps 8"):
+        module.configure_optimizers()
+    module.trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        module.configure_optimizers()

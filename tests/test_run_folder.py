@@ -25,8 +25,11 @@ def _vidalign(*args, cwd, timeout=600):
 def test_a_used_run_folder_is_refused_last_resumes_and_the_checkpoint_loads_alone(tmp_path):
     run = tmp_path / "runs" / "sft"
     sft = ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--trainer.default_root_dir", str(run), *FAST]
-    first = _vidalign(*sft, "--trainer.max_steps", "1", cwd=tmp_path)
+    # --ckpt_path last in a new folder (what a requeued SLURM script passes on every launch): a new run, said once
+    first = _vidalign(*sft, "--trainer.max_steps", "1", "--ckpt_path", "last", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert f"--ckpt_path last: no last.ckpt in {run / 'checkpoints'} yet, so a new run starts there" in first.stdout + first.stderr
+    assert "HINT" not in first.stdout + first.stderr
     # the model summary: no FLOPs column (always 0 here), the Fréchet metric under its own name
     assert "FLOPs" not in first.stdout and "TransNetV2FrechetDistance" in first.stdout and "FrechetInceptionDistance" not in first.stdout
     assert (run / "checkpoints" / "last.ckpt").is_file() and sorted(os.listdir(run / "tb")) == ["version_0"]
@@ -37,16 +40,31 @@ def test_a_used_run_folder_is_refused_last_resumes_and_the_checkpoint_loads_alon
     assert "Traceback" not in again.stderr
     assert sorted(os.listdir(run / "tb")) == ["version_0"] and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
 
-    # resumed mid-epoch (3 batches per epoch) across an epoch end: the progress bar counts the run's batches and
+    # resumed mid-epoch (5 batches per epoch) across an epoch end: the progress bar counts the run's batches and
     # agrees with the stop line (Lightning's own bar read "4/2" here)
-    resumed = _vidalign(*sft, "--trainer.max_steps", "4", "--ckpt_path", "last", cwd=tmp_path)
+    resumed = _vidalign(*sft, "--trainer.max_steps", "7", "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {run / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
-    assert "`max_steps=4` reached" in resumed.stdout + resumed.stderr
+    assert "`max_steps=7` reached" in resumed.stdout + resumed.stderr
     bar = [line for line in resumed.stdout.splitlines() if line.startswith("Epoch ")][-1]
-    assert bar.startswith("Epoch 1 ") and " 4/4 " in bar, bar
+    assert bar.startswith("Epoch 1 ") and " 7/7 " in bar, bar
+    # time and speed of this fit's 6 batches (Lightning's restarted at the epoch and read 0:00:00 and 0.00it/s)
+    import re
+
+    clock, speed = re.search(r" 7/7 (\d+:\d\d:\d\d) • \S+ ([\d.]+)(it/s|s/it) ", bar).group(1, 2)
+    assert clock != "0:00:00" and float(speed) > 0, bar
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 4 and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
+    assert ckpt["global_step"] == 7 and sorted(os.listdir(run / "checkpoints")) == ["last.ckpt"]
+    # extending a finished run (its last.ckpt written as it stopped at max_steps=1, mid-epoch) continues where it
+    # stopped: the same adapters bitwise as an uninterrupted run of 7 (Lightning's epoch-end state skipped the
+    # epoch's other 4 batches)
+    straight = tmp_path / "runs" / "sft_straight"
+    once = _vidalign("fit", "--config", f"{ROOT}/configs/sft.yaml", "--trainer.default_root_dir", str(straight), *FAST,
+                     "--trainer.max_steps", "7", cwd=tmp_path)
+    assert once.returncode == 0, once.stderr[-3000:]
+    ref = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    lora = [k for k in ref["state_dict"] if "lora_" in k]
+    assert lora and all(torch.equal(ref["state_dict"][k], ckpt["state_dict"][k]) for k in lora)
 
     # load_from_checkpoint, from the checkpoint alone: the run's class (also when called on the base class), its
     # backbone rebuilt from the recorded config, the trained adapters loaded
@@ -61,6 +79,11 @@ def test_a_used_run_folder_is_refused_last_resumes_and_the_checkpoint_loads_alon
         adapters = {k: v for k, v in ckpt["state_dict"].items() if "lora_" in k}
         assert adapters and all(torch.equal(state[k], v) for k, v in adapters.items())
         assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained, not the initial zeros
+    # another method's class: named, with the class to load it with (Lightning's message spoke of blocked code)
+    from lightning_vidalign.algorithms import SHIFT
+
+    with pytest.raises(TypeError, match="written by a SFT run .* not a SHIFT: load it with SFT.load_from_checkpoint"):
+        SHIFT.load_from_checkpoint(str(run / "checkpoints" / "last.ckpt"))
     # a checkpoint missing an adapter tensor is named, not loaded half
     missing = next(k for k in ckpt["state_dict"] if "lora_A" in k)
     del ckpt["state_dict"][missing]
@@ -85,6 +108,12 @@ def test_bad_input_is_one_line_and_leaves_no_log_folder(tmp_path):
     assert "vidalign: ValueError: data.captions" in unmatched.stderr and "none of its 1 video name(s)" in unmatched.stderr
     assert "Traceback" not in unmatched.stderr
     assert not run.exists()  # the run folder this failed start made is gone too
+    # a folder without videos: what a source may be, and the option to set
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no video here")
+    empty = _vidalign(*base, "--data.init_args.sources", f"[{tmp_path / 'empty'}]", cwd=tmp_path)
+    assert empty.returncode == 2 and "vidalign: VideoDecodeError: no video in" in empty.stderr, empty.stderr[-3000:]
+    assert ".mp4" in empty.stderr and "--data.init_args.sources" in empty.stderr and "Traceback" not in empty.stderr
     # a bug keeps its traceback: an exception raised inside a library is not shortened (the optimizer's own check)
     bug = _vidalign(*base, "--model.init_args.optimizer.init_args.lr", "-1", cwd=tmp_path)
     assert bug.returncode != 0 and "Traceback" in bug.stderr and "Invalid learning rate" in bug.stderr
@@ -93,5 +122,6 @@ def test_bad_input_is_one_line_and_leaves_no_log_folder(tmp_path):
 def test_top_level_optimizer_is_refused_naming_the_module_option(tmp_path):
     out = _vidalign("fit", "--config", f"{ROOT}/configs/sft.yaml", "--optimizer", "Adam", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.startswith("vidalign: UsageError: --optimizer is not an option")
+    assert out.stderr.splitlines()[-1] == "(bad input: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)"
     assert "--model.init_args.optimizer" in out.stderr and "warm-up" in out.stderr
     assert not (tmp_path / "runs").exists()
