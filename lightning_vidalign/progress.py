@@ -91,38 +91,36 @@ def _clock(seconds: float | None) -> str:
     return "-:--:--" if seconds is None else str(timedelta(seconds=int(seconds)))
 
 
-class _RunTimeColumn(ProgressColumn):
-    """``elapsed • left`` of this fit for the train task of a step-counted run, else Lightning's column."""
+class _RunColumn(ProgressColumn):
+    """A column that shows this fit's figures for the train task of a step-counted run (:meth:`run_text`) and
+    Lightning's column (``fallback``) for any other task."""
+
+    def __init__(self, bar: VidAlignProgressBar, fallback: ProgressColumn):
+        super().__init__()
+        self.bar, self.fallback = bar, fallback
+
+    def render(self, task) -> Text:
+        rate = self.bar.run_rate(task)
+        return self.fallback.render(task) if rate is None else Text(self.run_text(task, *rate), style=self.fallback.style)
+
+    def run_text(self, task, elapsed: float, speed: float | None) -> str:
+        raise NotImplementedError
+
+
+class _RunTimeColumn(_RunColumn):
+    """``elapsed • left`` of this fit."""
 
     max_refresh = 0.5
 
-    def __init__(self, bar: VidAlignProgressBar, fallback: ProgressColumn):
-        super().__init__()
-        self.bar, self.fallback = bar, fallback
-
-    def render(self, task) -> Text:
-        rate = self.bar.run_rate(task)
-        if rate is None:
-            return self.fallback.render(task)
-        elapsed, speed = rate
-        left = (task.total - task.completed) / speed if speed else None
-        return Text(f"{_clock(elapsed)} • {_clock(left)}", style=self.fallback.style)
+    def run_text(self, task, elapsed: float, speed: float | None) -> str:
+        return f"{_clock(elapsed)} • {_clock((task.total - task.completed) / speed if speed else None)}"
 
 
-class _RunSpeedColumn(ProgressColumn):
-    """Speed of this fit for the train task of a step-counted run (``it/s``; ``s/it`` below 1 it/s), else Lightning's."""
+class _RunSpeedColumn(_RunColumn):
+    """Speed of this fit: ``it/s``, or ``s/it`` below 1 it/s; ``-`` before the first batch."""
 
-    def __init__(self, bar: VidAlignProgressBar, fallback: ProgressColumn):
-        super().__init__()
-        self.bar, self.fallback = bar, fallback
-
-    def render(self, task) -> Text:
-        rate = self.bar.run_rate(task)
-        if rate is None:
-            return self.fallback.render(task)
-        speed = rate[1]
-        text = "-it/s" if not speed else (f"{speed:.2f}it/s" if speed >= 1 else f"{1 / speed:.1f}s/it")
-        return Text(text, style=self.fallback.style)
+    def run_text(self, task, elapsed: float, speed: float | None) -> str:
+        return "-it/s" if not speed else (f"{speed:.2f}it/s" if speed >= 1 else f"{1 / speed:.1f}s/it")
 
 
 class VidAlignModelSummary(RichModelSummary):
