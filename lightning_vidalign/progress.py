@@ -1,6 +1,8 @@
 """The ``vidalign`` console progress bar."""
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from datetime import timedelta
 
@@ -23,11 +25,47 @@ class VidAlignProgressBar(RichProgressBar):
     - metrics with 3 significant digits (``.3g``), so a learning rate of 2e-4 is not shown as 0.000;
     - in such a run, elapsed time, time left and speed cover this fit's batches (from the start of ``fit``, not of
       the epoch; a resume's earlier batches do not count), the speed in ``s/it`` below one batch per second
-      (video steps take seconds: Lightning's bar showed ``0.00it/s``) and ``-`` before the first batch.
+      (video steps take seconds: Lightning's bar showed ``0.00it/s``) and ``-`` before the first batch;
+    - log lines printed while the bar is on a terminal (Lightning's "``max_steps=N`` reached", our LoRA path) stay on
+      screen: the stream handlers of Lightning's and our loggers write through Rich's redirected ``sys.stdout`` /
+      ``sys.stderr`` while the bar is live (they held the original streams, and the bar's redraw erased the lines).
     """
 
-    def __init__(self, refresh_rate: int = 1, leave: bool = False):
-        super().__init__(refresh_rate=refresh_rate, leave=leave, theme=RichProgressBarTheme(metrics_format=".3g"))
+    #: loggers whose plain stream handlers write through the live bar's redirected streams
+    LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_vidalign", "")
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False, console_kwargs: dict | None = None):
+        super().__init__(refresh_rate=refresh_rate, leave=leave, theme=RichProgressBarTheme(metrics_format=".3g"), console_kwargs=console_kwargs)
+
+    def _init_progress(self, trainer) -> None:
+        super()._init_progress(trainer)
+        self._route_log_handlers()
+
+    def _stop_progress(self) -> None:
+        self._restore_log_handlers()
+        super()._stop_progress()
+
+    def _route_log_handlers(self) -> None:
+        """Point the plain ``StreamHandler``s on the streams Rich proxies at the live display's proxies (on a
+        terminal Rich replaces ``sys.stdout``/``sys.stderr`` while live; a line written there is printed above the bar)."""
+        if getattr(self, "_routed", None):
+            return
+        from rich.file_proxy import FileProxy
+
+        # each proxy by the stream it wraps (none when the console is not a terminal: nothing is redrawn)
+        originals = {id(p.rich_proxied_file): p for p in (sys.stdout, sys.stderr) if isinstance(p, FileProxy)}
+        self._routed = []
+        for name in self.LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                target = originals.get(id(getattr(handler, "stream", None)))
+                if type(handler) is logging.StreamHandler and target is not None:
+                    self._routed.append((handler, handler.setStream(target)))
+
+    def _restore_log_handlers(self) -> None:
+        for handler, stream in getattr(self, "_routed", None) or []:
+            if handler.stream is not stream:
+                handler.setStream(stream)
+        self._routed = None
 
     def configure_columns(self, trainer) -> list:
         columns = super().configure_columns(trainer)
