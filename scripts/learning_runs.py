@@ -339,17 +339,18 @@ def claim_figure(name: str, claim: dict, results: list[dict], folder: str) -> st
     metric = claim.get("metric", "heldout/reward")
     has_kl = any(r.get("curve_kl") for r in results)
     fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(9 if has_kl else 4.5, 3.2), dpi=110, squeeze=False)
-    for v in claim["variants"]:
+    for k, v in enumerate(claim["variants"]):
+        color = f"C{k % 10}"  # one colour per variant in both panels (a variant without KL skips the second)
         rs = [r for r in results if r["variant"] == v["name"]]
         if not rs:
             continue
         curves = [r.get("curves", {}).get(metric) or r["curve"] for r in rs]
         n = min(len(c) for c in curves)
         xs = [c[0] for c in curves[0][:n]]
-        axes[0][0].plot(xs, [sum(c[i][1] for c in curves) / len(curves) for i in range(n)], marker="o", label=v["name"])
+        axes[0][0].plot(xs, [sum(c[i][1] for c in curves) / len(curves) for i in range(n)], marker="o", label=v["name"], color=color)
         if has_kl and rs[0].get("curve_kl"):
             kl = rs[0]["curve_kl"]
-            axes[0][1].plot([s + 1 for s, _ in kl], [val for _, val in kl], label=v["name"])
+            axes[0][1].plot([s + 1 for s, _ in kl], [val for _, val in kl], label=v["name"], color=color)
     axes[0][0].set_xlabel("training step (round / batch)")
     axes[0][0].set_ylabel(f"{metric} (mean over seeds)")
     axes[0][0].grid(alpha=0.3)
