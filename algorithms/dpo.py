@@ -9,6 +9,7 @@ from torch import Tensor
 from lightning_vidalign.algorithms.losses import diffusion_dpo_loss, dpo_pair_weights
 from lightning_vidalign.datamodules.preference import best_worst_pairs, temporal_negatives
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import repeat_batch
 
 PAIR_SOURCES = ("synthetic", "data", "on_policy")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
@@ -135,7 +136,7 @@ class DPO(VideoAlignModule):
             latents.append(traj.latents)
         latents = torch.cat(latents)
         videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
-        rewards, _ = self.score_rewards(videos, self.reward_names, log=False)
+        rewards, _ = self.score_rewards(videos, self.reward_names, batch=repeat_batch(batch, g, b), log=False)
         r = rewards.view(b, g)
         best = torch.arange(b, device=r.device) * g + r.argmax(1)
         worst = torch.arange(b, device=r.device) * g + r.argmin(1)

@@ -11,6 +11,7 @@ from lightning_vidalign.algorithms.advantages import grpo_advantages, min_norm_w
 from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.losses import ppo_clip_loss
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import repeat_batch
 from lightning_vidalign.sampling import (
     SDE_TYPES,
     KL_FORMS,
@@ -368,7 +369,7 @@ class GRPO(VideoAlignModule):
 
         # 2. rewards: each reward callback's score (a component), and their weighted sum
         with self.timer("reward"):
-            rewards, components = self.score_rewards(videos, self.reward_names)  # components unweighted
+            rewards, components = self.score_rewards(videos, self.reward_names, batch=repeat_batch(batch, g, b))  # components unweighted
         self.round_videos = videos  # (B·G, T, 3, H, W), for variants that look at the rollouts (ViPO)
         # 3. group advantages over the groups gathered from every rank (the finiteness check on the
         #    gathered rewards makes every rank take the same decision)

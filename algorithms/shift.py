@@ -7,6 +7,7 @@ from lightning_vidalign.algorithms.advantages import grpo_advantages, shift_adva
 from lightning_vidalign.algorithms.losses import shift_loss
 from lightning_vidalign.buffer import RolloutBuffer
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import repeat_batch
 
 
 class SHIFT(VideoAlignModule):
@@ -88,7 +89,7 @@ class SHIFT(VideoAlignModule):
         with self.timer("decode"):
             videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
         with self.timer("reward"):
-            rewards, _ = self.score_rewards(videos, self.reward_names)
+            rewards, _ = self.score_rewards(videos, self.reward_names, batch=repeat_batch(batch, g, b))
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)
         if self.advantage_normalization == "std":
             advantages, _ = grpo_advantages(rewards, group_ids, clip=self.advantage_clip)
