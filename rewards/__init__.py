@@ -8,7 +8,8 @@ from lightning_vidalign.rewards.models import (
     NonFiniteRewardError,
     PickScoreReward,
     RewardInputError,
+    VideoAlignReward,
 )
 from lightning_vidalign.rewards.motion import IMRReward, LMRReward
 
-__all__ = ["RewardCallback", "find_rewards", "repeat_batch", "batch_captions", "IMRReward", "LMRReward", "MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "LuminanceReward", "h264_bytes", "CLIPScoreReward", "PickScoreReward", "HPSReward", "MissingRewardFileError", "RewardInputError", "NonFiniteRewardError"]
+__all__ = ["RewardCallback", "find_rewards", "repeat_batch", "batch_captions", "IMRReward", "LMRReward", "MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "LuminanceReward", "h264_bytes", "CLIPScoreReward", "PickScoreReward", "HPSReward", "MissingRewardFileError", "RewardInputError", "NonFiniteRewardError", "VideoAlignReward"]

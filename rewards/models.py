@@ -309,3 +309,403 @@ class HPSReward(FrameTextReward):
         img = self.model.encode_image(pixels, normalize=True).float()
         txt = self.model.encode_text(tokens, normalize=True).float()
         return (img * txt).sum(-1)
+
+
+# ------------------------------------------------------------------------------ VideoAlign
+VIDEOALIGN_SPECIAL_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
+# qwen-vl-utils / VideoAlign vision_process.py constants
+_FRAME_FACTOR, _IMAGE_FACTOR = 2, 28
+_FPS_MIN_FRAMES, _FPS_MAX_FRAMES = 4, 768
+_VIDEO_MIN_PIXELS = 128 * 28 * 28
+
+
+def _round_by(x: float, f: int) -> int:
+    return round(x / f) * f
+
+
+def qwen_smart_resize(height: int, width: int, factor: int = _IMAGE_FACTOR, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """qwen-vl-utils ``smart_resize``: sides multiples of ``factor``, area in ``[min_pixels, max_pixels]``,
+    aspect ratio kept as closely as possible."""
+    if max(height, width) / min(height, width) > 200:
+        raise RewardInputError(f"aspect ratio must be below 200, got {height}x{width}")
+    h = max(factor, _round_by(height, factor))
+    w = max(factor, _round_by(width, factor))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_num_frames(total: int, video_fps: float | None, fps: float | None, nframes: int | None) -> int:
+    """qwen-vl-utils ``smart_nframes``: ``nframes`` rounded to even, or ``total / video_fps · fps``
+    clamped to ``[4, min(768, total)]`` and rounded to even; at most ``total``."""
+    if nframes is not None:
+        n = _round_by(nframes, _FRAME_FACTOR)
+    else:
+        if video_fps is None:
+            raise ValueError("VideoAlignReward: the scored videos' frame rate is needed (video_fps=, or batch['fps']) to sample at the checkpoint's fps")
+        lo = math.ceil(_FPS_MIN_FRAMES / _FRAME_FACTOR) * _FRAME_FACTOR
+        hi = math.floor(min(_FPS_MAX_FRAMES, total) / _FRAME_FACTOR) * _FRAME_FACTOR
+        n = _round_by(min(max(total / video_fps * fps, lo), hi), _FRAME_FACTOR)
+    n = min(n, total)
+    if not _FRAME_FACTOR <= n <= total:
+        raise RewardInputError(f"VideoAlignReward: {total} frames cannot give an even frame count >= {_FRAME_FACTOR} (got {n}); videos need >= 2 frames")
+    return n
+
+
+def _legacy_key(k: str) -> str | None:
+    """A state-dict key of VideoAlign's ``Qwen2VLRewardModelBT`` (transformers 4: ``visual.*``,
+    ``model.*`` the text model; or transformers 5 names) → our :class:`VideoRewardModel` key (None: unused)."""
+    for p in ("base_model.model.", "module."):
+        if k.startswith(p):
+            k = k[len(p):]
+    if k.startswith("lm_head."):
+        return None
+    if k.startswith("rm_head."):
+        return k
+    if k.startswith("visual."):
+        return "model." + k
+    if k.startswith("model.") and not k.startswith(("model.visual.", "model.language_model.")):
+        return "model.language_model." + k[len("model."):]
+    return k
+
+
+class VideoRewardModel(torch.nn.Module):
+    """Qwen2-VL with VideoAlign's linear reward head (``Qwen2VLRewardModelBT`` of KwaiVGI/VideoAlign).
+
+    As the reference's ``forward``: visual tokens scattered into the text embeddings, the text model run
+    with *1-D* positions ``arange(L)`` on all three M-RoPE axes (the reference calls the text model with
+    ``position_ids=None``, which transformers 4 filled that way; Qwen2-VL's own 3-D video positions are
+    not used), ``rm_head`` on the last hidden states, pooled at the reward tokens (``"special"``: the
+    three ``<|VQ/MQ/TA_reward|>`` tokens, diagonal when ``output_dim == 3``), the last non-pad token
+    (``"last"``) or the mean.
+    """
+
+    def __init__(self, model, output_dim: int, reward_token: str, special_token_ids: list[int] | None, pad_token_id: int | None):
+        super().__init__()
+        self.model = model
+        hidden = model.config.text_config.hidden_size
+        self.rm_head = torch.nn.Linear(hidden, output_dim, bias=False)
+        self.output_dim, self.special_token_ids, self.pad_token_id = output_dim, special_token_ids, pad_token_id
+        self.reward_token = "special" if special_token_ids is not None else reward_token
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values_videos: Tensor, video_grid_thw: Tensor, **_) -> Tensor:
+        b, n = input_ids.shape
+        positions = torch.arange(n, device=input_ids.device).view(1, 1, n).expand(3, b, n)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, use_cache=False).last_hidden_state
+        logits = self.rm_head(hidden)
+        if self.reward_token == "special":
+            mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for t in self.special_token_ids:
+                mask |= input_ids == t
+            if int(mask.sum()) != 3 * b:
+                raise RewardInputError(f"VideoAlignReward: expected the 3 reward tokens once per prompt, found {int(mask.sum())} in {b} prompts (prompt template without them?)")
+            pooled = logits[mask].view(b, 3, -1)
+            return (pooled.diagonal(dim1=1, dim2=2) if self.output_dim == 3 else pooled).reshape(b, -1)
+        if self.pad_token_id is None:
+            last = torch.full((b,), -1, device=input_ids.device)
+        else:
+            last = (torch.eq(input_ids, self.pad_token_id).int().argmax(-1) - 1) % n
+        if self.reward_token == "last":
+            return logits[torch.arange(b, device=logits.device), last]
+        if self.reward_token == "mean":
+            length = last.clamp(0, n - 1)
+            return torch.stack([logits[i, : length[i]].mean(0) for i in range(b)])
+        raise ValueError(f"VideoAlignReward: unknown reward_token {self.reward_token!r}")
+
+
+class VideoAlignReward(RewardCallback):
+    """VideoAlign / VideoReward (Liu et al. 2025, "Improving Video Generation with Human Feedback"):
+    visual quality (VQ), motion quality (MQ) and text alignment (TA) of a video from Qwen2-VL-2B with a
+    reward head, and their weighted sum.
+
+    Source: KwaiVGI/VideoAlign ``inference.py`` (``VideoVLMRewardInference``), ``prompt_template.py``,
+    ``vision_process.py`` (qwen-vl-utils) and ``trainer.py`` (``Qwen2VLRewardModelBT``), reproduced:
+
+    - the checkpoint folder's ``model_config.json``: ``data_config`` (``fps`` 2.0 or ``num_frames``,
+      ``max_frame_pixels``, ``eval_dim``, ``prompt_template_type``), ``model_config`` (base model,
+      ``output_dim``, ``use_special_tokens``, ``reward_token``), ``inference_config`` (per-head mean/std);
+      weights in ``checkpoint-<step>/`` (latest by default): ``model.pth`` (full state dict) or a LoRA
+      (``adapter_model.safetensors`` + ``adapter_config.json`` + ``non_lora_state_dict.pth``) on the base
+      model, merged into the weights here (the same function as the unmerged adapter);
+    - frames: ``nframes`` = the video's duration × ``fps`` (2 by default) clamped to ``[4, min(768, T)]``
+      and rounded to even (or ``num_frames`` rounded to even), taken at ``round(linspace(0, T-1, n))``;
+      each frame resized with ``smart_resize`` (sides multiples of 28, area in
+      ``[128·28², max_frame_pixels]``), bicubic with antialias on 0–255 values, rounded to uint8 as
+      torchvision does on the decoded uint8 frames; then the base model's Qwen2-VL processor (rescale
+      1/255, CLIP mean/std, 14-pixel patches, 2-frame temporal patches). Our videos are tensors: no codec
+      round trip (the reference decodes an mp4);
+    - text: ``build_prompt(caption, eval_dim, prompt_template_type)`` (e.g. ``"detailed_special"`` with
+      the three reward tokens) as the user turn after the video, the processor's chat template with the
+      generation prompt, right padding;
+    - scores: the pooled logits ``(VQ, MQ, TA)``; ``use_norm``: ``(x - mean) / std`` per head from
+      ``inference_config``; the reference's ``Overall = VQ + MQ + TA`` is ``weights=(1, 1, 1)`` here.
+
+    Args:
+        path: local VideoReward folder (``model_config.json``, ``checkpoint-*/``).
+        base_model: local folder of the base Qwen2-VL (``config.json``, processor and tokenizer files;
+            weights too when the checkpoint is a LoRA); default ``model_config.model_name_or_path``.
+        checkpoint_step: ``checkpoint-<step>`` to load (-1: the latest, as the reference).
+        name, weight: see :class:`RewardCallback`.
+        weights: ``(w_VQ, w_MQ, w_TA)`` of the returned sum.
+        use_norm: de-normalise as the reference's ``use_norm=True``.
+        video_fps: frame rate of the scored videos (for fps-based frame sampling); ``batch["fps"]`` wins.
+        batch_size: videos per forward.
+        dtype: ``"float32"`` (default), ``"bfloat16"`` (the reference's default on GPU) or ``"float16"``.
+
+    Raises:
+        MissingRewardFileError: ``model_config.json``, a checkpoint folder or file, or a base-model file is missing.
+        NonFiniteRewardError: non-finite scores.
+    """
+
+    def __init__(self, path: str, base_model: str | None = None, checkpoint_step: int = -1, name: str = "videoalign", weight: float = 1.0,
+                 weights: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0), use_norm: bool = True, video_fps: float | None = None,
+                 batch_size: int = 4, dtype: str = "float32"):
+        super().__init__(name=name, weight=weight)
+        from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLModel
+
+        who = "VideoAlignReward"
+        require_files(path, ["model_config.json"], who)
+        cfg = json.load(open(os.path.join(path, "model_config.json")))
+        for key in ("data_config", "model_config"):
+            if key not in cfg:
+                raise KeyError(f"{who}: {os.path.join(path, 'model_config.json')} has no {key!r} (keys {sorted(cfg)})")
+        self.data_config, model_config = cfg["data_config"], cfg["model_config"]
+        self.inference_config = cfg.get("inference_config")
+        self.peft_config = cfg.get("peft_lora_config") or {}
+        if len(weights) != 3:
+            raise ValueError(f"{who}: weights must be (w_VQ, w_MQ, w_TA), got {weights}")
+        self.weights, self.use_norm, self.video_fps = [float(w) for w in weights], use_norm, video_fps
+        self.batch_size, self.dtype = max(1, int(batch_size)), _dtype(dtype)
+
+        # checkpoint-<step>: the latest, or the one asked for
+        steps = sorted(int(d.split("-")[-1]) for d in os.listdir(path) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit())
+        if not steps:
+            raise MissingRewardFileError(f"{who}: no checkpoint-<step> folder in {path!r}")
+        step = steps[-1] if checkpoint_step in (None, -1) else checkpoint_step
+        ckpt = os.path.join(path, f"checkpoint-{step}")
+        if step not in steps:
+            raise MissingRewardFileError(f"{who}: {ckpt!r} does not exist (have checkpoint-{steps})")
+        full = os.path.join(ckpt, "model.pth")
+        if not os.path.exists(full):
+            require_files(ckpt, ["adapter_model.safetensors", "adapter_config.json", "non_lora_state_dict.pth"], who + " (LoRA checkpoint; or a full model.pth)")
+        self.path, self.checkpoint = path, ckpt
+
+        base = base_model or model_config.get("model_name_or_path")
+        if not base or not os.path.isdir(base):
+            raise MissingRewardFileError(f"{who}: base model folder {base!r} does not exist (model_config.model_name_or_path; give base_model= a local Qwen2-VL folder)")
+        require_files(base, ["config.json"], who)
+        if not any(os.path.exists(os.path.join(base, f)) for f in ("preprocessor_config.json", "processor_config.json")):
+            raise MissingRewardFileError(f"{who}: no processor in {base!r} (expected preprocessor_config.json or processor_config.json)")
+        if not any(os.path.exists(os.path.join(base, f)) for f in ("tokenizer.json", "vocab.json")):
+            raise MissingRewardFileError(f"{who}: no tokenizer in {base!r} (expected tokenizer.json or vocab.json + merges.txt)")
+        self.base_model = base
+        self.processor = AutoProcessor.from_pretrained(base, padding_side="right")
+        tok = self.processor.tokenizer
+        special = None
+        if model_config.get("use_special_tokens", False):
+            tok.add_tokens(VIDEOALIGN_SPECIAL_TOKENS, special_tokens=True)
+            special = tok.convert_tokens_to_ids(VIDEOALIGN_SPECIAL_TOKENS)
+
+        if os.path.exists(full):  # every weight in the checkpoint: the base model's weights are not needed
+            backbone = Qwen2VLModel(Qwen2VLConfig.from_pretrained(base))
+        else:
+            if not any(os.path.exists(os.path.join(base, f)) for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+                raise MissingRewardFileError(f"{who}: the LoRA checkpoint {ckpt!r} needs the base model's weights, none in {base!r} (model.safetensors)")
+            backbone = Qwen2VLModel.from_pretrained(base, dtype=torch.float32)
+        if special is not None:
+            backbone.resize_token_embeddings(len(tok))  # as the reference: model.resize_token_embeddings(len(tokenizer))
+        model = VideoRewardModel(backbone, int(model_config.get("output_dim", 1)), model_config.get("reward_token", "last"), special, tok.pad_token_id)
+        self._load(model, full if os.path.exists(full) else None, ckpt, who)
+        self.model = model.to(self.dtype).eval().requires_grad_(False)
+        self._last: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _load(model: VideoRewardModel, full: str | None, ckpt: str, who: str) -> None:
+        if full is not None:
+            raw = torch.load(full, map_location="cpu", weights_only=True)
+        else:
+            from safetensors.torch import load_file
+
+            raw = torch.load(os.path.join(ckpt, "non_lora_state_dict.pth"), map_location="cpu", weights_only=True)
+            lora = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+            adapter = json.load(open(os.path.join(ckpt, "adapter_config.json")))
+            VideoAlignReward._merge_lora(model, lora, adapter, who)
+        state = {}
+        for k, v in raw.items():
+            if ".lora_" in k:
+                continue
+            k = _legacy_key(k.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".").replace(".original_module.", "."))
+            if k is not None:
+                state[k] = v
+        own = model.state_dict()
+        unexpected = sorted(k for k in state if k not in own)
+        wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+        if unexpected or wrong:
+            raise RuntimeError(f"{who}: checkpoint {ckpt!r} does not fit the base model: unexpected keys {unexpected[:8]}, wrong shapes {wrong[:8]}")
+        if full is not None:
+            missing = sorted(k for k in own if k not in state and not k.endswith("inv_freq"))
+            if missing:
+                raise RuntimeError(f"{who}: {full!r} lacks weights {missing[:8]} ({len(missing)} in all)")
+        elif "rm_head.weight" not in state:
+            raise RuntimeError(f"{who}: {os.path.join(ckpt, 'non_lora_state_dict.pth')!r} has no rm_head weight")
+        model.load_state_dict(state, strict=False)
+
+    @staticmethod
+    def _merge_lora(model: VideoRewardModel, lora: dict[str, Tensor], adapter: dict, who: str) -> None:
+        """``W += s · B A`` (embeddings: ``(B A)ᵀ``), ``s = alpha / r`` (``alpha / √r`` with rsLoRA): peft's merge."""
+        r, alpha = adapter["r"], adapter["lora_alpha"]
+        s = alpha / math.sqrt(r) if adapter.get("use_rslora") else alpha / r
+        modules = dict(model.named_modules())
+        for key in [k for k in lora if ".lora_A." in k or ".lora_embedding_A" in k]:
+            emb = ".lora_embedding_A" in key
+            prefix = key.split(".lora_embedding_A" if emb else ".lora_A.")[0]
+            a = lora[key]
+            bkey = prefix + (".lora_embedding_B" + key.split(".lora_embedding_A")[1] if emb else ".lora_B." + key.split(".lora_A.")[1])
+            if bkey not in lora:
+                raise RuntimeError(f"{who}: LoRA {key!r} without its {bkey!r}")
+            target = _legacy_key(prefix)
+            if target not in modules:
+                raise RuntimeError(f"{who}: LoRA target {prefix!r} (ours {target!r}) is not a module of the base model")
+            w = modules[target].weight
+            delta = (lora[bkey].float() @ a.float()) * s
+            with torch.no_grad():
+                w += (delta.T if emb else delta).to(w.dtype)
+
+    def to(self, device) -> "RewardCallback":
+        super().to(device)
+        self.model.to(self.device)
+        return self
+
+    def prompt(self, caption: str) -> str:
+        """VideoAlign's ``build_prompt(caption, eval_dim, prompt_template_type)``."""
+        return videoalign_prompt(caption, self.data_config.get("eval_dim", "VQ"), self.data_config.get("prompt_template_type", "none"))
+
+    def frames(self, video: Tensor, video_fps: float | None) -> Tensor:
+        """One video ``(T, 3, H, W)`` in ``[0, 1]`` → the frames the reference feeds the processor:
+        ``(n, 3, h, w)`` float in ``[0, 255]`` (uint8 values)."""
+        t, _, h, w = video.shape
+        n = qwen_num_frames(t, video_fps, self.data_config.get("fps", 2.0), self.data_config.get("num_frames"))
+        idx = torch.linspace(0, t - 1, n).round().long()
+        x = (video[idx].clamp(0, 1) * 255).round()  # the decoded uint8 frames
+        rh, rw = qwen_smart_resize(h, w, min_pixels=_VIDEO_MIN_PIXELS, max_pixels=int(self.data_config.get("max_frame_pixels", 16384 * 28 * 28)))
+        x = torch.nn.functional.interpolate(x, size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)
+        return x.clamp(0, 255).round()
+
+    @torch.no_grad()
+    def score_heads(self, videos: Tensor, captions: list[str], video_fps: float | None = None) -> Tensor:
+        """``(B, 3)`` VQ, MQ, TA (de-normalised when ``use_norm``)."""
+        video_fps = video_fps if video_fps is not None else self.video_fps
+        out = []
+        for i in range(0, videos.shape[0], self.batch_size):
+            vids = [self.frames(v, video_fps) for v in videos[i : i + self.batch_size]]
+            caps = captions[i : i + self.batch_size]
+            chats = [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": self.prompt(c)}]}] for c in caps]
+            text = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+            inputs = self.processor(text=text, videos=vids, padding=True, return_tensors="pt", do_rescale=True, cap_pixels_per_frame=False)
+            inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")}
+            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.dtype)
+            out.append(self.model(**inputs).float().cpu())
+        heads = torch.cat(out)
+        if heads.shape[1] != 3:
+            raise RewardInputError(f"VideoAlignReward: the model gives {heads.shape[1]} scores per video, expected 3 (VQ, MQ, TA): check model_config output_dim / reward_token")
+        if self.use_norm and self.inference_config:
+            ic = self.inference_config
+            heads = (heads - torch.tensor([ic["VQ_mean"], ic["MQ_mean"], ic["TA_mean"]])) / torch.tensor([ic["VQ_std"], ic["MQ_std"], ic["TA_std"]])
+        return heads
+
+    def score(self, videos: Tensor, batch: dict | None = None) -> Tensor:
+        v = check_videos(videos, "VideoAlignReward")
+        caps = batch_captions(batch, v.shape[0], "VideoAlignReward")
+        fps = batch.get("fps") if isinstance(batch, dict) else None
+        if torch.is_tensor(fps):
+            fps = float(fps.flatten()[0])
+        heads = check_finite(self.score_heads(v, caps, fps), "VideoAlignReward")
+        self._last = {"VQ": heads[:, 0], "MQ": heads[:, 1], "TA": heads[:, 2], "overall": heads.sum(1)}
+        return (heads @ torch.tensor(self.weights)).to(videos.device)
+
+    def score_components(self) -> dict[str, Tensor]:
+        return dict(self._last)
+
+
+_VA_DIMENSIONS = {
+    "VQ": ["visual quality", "the quality of the video in terms of clearness, resolution, brightness, and color"],
+    "TA": ["text-to-video alignment", "the alignment between the text prompt and the video content and motion"],
+    "MQ": ["motion quality", "the quality of the motion in terms of consistency, smoothness, and completeness"],
+    "ALL": ["Overall Performance", "the overall performance of the video in terms of visual quality, text-to-video alignment, and motion quality"],
+}
+# KwaiVGI/VideoAlign prompt_template.py, verbatim (the reward was trained on these exact strings)
+_VA_SIMPLE = '\nPlease evaluate the {dimension_name} of a generated video. Consider {dimension_description}.\nThe text prompt used for generation is "{text_prompt}".\n'
+_VA_VIDEOSCORE = (
+    "\nSuppose you are an expert in judging and evaluating the quality of AI-generated videos,\n"
+    "please watch the frames of a given video and see the text prompt for generating the video,\n"
+    "then give scores based on its {dimension_name}, i.e., {dimension_description}.\n"
+    "Output a float number from 1.0 to 5.0 for this dimension,\n"
+    "the higher the number is, the better the video performs in that sub-score,\n"
+    "the lowest 1.0 means Bad, the highest 5.0 means Perfect/Real (the video is like a real video).\n"
+    'The text prompt used for generation is "{text_prompt}".\n'
+)
+_VA_HEAD = (
+    "\nYou are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion Quality, and Text Alignment. "
+    "Please provide a rating from 0 to 10 for each of the three categories, with 0 being the worst and 10 being the best. Each evaluation should be independent of the others.\n\n"
+)
+_VA_VQ = (
+    "**Visual Quality:**  \n"
+    "Evaluate the overall visual quality of the video, with a focus on static factors. The following sub-dimensions should be considered:\n"
+    "- **Reasonableness:** The video should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.\n"
+    "- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to interpret, with no blurring or indistinct areas.\n"
+    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).\n"
+    "- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.\n"
+    "- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. \n"
+)
+_VA_MQ = (
+    "**Motion Quality:**  \n"
+    "Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following sub-dimensions:\n"
+    "- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing body parts).\n"
+    "- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing should flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth movements).\n"
+    "- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions or camera angles should be seamless, and the overall dynamic feel should be visually pleasing.\n"
+    "- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally with the background, without obvious artifacts or the feeling of cut-and-paste effects.\n"
+    "- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where the video might have blurry or unsteady sections that hinder visual continuity.\n"
+    "- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion quality.\n"
+)
+_VA_TA = (
+    "**Text Alignment:**  \n"
+    "Assess how well the video matches the textual prompt across the following sub-dimensions:\n"
+    "- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.\n"
+    "- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like talking or blinking) align with the described prompt. The motion should match the prompt in terms of type, scale, and direction.\n"
+    "- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking if real-world locations or scenes are accurately represented, though some stylistic adaptation is acceptable.  \n"
+    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the video adheres to this style.\n"
+    "- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) are consistent with the expected behavior from the prompt.\n\n"
+    "Textual prompt - {text_prompt}\n"
+)
+_VA_DETAILED_SPECIAL = (
+    _VA_HEAD + _VA_VQ + "\nPlease provide the ratings of Visual Quality: <|VQ_reward|>\nEND\n\n" + _VA_MQ + "\nPlease provide the ratings of Motion Quality: <|MQ_reward|>\nEND\n\n"
+    + _VA_TA + "Please provide the ratings of Text Alignment: <|TA_reward|>\nEND\n"
+)
+_VA_DETAILED = _VA_HEAD + _VA_VQ + "\n" + _VA_MQ + "\n\n" + _VA_TA + "Please provide the ratings of Visual Quality, Motion Quality, and Text Alignment.\n"
+
+
+def videoalign_prompt(prompt: str, dimension, template_type: str) -> str:
+    """VideoAlign's ``build_prompt`` (KwaiVGI/VideoAlign prompt_template.py): the text of the user turn."""
+    if isinstance(dimension, list) and len(dimension) > 1:
+        name = "overall performance(" + ", ".join(_VA_DIMENSIONS[d][0] for d in dimension) + ")"
+        description = "the overall performance of the video"
+    else:
+        if isinstance(dimension, list):
+            dimension = dimension[0]
+        name, description = _VA_DIMENSIONS[dimension]
+    if template_type == "none":
+        return prompt
+    if template_type == "simple":
+        return _VA_SIMPLE.format(dimension_name=name, dimension_description=description, text_prompt=prompt)
+    if template_type == "video_score":
+        return _VA_VIDEOSCORE.format(dimension_name=name, dimension_description=description, text_prompt=prompt)
+    if template_type == "detailed_special":
+        return _VA_DETAILED_SPECIAL.format(text_prompt=prompt)
+    if template_type == "detailed":
+        return _VA_DETAILED.format(text_prompt=prompt)
+    raise ValueError(f"VideoAlignReward: unknown prompt_template_type {template_type!r} (none, simple, video_score, detailed_special, detailed)")

@@ -245,3 +245,215 @@ def test_frame_rewards_name_missing_files_bad_inputs_and_nonfinite_scores(tiny_c
         r.model.visual_projection.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteRewardError):
         r.score(_videos(), {"caption": CAPTIONS})
+
+
+# ------------------------------------------------------------- VideoAlign on a tiny Qwen2-VL
+# the chat template of Qwen/Qwen2-VL-2B-Instruct (chat_template.json)
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_qwen2vl(folder, weights=True):
+    """A tiny random-weight Qwen2-VL base folder: byte-level BPE tokenizer with Qwen2-VL's special tokens,
+    Qwen2-VL image/video processors (the real defaults), the chat template, config (and weights)."""
+    from open_clip.tokenizer import bytes_to_unicode
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[]))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_tokens(specials, special_tokens=True)
+    tok.pad_token, tok.eos_token = "<|endoftext|>", "<|im_end|>"
+    ids = dict(zip(specials, tok.convert_tokens_to_ids(specials)))
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2VL_CHAT_TEMPLATE)
+    proc.save_pretrained(folder)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=280, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=4096),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg)
+    if weights:
+        model.save_pretrained(folder)
+    else:
+        cfg.save_pretrained(folder)
+    return model
+
+
+def _legacy_state(model, rm_head):
+    """The state dict as VideoAlign's Qwen2VLRewardModelBT saved it with transformers 4 (visual.*, model.* text)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.visual."):
+            out["visual." + k[len("model.visual."):]] = v
+        elif k.startswith("model.language_model."):
+            out["model." + k[len("model.language_model."):]] = v
+        else:
+            out[k] = v
+    out["rm_head.weight"] = rm_head
+    return out
+
+
+VIDEOREWARD_CONFIG = {
+    "data_config": {"meta_data": "/path/meta.csv", "data_dir": "/path", "max_frame_pixels": 448 * 448, "num_frames": None, "fps": 2.0,
+                    "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": "detailed_special", "sample_type": "uniform"},
+    "model_config": {"model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct", "output_dim": 1, "use_special_tokens": True, "reward_token": "special"},
+    "peft_lora_config": {"lora_enable": True, "lora_r": 4, "lora_alpha": 8},
+    "inference_config": {"VQ_mean": 0.1, "VQ_std": 2.0, "MQ_mean": -0.2, "MQ_std": 0.5, "TA_mean": 0.3, "TA_std": 4.0},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_videoreward(tmp_path_factory):
+    """A VideoReward folder (model_config.json + checkpoint-7/model.pth in transformers-4 key names) on a tiny
+    Qwen2-VL base folder; the 3 reward tokens added to the tokenizer and the embeddings resized as VideoAlign does."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("videoreward")
+    base = root / "base"
+    model = write_tiny_qwen2vl(str(base))
+    n = len(AutoTokenizer.from_pretrained(str(base))) + 3
+    model.resize_token_embeddings(n)
+    torch.manual_seed(1)
+    rm_head = torch.randn(1, 32)
+    ckpt = root / "VideoReward" / "checkpoint-7"
+    os.makedirs(ckpt)
+    torch.save(_legacy_state(model, rm_head), ckpt / "model.pth")
+    json.dump(VIDEOREWARD_CONFIG, open(root / "VideoReward" / "model_config.json", "w"))
+    return str(root / "VideoReward"), str(base), model, rm_head
+
+
+def test_videoalign_frames_prompt_and_scores_match_the_reference(tiny_videoreward):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from lightning_vidalign.rewards.models import VideoAlignReward
+
+    path, base, model, rm_head = tiny_videoreward
+    r = VideoAlignReward(path, base_model=base, video_fps=8.0)
+    videos = _videos(b=2, t=9, h=64, w=48, seed=3)
+    # frames: 9 frames at 8 fps, 2 fps -> 2.25 -> at least 4 (even): round(linspace(0, 8, 4)) = 0, 3, 5, 8;
+    # 64x48 is below 128·28² pixels: smart_resize scales up to 392x280 (ceil(64·5.72/28)·28, ceil(48·5.72/28)·28) (multiples of 28); torchvision's uint8 resize
+    frames = r.frames(videos[0], 8.0)
+    u8 = (videos[0, [0, 3, 5, 8]] * 255).round().to(torch.uint8)
+    torch.testing.assert_close(frames, TF.resize(u8, [392, 280], interpolation=InterpolationMode.BICUBIC, antialias=True).float(), rtol=0, atol=0)
+    # prompt: VideoAlign's detailed_special template around the caption, with each reward token once
+    text = r.prompt(CAPTIONS[0])
+    assert f"Textual prompt - {CAPTIONS[0]}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n" in text
+    assert all(text.count(t) == 1 for t in ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")) and text.startswith("\nYou are tasked")
+    got = r.score(videos, {"caption": CAPTIONS})
+    parts = r.score_components()
+    # reference: the saved model's own modules (weights as saved, not as loaded), 1-D positions, rm_head at the tokens
+    ids = r.model.special_token_ids
+    want = []
+    for i in range(2):
+        chat = [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": r.prompt(CAPTIONS[i])}]}]]
+        inp = r.processor(text=r.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                          videos=[r.frames(videos[i], 8.0)], return_tensors="pt", do_rescale=True, cap_pixels_per_frame=False)
+        assert inp["input_ids"][0, :3].tolist() == r.processor.tokenizer("<|im_start|>sy").input_ids  # system turn first
+        n = inp["input_ids"].shape[1]
+        with torch.no_grad():
+            h = model.model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"], pixel_values_videos=inp["pixel_values_videos"],
+                            video_grid_thw=inp["video_grid_thw"], position_ids=torch.arange(n).view(1, 1, n).expand(3, 1, n)).last_hidden_state
+        raw = torch.stack([(h[0][inp["input_ids"][0] == t] @ rm_head.T).view(()) for t in ids])
+        ic = VIDEOREWARD_CONFIG["inference_config"]
+        want.append((raw - torch.tensor([ic["VQ_mean"], ic["MQ_mean"], ic["TA_mean"]])) / torch.tensor([ic["VQ_std"], ic["MQ_std"], ic["TA_std"]]))
+    want = torch.stack(want)
+    torch.testing.assert_close(torch.stack([parts["VQ"], parts["MQ"], parts["TA"]], 1), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want.sum(1), rtol=1e-4, atol=1e-4)  # the reference's Overall
+    weighted = VideoAlignReward(path, base_model=base, video_fps=8.0, weights=(0.0, 1.0, 0.5), use_norm=False, batch_size=1)
+    raw_got = weighted.score(videos, {"caption": CAPTIONS, "fps": torch.tensor([8.0, 8.0])})
+    ic = VIDEOREWARD_CONFIG["inference_config"]
+    torch.testing.assert_close(raw_got, (want[:, 1] * ic["MQ_std"] + ic["MQ_mean"]) + 0.5 * (want[:, 2] * ic["TA_std"] + ic["TA_mean"]), rtol=1e-4, atol=1e-4)
+
+
+def test_videoalign_lora_checkpoint_equals_its_merged_full_checkpoint(tiny_videoreward, tmp_path):
+    """A LoRA checkpoint (adapter_model.safetensors with peft key names, non_lora_state_dict.pth with the head
+    and resized embeddings) scores as the full model.pth of the merged weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lightning_vidalign.rewards.models import VideoAlignReward
+
+    path, base, model, rm_head = tiny_videoreward
+    g = torch.Generator().manual_seed(5)
+    r_, alpha = 4, 8
+    sd = model.state_dict()
+    lora, merged = {}, {k: v.clone() for k, v in sd.items()}
+    for legacy, ours in [("model.layers.0.self_attn.q_proj", "model.language_model.layers.0.self_attn.q_proj"), ("visual.blocks.0.attn.qkv", "model.visual.blocks.0.attn.qkv")]:
+        w = sd[ours + ".weight"]
+        a, b = torch.randn(r_, w.shape[1], generator=g) * 0.3, torch.randn(w.shape[0], r_, generator=g) * 0.3
+        lora[f"base_model.model.{legacy}.lora_A.weight"], lora[f"base_model.model.{legacy}.lora_B.weight"] = a, b
+        merged[ours + ".weight"] = w + alpha / r_ * b @ a
+    folder = tmp_path / "VideoRewardLoRA"
+    os.makedirs(folder / "checkpoint-3")
+    shutil.copy(os.path.join(path, "model_config.json"), folder / "model_config.json")
+    save_file(lora, str(folder / "checkpoint-3" / "adapter_model.safetensors"))
+    json.dump({"r": r_, "lora_alpha": alpha, "use_rslora": False}, open(folder / "checkpoint-3" / "adapter_config.json", "w"))
+    emb = sd["model.language_model.embed_tokens.weight"]
+    torch.save({"base_model.model.rm_head.weight": rm_head, "base_model.model.model.embed_tokens.weight": emb}, folder / "checkpoint-3" / "non_lora_state_dict.pth")
+    full = tmp_path / "VideoRewardFull"
+    os.makedirs(full / "checkpoint-3")
+    shutil.copy(os.path.join(path, "model_config.json"), full / "model_config.json")
+    merged_model = type(model)(model.config)
+    merged_model.load_state_dict(merged)
+    torch.save(_legacy_state(merged_model, rm_head), full / "checkpoint-3" / "model.pth")
+
+    # the base folder's weights are the un-resized tiny model: the LoRA path loads them, then resizes
+    videos = _videos(b=2, t=6, h=56, w=56, seed=4)
+    batch = {"caption": CAPTIONS}
+    a = VideoAlignReward(str(folder), base_model=base, video_fps=8.0).score(videos, batch)
+    b = VideoAlignReward(str(full), base_model=base, video_fps=8.0).score(videos, batch)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    plain = VideoAlignReward(path, base_model=base, video_fps=8.0).score(videos, batch)
+    assert not torch.allclose(a, plain, atol=1e-3)  # the adapter changed the scores
+
+
+def test_videoalign_names_missing_files_and_needs_the_frame_rate(tiny_videoreward, tmp_path):
+    import json
+    import shutil
+
+    from lightning_vidalign.rewards.models import MissingRewardFileError, VideoAlignReward
+
+    path, base, _, _ = tiny_videoreward
+    with pytest.raises(MissingRewardFileError, match="model_config.json"):
+        VideoAlignReward(str(tmp_path))
+    with pytest.raises(MissingRewardFileError, match="Qwen/Qwen2-VL-2B-Instruct"):
+        VideoAlignReward(path)  # the config's hub name is not a local folder
+    with pytest.raises(MissingRewardFileError, match="checkpoint-99"):
+        VideoAlignReward(path, base_model=base, checkpoint_step=99)
+    lora = tmp_path / "lora"
+    os.makedirs(lora / "checkpoint-1")
+    shutil.copy(os.path.join(path, "model_config.json"), lora / "model_config.json")
+    open(lora / "checkpoint-1" / "adapter_model.safetensors", "w").close()
+    with pytest.raises(MissingRewardFileError, match="non_lora_state_dict.pth"):
+        VideoAlignReward(str(lora), base_model=base)
+    nobase = tmp_path / "base_without_weights"
+    shutil.copytree(base, nobase)
+    os.remove(nobase / "model.safetensors")
+    open(lora / "checkpoint-1" / "adapter_config.json", "w").write(json.dumps({"r": 1, "lora_alpha": 1}))
+    torch.save({}, lora / "checkpoint-1" / "non_lora_state_dict.pth")
+    with pytest.raises(MissingRewardFileError, match="needs the base model's weights"):
+        VideoAlignReward(str(lora), base_model=str(nobase))
+    r = VideoAlignReward(path, base_model=base)  # a full checkpoint needs no base weights, but fps sampling needs the video fps
+    with pytest.raises(ValueError, match="frame rate"):
+        r.score(_videos(t=9), {"caption": CAPTIONS})
