@@ -9,7 +9,10 @@ from lightning_vidalign.rewards.models import (
     PickScoreReward,
     RewardInputError,
     VideoAlignReward,
+    VLMJudgeParseError,
+    VLMJudgeRequestError,
+    VLMJudgeReward,
 )
 from lightning_vidalign.rewards.motion import IMRReward, LMRReward
 
-__all__ = ["RewardCallback", "find_rewards", "repeat_batch", "batch_captions", "IMRReward", "LMRReward", "MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "LuminanceReward", "h264_bytes", "CLIPScoreReward", "PickScoreReward", "HPSReward", "MissingRewardFileError", "RewardInputError", "NonFiniteRewardError", "VideoAlignReward"]
+__all__ = ["RewardCallback", "find_rewards", "repeat_batch", "batch_captions", "IMRReward", "LMRReward", "MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "LuminanceReward", "h264_bytes", "CLIPScoreReward", "PickScoreReward", "HPSReward", "MissingRewardFileError", "RewardInputError", "NonFiniteRewardError", "VideoAlignReward", "VLMJudgeReward", "VLMJudgeParseError", "VLMJudgeRequestError"]

@@ -709,3 +709,163 @@ def videoalign_prompt(prompt: str, dimension, template_type: str) -> str:
     if template_type == "detailed":
         return _VA_DETAILED.format(text_prompt=prompt)
     raise ValueError(f"VideoAlignReward: unknown prompt_template_type {template_type!r} (none, simple, video_score, detailed_special, detailed)")
+
+
+# ------------------------------------------------------------------------------ VLM judge over HTTP
+class VLMJudgeParseError(ValueError):
+    """A judge's reply holds no score the parser can read (or one outside ``score_range``)."""
+
+
+class VLMJudgeRequestError(RuntimeError):
+    """The judge endpoint failed (timeout, connection refused, HTTP error, malformed response) on every
+    one of its bounded attempts."""
+
+
+VLM_JUDGE_PROMPT = (
+    "You are given {num_frames} frames sampled uniformly, in order, from a generated video, and the text prompt it was generated from.\n"
+    "Text prompt: \"{caption}\"\n"
+    "Rate how well the video matches the prompt and how good its visual and motion quality are, on a scale from 1 (worst) to 10 (best).\n"
+    "Answer with one line of the form \"Score: <number>\"."
+)
+
+
+class VLMJudgeReward(RewardCallback):
+    """A vision-language model judge behind any OpenAI-compatible chat-completions endpoint (vLLM,
+    SGLang, LMDeploy, a hosted API), e.g. Qwen2.5-VL-7B/72B or UnifiedReward served by ``vllm serve``.
+
+    Per video, one ``POST {base_url}/chat/completions`` with ``model``, ``temperature``, ``max_tokens``
+    and one user message: the prompt (``prompt_template`` formatted with ``caption`` and ``num_frames``)
+    followed by ``num_frames`` frames spread uniformly over the video (:func:`frame_indices`) as
+    ``image_url`` parts holding ``data:image/<fmt>;base64,...`` (uint8 frames, optionally resized so the
+    longest side is ``max_side``; PNG is lossless, JPEG ~10x smaller) — the OpenAI vision message
+    format, which vLLM serves for multi-image models (raise its ``--limit-mm-per-prompt``). The reply's
+    ``choices[0].message.content`` is parsed with ``score_pattern`` (first group, a number); a reply
+    without a match, or with a score outside ``score_range``, raises :class:`VLMJudgeParseError` (no
+    reward is made up). Transport failures (timeout, refused connection, HTTP 429/5xx, a body that is
+    not a chat completion) are retried ``max_retries`` times with ``retry_backoff·2^k`` s waits, then
+    raise :class:`VLMJudgeRequestError`; other HTTP errors (4xx) raise at once. Videos are sent
+    ``concurrency`` at a time; scores keep the videos' order. The prompt and scale are our choice (the
+    peers' judge prompts differ per judge: pass yours).
+
+    Args:
+        base_url: endpoint root, e.g. ``http://127.0.0.1:8000/v1``.
+        model: the served model name.
+        name, weight: see :class:`RewardCallback`.
+        prompt_template: text with ``{caption}`` (and optionally ``{num_frames}``).
+        system_prompt: optional system message.
+        num_frames: frames sent per video.
+        max_side: resize frames so the longest side is at most this (None: as generated).
+        image_format: ``"png"`` or ``"jpeg"``.
+        score_pattern: regular expression whose first group is the score (case-insensitive).
+        score_range: ``(lo, hi)`` accepted scores, or None.
+        timeout: seconds per request. max_retries: extra attempts after a transport failure.
+        retry_backoff: first wait in seconds between attempts (doubling).
+        temperature, max_tokens: sampling settings sent with each request.
+        api_key_env: name of an environment variable holding a bearer token (None: no header).
+        concurrency: requests in flight at once.
+    """
+
+    def __init__(self, base_url: str, model: str, name: str = "vlm_judge", weight: float = 1.0, prompt_template: str = VLM_JUDGE_PROMPT,
+                 system_prompt: str | None = None, num_frames: int = 8, max_side: int | None = None, image_format: str = "png",
+                 score_pattern: str = r"score\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)", score_range: tuple[float, float] | list[float] | None = (1.0, 10.0),
+                 timeout: float = 60.0, max_retries: int = 2, retry_backoff: float = 0.5, temperature: float = 0.0, max_tokens: int = 32,
+                 api_key_env: str | None = None, concurrency: int = 4):
+        super().__init__(name=name, weight=weight)
+        import re
+
+        if "{caption}" not in prompt_template:
+            raise ValueError("VLMJudgeReward: prompt_template must contain {caption}")
+        if image_format not in ("png", "jpeg"):
+            raise ValueError(f"VLMJudgeReward: image_format must be 'png' or 'jpeg', got {image_format!r}")
+        if max_retries < 0 or timeout <= 0 or num_frames < 1:
+            raise ValueError(f"VLMJudgeReward: need max_retries >= 0, timeout > 0, num_frames >= 1 (got {max_retries}, {timeout}, {num_frames})")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.prompt_template, self.system_prompt = model, prompt_template, system_prompt
+        self.num_frames, self.max_side, self.image_format = int(num_frames), max_side, image_format
+        self.pattern = re.compile(score_pattern, re.IGNORECASE)
+        self.score_range = tuple(score_range) if score_range is not None else None
+        self.timeout, self.max_retries, self.retry_backoff = float(timeout), int(max_retries), float(retry_backoff)
+        self.temperature, self.max_tokens, self.api_key_env, self.concurrency = temperature, max_tokens, api_key_env, max(1, int(concurrency))
+        self._last: dict[str, Tensor] = {}
+
+    def encode_frame(self, frame: np.ndarray) -> str:
+        """``(H, W, 3)`` uint8 → a ``data:`` URL."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        img = Image.fromarray(frame)
+        if self.max_side and max(img.size) > self.max_side:
+            s = self.max_side / max(img.size)
+            img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format=self.image_format.upper(), **({"quality": 95} if self.image_format == "jpeg" else {}))
+        return f"data:image/{self.image_format};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+    def request_body(self, frames: np.ndarray, caption: str) -> dict:
+        text = self.prompt_template.format(caption=caption, num_frames=len(frames))
+        content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": self.encode_frame(f)}} for f in frames]
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [{"role": "user", "content": content}]
+        return {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def parse(self, reply: str) -> float:
+        """The score in ``reply``. Raises :class:`VLMJudgeParseError` (no match, out of range) or
+        :class:`NonFiniteRewardError`."""
+        m = self.pattern.search(reply or "")
+        if m is None:
+            raise VLMJudgeParseError(f"VLMJudgeReward: no score matching {self.pattern.pattern!r} in the reply {reply[:300]!r}")
+        value = float(m.group(1))
+        if not math.isfinite(value):
+            raise NonFiniteRewardError(f"VLMJudgeReward: non-finite score in the reply {reply[:300]!r}")
+        if self.score_range is not None and not self.score_range[0] <= value <= self.score_range[1]:
+            raise VLMJudgeParseError(f"VLMJudgeReward: score {value} outside {list(self.score_range)} in the reply {reply[:300]!r}")
+        return value
+
+    def post(self, body: dict) -> str:
+        """One chat completion with bounded retries; returns the reply text."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            headers["Authorization"] = "Bearer " + os.environ[self.api_key_env]
+        errors = []
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.retry_backoff * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    payload = json.loads(resp.read().decode())
+                return payload["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:200].decode(errors="replace")
+                if e.code != 429 and e.code < 500:
+                    raise VLMJudgeRequestError(f"VLMJudgeReward: {self.url} answered HTTP {e.code}: {detail}") from e
+                errors.append(f"HTTP {e.code}")
+            except (TimeoutError, OSError) as e:  # socket timeouts, refused connections (URLError is an OSError)
+                reason = getattr(e, "reason", e)
+                errors.append("timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else f"{type(reason).__name__}: {reason}")
+            except (ValueError, KeyError, IndexError, TypeError) as e:  # not JSON / not a chat completion
+                errors.append(f"malformed response ({type(e).__name__}: {e})")
+        raise VLMJudgeRequestError(f"VLMJudgeReward: {self.url} failed {self.max_retries + 1} times (timeout {self.timeout} s): {errors}")
+
+    def score_one(self, frames: np.ndarray, caption: str) -> tuple[float, str]:
+        reply = self.post(self.request_body(frames, caption))
+        return self.parse(reply), reply
+
+    @torch.no_grad()
+    def score(self, videos: Tensor, batch: dict | None = None) -> Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        v = check_videos(videos, "VLMJudgeReward")
+        caps = batch_captions(batch, v.shape[0], "VLMJudgeReward")
+        frames = to_uint8(v[:, frame_indices(v.shape[1], self.num_frames)])
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(caps))) as pool:
+            results = list(pool.map(self.score_one, list(frames), caps))
+        self.last_replies = [r for _, r in results]
+        scores = check_finite(torch.tensor([s for s, _ in results], dtype=torch.float32), "VLMJudgeReward")
+        return scores.to(videos.device)

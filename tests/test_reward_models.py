@@ -457,3 +457,140 @@ def test_videoalign_names_missing_files_and_needs_the_frame_rate(tiny_videorewar
     r = VideoAlignReward(path, base_model=base)  # a full checkpoint needs no base weights, but fps sampling needs the video fps
     with pytest.raises(ValueError, match="frame rate"):
         r.score(_videos(t=9), {"caption": CAPTIONS})
+
+
+# ------------------------------------------------------------- VLM judge against a real HTTP server
+class _JudgeServer:
+    """A stdlib HTTP server on loopback answering ``POST /v1/chat/completions`` in the OpenAI chat format.
+
+    ``mode``: ``"ok"`` replies ``"Score: s"`` with ``s`` = 1 + 9·(mean brightness of the images) so the
+    score depends on what was sent; ``"garbage"`` an unparsable reply; ``"slow"`` sleeps past the client's
+    timeout; ``"flaky"`` fails the first request with HTTP 503. Requests are recorded."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.mode, self.requests, self.lock = "ok", [], threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                import base64
+                import io
+                import json
+                import time
+
+                from PIL import Image
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append((self.path, body))
+                    n = len(outer.requests)
+                if outer.mode == "slow":
+                    time.sleep(1.0)
+                if outer.mode == "flaky" and n == 1:
+                    self.send_response(503)
+                    self.end_headers()
+                    self.wfile.write(b"busy")
+                    return
+                parts = body["messages"][-1]["content"]
+                imgs = [np.asarray(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1])))) for p in parts if p["type"] == "image_url"]
+                text = "I cannot rate this video." if outer.mode == "garbage" else f"Score: {1 + 9 * float(np.mean([i.mean() for i in imgs])) / 255:.6f}"
+                out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def judge_server():
+    server = _JudgeServer()
+    yield server
+    server.close()
+
+
+def test_vlm_judge_sends_frames_and_caption_and_parses_the_score(judge_server):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from lightning_vidalign.rewards.models import VLMJudgeReward
+
+    judge = VLMJudgeReward(judge_server.url, model="tiny-judge", num_frames=3, concurrency=2)
+    videos = _videos(b=2, t=5, h=16, w=24)
+    videos[1] *= 0.2  # darker: a lower score from this server
+    got = judge.score(videos, {"caption": CAPTIONS})
+    u8 = (videos * 255).round()
+    want = 1 + 9 * u8[:, [0, 2, 4]].mean(dim=(1, 2, 3, 4)) / 255  # PNG is lossless
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert len(judge_server.requests) == 2
+    by_caption = {}
+    for path, body in judge_server.requests:
+        assert path == "/v1/chat/completions" and body["model"] == "tiny-judge" and body["temperature"] == 0.0
+        content = body["messages"][0]["content"]
+        assert content[0]["type"] == "text" and [p["type"] for p in content[1:]] == ["image_url"] * 3
+        img = Image.open(io.BytesIO(base64.b64decode(content[1]["image_url"]["url"].split(",", 1)[1])))
+        assert img.size == (24, 16) and img.format == "PNG"
+        by_caption[[c for c in CAPTIONS if f'"{c}"' in content[0]["text"]][0]] = content
+    assert set(by_caption) == set(CAPTIONS)  # each request carries its own video's caption
+    small = VLMJudgeReward(judge_server.url, model="m", num_frames=1, max_side=8, image_format="jpeg")
+    body = small.request_body(to_uint8_frames(videos)[0, :1], "c")
+    img = Image.open(io.BytesIO(base64.b64decode(body["messages"][0]["content"][1]["image_url"]["url"].split(",", 1)[1])))
+    assert img.size == (8, 5) and img.format == "JPEG"
+
+
+def to_uint8_frames(videos):
+    from lightning_vidalign.rewards.models import to_uint8
+
+    return to_uint8(videos)
+
+
+def test_vlm_judge_unparsable_reply_timeout_retries_and_a_dead_server(judge_server):
+    import socket
+    import time
+
+    from lightning_vidalign.rewards.models import VLMJudgeParseError, VLMJudgeRequestError, VLMJudgeReward
+
+    videos, batch = _videos(b=1, t=2, h=8, w=8), {"caption": CAPTIONS[:1]}
+    judge_server.mode = "garbage"
+    with pytest.raises(VLMJudgeParseError, match="I cannot rate this video"):
+        VLMJudgeReward(judge_server.url, model="m", num_frames=1).score(videos, batch)
+    judge_server.mode = "slow"
+    n0 = len(judge_server.requests)
+    t = time.perf_counter()
+    with pytest.raises(VLMJudgeRequestError, match=r"failed 2 times.*timeout"):
+        VLMJudgeReward(judge_server.url, model="m", num_frames=1, timeout=0.2, max_retries=1, retry_backoff=0.01).score(videos, batch)
+    assert time.perf_counter() - t < 1.5 and len(judge_server.requests) - n0 == 2  # bounded: 2 attempts, not the server's 1 s each
+    judge_server.mode, judge_server.requests = "flaky", []
+    r = VLMJudgeReward(judge_server.url, model="m", num_frames=1, max_retries=1, retry_backoff=0.01).score(videos, batch)
+    assert len(judge_server.requests) == 2 and 1 <= float(r) <= 10  # the 503 was retried
+    judge_server.mode = "ok"
+    with pytest.raises(VLMJudgeParseError, match="outside"):
+        VLMJudgeReward(judge_server.url, model="m", num_frames=1, score_range=(0, 0.5)).score(videos, batch)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(VLMJudgeRequestError, match="failed 3 times"):
+        VLMJudgeReward(dead, model="m", num_frames=1, max_retries=2, retry_backoff=0.01).score(videos, batch)
+    with pytest.raises(ValueError, match="caption"):
+        VLMJudgeReward(judge_server.url, model="m", prompt_template="no placeholder")
