@@ -475,6 +475,8 @@ class VideoAlignReward(RewardCallback):
             if key not in cfg:
                 raise KeyError(f"{who}: {os.path.join(path, 'model_config.json')} has no {key!r} (keys {sorted(cfg)})")
         self.data_config, model_config = cfg["data_config"], cfg["model_config"]
+        if self.data_config.get("sample_type", "uniform") != "uniform":
+            raise NotImplementedError(f"{who}: data_config.sample_type {self.data_config['sample_type']!r} (only 'uniform', VideoReward's, is reproduced)")
         self.inference_config = cfg.get("inference_config")
         self.peft_config = cfg.get("peft_lora_config") or {}
         if len(weights) != 3:
@@ -786,7 +788,7 @@ class VLMJudgeReward(RewardCallback):
         self.score_range = tuple(score_range) if score_range is not None else None
         self.timeout, self.max_retries, self.retry_backoff = float(timeout), int(max_retries), float(retry_backoff)
         self.temperature, self.max_tokens, self.api_key_env, self.concurrency = temperature, max_tokens, api_key_env, max(1, int(concurrency))
-        self._last: dict[str, Tensor] = {}
+        self.last_replies: list[str] = []  # the judge's replies of the last score call, in the videos' order
 
     def encode_frame(self, frame: np.ndarray) -> str:
         """``(H, W, 3)`` uint8 → a ``data:`` URL."""
