@@ -108,11 +108,14 @@ def write_clip_tokenizer(folder):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random-weight transformers CLIPModel (32x32 images) with its PIL image processor and tokenizer."""
+    return make_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")))
+
+
+def make_tiny_clip(folder):
+    """A random-weight transformers CLIPModel (32x32 images) with its PIL image processor and tokenizer in ``folder``."""
     from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    folder = str(tmp_path_factory.mktemp("tiny_clip"))
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77),
@@ -623,6 +626,12 @@ def test_reward_fragment_trains_one_grpo_round(fragment, request, tmp_path, monk
     elif name == "vlm_judge":
         server = _JudgeServer()
         extra = [f"--trainer.callbacks.base_url={server.url}", "--trainer.callbacks.model=tiny-judge"]
+    elif name == "remote":  # a served reward end to end: the tiny CLIP score behind a RewardServer on loopback
+        from lightning_vidalign.rewards import CLIPScoreReward, RewardServer
+
+        server = RewardServer(CLIPScoreReward(request.getfixturevalue("tiny_clip")), max_batch_size=8).start()
+        server.close = server.stop
+        extra = [f"--trainer.callbacks.url={server.url}"]
     else:
         raise AssertionError(f"configs/rewards/{fragment}: no tiny instance for it in this test")
     monkeypatch.chdir(tmp_path)
@@ -640,5 +649,7 @@ def test_reward_fragment_trains_one_grpo_round(fragment, request, tmp_path, monk
     metrics = cli.trainer.callback_metrics
     assert f"reward/{name}/mean" in metrics and math.isfinite(float(metrics[f"reward/{name}/mean"]))
     assert "reward/motion/mean" not in metrics  # the config's own rewards are not scored
-    if server is not None:
+    if name == "vlm_judge":
         assert len(server.requests) == 8  # 2 conditions x 4 rollouts, one request each
+    if name == "remote":
+        assert sum(server.batch_sizes) == 8  # the round's 2 x 4 rollouts were scored by the server
