@@ -87,6 +87,20 @@ def repeat_batch(batch: dict | None, repeats: int, size: int | None = None, drop
     return out
 
 
+def slice_batch(batch: dict | None, start: int, stop: int, size: int) -> dict | None:
+    """Rows ``start:stop`` of a batch of ``size`` rows (entries with ``size`` rows are sliced, others passed
+    as they are): the conditions of one chunk of rollouts of a :func:`repeat_batch` batch."""
+    if batch is None:
+        return None
+    out = {}
+    for k, v in batch.items():
+        if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size) or (isinstance(v, (list, tuple)) and len(v) == size):
+            out[k] = v[start:stop]
+        else:
+            out[k] = v
+    return out
+
+
 def batch_captions(batch: dict | None, n: int, who: str, keys: tuple[str, ...] = ("caption", "prompt", "text")) -> list[str]:
     """The ``n`` captions of the scored videos, from the batch's first key among ``keys``.
 
