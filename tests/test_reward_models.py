@@ -652,4 +652,6 @@ def test_reward_fragment_trains_one_grpo_round(fragment, request, tmp_path, monk
     if name == "vlm_judge":
         assert len(server.requests) == 8  # 2 conditions x 4 rollouts, one request each
     if name == "remote":
-        assert sum(server.batch_sizes) == 8  # the round's 2 x 4 rollouts were scored by the server
+        assert server.batch_sizes == [4, 4]  # the round's 2 x 4 rollouts, in two chunks scored while generating (overlap_rewards)
+    if name in ("remote", "vlm_judge"):
+        assert cli.model.overlap_rewards
