@@ -274,7 +274,7 @@ class RemoteReward(RewardCallback):
         self.timeout, self.max_retries, self.retry_backoff = float(timeout), int(max_retries), float(retry_backoff)
         self._last: dict[str, Tensor] = {}
 
-    def _batch_payload(self, batch: dict | None, n: int) -> dict:
+    def _batch_payload(self, batch: dict | None) -> dict:
         out = {}
         for key in self.batch_keys:
             if not batch or key not in batch:
@@ -317,7 +317,7 @@ class RemoteReward(RewardCallback):
 
     def score(self, videos: Tensor, batch: dict | None = None) -> Tensor:
         v = check_videos(videos, "RemoteReward")
-        reply = self.post(encode_request(v, self._batch_payload(batch, v.shape[0]), self.encoding))
+        reply = self.post(encode_request(v, self._batch_payload(batch), self.encoding))
         scores = reply.get("scores") if isinstance(reply, dict) else None
         if not isinstance(scores, list) or len(scores) != v.shape[0]:
             got = f"{len(scores)} scores" if isinstance(scores, list) else f"no score list ({str(reply)[:200]})"
