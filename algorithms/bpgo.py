@@ -15,6 +15,7 @@ from lightning_vidalign.algorithms.advantages import (
     ras_bayes_weight,
 )
 from lightning_vidalign.algorithms.grpo import GRPO
+from lightning_vidalign.rewards.base import repeat_batch
 
 CRT_FORMS = ("binary", "paper", "none")
 RAS_FORMS = ("bayes", "paper", "none")
@@ -139,7 +140,7 @@ class BPGO(GRPO):
                                              num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta)
             if j >= len(missing):
                 continue  # padding rollout: keeps the ranks' collective calls aligned
-            reward, _ = self.score_rewards(traj.video, self.reward_names, log=False)
+            reward, _ = self.score_rewards(traj.video, self.reward_names, batch=repeat_batch(one, self.prior_rollouts, 1), log=False)
             self.priors[cid] = float(reward.mean())
         return torch.tensor([self.priors[int(c)] for c in ids], dtype=torch.float32)
 

@@ -9,6 +9,7 @@ from torch import Tensor
 from lightning_vidalign.algorithms.losses import diffusion_dpo_loss, dpo_pair_weights
 from lightning_vidalign.datamodules.preference import best_worst_pairs, temporal_negatives
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import repeat_batch, slice_batch
 
 PAIR_SOURCES = ("synthetic", "data", "on_policy")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
@@ -127,15 +128,21 @@ class DPO(VideoAlignModule):
         b, g = video.shape[0], self.rollouts_per_condition
         cond = self.backbone.encode_condition(batch, generator)
         rep = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
-        latents = []
+        per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
+        latents, scoring = [], []
         for i in range(0, b * g, self.rollout_batch_size):
             part = {k: v[i : i + self.rollout_batch_size] for k, v in rep.items()}
             traj = self.backbone.rollout(part, self.sampler, self.num_inference_steps, self.guidance, generator,
                                          num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], decode=False)
             latents.append(traj.latents)
+            if self.overlap_rewards:  # decoded now and scored in the background while the next chunk is generated
+                scoring.append(self.submit_rewards(self.backbone.decode(traj.latents), self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
         latents = torch.cat(latents)
-        videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
-        rewards, _ = self.score_rewards(videos, self.reward_names, log=False)
+        if scoring:
+            rewards, _ = self.collect_rewards(scoring, log=False)
+        else:
+            videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
+            rewards, _ = self.score_rewards(videos, self.reward_names, batch=per_rollout, log=False)
         r = rewards.view(b, g)
         best = torch.arange(b, device=r.device) * g + r.argmax(1)
         worst = torch.arange(b, device=r.device) * g + r.argmin(1)

@@ -11,6 +11,7 @@ from lightning_vidalign.algorithms.advantages import grpo_advantages, min_norm_w
 from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.losses import ppo_clip_loss
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import repeat_batch, slice_batch
 from lightning_vidalign.sampling import (
     SDE_TYPES,
     KL_FORMS,
@@ -351,7 +352,8 @@ class GRPO(VideoAlignModule):
         with self.timer("rollout"), torch.no_grad():
             cond = self.backbone.encode_condition(batch, gen)
             cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
-            parts = []
+            per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
+            parts, scoring = [], []
             for i in range(0, b * g, self.rollout_batch_size):
                 sub = {k: v[i : i + self.rollout_batch_size] for k, v in cond.items()}
                 parts.append(
@@ -361,6 +363,8 @@ class GRPO(VideoAlignModule):
                         keep_means=self.keep_means, log_prob_form=self.log_prob_form,
                     )
                 )
+                if self.overlap_rewards:  # scored in the background while the next chunk is generated
+                    scoring.append(self.submit_rewards(parts[-1].video, self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
             sigmas = parts[0].sigmas
             x_t, x_next = torch.cat([p.x_t for p in parts]), torch.cat([p.x_next for p in parts])
             old_log_prob, videos = torch.cat([p.log_prob for p in parts]), torch.cat([p.video for p in parts])
@@ -368,7 +372,10 @@ class GRPO(VideoAlignModule):
 
         # 2. rewards: each reward callback's score (a component), and their weighted sum
         with self.timer("reward"):
-            rewards, components = self.score_rewards(videos, self.reward_names)  # components unweighted
+            if scoring:
+                rewards, components = self.collect_rewards(scoring)  # in rollout order; components unweighted
+            else:
+                rewards, components = self.score_rewards(videos, self.reward_names, batch=per_rollout)  # components unweighted
         self.round_videos = videos  # (B·G, T, 3, H, W), for variants that look at the rollouts (ViPO)
         # 3. group advantages over the groups gathered from every rank (the finiteness check on the
         #    gathered rewards makes every rank take the same decision)

@@ -7,6 +7,7 @@ from lightning_vidalign.algorithms.advantages import grpo_advantages, shift_adva
 from lightning_vidalign.algorithms.losses import shift_loss
 from lightning_vidalign.buffer import RolloutBuffer
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.rewards.base import repeat_batch, slice_batch
 
 
 class SHIFT(VideoAlignModule):
@@ -79,16 +80,26 @@ class SHIFT(VideoAlignModule):
         with self.timer("rollout"):
             cond = self.backbone.encode_condition(batch, generator)
             cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
-            latents = []
+            per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
+            latents, chunks, scoring = [], [], []
             for i in range(0, b * g, self.rollout_batch_size):
                 part = {k: v[i : i + self.rollout_batch_size] for k, v in cond.items()}
                 traj = self.backbone.rollout(part, self.sampler, self.num_inference_steps, self.guidance, generator, num_frames=t, height=h, width=w, decode=False)
                 latents.append(traj.latents)
+                if self.overlap_rewards:  # decoded now and scored in the background while the next chunk is generated
+                    chunks.append(self.backbone.decode(traj.latents))
+                    scoring.append(self.submit_rewards(chunks[-1], self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
             latents = torch.cat(latents)
         with self.timer("decode"):
-            videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
+            if chunks:
+                videos = torch.cat(chunks)
+            else:
+                videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
         with self.timer("reward"):
-            rewards, _ = self.score_rewards(videos, self.reward_names)
+            if scoring:
+                rewards, _ = self.collect_rewards(scoring)
+            else:
+                rewards, _ = self.score_rewards(videos, self.reward_names, batch=per_rollout)
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)
         if self.advantage_normalization == "std":
             advantages, _ = grpo_advantages(rewards, group_ids, clip=self.advantage_clip)

@@ -244,6 +244,11 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["export"]:
             export(argv[1:])
             return
+        if argv[:1] == ["serve-reward"]:
+            from lightning_vidalign.rewards.remote import serve_reward
+
+            serve_reward(argv[1:])
+            return
         VidAlignCLI(args=args)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is a bad-input error with its own explanation
         cause = user_error(e)

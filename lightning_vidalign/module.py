@@ -98,6 +98,13 @@ class VideoAlignModule(L.LightningModule):
             from an SFT run (:func:`~lightning_vidalign.checkpointing.load_adapter_weights`: refused, with the
             differing fields, when the LoRA config or backbone differ). With ``--ckpt_path`` as well (a resumed
             run), the resumed checkpoint's adapters replace them.
+        overlap_rewards: GRPO family, SHIFT and on-policy DPO score each chunk of ``rollout_batch_size``
+            rollouts in a background thread while the next chunk is generated (:meth:`submit_rewards`),
+            instead of all rollouts after the last one; results are kept in rollout order. It hides the
+            reward's time where the reward waits on something else (a served reward: :class:`RemoteReward`,
+            a VLM judge, a model on another GPU); rewards are scored per chunk (same values for per-video
+            rewards; a batched network may differ in the last bits from one whole-round call), the same
+            way every run, so a resumed run stays bitwise identical. Our choice (issue 22).
 
     Resume safety (issue 20; :mod:`lightning_vidalign.checkpointing`): every checkpoint records
     :func:`~lightning_vidalign.checkpointing.run_identity` under ``checkpoint["vidalign"]["identity"]``, and a
@@ -126,6 +133,7 @@ class VideoAlignModule(L.LightningModule):
         heldout_seed: int = 1234,
         heldout_drift: bool = True,
         init_adapter_from: str | None = None,
+        overlap_rewards: bool = False,
     ):
         super().__init__()
         if heldout_conditions < 0 or heldout_samples < 1:
@@ -150,6 +158,8 @@ class VideoAlignModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.export_lora = export_lora
         self.init_adapter_from = init_adapter_from
+        self.overlap_rewards = bool(overlap_rewards)
+        self._reward_pool = None  # the background scoring thread of overlap_rewards (made on first use)
         # base weights as built (before sharding or training): part of every checkpoint's identity
         self._base_fingerprint = base_weights_fingerprint(backbone)
         self.batches_seen = 0
@@ -346,18 +356,57 @@ class VideoAlignModule(L.LightningModule):
         Raises:
             ValueError: from :func:`find_rewards` when no (or a missing named) reward callback.
         """
+        return self.collect_rewards([self.submit_rewards(videos, names, batch, background=False)], log=log)
+
+    def submit_rewards(self, videos: Tensor, names: list[str] | None = None, batch: dict | None = None, background: bool | None = None):
+        """Start scoring one chunk of rollouts; :meth:`collect_rewards` takes the handles of a round's chunks
+        in rollout order. ``background`` (default: ``overlap_rewards``): in the module's one scoring thread
+        (under ``no_grad``, on the videos' CUDA device), so the caller goes on generating; else now."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         from lightning_vidalign.rewards.base import find_rewards
 
-        total = torch.zeros(videos.shape[0], device=videos.device)
+        callbacks = find_rewards(self.trainer, names)
+
+        def work() -> list[tuple]:
+            if videos.is_cuda:
+                torch.cuda.set_device(videos.device)
+            out = []
+            for cb in callbacks:
+                r = cb.score(videos, batch).to(videos.device).float()
+                out.append((cb, r, dict(cb.score_components())))
+            return out
+
+        if background if background is not None else self.overlap_rewards:
+            if self._reward_pool is None:
+                self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidalign-reward")
+            return self._reward_pool.submit(torch.no_grad()(work))
+        done = Future()
+        done.set_result(work())
+        return done
+
+    def collect_rewards(self, handles: list, log: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Wait for the chunks of :meth:`submit_rewards` and join them in order: ``(total, components)`` and the
+        logs of :meth:`score_rewards` (a part's mean over all the chunks' values)."""
+        chunks = [h.result() for h in handles]  # re-raises a reward's error here, in the training thread
+        first = chunks[0][0][1]
+        total = torch.zeros(sum(c[0][1].shape[0] for c in chunks), device=first.device)
         components = {}
-        for cb in find_rewards(self.trainer, names):
-            r = cb.score(videos, batch).to(videos.device).float()
+        for i, (cb, _, _) in enumerate(chunks[0]):
+            r = torch.cat([c[i][1] for c in chunks])
             components[cb.name] = r
             total += cb.weight * r
             if log:
-                parts = {f"reward/{cb.name}/{k}": v.float().mean() for k, v in cb.score_components().items() if k not in ("mean", "std")}
-                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False), **parts}, batch_size=videos.shape[0])
+                keys = [k for k in chunks[0][i][2] if k not in ("mean", "std")]
+                parts = {f"reward/{cb.name}/{k}": torch.cat([c[i][2][k].detach().float().flatten().to(first.device) for c in chunks if k in c[i][2]]).mean() for k in keys}
+                self.log_dict({f"reward/{cb.name}/mean": r.mean(), f"reward/{cb.name}/std": r.std(unbiased=False), **parts}, batch_size=r.shape[0])
         return total, components
+
+    def teardown(self, stage: str) -> None:
+        if self._reward_pool is not None:
+            self._reward_pool.shutdown(wait=True)
+            self._reward_pool = None
+        super().teardown(stage)
 
     # ------------------------------------------------------------------ RNG
     def generator(self, tag: int = 0, batch: int | None = None) -> torch.Generator:

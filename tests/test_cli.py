@@ -9,10 +9,13 @@ from lightning_vidalign.cli import main
 ROOT = os.path.dirname(os.path.dirname(__file__))
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 STRATEGY_CONFIGS = [c for c in ALL_CONFIGS if os.sep + "strategies" + os.sep in c]
+# configs/rewards/*.yaml are fragments appended to an algorithm config by a second --config (their model
+# files are local weights): tests/test_reward_models.py fits one step with each on tiny saved instances.
+REWARD_FRAGMENTS = [c for c in ALL_CONFIGS if os.sep + "rewards" + os.sep in c]
 # configs/claims.yaml is read by scripts/learning_runs.py (variants of the recipes), not by vidalign fit;
 # tests/test_learning_runs.py checks it.
 NOT_FIT_CONFIGS = [os.path.join(ROOT, "configs", "claims.yaml")]
-CONFIGS = [c for c in ALL_CONFIGS if c not in STRATEGY_CONFIGS and c not in NOT_FIT_CONFIGS]
+CONFIGS = [c for c in ALL_CONFIGS if c not in STRATEGY_CONFIGS and c not in NOT_FIT_CONFIGS and c not in REWARD_FRAGMENTS]
 
 
 def test_configs_exist():
@@ -129,6 +132,19 @@ def test_grpo_config_with_a_frozen_discriminator_appended_on_the_command_line(tm
     metrics = cli.trainer.callback_metrics
     assert {"reward/imr/mean", "reward/motion/mean", "reward/flicker/mean"} <= set(metrics)
     assert cli.model.updates == 4  # 2 rounds x 2 minibatches
+
+
+@pytest.mark.parametrize("path", REWARD_FRAGMENTS, ids=[os.path.basename(c) for c in REWARD_FRAGMENTS])
+def test_reward_fragments_append_one_reward_and_select_it(path):
+    """A reward fragment starts with its launch line (an algorithm config, then the fragment), appends one
+    reward callback (``callbacks+``) and makes the algorithm score with it (``model.init_args.rewards``)."""
+    with open(path) as f:
+        first = f.readline()
+        cfg = yaml.safe_load(f)
+    assert first.startswith("# Launch: vidalign fit --config configs/") and f"--config configs/rewards/{os.path.basename(path)}" in first
+    added = cfg["trainer"]["callbacks+"]
+    assert len(added) == 1 and added[0]["class_path"].startswith("lightning_vidalign.rewards.")
+    assert cfg["model"]["init_args"]["rewards"] == [added[0]["init_args"]["name"]]
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp2.yaml"])

@@ -1,4 +1,5 @@
 """Shared helper of the benchmarks: a timed ``fit`` without logging, checkpoints or validation."""
+import tempfile
 import time
 
 import lightning as L
@@ -11,8 +12,9 @@ def timed_fit(module, datamodule, steps: int, callbacks=None) -> float:
     target 1.07 px/frame, flicker weight 5, as the GRPO configs)."""
     if callbacks is None:
         callbacks = [MotionMagnitudeReward(target=1.07), FlickerReward(weight=5.0)]
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=list(callbacks))
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    return (time.perf_counter() - start) / steps
+    with tempfile.TemporaryDirectory() as run_dir:  # (the fit-end LoRA export goes to the run folder, not the cwd)
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=list(callbacks), default_root_dir=run_dir)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        return (time.perf_counter() - start) / steps
