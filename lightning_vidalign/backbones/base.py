@@ -62,6 +62,11 @@ class VideoBackbone(nn.Module, abc.ABC):
         """The trained network (UNet / DiT) that FSDP2 shards."""
         raise NotImplementedError
 
+    def denoisers(self) -> list[torch.nn.Module]:
+        """Every trained network, each sharded as one FSDP2 unit after its blocks: ``[self.denoiser]``
+        unless a backbone has several (Wan 2.2 A14B's two experts)."""
+        return [self.denoiser]
+
     def fsdp_modules(self) -> list[torch.nn.Module]:
         """The denoiser's blocks that FSDP2 wraps one by one (each is gathered only for its forward)."""
         raise NotImplementedError
