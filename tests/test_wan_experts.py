@@ -148,6 +148,13 @@ def test_lora_only_on_the_chosen_experts(which, cond):
         pol = bb.predict(x, sig, cond)
     for k, expert in enumerate(("high", "low")):  # sample 0 on the high-noise expert, sample 1 on the low-noise one
         assert (pol[k] - ref[k]).abs().max() > 1e-4 if has[expert] else torch.equal(pol[k], ref[k])
+    # a batch wholly on the frozen expert (GRPO may pick such steps): the loss back-propagates a zero gradient
+    frozen = [n for n in ("high", "low") if not has[n]]
+    if frozen:
+        level = torch.tensor([0.95, 0.9]) if frozen[0] == "high" else torch.tensor([0.2, 0.1])
+        bb.zero_grad(set_to_none=True)
+        bb.training_loss(x, cond, level, torch.randn_like(x)).sum().backward()
+        assert all(p.grad is not None and not p.grad.any() for p in bb.trainable_parameters())
 
 
 def test_option_errors(tmp_path):
@@ -229,7 +236,7 @@ def _fit(config, folder, tmp_path, extra=()):
     from lightning_vidalign.cli import main
 
     main(["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
-          "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_checkpointing", "false",
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
           "--data.captions", os.path.join(ROOT, "configs", "data", "skvideo_captions.jsonl"),
           "--model.backbone.pretrained_path", str(folder), "--model.backbone.mode", "t2v", "--model.num_inference_steps", "4", *extra])
 

@@ -468,7 +468,10 @@ class WanBackbone(VideoBackbone):
 
         Every-call mode runs both experts on the whole batch and selects with ``torch.where`` (each expert's
         forward exactly once per call, whatever the batch's levels; the unselected output gets zero gradient);
-        otherwise only the needed expert(s) run, on their samples."""
+        otherwise only the needed expert(s) run, on their samples. When grad is on and every sample falls on
+        an expert that does not train (``lora_experts`` ``"high"``/``"low"``), the output gets ``0·θ`` of the
+        trained weights added, so that a loss built on it back-propagates (to a zero gradient) instead of
+        failing: GRPO may pick such steps."""
         def run(model, index=None):
             kw = inputs if index is None else {k: v[index] for k, v in inputs.items()}
             return model(**kw, return_dict=False)[0]
@@ -478,10 +481,13 @@ class WanBackbone(VideoBackbone):
         if self._every_call():
             out_high, out_low = run(self.transformer), run(self.transformer_2)
             return torch.where(high.view(-1, *([1] * (out_high.ndim - 1))), out_high, out_low)
-        if bool(high.all()):
-            return run(self.transformer)
-        if not bool(high.any()):
-            return run(self.transformer_2)
+        if bool(high.all()) or not bool(high.any()):
+            out = run(self.transformer if bool(high.all()) else self.transformer_2)
+            if torch.is_grad_enabled() and not out.requires_grad:  # every sample on a frozen expert (lora_experts high/low)
+                trained = [p for e in self.trained_experts() for p in e.parameters() if p.requires_grad]
+                if trained:  # a zero connected to the trained weights: the loss back-propagates (zero gradient)
+                    out = out + 0.0 * sum(p.flatten()[0] for p in trained)
+            return out
         idx_high, idx_low = high.nonzero().flatten(), (~high).nonzero().flatten()
         out_high, out_low = run(self.transformer, idx_high), run(self.transformer_2, idx_low)
         out = out_high.new_empty((high.shape[0], *out_high.shape[1:]))
