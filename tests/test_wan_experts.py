@@ -208,6 +208,12 @@ def test_two_expert_folder_loads_exports_per_expert_lora_and_names_missing_files
     err = (ours.permute(0, 2, 1, 3, 4) - theirs).abs().max().item()
     print(f"exported two-expert LoRA in WanPipeline vs our rollout: max |diff| = {err:.2e}")
     assert err <= 1e-5
+    # the LoRA fused into a complete two-expert folder (vidalign export --merged)
+    merged = WanPipeline.from_pretrained(bb.export_merged(str(tmp_path / "merged")))
+    assert merged.transformer_2 is not None and merged.config.boundary_ratio == BOUNDARY
+    fused = merged(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"], guidance_scale=3.0, guidance_scale_2=2.0,
+                   num_inference_steps=6, num_frames=9, height=64, width=64, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    torch.testing.assert_close(fused, theirs, atol=1e-5, rtol=1e-5)
     # our own loader reads both files back
     other = WanBackbone(pretrained_path=str(folder), lora_rank=4, lora_alpha=4, guidance_scale_2=2.0)
     other.load_lora(str(tmp_path / "lora"))
@@ -247,7 +253,6 @@ def _lora_files(path):
     return {f: load_file(os.path.join(path, f)) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config, extra", [
     ("sage_grpo.yaml", ["--model.rollouts_per_condition", "2", "--model.rollout_batch_size", "4", "--model.train_batch_size", "4"]),
     ("dpo_wan.yaml", ["--model.rollouts_per_condition", "2"]),
@@ -263,7 +268,6 @@ def test_grpo_and_dpo_configs_run_on_two_experts(config, extra, folder, tmp_path
         assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k), name
 
 
-@pytest.mark.slow
 def test_grpo_config_trains_only_the_chosen_expert(folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _fit("sage_grpo.yaml", folder, tmp_path, ["--model.rollouts_per_condition", "2", "--model.rollout_batch_size", "4", "--model.train_batch_size", "4",
