@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 #: LoRA on the video and text attention projections of every double-stream block
 HUNYUAN15_ATTN_LORA = r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 
+
+def hunyuan15_lora_targets(num_layers: int) -> str:
+    """:data:`HUNYUAN15_ATTN_LORA` without the last block's text-stream query and output projections
+    (``add_q_proj``, ``to_add_out``): the transformer discards the text tokens the last block outputs, so
+    adapters there would never get a gradient (and DDP would refuse unused parameters)."""
+    return rf"(?!.*transformer_blocks\.{num_layers - 1}\.attn\.(?:add_q_proj|to_add_out)$){HUNYUAN15_ATTN_LORA}"
+
 #: image tokens the pipeline passes (zeros for T2V): ``HunyuanVideo15Pipeline.vision_num_semantic_tokens``
 VISION_TOKENS = 729
 
@@ -144,8 +151,10 @@ class HunyuanVideo15Backbone(VideoBackbone):
         mode: ``"t2v"`` (the only mode implemented).
         finetune: ``"lora"`` or ``"full"`` (every transformer weight trained).
         train_vae: also train the VAE.
-        lora_rank, lora_alpha, lora_target_modules, lora_init: the peft LoRA (default targets: every attention
-            projection of the double-stream blocks, video and text streams, :data:`HUNYUAN15_ATTN_LORA`).
+        lora_rank, lora_alpha, lora_init: the peft LoRA.
+        lora_target_modules: regex over transformer module names; None: every attention projection of the
+            double-stream blocks, video and text streams, but the last block's dead text query/output
+            (:func:`hunyuan15_lora_targets`).
         max_sequence_length: MLLM text tokens (the pipeline: 1000; tiny default 32).
         max_sequence_length_2: ByT5 glyph tokens (the pipeline: 256; tiny default 16).
         negative_prompt: the unconditional prompt of CFG.
@@ -170,7 +179,7 @@ class HunyuanVideo15Backbone(VideoBackbone):
         train_vae: bool = False,
         lora_rank: int = 8,
         lora_alpha: float = 8.0,
-        lora_target_modules: str = HUNYUAN15_ATTN_LORA,
+        lora_target_modules: str | None = None,
         lora_init: str | bool = "gaussian",
         max_sequence_length: int = 32,
         max_sequence_length_2: int = 16,
@@ -197,6 +206,8 @@ class HunyuanVideo15Backbone(VideoBackbone):
         for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
             module.requires_grad_(False)
             module.eval()
+        if lora_target_modules is None:
+            lora_target_modules = hunyuan15_lora_targets(int(self.transformer.config.num_layers))
         lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
         n_lora = self.setup_finetuning(self.transformer, finetune, train_vae, lora_config, self.transformer.add_adapter, init_seed + 1)
         if gradient_checkpointing:
