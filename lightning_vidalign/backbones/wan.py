@@ -264,16 +264,18 @@ class WanBackbone(VideoBackbone):
         train); the other stays frozen base weights, and the reference policy (adapters disabled) is the
         base pair. With one trained expert, :meth:`sample_sigma` draws training levels in that expert's
         range only (the same distribution, truncated; our choice: the other expert's levels give no
-        gradient). Under a distributed strategy (world size > 1) every call runs **both** experts on the
-        whole batch and selects each sample's output (``experts_every_call``): FSDP all-gathers each
-        expert's shards in its forward and reduce-scatters in its backward, so every rank must call each
-        expert the same number of times, or the ranks whose samples all fell on one expert would hang;
-        DDP likewise needs every trained parameter in every backward. On one process only the needed
-        expert runs on its samples (rollouts: one expert per step, as the pipeline). Which experts the
-        references train: the Wan 2.2 release trains the two experts as separate models; the LoRAs
-        published for A14B (e.g. lightx2v's) come as a high-noise and a low-noise file, and diffusers
-        loads the second with ``load_lora_weights(..., load_into_transformer_2=True)``; our default is
-        ``both`` (:meth:`export_lora` writes one file per expert).
+        gradient). Under a distributed strategy (world size > 1) a call runs **both** experts on the
+        whole batch and selects each sample's output (``experts_every_call``) whenever the experts are
+        sharded (FSDP2, DeepSpeed ZeRO-3) or grad is on: FSDP all-gathers each expert's shards in its
+        forward and reduce-scatters in its backward, so every rank must call each expert the same number
+        of times, or the ranks whose samples all fell on one expert would hang (gloo reports a
+        "collective mismatch"; checked); DDP needs every trained parameter in every backward. Otherwise
+        (one process; DDP rollouts under no_grad) only the needed expert runs on its samples (rollouts:
+        one expert per step, as the pipeline). Which experts the references train: LoRAs published for
+        A14B come as a high-noise and a low-noise file (e.g. Wan2.2-Lightning's ``..._HIGH`` / ``..._LOW``;
+        ostris ai-toolkit trains both), and diffusers loads the second with ``load_lora_weights(...,
+        load_into_transformer_2=True)``; our default is ``both`` (:meth:`export_lora` writes one file per
+        expert).
 
     Args:
         pretrained_path: ``"tiny"`` (see :func:`tiny_wan_components`), ``"demo:wan_tiny"`` (the shipped
@@ -312,7 +314,8 @@ class WanBackbone(VideoBackbone):
             only): which experts get LoRA (or, with ``finetune="full"``, train); two experts only.
         experts_every_call: run both experts on every call and select per sample (True), or only the
             needed expert on its samples (False); None: True when ``torch.distributed`` runs with world
-            size > 1 (FSDP/DDP; see above), else False. Both give the same outputs (tested).
+            size > 1 and the experts are sharded or grad is on (see above), else False. Both give the same
+            outputs (tested).
 
     Raises:
         ValueError: an unknown ``mode`` or ``lora_experts``; ``guidance_scale_2`` or ``lora_experts``
@@ -458,10 +461,20 @@ class WanBackbone(VideoBackbone):
         return t >= self.boundary_ratio * self.num_train_timesteps
 
     def _every_call(self) -> bool:
+        """``experts_every_call``, or (None) the rule of the class docstring."""
         if self.experts_every_call is not None:
             return bool(self.experts_every_call)
         dist = torch.distributed
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        return torch.is_grad_enabled() or self._experts_sharded()
+
+    def _experts_sharded(self) -> bool:
+        """Whether an expert's forward gathers parameters across ranks: FSDP2 (``fully_shard`` makes the module an
+        ``FSDPModule``) or DeepSpeed ZeRO-3 (partitioned parameters carry ``ds_id``)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return any(isinstance(e, FSDPModule) or hasattr(next(e.parameters()), "ds_id") for e in self.experts())
 
     def _run_experts(self, high: Tensor, **inputs: Tensor) -> Tensor:
         """The transformer output for batch-first ``inputs``, each sample through its expert (``high (B,)``).
