@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import VideoBackbone, require_files, require_weight_files, resolve_pretrained_path
-from lightning_vidalign.sampling import SDE_TYPES, Trajectory, sde_step_with_logprob
+from lightning_vidalign.backbones.base import require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,12 @@ def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None,
     }
 
 
-class HunyuanVideo15Backbone(VideoBackbone):
-    """HunyuanVideo 1.5 text-to-video / image-to-video policy with LoRA; rectified flow as :class:`~lightning_vidalign.backbones.WanBackbone`.
+class HunyuanVideo15Backbone(FlowMatchingBackbone):
+    """HunyuanVideo 1.5 text-to-video / image-to-video policy with LoRA; rectified flow.
 
-    Flow matching (DESIGN §2): ``x_s = (1 - s)·x0 + s·ε``, velocity target ``v = ε - x0``, timestep ``1000·s``;
-    training ``s`` logit-normal then shifted by the checkpoint's flow shift (our choice, as Wan). Rollouts reproduce
+    Flow matching, training levels, the SDE rollout loop and the LoRA state are the shared
+    :class:`~lightning_vidalign.backbones.flow.FlowMatchingBackbone`'s; this class holds the components, the
+    pipelines' text and image paths, the model call and the schedule. Rollouts reproduce
     ``HunyuanVideo15Pipeline`` / ``HunyuanVideo15ImageToVideoPipeline`` (``sampler="ode"``, same weights, prompt
     embeddings, image and generator; tested) with its
     schedule (:func:`hunyuan15_schedule`) and any SDE type of :func:`~lightning_vidalign.sampling.sde_step_with_logprob`.
@@ -186,6 +187,7 @@ class HunyuanVideo15Backbone(VideoBackbone):
     condition_keys = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2",
                       "negative_prompt_embeds", "negative_prompt_mask", "negative_prompt_embeds_2", "negative_prompt_mask_2",
                       "image_embeds", "image_latents")
+    family = "HunyuanVideo 1.5"
 
     def __init__(
         self,
@@ -221,7 +223,7 @@ class HunyuanVideo15Backbone(VideoBackbone):
         self.mllm = parts["mllm"]
         self.flow_shift = float(parts["scheduler_config"]["shift"] if flow_shift is None else flow_shift)
         self.num_train_timesteps = int(parts["scheduler_config"]["num_train_timesteps"])
-        for module in self._frozen_encoders() + [self.transformer]:
+        for module in self.frozen_modules() + [self.transformer]:
             module.requires_grad_(False)
             module.eval()
         if lora_target_modules is None:
@@ -236,18 +238,8 @@ class HunyuanVideo15Backbone(VideoBackbone):
         self.logit_mean, self.logit_std, self.fps = logit_mean, logit_std, fps
         log.info("HunyuanVideo15Backbone(%s): %d LoRA parameters", pretrained_path, n_lora)
 
-    def _frozen_encoders(self) -> list[torch.nn.Module]:
+    def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder) if m is not None]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self._frozen_encoders():
-            module.eval()
-        return self
-
-    @property
-    def denoiser(self):
-        return self.transformer
 
     def fsdp_modules(self):
         """The double-stream blocks (54 in the real model)."""
@@ -265,13 +257,6 @@ class HunyuanVideo15Backbone(VideoBackbone):
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
-
-    def latent_frames(self, num_frames: int) -> int:
-        """``T' = (T - 1)/4 + 1``. Raises ValueError unless ``T = 4k + 1``."""
-        f = self.vae_scale_factor_temporal
-        if (num_frames - 1) % f:
-            raise ValueError(f"HunyuanVideo 1.5 needs num_frames = {f}k + 1 (causal VAE), got {num_frames}")
-        return (num_frames - 1) // f + 1
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:
@@ -391,82 +376,10 @@ class HunyuanVideo15Backbone(VideoBackbone):
         v_u, v_c = self.predict(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both).chunk(2)
         return v_u + float(guidance) * (v_c - v_u)
 
-    def sample_sigma(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Training levels ``s = sigmoid(m + std·n)``, shifted; ``(B,)``."""
-        s = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch_size, generator=generator))
-        return (self.flow_shift * s / (1 + (self.flow_shift - 1) * s)).to(device or "cpu")
-
-    def training_loss(self, x0: Tensor, cond: dict[str, Tensor], sigma: Tensor, noise: Tensor) -> Tensor:
-        """Velocity MSE ``mean((v_θ(x_s) - (ε - x0))²)`` per sample, ``(B,)``.
-
-        Raises:
-            ValueError: on mismatched shapes.
-        """
-        if noise.shape != x0.shape or sigma.shape != (x0.shape[0],):
-            raise ValueError(f"training_loss: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, sigma {tuple(sigma.shape)}")
-        s = sigma.float().view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0.float() + s * noise.float()
-        return ((self.predict(x_t, sigma, cond) - (noise.float() - x0.float())) ** 2).flatten(1).mean(1)
-
-    # --------------------------------------------------------------- rollout
-    @torch.no_grad()
-    def rollout(
-        self,
-        cond: dict[str, Tensor],
-        sampler: str = "ode",
-        num_steps: int = 10,
-        guidance: float = 1.0,
-        generator: torch.Generator | None = None,
-        keep_trajectory: bool = False,
-        num_frames: int = 9,
-        height: int = 64,
-        width: int = 64,
-        eta: float = 0.7,
-        decode: bool = True,
-        latents: Tensor | None = None,
-        sde_steps: list[int] | None = None,
-        keep_means: bool = False,
-        log_prob_form: str = "reference",
-    ) -> Trajectory:
-        """Sample on the pipeline's schedule (:func:`hunyuan15_schedule`) with an SDE type per step; arguments as
-        :meth:`WanBackbone.rollout <lightning_vidalign.backbones.WanBackbone.rollout>`. The initial noise is drawn
-        on CPU in the pipeline's layout ``(B, C, T', h, w)`` from ``generator``, so ``sampler="ode"`` reproduces
-        ``HunyuanVideo15Pipeline`` with the same generator.
-
-        Returns:
-            :class:`Trajectory` with ``latents (B, T', C, h, w)``.
-        """
-        if sampler not in SDE_TYPES:
-            raise ValueError(f"HunyuanVideo15Backbone.rollout: sampler must be one of {SDE_TYPES}, got {sampler!r}")
-        text = cond["prompt_embeds"]
-        device, b = text.device, text.shape[0]
-        sigmas, _ = hunyuan15_schedule(num_steps, self.flow_shift, self.num_train_timesteps)
-        f = self.vae_scale_factor_spatial
-        shape = (b, self.latent_channels, self.latent_frames(num_frames), height // f, width // f)
-        x = torch.randn(shape, generator=generator, dtype=torch.float32).permute(0, 2, 1, 3, 4).to(device) if latents is None else latents.float().to(device)
-        xs, xn, lps, means, stds = [], [], [], [], []
-        for i in range(num_steps):
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
-            kind = sampler if sde_steps is None or i in sde_steps else "ode"
-            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
-            if keep_means:
-                means.append(mean)
-                stds.append(float(torch.as_tensor(std).max()))
-            if keep_trajectory:
-                xs.append(x)
-                xn.append(x_next)
-                lps.append(lp if lp is not None else torch.zeros(b, device=device))
-            x = x_next
-        return Trajectory(
-            latents=x,
-            video=self.decode(x) if decode else None,
-            x_t=torch.stack(xs, 1) if keep_trajectory else None,
-            x_next=torch.stack(xn, 1) if keep_trajectory else None,
-            sigmas=sigmas,
-            log_prob=torch.stack(lps, 1) if keep_trajectory else None,
-            extras={"mean": torch.stack(means, 1), "std": torch.tensor(stds)} if keep_means else {},
-        )
+    def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """The pipeline's sigmas (:func:`hunyuan15_schedule`); the rollout loop is
+        :meth:`FlowMatchingBackbone.rollout <lightning_vidalign.backbones.flow.FlowMatchingBackbone.rollout>`."""
+        return hunyuan15_schedule(num_steps, self.flow_shift, self.num_train_timesteps)
 
     # ---------------------------------------------------------------- export
     def lora_state_dict_diffusers(self) -> dict[str, Tensor]:
@@ -475,16 +388,7 @@ class HunyuanVideo15Backbone(VideoBackbone):
         Raises:
             ValueError: for ``finetune="full"``.
         """
-        from peft import get_peft_model_state_dict
-
-        if self.lora_config is None:
-            raise ValueError("HunyuanVideo15Backbone(finetune='full') has no LoRA")
-        scale = self.lora_config.lora_alpha / self.lora_config.r
-        out = {}
-        for k, v in get_peft_model_state_dict(self.transformer).items():
-            v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()  # FSDP2: gathered (collective)
-            out[f"transformer.{k}"] = v * scale if "lora_B" in k else v
-        return out
+        return self.lora_state_dict_of(self.transformer)
 
     def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors", write: bool = True) -> str:
         """Write the LoRA as one safetensors file in diffusers' format. diffusers 0.42's HunyuanVideo 1.5 pipelines have
@@ -506,19 +410,13 @@ class HunyuanVideo15Backbone(VideoBackbone):
         Raises:
             FileNotFoundError: naming the missing file. ValueError: keys that match no adapter.
         """
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         path = os.path.join(directory, weight_name)
         if self.lora_config is None:
             raise ValueError("HunyuanVideo15Backbone(finetune='full') has no LoRA to load into")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"LoRA file {path!r} does not exist")
-        scale = self.lora_config.lora_alpha / self.lora_config.r
-        sd = {k[len("transformer.") :]: (v / scale if "lora_B" in k else v) for k, v in load_file(path).items() if k.startswith("transformer.")}
-        unexpected = getattr(set_peft_model_state_dict(self.transformer, sd), "unexpected_keys", [])
-        if unexpected or not sd:
-            raise ValueError(f"{path}: {len(unexpected)} key(s) match no adapter of this backbone, e.g. {unexpected[:3]}")
+        self.require_lora_file(path)
+        self.load_lora_state_into(self.transformer, load_file(path), path)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, flow_shift={self.flow_shift}, pretrained_path={self.pretrained_path!r}"

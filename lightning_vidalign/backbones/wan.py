@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import DEMO_PREFIX, VideoBackbone, export_copy, require_files, require_weight_files, resolve_pretrained_path
-from lightning_vidalign.sampling import SDE_TYPES, Trajectory, flow_schedule, sde_step_with_logprob
+from lightning_vidalign.backbones.base import DEMO_PREFIX, export_copy, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
 
@@ -239,12 +239,13 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     }
 
 
-class WanBackbone(VideoBackbone):
-    """Wan 2.1 (T2V) / Wan 2.2 (TI2V) policy with LoRA; rectified flow.
+class WanBackbone(FlowMatchingBackbone):
+    """Wan 2.1 (T2V) / Wan 2.2 (TI2V, A14B two experts) policy with LoRA; rectified flow.
 
-    Flow matching (DESIGN §2): ``x_s = (1 - s)·x0 + s·ε``, velocity target ``v = ε - x0``,
-    transformer timestep ``1000·s``. Training ``s``: logit-normal ``sigmoid(N(m, std²))`` then the
-    flow shift ``s ← shift·s/(1 + (shift - 1)·s)`` (SD3-style; our choice, documented).
+    Flow matching, training levels, the SDE rollout loop and the LoRA state are the shared
+    :class:`~lightning_vidalign.backbones.flow.FlowMatchingBackbone`'s (``x_s = (1 - s)·x0 + s·ε``, target
+    ``v = ε - x0``, timestep ``1000·s``, logit-normal levels shifted by the flow shift); this class holds Wan's
+    components, prompt encoding, model call, TI2V frame, two experts and LoRA files.
 
     Modes:
         - ``t2v``: text-to-video (Wan 2.1, Wan 2.2 T2V).
@@ -327,6 +328,7 @@ class WanBackbone(VideoBackbone):
     """
 
     condition_keys = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
+    family = "Wan"
 
     _warned_empty_captions: bool = False
 
@@ -421,12 +423,6 @@ class WanBackbone(VideoBackbone):
         self.register_buffer("latents_inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, 1, -1, 1, 1), persistent=False)
         log.info("WanBackbone(%s, %s): %d LoRA parameters", pretrained_path, mode, n_lora)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in (self.vae, self.text_encoder):
-            module.eval()
-        return self
-
     @property
     def denoiser(self):
         """The (high-noise) transformer; with two experts :meth:`denoisers` lists both."""
@@ -519,18 +515,6 @@ class WanBackbone(VideoBackbone):
     @property
     def latent_channels(self) -> int:
         return int(self.transformer.config.out_channels)
-
-    def latent_frames(self, num_frames: int) -> int:
-        """``T' = (T - 1)/f_t + 1``.
-
-        Raises:
-            ValueError: unless ``T - 1`` is a multiple of the temporal factor ``f_t`` (Wan: 4k + 1
-                frames; the tiny demo base: 2k + 1).
-        """
-        f = self.vae_scale_factor_temporal
-        if (num_frames - 1) % f:
-            raise ValueError(f"Wan needs num_frames = {f}k + 1 (causal VAE), got {num_frames}; set the datamodule's frames to e.g. {f * ((num_frames - 1) // f) + 1}")
-        return (num_frames - 1) // f + 1
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:
@@ -781,10 +765,7 @@ class WanBackbone(VideoBackbone):
         """
         if self.transformer_2 is not None and self.lora_experts != "both":
             return self._sample_sigma_in_expert_range(batch_size, generator).to(device or "cpu")
-        n = torch.randn(batch_size, generator=generator)
-        s = torch.sigmoid(self.logit_mean + self.logit_std * n)
-        s = self.flow_shift * s / (1 + (self.flow_shift - 1) * s)
-        return s.to(device or "cpu")
+        return super().sample_sigma(batch_size, generator, device)
 
     def _sample_sigma_in_expert_range(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
         """:meth:`sample_sigma` truncated to the trained expert's levels (float64 inside)."""
@@ -806,115 +787,14 @@ class WanBackbone(VideoBackbone):
         """The latent frames the model generates: all in ``t2v``, all but the first in ``ti2v``."""
         return x0[:, 1:] if self.mode == "ti2v" else x0
 
-    def training_loss(self, x0: Tensor, cond: dict[str, Tensor], sigma: Tensor, noise: Tensor) -> Tensor:
-        """Velocity MSE ``mean((v_θ(x_s) - (ε - x0))²)`` per sample (flow matching).
-
-        Args:
-            x0: clean latents ``(B, T', C, h, w)`` (full clip; in ``ti2v`` its first frame is the
-                condition and not noised).
-            cond: conditions for the batch.
-            sigma: ``(B,)`` levels in ``(0, 1)``.
-            noise: ``ε`` with the shape of ``x0``.
-
-        Returns:
-            ``(B,)`` losses, mean over the generated elements.
-
-        Raises:
-            ValueError: on mismatched shapes.
-        """
-        if noise.shape != x0.shape or sigma.shape != (x0.shape[0],):
-            raise ValueError(f"training_loss: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, sigma {tuple(sigma.shape)}")
-        x0g, eps = self.generated_part(x0.float()), self.generated_part(noise.float())
-        s = sigma.float().view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0g + s * eps
-        v = self.predict(x_t, sigma, cond)
-        return ((v - (eps - x0g)) ** 2).flatten(1).mean(1)
+    def complete_latents(self, x: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """``ti2v``: the clean image latent prepended to the generated frames (the rollout's full clip)."""
+        return torch.cat([cond["image_latents"].float(), x], dim=1) if self.mode == "ti2v" else x
 
     # --------------------------------------------------------------- rollout
-    @torch.no_grad()
-    def rollout(
-        self,
-        cond: dict[str, Tensor],
-        sampler: str = "ode",
-        num_steps: int = 10,
-        guidance: float = 1.0,
-        generator: torch.Generator | None = None,
-        keep_trajectory: bool = False,
-        num_frames: int = 9,
-        height: int = 64,
-        width: int = 64,
-        eta: float = 0.7,
-        decode: bool = True,
-        latents: Tensor | None = None,
-        sde_steps: list[int] | None = None,
-        keep_means: bool = False,
-        log_prob_form: str = "reference",
-    ) -> Trajectory:
-        """Sample with the shifted flow-match Euler schedule and an SDE type per step.
-
-        The initial noise is drawn on CPU in the pipeline's layout ``(B, C, T', h, w)`` from
-        ``generator``, so with ``sampler="ode"`` and the same generator this reproduces diffusers'
-        ``WanPipeline`` / ``WanImageToVideoPipeline`` (``expand_timesteps``) with a
-        ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)``.
-
-        Args:
-            cond: from :meth:`encode_condition`.
-            sampler: an SDE type of :func:`~lightning_vidalign.sampling.sde_step_with_logprob`.
-            num_steps: denoising steps ``S``.
-            guidance: CFG scale (``<= 1``: no unconditional pass).
-            generator: CPU RNG for initial and step noise.
-            keep_trajectory: record per-step ``x_t``, ``x_next`` (generated frames only),
-                ``log_prob (B, S)``.
-            num_frames, height, width: pixel size (``num_frames = f_t k + 1``).
-            eta: SDE noise scale.
-            decode: decode the final latents.
-            latents: optional initial noise ``(B, T', C, h, w)``.
-            sde_steps: indices of the steps taken with ``sampler``; the others are ODE steps
-                (e.g. a stochastic window as in MixGRPO); None = all steps.
-            keep_means: record the per-step transition means and stds in ``extras``.
-            log_prob_form: form of the recorded log-probs (``reference`` | ``gaussian``, see
-                :func:`~lightning_vidalign.sampling.step_log_density`).
-
-        Returns:
-            :class:`Trajectory` with full-clip ``latents (B, T', C, h, w)``.
-        """
-        if sampler not in SDE_TYPES:
-            raise ValueError(f"WanBackbone.rollout: sampler must be one of {SDE_TYPES}, got {sampler!r}")
-        text = cond["prompt_embeds"]
-        device, b = text.device, text.shape[0]
-        sigmas, _ = flow_schedule(num_steps, self.flow_shift, self.num_train_timesteps)
-        t_lat = self.latent_frames(num_frames)
-        shape = (b, self.latent_channels, t_lat, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
-        if latents is None:
-            x = torch.randn(shape, generator=generator, dtype=torch.float32).permute(0, 2, 1, 3, 4).to(device)
-        else:
-            x = latents.float().to(device)
-        x = self.generated_part(x)
-        xs, xn, lps, means, stds = [], [], [], [], []
-        for i in range(num_steps):
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
-            kind = sampler if sde_steps is None or i in sde_steps else "ode"
-            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
-            if keep_means:
-                means.append(mean)
-                stds.append(float(torch.as_tensor(std).max()))
-            if keep_trajectory:
-                xs.append(x)
-                xn.append(x_next)
-                lps.append(lp if lp is not None else torch.zeros(b, device=device))
-            x = x_next
-        if self.mode == "ti2v":
-            x = torch.cat([cond["image_latents"].float(), x], dim=1)
-        return Trajectory(
-            latents=x,
-            video=self.decode(x) if decode else None,
-            x_t=torch.stack(xs, 1) if keep_trajectory else None,
-            x_next=torch.stack(xn, 1) if keep_trajectory else None,
-            sigmas=sigmas,
-            log_prob=torch.stack(lps, 1) if keep_trajectory else None,
-            extras={"mean": torch.stack(means, 1), "std": torch.tensor(stds)} if keep_means else {},
-        )
+    # the loop is FlowMatchingBackbone.rollout: with sampler="ode" and the same generator it reproduces diffusers'
+    # WanPipeline / WanImageToVideoPipeline (expand_timesteps) with FlowMatchEulerDiscreteScheduler(shift=flow_shift),
+    # two experts included (tests/test_wan.py, tests/test_wan_experts.py)
 
     # ---------------------------------------------------------------- export
     def lora_experts_names(self) -> list[str]:
@@ -944,19 +824,11 @@ class WanBackbone(VideoBackbone):
         Raises:
             ValueError: ``finetune="full"``, or an expert without LoRA.
         """
-        from peft import get_peft_model_state_dict
-
         if self.lora_config is None:
             raise ValueError("WanBackbone(finetune='full') has no LoRA: write the base model with save_pretrained")
         if expert not in self.lora_experts_names():
             raise ValueError(f"WanBackbone: expert {expert!r} has no LoRA (experts with LoRA: {self.lora_experts_names()})")
-        model = self.transformer if expert == "high" else self.transformer_2
-        scale = self.lora_config.lora_alpha / self.lora_config.r
-        out = {}
-        for k, v in get_peft_model_state_dict(model).items():
-            v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()  # FSDP2: gathered (collective)
-            out[f"transformer.{k}"] = v * scale if "lora_B" in k else v
-        return out
+        return self.lora_state_dict_of(self.transformer if expert == "high" else self.transformer_2)
 
     def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors", write: bool = True) -> str:
         """Write the LoRA with diffusers' ``WanPipeline.save_lora_weights``; a ``WanPipeline`` reads
@@ -987,26 +859,17 @@ class WanBackbone(VideoBackbone):
             FileNotFoundError: naming the missing file. ValueError: if keys match no adapter.
         """
         from diffusers import WanPipeline
-        from peft import set_peft_model_state_dict
 
         if self.lora_config is None:
             raise ValueError("WanBackbone(finetune='full') has no LoRA to load into")
         for expert in self.lora_experts_names():  # two experts: the files export_lora writes, all checked first
-            path = os.path.join(directory, self.expert_weight_name(weight_name, expert))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"LoRA file {path!r} does not exist" + ("" if self.transformer_2 is None else f" (the {expert}-noise expert's)"))
+            self.require_lora_file(os.path.join(directory, self.expert_weight_name(weight_name, expert)), "" if self.transformer_2 is None else f"the {expert}-noise expert's")
         for expert in self.lora_experts_names():
             name = self.expert_weight_name(weight_name, expert)
-            path = os.path.join(directory, name)
             state = WanPipeline.lora_state_dict(directory, weight_name=name, local_files_only=True)
             if isinstance(state, tuple):
                 state = state[0]
-            scale = self.lora_config.lora_alpha / self.lora_config.r
-            sd = {k[len("transformer.") :]: (v / scale if "lora_B" in k else v) for k, v in state.items() if k.startswith("transformer.")}
-            result = set_peft_model_state_dict(self.transformer if expert == "high" else self.transformer_2, sd)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected or not sd:
-                raise ValueError(f"{path}: {len(unexpected)} key(s) match no adapter of this backbone, e.g. {unexpected[:3]}")
+            self.load_lora_state_into(self.transformer if expert == "high" else self.transformer_2, state, os.path.join(directory, name))
 
     def extra_repr(self) -> str:
         experts = "" if self.transformer_2 is None else f", experts=2, boundary_ratio={self.boundary_ratio}, lora_experts={self.lora_experts}"
