@@ -178,7 +178,9 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         logit_mean, logit_std: training level distribution before the shift.
         fps: frame rate of the clips (logging).
         init_seed: seed of the tiny initialisation (the LoRA's: ``init_seed + 1``).
-        gradient_checkpointing: the transformer's gradient checkpointing.
+        activation_checkpointing: per-block activation checkpointing of the transformer's double-stream blocks (diffusers' gradient checkpointing,
+            :meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_activation_checkpointing`); same gradients, less
+            activation memory, one extra block forward per block in backward.
 
     Raises:
         ValueError: ``mode`` other than ``"t2v"``/``"i2v"``; FileNotFoundError: a missing checkpoint file (named).
@@ -207,7 +209,7 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         logit_std: float = 1.0,
         fps: int = 8,
         init_seed: int = 0,
-        gradient_checkpointing: bool = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig
@@ -230,8 +232,7 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             lora_target_modules = hunyuan15_lora_targets(int(self.transformer.config.num_layers))
         lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
         n_lora = self.setup_finetuning(self.transformer, finetune, train_vae, lora_config, self.transformer.add_adapter, init_seed + 1)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        self.set_activation_checkpointing(activation_checkpointing)
         self.mode, self.pretrained_path = mode, pretrained_path
         self.max_sequence_length, self.max_sequence_length_2 = max_sequence_length, max_sequence_length_2
         self.negative_prompt = negative_prompt

@@ -299,7 +299,9 @@ class WanBackbone(FlowMatchingBackbone):
         logit_mean, logit_std: training noise-level distribution (before the shift).
         fps: frame rate of the clips (for logging).
         init_seed: seed of the tiny initialisation.
-        gradient_checkpointing: enable the transformer's gradient checkpointing.
+        activation_checkpointing: per-block activation checkpointing of the DiT blocks of every expert (diffusers' gradient checkpointing,
+            :meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_activation_checkpointing`); same gradients, less
+            activation memory, one extra block forward per block in backward.
         tiny_transformer: with ``pretrained_path="tiny"``: overrides of the tiny DiT's config
             (:func:`tiny_wan_components`), e.g. a wider, deeper DiT for the demo base's pretraining.
         tiny_vae: with ``pretrained_path="tiny"``: overrides of the tiny VAE's config
@@ -350,7 +352,7 @@ class WanBackbone(FlowMatchingBackbone):
         logit_std: float = 1.0,
         fps: int = 8,
         init_seed: int = 0,
-        gradient_checkpointing: bool = False,
+        activation_checkpointing: bool = False,
         tiny_transformer: dict[str, Any] | None = None,
         tiny_vae: dict[str, Any] | None = None,
         boundary_ratio: float | None = None,
@@ -409,9 +411,7 @@ class WanBackbone(FlowMatchingBackbone):
                     expert.add_adapter(config)
 
             n_lora = self.setup_finetuning(torch.nn.ModuleList(trained), finetune, train_vae, lora_config, add_adapters, init_seed + 1)
-        if gradient_checkpointing:
-            for expert in self.experts():
-                expert.enable_gradient_checkpointing()
+        self.set_activation_checkpointing(activation_checkpointing)
         self.mode = mode
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
