@@ -84,3 +84,15 @@ def test_fit_with_activation_checkpointing_from_the_cli(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     saved = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f == "config.yaml"]
     assert saved and all("activation_checkpointing: true" in open(f).read() for f in saved), saved
+
+
+@pytest.mark.slow  # 4 two-process runs, ~2-3 min on 2 shared cores
+@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+def test_checkpointing_under_fsdp2_matches_ddp(tmp_path, algo):
+    """SAGE-GRPO (Wan) and DPO's decoupled backward (SVD, η computed first under FSDP2) with activation checkpointing
+    inside FSDP2's per-block all-gather (the recomputation gathers the block again) give the DDP adapters without it."""
+    from test_distributed import _assert_same_adapters, _strategy_run
+
+    fsdp = _strategy_run(tmp_path, "fsdp2_ac", algo)
+    ddp = _strategy_run(tmp_path, "ddp", algo)
+    _assert_same_adapters(fsdp, ddp)
