@@ -229,6 +229,11 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["export"]:
             export(argv[1:])
             return
+        if argv[:1] == ["estimate"]:
+            from lightning_vidalign.memory import estimate
+
+            estimate(argv[1:])
+            return
         VidAlignCLI(args=args)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is a bad-input error with its own explanation
         cause = user_error(e)
