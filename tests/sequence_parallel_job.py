@@ -1,7 +1,8 @@
 """Ulysses SP = N vs SP = 1 on the tiny Wan (t2v), N gloo CPU processes: run by tests/test_sequence_parallel.py as
 ``python sequence_parallel_job.py OUT_DIR [N]``. Each rank first computes the single-process reference (its own
 full copy: SP = 1), then enables sequence parallelism on the same backbone and repeats: training loss, LoRA
-gradients (summed over the group), a flow-GRPO SDE rollout from the same generator. Writes ``rank{r}.pt``."""
+gradients (summed over the group), a flow-GRPO SDE rollout from the same generator, then the loss and gradients
+again with activation checkpointing on as well. Writes ``rank{r}.pt``."""
 import os
 import sys
 
@@ -48,9 +49,14 @@ def run(rank, world, out):
     enable_sequence_parallel(bb.transformer, world)
     loss_sp, params = step(bb, x0, cond, sigma, noise)
     sequence_parallel_grads(params)
+    grads_sp = [p.grad.clone() for p in params]
     with torch.no_grad():
         lat_sp, lp_sp = rollout(bb, cond)
-    torch.save({"loss": (loss_ref, loss_sp), "grads": (grads_ref, [p.grad.clone() for p in params]), "latents": (lat_ref, lat_sp),
+    bb.set_activation_checkpointing(True)  # SP + activation checkpointing: the recomputed blocks run the all-to-alls again
+    loss_ac, params = step(bb, x0, cond, sigma, noise)
+    sequence_parallel_grads(params)
+    grads_ac = [p.grad.clone() for p in params]
+    torch.save({"loss": (loss_ref, loss_sp), "grads": (grads_ref, grads_sp), "loss_ac": loss_ac, "grads_ac": grads_ac, "latents": (lat_ref, lat_sp),
                 "log_prob": (lp_ref, lp_sp)}, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
