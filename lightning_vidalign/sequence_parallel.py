@@ -8,12 +8,15 @@ attention with ``TemplatedUlyssesAttention`` (all-to-all from sequence shards to
 back; its own backward) for the attention backends that declare ``supports_context_parallel`` (``native`` SDPA
 included, so it runs on CPU with gloo). We chose it over ``yunchang`` (the Ulysses/ring package of xDiT) because it
 is the library the backbones already use, it knows each model's split plan, and it needs no attention-processor
-replacement; yunchang would need our own processors and split/gather hooks per model.
+replacement; yunchang (USP: Ulysses + ring attention as attention modules over process groups it is given, its
+ring part built on ring-flash-attention) would need our own attention processors and split/gather hooks per model.
 
 What the caller must do (and :func:`sequence_parallel_grads` does): each rank's backward gives the gradient of its
 own token shard only, so the trained parameters' gradients are **summed** over the sequence-parallel group.
-Measured on the tiny Wan with 2 gloo processes (``tests/test_sequence_parallel.py``): identical outputs (0), LoRA
-gradients within 3e-7 relative of one process after the sum.
+Under FSDP2 sharded over the same ranks, FSDP2's reduce-scatter averages instead, so the sum is ``s`` times the
+reduced gradient. Measured on the tiny Wan with 2 gloo processes (``tests/test_sequence_parallel.py``): identical
+losses and rollouts, LoRA gradients within 1.5e-6 relative of one process, also with activation checkpointing and
+with FSDP2 on top (SFT, GRPO; DPO's decoupled step 1.4e-4, a difference of ~50x larger terms).
 
 Limits (diffusers 0.42): ``HunyuanVideo15Transformer3DModel`` has no ``_cp_plan`` (and its per-block dense
 attention mask spans the whole sequence); the token count ``T'·h·w/4`` and the head count must be divisible by

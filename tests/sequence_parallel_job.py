@@ -2,7 +2,8 @@
 ``python sequence_parallel_job.py OUT_DIR [N]``. Each rank first computes the single-process reference (its own
 full copy: SP = 1), then enables sequence parallelism on the same backbone and repeats: training loss, LoRA
 gradients (summed over the group), a flow-GRPO SDE rollout from the same generator, then the loss and gradients
-again with activation checkpointing on as well. Writes ``rank{r}.pt``."""
+again with activation checkpointing on as well, then with FSDP2 on top (over the same ranks): the SFT loss, a
+GRPO step loss and a DPO decoupled step (tests/activation_steps.py) against their SP = 1 gradients. Writes ``rank{r}.pt``."""
 import os
 import sys
 
@@ -10,7 +11,11 @@ import lightning_vidalign  # noqa: F401  (torchvision shim first)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/activation_steps.py
+
+from activation_steps import prepare_dpo, prepare_grpo
 from lightning_vidalign.backbones import WanBackbone
 from lightning_vidalign.sequence_parallel import enable_sequence_parallel, sequence_parallel_grads
 
@@ -46,6 +51,10 @@ def run(rank, world, out):
     grads_ref = [p.grad.clone() for p in params]
     with torch.no_grad():
         lat_ref, lp_ref = rollout(bb, cond)
+    video = torch.rand(2, 9, 3, 64, 64, generator=g)
+    steps = {"grpo": prepare_grpo(bb, {"video": video, "caption": ["a red car drives", "two people ride bikes"]})[0],
+             "dpo": prepare_dpo(bb, {"video": video, "caption": ["a red car drives", "two people ride bikes"]})[0]}
+    steps_ref = {k: run() for k, run in steps.items()}  # SP = 1 gradients of a GRPO step loss and a DPO decoupled step
     enable_sequence_parallel(bb.transformer, world)
     loss_sp, params = step(bb, x0, cond, sigma, noise)
     sequence_parallel_grads(params)
@@ -56,7 +65,17 @@ def run(rank, world, out):
     loss_ac, params = step(bb, x0, cond, sigma, noise)
     sequence_parallel_grads(params)
     grads_ac = [p.grad.clone() for p in params]
-    torch.save({"loss": (loss_ref, loss_sp), "grads": (grads_ref, grads_sp), "loss_ac": loss_ac, "grads_ac": grads_ac, "latents": (lat_ref, lat_sp),
+    # + FSDP2 over the same ranks (the SP group is the FSDP group here): FSDP2 averages the shards' gradients over
+    # the ranks, so the group's sum is world x the reduced gradient
+    for block in bb.transformer.blocks:
+        fully_shard(block)
+    fully_shard(bb.transformer)
+    fsdp = {"sft": step(bb, x0, cond, sigma, noise)[1]}
+    fsdp["sft"] = [world * p.grad.full_tensor() for p in fsdp["sft"]]
+    for k, run in steps.items():
+        fsdp[k] = [world * gr.full_tensor() for gr in run()]
+    torch.save({"loss": (loss_ref, loss_sp), "grads": (grads_ref, grads_sp), "loss_ac": loss_ac, "grads_ac": grads_ac,
+                "fsdp": fsdp, "steps_ref": steps_ref, "latents": (lat_ref, lat_sp),
                 "log_prob": (lp_ref, lp_sp)}, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
