@@ -249,6 +249,11 @@ def main(args: list[str] | None = None) -> None:
 
             serve_reward(argv[1:])
             return
+        if argv[:1] == ["estimate"]:
+            from lightning_vidalign.memory import estimate
+
+            estimate(argv[1:])
+            return
         VidAlignCLI(args=args)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is a bad-input error with its own explanation
         cause = user_error(e)
@@ -305,7 +310,8 @@ def export(args: list[str]) -> str:
     with :func:`~lightning_vidalign.checkpointing.load_adapter_weights` (the checks of ``init_adapter_from``). Then:
 
     - default: ``backbone.export_lora(DIR)`` writes ``DIR/pytorch_lora_weights.safetensors``, the file ``fit``
-      writes at its end (default ``DIR``: ``<checkpoint folder>/../lora-<checkpoint name>``);
+      writes at its end (default ``DIR``: ``<checkpoint folder>/../lora-<checkpoint name>``; a two-expert Wan 2.2
+      A14B also ``DIR/pytorch_lora_weights_transformer_2.safetensors``, the low-noise expert's);
     - ``--merged``: ``backbone.export_merged(DIR, dtype)`` writes the LoRA fused into a complete diffusers folder
       (SVD: ``StableVideoDiffusionPipeline.from_pretrained(DIR)``, which has no LoRA loader; the tiny Wan family:
       ``WanPipeline.from_pretrained(DIR)``), default ``DIR``: ``<checkpoint folder>/../merged-<checkpoint name>``;

@@ -294,7 +294,8 @@ class VideoAlignModule(L.LightningModule):
         ctx = contextlib.nullcontext()
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             # FSDP2: accumulate unsharded-reduced gradients locally, reduce-scatter on the last pass
-            self.backbone.denoiser.set_requires_gradient_sync(last)
+            for denoiser in self.backbone.denoisers():  # Wan 2.2 A14B: both experts
+                denoiser.set_requires_gradient_sync(last)
         elif isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # DeepSpeed: only the last backward of a step is an accumulation boundary (not run here: needs CUDA)
             self.trainer.strategy.model.set_gradient_accumulation_boundary(last)
@@ -455,7 +456,8 @@ class VideoAlignModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the
-        backbone names in :meth:`VideoBackbone.fsdp_modules`, then the denoiser itself, over the
+        backbone names in :meth:`VideoBackbone.fsdp_modules`, then each denoiser itself
+        (:meth:`VideoBackbone.denoisers`: the one denoiser, or both Wan 2.2 A14B experts), over the
         data-parallel mesh. No-op under other strategies (DDP, single device)."""
         if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
@@ -470,7 +472,8 @@ class VideoAlignModule(L.LightningModule):
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, self.fsdp_param_dtype), reduce_dtype=torch.float32)
         for module in self.backbone.fsdp_modules():
             fully_shard(module, mesh=dp, **kw)
-        fully_shard(self.backbone.denoiser, mesh=dp, **kw)
+        for denoiser in self.backbone.denoisers():
+            fully_shard(denoiser, mesh=dp, **kw)
 
     #: optimizer steps a training batch may take (GRPO with several minibatches per round: > 1)
     optimizer_steps_per_batch: int = 1

@@ -1,7 +1,8 @@
 """One algorithm under a multi-process strategy on 2 CPU processes (gloo); each rank dumps its full
 adapter weights and logged metrics. Run by tests/test_distributed.py as
-``python strategy_job.py STRATEGY ALGORITHM OUT_DIR`` with STRATEGY ``ddp | fsdp2 | fsdp2_bf16`` and
-ALGORITHM ``sft | shift | grpo | dpo | bpgo``.
+``python strategy_job.py STRATEGY ALGORITHM OUT_DIR`` with STRATEGY ``ddp | fsdp2 | fsdp2_bf16 | fsdp2_ac`` (``_ac``: FSDP2 with
+the backbone's activation checkpointing) and
+ALGORITHM ``sft | shift | grpo | grpo_experts | dpo | bpgo``.
 
 The GRPO and BPGO jobs are compared across strategies (FSDP2 vs DDP) over several rounds, so their reward
 must be smooth in the video: after the first update the two adapters differ by fp32 reduction order
@@ -61,11 +62,19 @@ if __name__ == "__main__":
         module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=3,
                       rollouts_per_condition=2, prior_rollouts=1, val_num_videos=0, crt_shift=2.0)  # raw flicker in [-1, 0]: shift >= p_max - 2 r_min
         callbacks.append(FlickerReward(name="smooth", kind="raw"))
+    elif algo == "grpo_experts":  # Wan 2.2 A14B-style two experts; each rank's samples train different steps (per_sample)
+        dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
+        module = SAGEGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4, boundary_ratio=0.875, guidance_scale_2=1.5), optimizer=opt, sampler="ode",
+                          num_inference_steps=4, guidance=2.0, rollouts_per_condition=2, minibatches_per_round=2, anchor_interval=2, val_num_videos=0,
+                          timestep_fraction=0.5, timestep_selection="per_sample")
+        callbacks.append(FlickerReward(name="smooth", kind="raw"))
     else:
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
         module = SAGEGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=4, guidance=2.0,
                           rollouts_per_condition=2, minibatches_per_round=2, anchor_interval=2, val_num_videos=0)
         callbacks.append(FlickerReward(name="smooth", kind="raw"))
+    if strategy_name.endswith("_ac"):
+        module.backbone.set_activation_checkpointing(True)
     strategy = DDPStrategy() if strategy_name == "ddp" else FSDP2Strategy()
     trainer = L.Trainer(strategy=strategy, devices=2, accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)

