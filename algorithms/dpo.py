@@ -138,11 +138,10 @@ class DPO(VideoAlignModule):
             if self.overlap_rewards:  # decoded now and scored in the background while the next chunk is generated
                 scoring.append(self.submit_rewards(self.backbone.decode(traj.latents), self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
         latents = torch.cat(latents)
-        if scoring:
-            rewards, _ = self.collect_rewards(scoring, log=False)
-        else:
-            videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
-            rewards, _ = self.score_rewards(videos, self.reward_names, batch=per_rollout, log=False)
+        if not self.overlap_rewards:  # the same chunks scored now: overlap changes when rewards are computed, never their values
+            scoring = [self.submit_rewards(self.backbone.decode(latents[i : i + self.rollout_batch_size]), self.reward_names,
+                                           slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)) for i in range(0, b * g, self.rollout_batch_size)]
+        rewards, _ = self.collect_rewards(scoring, log=False)
         r = rewards.view(b, g)
         best = torch.arange(b, device=r.device) * g + r.argmax(1)
         worst = torch.arange(b, device=r.device) * g + r.argmin(1)

@@ -372,10 +372,10 @@ class GRPO(VideoAlignModule):
 
         # 2. rewards: each reward callback's score (a component), and their weighted sum
         with self.timer("reward"):
-            if scoring:
-                rewards, components = self.collect_rewards(scoring)  # in rollout order; components unweighted
-            else:
-                rewards, components = self.score_rewards(videos, self.reward_names, batch=per_rollout)  # components unweighted
+            if not self.overlap_rewards:  # the same chunks scored now: overlap changes when rewards are computed, never their values
+                scoring = [self.submit_rewards(p.video, self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g))
+                           for i, p in zip(range(0, b * g, self.rollout_batch_size), parts)]
+            rewards, components = self.collect_rewards(scoring)  # in rollout order; components unweighted
         self.round_videos = videos  # (B·G, T, 3, H, W), for variants that look at the rollouts (ViPO)
         # 3. group advantages over the groups gathered from every rank (the finiteness check on the
         #    gathered rewards makes every rank take the same decision)

@@ -90,16 +90,15 @@ class SHIFT(VideoAlignModule):
                     chunks.append(self.backbone.decode(traj.latents))
                     scoring.append(self.submit_rewards(chunks[-1], self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
             latents = torch.cat(latents)
+        starts = range(0, b * g, self.rollout_batch_size)
         with self.timer("decode"):
-            if chunks:
-                videos = torch.cat(chunks)
-            else:
-                videos = torch.cat([self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in range(0, b * g, self.rollout_batch_size)])
+            if not chunks:
+                chunks = [self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in starts]
+            videos = torch.cat(chunks)
         with self.timer("reward"):
-            if scoring:
-                rewards, _ = self.collect_rewards(scoring)
-            else:
-                rewards, _ = self.score_rewards(videos, self.reward_names, batch=per_rollout)
+            if not self.overlap_rewards:  # the same chunks scored now: overlap changes when rewards are computed, never their values
+                scoring = [self.submit_rewards(c, self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)) for i, c in zip(starts, chunks)]
+            rewards, _ = self.collect_rewards(scoring)
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)
         if self.advantage_normalization == "std":
             advantages, _ = grpo_advantages(rewards, group_ids, clip=self.advantage_clip)

@@ -102,9 +102,10 @@ class VideoAlignModule(L.LightningModule):
             rollouts in a background thread while the next chunk is generated (:meth:`submit_rewards`),
             instead of all rollouts after the last one; results are kept in rollout order. It hides the
             reward's time where the reward waits on something else (a served reward: :class:`RemoteReward`,
-            a VLM judge, a model on another GPU); rewards are scored per chunk (same values for per-video
-            rewards; a batched network may differ in the last bits from one whole-round call), the same
-            way every run, so a resumed run stays bitwise identical. Our choice (issue 22).
+            a VLM judge, a model on another GPU). Rewards are scored per chunk of ``rollout_batch_size``
+            rollouts with or without overlap (a multi-threaded reduction over a chunk may differ in the last
+            bit from one over the whole round), so overlap changes when they are computed, never their values,
+            and a resumed run stays bitwise identical. Our choice (issue 22).
 
     Resume safety (issue 20; :mod:`lightning_vidalign.checkpointing`): every checkpoint records
     :func:`~lightning_vidalign.checkpointing.run_identity` under ``checkpoint["vidalign"]["identity"]``, and a
