@@ -285,12 +285,14 @@ def user_error(error: BaseException) -> BaseException | None:
     error, or one raised inside a library) keeps its traceback. Our choice."""
     from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
     from lightning_vidalign.datamodules.io import VideoDecodeError
+    from lightning_vidalign.rewards.remote import RemoteRewardError
 
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 20:
         chain.append(chain[-1].__cause__)
     for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
-        if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError)):
+        if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError,
+                            RemoteRewardError)):
             return exc
         if isinstance(exc, (ValueError, KeyError)) and exc.__traceback__ is not None:
             tb = exc.__traceback__
@@ -369,7 +371,9 @@ def export(args: list[str]) -> str:
         print(f"Merged diffusers folder ({type(backbone).__name__}, LoRA fused, {known.dtype}) of {ckpt_path} (step {info['global_step']}) written to {path}")
     else:
         path = backbone.export_lora(output or os.path.join(run_folder, f"lora-{stem}"))
-        print(f"LoRA (diffusers format) of {ckpt_path} (step {info['global_step']}) written to {path}")
+        others = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith(".safetensors") and f != os.path.basename(path))
+        print(f"LoRA (diffusers format) of {ckpt_path} (step {info['global_step']}) written to {path}"
+              + (f" (and {', '.join(others)} beside it)" if others else ""))
     return path
 
 

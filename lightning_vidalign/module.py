@@ -490,7 +490,8 @@ class VideoAlignModule(L.LightningModule):
         if self.trainer.is_global_zero:
             from lightning.pytorch.utilities import rank_zero_info
 
-            rank_zero_info(f"LoRA (diffusers format) written to {path}")
+            others = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith(".safetensors") and f != os.path.basename(path))
+            rank_zero_info(f"LoRA (diffusers format) written to {path}" + (f" (and {', '.join(others)} beside it)" if others else ""))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # progress is counted in batches (DESIGN §4; step_optimizer makes global_step count batches):

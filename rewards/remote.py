@@ -146,7 +146,10 @@ class RewardServer:
                     return self._reply(422 if bad_input else 500, {"error": type(job.error).__name__, "message": str(job.error)})
                 self._reply(200, {"scores": job.scores.tolist(), "components": {k: v.tolist() for k, v in job.components.items()}})
 
-        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:  # e.g. the port is taken by another server
+            raise RemoteRewardError(f"RewardServer: cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or 0 for a free one)") from e
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
         self._threads = [threading.Thread(target=self.httpd.serve_forever, daemon=True), threading.Thread(target=self._work, daemon=True)]
@@ -313,7 +316,8 @@ class RemoteReward(RewardCallback):
                 errors.append("timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else f"{type(reason).__name__}: {reason}")
             except ValueError as e:
                 raise RemoteRewardError(f"RemoteReward: {self.url} answered with a body that is not JSON ({e})") from e
-        raise RemoteRewardError(f"RemoteReward: {self.url} failed {self.max_retries + 1} times (timeout {self.timeout} s): {errors}")
+        raise RemoteRewardError(f"RemoteReward: {self.url} failed {self.max_retries + 1} times (timeout {self.timeout} s): {errors}; is "
+                                f"`vidalign serve-reward --reward <class_path> --port <port>` running there? (the URL: --trainer.callbacks.url)")
 
     def score(self, videos: Tensor, batch: dict | None = None) -> Tensor:
         v = check_videos(videos, "RemoteReward")

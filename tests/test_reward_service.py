@@ -100,9 +100,12 @@ def test_down_slow_refusing_and_miscounting_servers_raise_named_errors():
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     t = time.perf_counter()
-    with pytest.raises(RemoteRewardError, match="failed 3 times"):
+    with pytest.raises(RemoteRewardError, match=r"failed 3 times.*vidalign serve-reward .*--trainer.callbacks.url"):
         RemoteReward(dead, max_retries=2, retry_backoff=0.01).score(videos, batch)
     assert time.perf_counter() - t < 5
+    with RewardServer(CaptionLength()) as server:  # a port in use: named, with the option to change
+        with pytest.raises(RemoteRewardError, match=rf"cannot listen on 127.0.0.1:{server.port}: .*choose another --port"):
+            RewardServer(CaptionLength(), port=server.port)
     with RewardServer(CaptionLength(delay=1.0)) as server:
         with pytest.raises(RemoteRewardError, match=r"failed 2 times.*timeout"):
             RemoteReward(server.url, timeout=0.2, max_retries=1, retry_backoff=0.01).score(videos, batch)

@@ -266,6 +266,21 @@ def test_grpo_and_dpo_configs_run_on_two_experts(config, extra, folder, tmp_path
     assert set(files) == {"pytorch_lora_weights.safetensors", "pytorch_lora_weights_transformer_2.safetensors"}
     for name, sd in files.items():  # lora_B starts at 0 (gaussian init): trained means non-zero
         assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k), name
+    if config == "sage_grpo.yaml":  # the LoRA of 2 GRPO steps, through diffusers' own loader, changes WanPipeline's output
+        from diffusers import WanPipeline
+
+        import lightning_vidalign  # noqa: F401  (registers the packaged text encoder for diffusers)
+
+        pipe = WanPipeline.from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        call = dict(prompt="a red car drives on a road", negative_prompt="", guidance_scale=3.0, num_inference_steps=4, num_frames=9,
+                    height=64, width=64, output_type="latent")
+        base = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+        pipe.load_lora_weights(str(tmp_path / "lora"), adapter_name="high")
+        pipe.load_lora_weights(str(tmp_path / "lora"), weight_name="pytorch_lora_weights_transformer_2.safetensors", adapter_name="low",
+                               load_into_transformer_2=True)
+        tuned = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+        assert torch.isfinite(tuned).all() and (tuned - base).abs().max() > 0
 
 
 def test_grpo_config_trains_only_the_chosen_expert(folder, tmp_path, monkeypatch):

@@ -382,7 +382,8 @@ class WanBackbone(FlowMatchingBackbone):
         if parts["transformer_2"] is None and (guidance_scale_2 is not None or lora_experts != "both"):
             raise ValueError("WanBackbone: guidance_scale_2 and lora_experts apply to two experts (boundary_ratio / a folder with transformer_2) only")
         if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
-            raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json)")
+            raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json); "
+                             "for a text-to-video folder (Wan 2.1, Wan 2.2 A14B) set --model.init_args.backbone.init_args.mode t2v")
         trained = "ti2v" if parts["expand_timesteps"] else "t2v"
         if pretrained_path.startswith(DEMO_PREFIX) and mode != trained:  # a demo base is pretrained for one mode only
             raise ValueError(f"WanBackbone: the demo base {pretrained_path} was pretrained for mode={trained!r} only; got mode={mode!r}")
