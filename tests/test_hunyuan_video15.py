@@ -9,17 +9,10 @@ import torch
 
 from lightning_vidalign.backbones import HunyuanVideo15Backbone
 from lightning_vidalign.sampling import sde_step_with_logprob
+from test_wan import _perturb_lora
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CAPTIONS = ["a red car passes a sign that reads \"STOP\" on a road", "a dog runs on the grass"]  # the first has glyph text
-
-
-def _perturb_lora(bb, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in bb.transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.fixture(scope="module")

@@ -18,3 +18,15 @@ def timed_fit(module, datamodule, steps: int, callbacks=None) -> float:
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         return (time.perf_counter() - start) / steps
+
+
+def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Time each callable of ``fns`` ``repeats`` times, interleaved (a, b, a, b, ...: a load change hits both alike);
+    returns ``(seconds per name: list, median per name)``."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times, {k: sorted(v)[len(v) // 2] for k, v in times.items()}

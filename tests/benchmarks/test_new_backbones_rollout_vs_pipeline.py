@@ -9,10 +9,11 @@ must stay <= 1.5 (our loop also records the trajectory and log-prob inputs the p
 """
 import json
 import os
-import time
 
 import pytest
 import torch
+
+from benchmarks.common import interleaved_medians
 
 pytestmark = pytest.mark.bench
 
@@ -79,13 +80,7 @@ def test_rollout_matches_the_pipeline_and_its_time_ratio(name, build):
     with torch.no_grad():
         a, b = ours(), theirs()  # warm-up and equality
         max_abs = float((a - b).abs().max())
-        times = {"ours": [], "pipeline": []}
-        for _ in range(5):
-            for key, fn in (("ours", ours), ("pipeline", theirs)):
-                t = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        times, med = interleaved_medians({"ours": ours, "pipeline": theirs}, 5)
     report = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "setting": f"{name}: tiny, batch 1, {FRAMES} frames 64x64, {STEPS} steps, CFG {GUIDANCE}, latents only",

@@ -6,11 +6,11 @@ the same prompt embeddings; the ODE outputs must agree and our time must be <= 1
 """
 import json
 import os
-import time
 
 import pytest
 import torch
 
+from benchmarks.common import interleaved_medians
 from lightning_vidalign.backbones import WanBackbone
 
 pytestmark = pytest.mark.bench
@@ -40,13 +40,7 @@ def test_rollout_matches_and_is_not_slower_than_the_pipeline():
 
     a, b = ours(), theirs()  # warm-up and equality
     max_abs = float((a - b).abs().max())
-    times = {"ours": [], "pipeline": []}
-    for _ in range(7):  # interleaved
-        for name, fn in (("ours", ours), ("pipeline", theirs)):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    times, med = interleaved_medians({"ours": ours, "pipeline": theirs}, 7)
     report = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "setting": f"tiny Wan T2V, batch 2, {frames} frames 64x64 (latents 5x16x16), {steps} steps, CFG {guidance}, latents only",
