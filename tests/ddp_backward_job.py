@@ -34,3 +34,6 @@ if __name__ == "__main__":
     trainer = L.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0)
     trainer.fit(TwoPasses(SVDBackbone(lora_rank=2, lora_alpha=2)), datamodule=dm)
+    from lightning_vidalign.cli import close_process_group
+
+    close_process_group()  # (as vidalign does at the end of a command)

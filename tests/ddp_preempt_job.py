@@ -61,3 +61,6 @@ if __name__ == "__main__":
     trainer = L.Trainer(strategy=strategy, devices=2, accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    from lightning_vidalign.cli import close_process_group
+
+    close_process_group()  # (as vidalign does at the end of a command)
