@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_vidalign.backbones import WanBackbone
+from activation_steps import perturb_lora
 from lightning_vidalign.sampling import sde_step_with_logprob
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -14,11 +15,7 @@ BOUNDARY = 0.875  # Wan 2.2 T2V A14B's boundary_ratio
 
 
 def _perturb_lora(bb, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in bb.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    perturb_lora(bb, seed, scale)  # (both experts' adapters: every lora_B of the backbone)
 
 
 def _lora_params(module):

@@ -13,19 +13,12 @@ import os
 import pytest
 import torch
 
+from activation_steps import perturb_lora
 from benchmarks.common import interleaved_medians
 
 pytestmark = pytest.mark.bench
 
 STEPS, FRAMES, GUIDANCE = 8, 9, 3.0
-
-
-def _perturb_lora(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _wan_two_experts():
@@ -34,7 +27,7 @@ def _wan_two_experts():
     from lightning_vidalign.backbones import WanBackbone
 
     bb = WanBackbone(lora_rank=4, lora_alpha=4, boundary_ratio=0.875)
-    _perturb_lora(bb, 1)
+    perturb_lora(bb, 1, 0.3)
     cond = bb.encode_condition({"caption": ["a red car drives on a road"]})
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=bb.transformer, transformer_2=bb.transformer_2, vae=bb.vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=bb.flow_shift), boundary_ratio=0.875)
@@ -55,7 +48,7 @@ def _hunyuan_video15():
     from lightning_vidalign.backbones import HunyuanVideo15Backbone
 
     bb = HunyuanVideo15Backbone(lora_rank=4, lora_alpha=4)
-    _perturb_lora(bb.transformer, 1)
+    perturb_lora(bb.transformer, 1, 0.3)
     cond = bb.encode_condition({"caption": ["a dog runs on the grass"]})
     pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=bb.transformer, vae=bb.vae, text_encoder_2=None, tokenizer_2=None,
                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=bb.flow_shift), guider=ClassifierFreeGuidance(guidance_scale=GUIDANCE))
