@@ -94,6 +94,7 @@ class DPO(VideoAlignModule):
         self.rollouts_per_condition, self.pair_margin = rollouts_per_condition, pair_margin
         self.reward_names, self.rollout_batch_size = rewards, rollout_batch_size
         self.updates = 0
+        self._heldout_pairs: dict[int, tuple[Tensor, Tensor, dict] | None] = {}  # held-out condition -> its pair (latents)
 
     # --------------------------------------------------------------- helpers
     def current_beta(self) -> float:
@@ -216,6 +217,62 @@ class DPO(VideoAlignModule):
         loss_w, loss_l = torch.cat(losses_w), torch.cat(losses_l)
         per_pair, metrics = self.weighted_dpo_loss(loss_w, loss_l, ref_w, ref_l, weights, beta)
         return per_pair, loss_w, loss_l, metrics
+
+    # ------------------------------------------------------ held-out pairs
+    def heldout_extra_keys(self) -> list[str]:
+        return ["dpo/implicit_acc", "dpo/reward_margin"]
+
+    @torch.no_grad()
+    def heldout_pair(self, clip: dict, index: int) -> tuple[Tensor, Tensor, dict] | None:
+        """The preference pair of held-out condition ``index`` (``clip``: batch of 1), built once, as the training
+        pairs of ``pair_source`` are: ``synthetic`` — the real clip vs a temporal negative of it; ``data`` — the
+        pair of the validation batch; ``on_policy`` — best vs worst of ``G`` rollouts of the **reference model**
+        (adapters off; fixed noise), ranked by the reward callbacks, None when their gap is ``<= pair_margin``.
+        Returns ``(x_w (1, ...), x_l (1, ...), cond)`` latents. Fixed for the whole run (same pairs at every
+        evaluation; a resumed run rebuilds the same ones); our choice, the paper evaluates on held-out pairs."""
+        gen = self.heldout_generator(index, 0, kind="dpo-pair")
+        if self.pair_source == "data":
+            if "winner" not in clip:
+                return None
+            return self.backbone.encode(clip["winner"]), self.backbone.encode(clip["loser"]), self.backbone.encode_condition(clip, gen)
+        if self.pair_source == "synthetic":
+            losers, _ = temporal_negatives(clip["video"], gen, self.negative_mix, self.shuffle_window, self.freeze_range)
+            return self.backbone.encode(clip["video"]), self.backbone.encode(losers), self.backbone.encode_condition(clip, gen)
+        video, g = clip["video"], self.rollouts_per_condition
+        cond = self.backbone.encode_condition(clip, gen)
+        rep = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
+        with self.backbone.adapters_disabled():
+            traj = self.backbone.rollout(rep, self.sampler, self.num_inference_steps, self.guidance, gen,
+                                         num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], decode=False)
+        rewards, _ = self.score_rewards(self.backbone.decode(traj.latents), self.reward_names, batch=repeat_batch(clip, g, 1), log=False)
+        if float(rewards.max() - rewards.min()) <= self.pair_margin:
+            return None
+        return traj.latents[int(rewards.argmax())][None], traj.latents[int(rewards.argmin())][None], cond
+
+    @torch.no_grad()
+    def heldout_extra(self, clip: dict, index: int) -> dict[str, float]:
+        """DPO's held-out implicit accuracy and reward margin (Diffusion-DPO's metrics, :func:`diffusion_dpo_loss`,
+        at the current ``β``) on the fixed pair of the held-out condition (:meth:`heldout_pair`), averaged over
+        ``heldout_samples`` draws of ``(σ, ε)`` fixed per condition and draw. Before any update the policy is the
+        reference: every ``inside`` is 0, so the accuracy (share of ``inside > 0``) is 0 and the margin 0; a DPO
+        that generalises raises the accuracy above 0.5 on pairs it never trained on. NaN for a dropped pair."""
+        if index not in self._heldout_pairs:
+            self._heldout_pairs[index] = self.heldout_pair(clip, index)
+        pair = self._heldout_pairs[index]
+        if pair is None:
+            return {}
+        x_w, x_l, cond = pair
+        both = {k: torch.cat([v, v]) for k, v in cond.items()}
+        inside = []
+        for draw in range(self.heldout_samples):
+            sigma, noise = self.sample_noise(x_w, self.heldout_generator(index, draw, kind="dpo-noise"))
+            args = (torch.cat([x_w, x_l]), both, torch.cat([sigma, sigma]), torch.cat([noise, noise]))
+            policy = self.backbone.training_loss(*args)
+            with self.backbone.adapters_disabled():
+                ref = self.backbone.training_loss(*args)
+            _, metrics = diffusion_dpo_loss(policy[:1], policy[1:], ref[:1], ref[1:], self.current_beta())
+            inside.append(float(metrics["inside"][0]))
+        return {"dpo/implicit_acc": sum(v > 0 for v in inside) / len(inside), "dpo/reward_margin": sum(inside) / len(inside)}
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, batch_idx: int) -> dict | None:

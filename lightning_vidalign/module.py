@@ -526,10 +526,11 @@ class VideoAlignModule(L.LightningModule):
         return traj.video
 
     # ------------------------------------------------- held-out evaluation
-    def heldout_generator(self, index: int, draw: int) -> torch.Generator:
+    def heldout_generator(self, index: int, draw: int, kind: str = "sample") -> torch.Generator:
         """CPU generator of held-out condition ``index``, noise draw ``draw`` (independent of rank,
-        training seed and batch composition)."""
-        key = f"heldout/{self.heldout_seed}/{index}/{draw}".encode()
+        training seed and batch composition); ``kind``: ``"sample"`` (the sampler's noise) or ``"loss"`` (the
+        noise level and noise of the held-out denoising loss)."""
+        key = (f"heldout/{self.heldout_seed}/{index}/{draw}" if kind == "sample" else f"heldout-{kind}/{self.heldout_seed}/{index}/{draw}").encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
 
     def _reward_names(self) -> list[str] | None:
@@ -553,8 +554,9 @@ class VideoAlignModule(L.LightningModule):
         real = batch["video"].float()
         for i, index in enumerate(indices[: self.heldout_per_rank() - have]):
             sub = {k: v[i : i + 1] for k, v in batch.items()}
-            totals, parts, drift = [], {}, []
+            totals, parts, drift, losses = [], {}, [], []
             for draw in range(self.heldout_samples):
+                losses.append(self.heldout_denoising_loss(sub, self.heldout_generator(index, draw, kind="loss")))
                 video = self.rollout_videos(sub, self.heldout_generator(index, draw))
                 if self._has_rewards():
                     total, components = self.score_rewards(video, self._reward_names(), batch=sub, log=False)
@@ -576,9 +578,29 @@ class VideoAlignModule(L.LightningModule):
             if self.heldout_frechet is not None and not self._frechet_heldout_real_done:
                 self.heldout_frechet.update(real[i : i + 1], real=True)
             mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-            self._heldout_rows.append((int(index), mean(totals), {k: mean(v) for k, v in parts.items()}, mean(drift)))
+            self._heldout_rows.append((int(index), mean(totals), {k: mean(v) for k, v in parts.items()}, mean(drift), mean(losses),
+                                       self.heldout_extra(sub, int(index))))
 
     _frechet_heldout_real_done: bool = False
+
+    def heldout_extra_keys(self) -> list[str]:
+        """Names of an algorithm's own held-out measurements (logged as ``heldout/<name>``, the mean over held-out
+        conditions); none here. A subclass that returns names implements :meth:`heldout_extra`."""
+        return []
+
+    def heldout_extra(self, clip: dict, index: int) -> dict[str, float]:
+        """An algorithm's own held-out measurements of one held-out condition ``clip`` (batch of 1, dataset index
+        ``index``): ``{name: value}`` for each of :meth:`heldout_extra_keys` (e.g. DPO's implicit accuracy)."""
+        return {}
+
+    def heldout_denoising_loss(self, clip: dict, generator: torch.Generator) -> float:
+        """The training denoising loss of one held-out real clip (batch of 1) at the noise level and noise drawn
+        from ``generator`` (fixed per condition and draw, so evaluations are paired): the objective SFT
+        optimizes, measured where it never trained (``heldout/denoising_loss``, lower is better; our choice)."""
+        x0 = self.backbone.encode(clip["video"])
+        cond = self.backbone.encode_condition(clip, generator)
+        sigma, noise = self.sample_noise(x0, generator)
+        return float(self.backbone.training_loss(x0, cond, sigma, noise).mean())
 
     def heldout_per_rank(self) -> int:
         """Held-out conditions each rank evaluates: ``ceil(heldout_conditions / world size)`` of its
@@ -604,8 +626,11 @@ class VideoAlignModule(L.LightningModule):
         difference to the step-0 reward of the same conditions and noise (mean, standard error over
         conditions, mean/SE; the learning criterion of the recipes is ``z >= 3``), ``heldout/<metric>``
         (motion score, dynamic degree, flickering, smoothness of the held-out samples),
-        ``heldout/frechet_transnetv2`` (samples vs the held-out real clips) and
-        ``heldout/drift_from_base``. Reward keys only with reward callbacks; the improvement keys
+        ``heldout/frechet_transnetv2`` (samples vs the held-out real clips),
+        ``heldout/drift_from_base`` and ``heldout/denoising_loss`` (± ``_se``: the training denoising loss of the
+        held-out real clips at fixed noise levels and noise, see :meth:`heldout_denoising_loss`) with
+        ``heldout/denoising_loss_step0`` / ``_decrease`` / ``_decrease_se`` / ``_decrease_z`` (paired, step 0 minus
+        now: positive when the loss went down; the SFT recipe's criterion). Reward keys only with reward callbacks; the improvement keys
         once a step-0 evaluation exists (:attr:`heldout_baseline`, set by the first evaluation of a
         fit before any update, saved with the checkpoints). Conditions are deduplicated by dataset
         index (a distributed sampler pads the last batch). Collective under DDP/FSDP2.
@@ -620,7 +645,9 @@ class VideoAlignModule(L.LightningModule):
             names = sorted(cb.name for cb in find_rewards(self.trainer, self._reward_names()))
         else:
             names = []
-        local = torch.tensor([[row[0], row[1], row[3], *[row[2].get(n, float("nan")) for n in names]] for row in rows], dtype=torch.float64).view(-1, 3 + len(names))
+        extra = self.heldout_extra_keys()
+        local = torch.tensor([[row[0], row[1], row[3], row[4], *[row[5].get(k, float("nan")) for k in extra], *[row[2].get(n, float("nan")) for n in names]]
+                              for row in rows], dtype=torch.float64).view(-1, 4 + len(extra) + len(names))
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
             n = torch.tensor([local.shape[0]], device=self.device)
@@ -651,13 +678,28 @@ class VideoAlignModule(L.LightningModule):
             return out
         if self.heldout_drift:
             out["heldout/drift_from_base"] = float(table[:, 2].mean())
+        for j, key in enumerate(extra):
+            out[f"heldout/{key}"] = float(table[:, 4 + j].nanmean())
+        indices, losses = table[:, 0].long(), table[:, 3].float()
+        out["heldout/denoising_loss"], out["heldout/denoising_loss_se"] = mean_and_standard_error(table[:, 3])
+        if self._heldout_is_step0:
+            self.heldout_baseline = {"indices": indices, "rewards": table[:, 1].float(), "denoising_loss": losses,
+                                     "settings": self.heldout_settings()}
+        if self.heldout_baseline is not None and "denoising_loss" in self.heldout_baseline:
+            lookup = {int(i): float(v) for i, v in zip(self.heldout_baseline["indices"], self.heldout_baseline["denoising_loss"])}
+            common = [k for k, i in enumerate(indices.tolist()) if i in lookup]
+            if common:  # paired as the reward: step 0 minus now (positive = the loss went down)
+                before = torch.tensor([lookup[int(indices[k])] for k in common], dtype=torch.float64)
+                diff = before - losses[common].double()
+                out["heldout/denoising_loss_step0"] = float(before.mean())
+                out["heldout/denoising_loss_decrease"], se = mean_and_standard_error(diff)
+                out["heldout/denoising_loss_decrease_se"] = se
+                out["heldout/denoising_loss_decrease_z"] = out["heldout/denoising_loss_decrease"] / se if se > 0 else float("nan")
         if not torch.isnan(table[:, 1]).all():
             out["heldout/reward"], out["heldout/reward_se"] = mean_and_standard_error(table[:, 1])
             for j, name in enumerate(names):
-                out[f"heldout/reward/{name}"] = float(table[:, 3 + j].mean())
-            indices, rewards = table[:, 0].long(), table[:, 1].float()
-            if self._heldout_is_step0:
-                self.heldout_baseline = {"indices": indices, "rewards": rewards, "settings": self.heldout_settings()}
+                out[f"heldout/reward/{name}"] = float(table[:, 4 + len(extra) + j].mean())
+            rewards = table[:, 1].float()
             if self.heldout_baseline is not None:
                 base_idx, base_r = self.heldout_baseline["indices"], self.heldout_baseline["rewards"]
                 lookup = {int(i): float(r) for i, r in zip(base_idx, base_r)}
@@ -710,7 +752,7 @@ class VideoAlignModule(L.LightningModule):
         the drift from the base."""
         from lightning.pytorch.utilities import rank_zero_info
 
-        if "heldout/reward" not in metrics and "heldout/drift_from_base" not in metrics:
+        if not {"heldout/reward", "heldout/drift_from_base", "heldout/denoising_loss"} & set(metrics):
             return
         parts = [f"held-out after {int(metrics.get('heldout/batches_seen', 0))} batches:"]
         if "heldout/reward" in metrics:
@@ -719,6 +761,11 @@ class VideoAlignModule(L.LightningModule):
             parts.append(f"improvement {metrics['heldout/improvement']:+.4f} (z {metrics['heldout/improvement_z']:.1f})")
         if "heldout/drift_from_base" in metrics:
             parts.append(f"drift from base {metrics['heldout/drift_from_base']:.4f}")
+        if "heldout/denoising_loss" in metrics:
+            loss = f"denoising loss {metrics['heldout/denoising_loss']:.4f}"
+            if "heldout/denoising_loss_decrease" in metrics and metrics.get("heldout/batches_seen", 0) > 0:
+                loss += f" (decrease {metrics['heldout/denoising_loss_decrease']:+.5f}, z {metrics['heldout/denoising_loss_decrease_z']:.1f})"
+            parts.append(loss)
         rank_zero_info(parts[0] + " " + ", ".join(parts[1:]))
 
     def evaluation_step(self, batch: dict, batch_idx: int, prefix: str) -> None:

@@ -15,7 +15,8 @@ started again at any point. A recipe's seeds come from its header line ``# seeds
 
 The table (``<report>/learning.md``, and the README between ``<!-- learning-table:start -->`` and
 ``<!-- learning-table:end -->`` with ``--readme``) gives per run: held-out reward at step 0 and at the
-end (mean ± standard error over held-out conditions), the paired improvement and its ``z`` (mean/SE;
+end (mean ± standard error over held-out conditions; a recipe's ``# criterion:`` header line names another held-out
+series, SFT's denoising loss, whose improvement is its decrease), the paired improvement and its ``z`` (mean/SE;
 the recipe criterion is ``z >= 3``), the drift from the base model, the held-out Fréchet distance, the
 last logged KL and the minutes. Figures (``<report>/figures/<recipe>.png``, held-out reward vs
 step, one line per seed) need matplotlib (``pip install -c constraints.txt -e ".[plots]"``).
@@ -82,11 +83,36 @@ def curve(sc: dict, tag: str) -> list[tuple[int, float]]:
     return [(int(x.get(step, step)), v) for step, v in sc.get(tag, [])]
 
 
-def summarize(run_dir: str, minutes: float) -> dict:
-    """The result of one finished run from its logs (raises KeyError naming a missing held-out key)."""
+# held-out keys of a criterion: (value, value SE, paired improvement, its SE, its z, step-0 value); the improvement is
+# positive when the run got better (a loss: step 0 minus now)
+CRITERIA = {
+    "heldout/reward": ("heldout/reward", "heldout/reward_se", "heldout/improvement", "heldout/improvement_se",
+                       "heldout/improvement_z", "heldout/reward_step0"),
+    "heldout/denoising_loss": ("heldout/denoising_loss", "heldout/denoising_loss_se", "heldout/denoising_loss_decrease",
+                               "heldout/denoising_loss_decrease_se", "heldout/denoising_loss_decrease_z",
+                               "heldout/denoising_loss_step0"),
+}
+
+
+def recipe_criterion(recipe: str) -> str:
+    """The held-out series a recipe is judged on: its header line ``# criterion: heldout/<key>`` (default
+    ``heldout/reward``; ``heldout/denoising_loss`` for SFT, which optimizes no reward)."""
+    for line in open(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")):
+        m = re.match(r"#\s*criterion:\s*(\S+)$", line.strip())
+        if m:
+            if m.group(1) not in CRITERIA:
+                raise ValueError(f"configs/recipes/{recipe}.yaml: criterion {m.group(1)!r} is not one of {sorted(CRITERIA)}")
+            return m.group(1)
+    return "heldout/reward"
+
+
+def summarize(run_dir: str, minutes: float, criterion: str = "heldout/reward") -> dict:
+    """The result of one finished run from its logs, judged on ``criterion`` (a key of :data:`CRITERIA`; its fields
+    keep the names ``reward_*`` / ``improvement*``). Raises KeyError naming a missing held-out key."""
     sc = read_scalars(run_dir)
-    if "heldout/reward" not in sc:
-        raise KeyError(f"{run_dir}: no heldout/reward logged (set model.init_args.heldout_conditions in the recipe)")
+    value, value_se, gain, gain_se, gain_z, step0 = CRITERIA[criterion]
+    if value not in sc:
+        raise KeyError(f"{run_dir}: no {value} logged (set model.init_args.heldout_conditions in the recipe)")
 
     def last(tag: str, default=float("nan")) -> float:
         return sc[tag][-1][1] if tag in sc and sc[tag] else default
@@ -94,16 +120,17 @@ def summarize(run_dir: str, minutes: float) -> dict:
     kl_tags = [t for t in sc if t.startswith("kl/") and t != "kl/coef"]
     kl_tag = "kl/total" if "kl/total" in sc else (kl_tags[0] if kl_tags else None)
     kl_tail = [v for _, v in sc[kl_tag][-5:]] if kl_tag else []
-    z = last("heldout/improvement_z")
-    rewards = curve(sc, "heldout/reward")
+    z = last(gain_z)
+    rewards = curve(sc, value)
     has_step0 = rewards[0][0] == 0  # (a run resumed from a checkpoint without a step-0 baseline starts later)
     return {
-        "reward_step0": rewards[0][1] if has_step0 else last("heldout/reward_step0"),
-        "reward_step0_se": sc["heldout/reward_se"][0][1] if has_step0 else float("nan"),
-        "reward_final": last("heldout/reward"),
-        "reward_final_se": last("heldout/reward_se"),
-        "improvement": last("heldout/improvement"),
-        "improvement_se": last("heldout/improvement_se"),
+        "criterion": criterion,
+        "reward_step0": rewards[0][1] if has_step0 else last(step0),
+        "reward_step0_se": sc[value_se][0][1] if has_step0 else float("nan"),
+        "reward_final": last(value),
+        "reward_final_se": last(value_se),
+        "improvement": last(gain),
+        "improvement_se": last(gain_se),
         "improvement_z": z,
         "learned": bool(z >= CRITERION_Z),
         "drift_from_base": last("heldout/drift_from_base"),
@@ -184,7 +211,7 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | N
             if subprocess.call(val, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) != 0:
                 raise RuntimeError(f"{recipe} seed {seed}: the final held-out evaluation failed; see {os.path.join(run_dir, 'console.log')}")
     result = {"recipe": recipe, "seed": seed, "recipe_sha": recipe_sha(recipe), "commit": git_commit(),
-              "extra_args": extra, **summarize(run_dir, spent)}
+              "extra_args": extra, **summarize(run_dir, spent, recipe_criterion(recipe))}
     json.dump(result, open(result_path, "w"), indent=1)
     return result
 
@@ -203,7 +230,7 @@ def fmt(x: float, nd: int = 3) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| recipe | reward | seed | held-out reward step 0 | final | improvement (SE) | z | learned (z ≥ 3) | drift from base | Fréchet step 0 → final | KL (last 5) | min |",
+    rows = ["| recipe | reward | seed | held-out reward (SFT: loss) step 0 | final | improvement (SE) | z | learned (z ≥ 3) | drift from base | Fréchet step 0 → final | KL (last 5) | min |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(results, key=lambda r: (r["recipe"], r["seed"])):
         rows.append(
@@ -232,7 +259,7 @@ def figures(results: list[dict], folder: str) -> list[str]:
             steps, values = zip(*r["curve"])
             ax.plot(steps, values, marker="o", label=f"seed {r['seed']}")
         ax.set_xlabel("training step (round / batch)")
-        ax.set_ylabel("held-out reward")
+        ax.set_ylabel("held-out " + recipe_criterion(recipe).split("/", 1)[1].replace("_", " "))
         ax.set_title(f"{recipe}: {recipe_reward(recipe)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
