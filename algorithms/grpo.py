@@ -78,7 +78,7 @@ class GRPO(VideoAlignModule):
         advantage_clip: ``|A|`` bound (DESIGN: 5).
         advantage_eps: std stabiliser ``ε`` of the advantage.
         kl_type: one of ``none | fixed | step | moving | dual``.
-        kl_coef: fixed ``λ_KL`` (ignored when ``kl_controller`` is given).
+        kl_coef: fixed ``λ_KL`` (must stay 0 when ``kl_controller`` is given: the controller sets ``λ_KL``).
         kl_controller: an :class:`AdaptiveKLController` (SAGE App. A.6) or None.
         kl_weights: ``(w_pos, w_vel)`` of the dual KL (SAGE: 1.0, 0.1).
         anchor_interval: optimizer steps between anchor refreshes ``N`` (SAGE: 10).
@@ -105,8 +105,8 @@ class GRPO(VideoAlignModule):
             ``sampler`` is the validation/predict sampler, ``ode`` for flow models).
 
     Raises:
-        ValueError: on an unknown ``sde_type``/``kl_type``, a deterministic ``sde_type``, or a
-            backbone that is not flow matching.
+        ValueError: on an unknown ``sde_type``/``kl_type``, a deterministic ``sde_type``, a
+            backbone that is not flow matching, or a non-zero ``kl_coef`` beside a ``kl_controller``.
     """
 
     def __init__(
@@ -146,6 +146,8 @@ class GRPO(VideoAlignModule):
             raise ValueError(f"GRPO: timestep_selection must be one of {TIMESTEP_SELECTIONS}, got {timestep_selection!r}")
         if log_prob_form not in LOG_PROB_FORMS:
             raise ValueError(f"GRPO: log_prob_form must be one of {LOG_PROB_FORMS}, got {log_prob_form!r}")
+        if kl_controller is not None and kl_coef != 0:
+            raise ValueError(f"GRPO: kl_coef={kl_coef} is ignored when a kl_controller sets λ_KL: give one of them (kl_controller: null for a fixed λ_KL)")
         if kl_form not in KL_FORMS:
             raise ValueError(f"GRPO: kl_form must be one of {KL_FORMS}, got {kl_form!r}")
         if joint_combination not in ("loss", "advantage"):

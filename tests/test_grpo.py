@@ -174,6 +174,20 @@ def test_grpo_requires_a_flow_backbone_and_valid_options():
         _module(kl_type="reverse")
     with pytest.raises(ValueError, match=">= 2"):
         _module(rollouts_per_condition=1)
+    with pytest.raises(ValueError, match="kl_coef=0.1 is ignored"):
+        _module(kl_type="fixed", kl_coef=0.1, kl_controller=AdaptiveKLController())
+
+
+def test_sage_grpo_takes_a_fixed_kl_coefficient_instead_of_its_controller():
+    """SAGE-GRPO's paper controller is the default; ``kl_controller: null`` with ``kl_coef`` gives a fixed λ_KL (it
+    silently kept the controller, so a "λ_KL = 10" run was the λ ≤ 1e-5 run bit for bit); both at once is refused."""
+    backbone = lambda: WanBackbone(lora_rank=2, lora_alpha=2)  # noqa: E731
+    default = SAGEGRPO(backbone=backbone())
+    assert isinstance(default.kl_controller, AdaptiveKLController) and default.kl_coefficient() == pytest.approx(1e-7)
+    fixed = SAGEGRPO(backbone=backbone(), kl_controller=None, kl_coef=10.0)
+    assert fixed.kl_controller is None and fixed.kl_coefficient() == 10.0
+    with pytest.raises(ValueError, match="both given"):
+        SAGEGRPO(backbone=backbone(), kl_controller=AdaptiveKLController(), kl_coef=10.0)
 
 
 def test_nonfinite_rewards_skip_the_round(tmp_path, wan_datamodule):
