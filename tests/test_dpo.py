@@ -247,3 +247,40 @@ def test_dpo_on_policy_goes_on_after_a_batch_without_pairs(tmp_path, wan_datamod
     trainer = _trainer(tmp_path, 2, callbacks=[TiesFirst(name="luminance")])
     trainer.fit(module, datamodule=wan_datamodule)
     assert module.updates == 1 and float(trainer.logged_metrics["train/pairs_dropped"]) == 0.0
+
+
+def test_heldout_implicit_accuracy_and_margin_on_fixed_pairs(wan_batch):
+    """DPO's held-out measurements (issue 21): before any update the policy is the reference (LoRA B = 0), so every
+    ``inside`` is 0 (accuracy 0, margin 0); after a change of the adapters they equal Diffusion-DPO's metrics computed by
+    hand on the same pair (the real clip vs its temporal negative, built from the condition's fixed generator) at the
+    same fixed (σ, ε); the pair is built once and reused."""
+    from activation_steps import perturb_lora
+
+    from lightning_vidalign.datamodules.preference import temporal_negatives
+
+    module = DPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), beta=500.0, pair_source="synthetic", heldout_samples=2)
+    module.eval()
+    clip = {k: v[:1] for k, v in wan_batch.items()}
+    assert module.heldout_extra_keys() == ["dpo/implicit_acc", "dpo/reward_margin"]
+    assert module.heldout_extra(clip, 7) == {"dpo/implicit_acc": 0.0, "dpo/reward_margin": 0.0}
+    pair = module._heldout_pairs[7]
+    perturb_lora(module.backbone, seed=3)
+    got = module.heldout_extra(clip, 7)
+    assert module._heldout_pairs[7] is pair  # the same pair at every evaluation
+    with torch.no_grad():
+        losers, _ = temporal_negatives(clip["video"], module.heldout_generator(7, 0, kind="dpo-pair"), module.negative_mix,
+                                       module.shuffle_window, module.freeze_range)
+        x_w, x_l = module.backbone.encode(clip["video"]), module.backbone.encode(losers)
+        assert torch.equal(x_w, pair[0]) and torch.equal(x_l, pair[1])
+        inside = []
+        for draw in range(2):
+            sigma, noise = module.sample_noise(x_w, module.heldout_generator(7, draw, kind="dpo-noise"))
+            both = {k: torch.cat([v, v]) for k, v in pair[2].items()}  # winner and loser in one call, as the module
+            args = (torch.cat([x_w, x_l]), both, torch.cat([sigma, sigma]), torch.cat([noise, noise]))
+            pol = module.backbone.training_loss(*args)
+            with module.backbone.adapters_disabled():
+                ref = module.backbone.training_loss(*args)
+            inside.append(float(-0.5 * 500.0 * ((pol[0] - ref[0]) - (pol[1] - ref[1]))))
+    assert got["dpo/reward_margin"] == pytest.approx(sum(inside) / 2, rel=1e-5)
+    assert got["dpo/implicit_acc"] == sum(v > 0 for v in inside) / 2
+    assert got["dpo/reward_margin"] != 0.0

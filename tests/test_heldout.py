@@ -121,7 +121,9 @@ def test_flow_grpo_recipe_learns_and_vidalign_validate_reproduces_its_heldout_nu
     print(f"held-out luma reward {sc['heldout/reward'][0][1]:.4f} -> {final:.4f}, improvement {gain:.4f}, z {z:.1f}")
     assert gain == pytest.approx(final - sc["heldout/reward"][0][1], abs=1e-5)
     assert z >= 3.0
-    assert {"heldout/frechet_transnetv2", "heldout/motion_score", "heldout/reward_se", "kl/fixed"} <= set(sc)
+    assert {"heldout/frechet_transnetv2", "heldout/motion_score", "heldout/reward_se", "kl/fixed", "heldout/denoising_loss_se"} <= set(sc)
+    assert sc["heldout/denoising_loss_decrease"][0] == (0, 0.0)  # paired with itself at step 0
+    assert sc["heldout/denoising_loss_decrease"][1][1] == pytest.approx(sc["heldout/denoising_loss"][0][1] - sc["heldout/denoising_loss"][1][1], abs=1e-6)
 
     val = subprocess.run([_vidalign(), "validate", *common, "--trainer.logger", "false", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
