@@ -93,6 +93,9 @@ class VideoAlignModule(L.LightningModule):
             different training seeds are scored on the same videos' noise).
         heldout_drift: also sample the base model (adapters off) once from the same noise and log the
             mean absolute pixel difference to it (``heldout/drift_from_base``, ``[0, 1]``).
+        heldout_loss_draws: noise draws ``(σ, ε)`` per held-out clip of ``heldout/denoising_loss`` (one forward each;
+            our choice 8: the per-clip loss varies with σ far more than training changes it, so a paired
+            decrease needs several draws).
         init_adapter_from: a checkpoint file of any ``VideoAlignModule`` run whose adapter (trainable) tensors
             initialise this run's backbone in :meth:`setup` — a *new* run (fresh optimizer, step 0), e.g. SHIFT
             from an SFT run (:func:`~lightning_vidalign.checkpointing.load_adapter_weights`: refused, with the
@@ -133,6 +136,7 @@ class VideoAlignModule(L.LightningModule):
         heldout_samples: int = 1,
         heldout_seed: int = 1234,
         heldout_drift: bool = True,
+        heldout_loss_draws: int = 8,
         init_adapter_from: str | None = None,
         overlap_rewards: bool = False,
     ):
@@ -172,6 +176,9 @@ class VideoAlignModule(L.LightningModule):
         self._val_videos: list[tuple[Tensor, Tensor, list[str]]] = []
         self.heldout_conditions, self.heldout_samples = heldout_conditions, heldout_samples
         self.heldout_seed, self.heldout_drift = heldout_seed, heldout_drift
+        if heldout_loss_draws < 1:
+            raise ValueError(f"heldout_loss_draws must be >= 1, got {heldout_loss_draws}")
+        self.heldout_loss_draws = heldout_loss_draws
         self.heldout_metrics = torch.nn.ModuleDict(motion_metrics()) if heldout_conditions else None
         self.heldout_frechet = transnetv2_frechet_distance() if heldout_conditions and val_frechet else None
         #: per-condition total reward before any update: ``{"indices" (M,), "rewards" (M,), "settings"}``; checkpointed
@@ -555,8 +562,9 @@ class VideoAlignModule(L.LightningModule):
         for i, index in enumerate(indices[: self.heldout_per_rank() - have]):
             sub = {k: v[i : i + 1] for k, v in batch.items()}
             totals, parts, drift, losses = [], {}, [], []
-            for draw in range(self.heldout_samples):
+            for draw in range(self.heldout_loss_draws):
                 losses.append(self.heldout_denoising_loss(sub, self.heldout_generator(index, draw, kind="loss")))
+            for draw in range(self.heldout_samples):
                 video = self.rollout_videos(sub, self.heldout_generator(index, draw))
                 if self._has_rewards():
                     total, components = self.score_rewards(video, self._reward_names(), batch=sub, log=False)
@@ -613,7 +621,7 @@ class VideoAlignModule(L.LightningModule):
         """What fixes the held-out videos' noise and sampling (stored with the step-0 baseline; a resumed
         run with other settings drops the baseline, with a warning, instead of pairing other videos)."""
         return {"seed": self.heldout_seed, "samples": self.heldout_samples, "sampler": self.sampler,
-                "num_inference_steps": self.num_inference_steps, "guidance": str(self.guidance)}
+                "num_inference_steps": self.num_inference_steps, "guidance": str(self.guidance), "loss_draws": self.heldout_loss_draws}
 
     def heldout_evaluation(self) -> dict[str, float]:
         """Gather this evaluation's held-out rows from every rank and return the metrics (then reset).
