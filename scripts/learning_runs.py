@@ -334,14 +334,20 @@ def claim_table(name: str, claim: dict, results: list[dict]) -> str:
     import statistics
 
     metric = claim.get("metric", "heldout/reward")
+    also = claim.get("also", [])  # more held-out series: "step 0 → final" (means over seeds)
     lines = [f"**{claim['title']}** ({claim.get('source', '')}; compared: `{metric}`; seeds {', '.join(map(str, claim['seeds']))})", "",
-             "| variant | seeds | step 0 | final (mean ± sd over seeds) | change | z per seed (total reward) | drift from base | KL (last 5) | min/run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | seeds | step 0 | final (mean ± sd over seeds) | change | z per seed (total reward) | drift from base | KL (last 5) | min/run |"
+             + "".join(f" `{m}` step 0 → final |" for m in also),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(also)]
     for v in claim["variants"]:
         rs = sorted((r for r in results if r["variant"] == v["name"]), key=lambda r: r["seed"])
         if not rs:
-            lines.append(f"| {v['name']} | – | not run | | | | | | |")
+            lines.append(f"| {v['name']} | – | not run | | | | | | |" + " |" * len(also))
             continue
+        extra = ""
+        for m in also:
+            e = [_series_ends(r, m) for r in rs]
+            extra += f" {fmt(statistics.mean(x[0] for x in e), 4)} → {fmt(statistics.mean(x[1] for x in e), 4)} |"
         ends = [_series_ends(r, metric) for r in rs]
         finals = [e[1] for e in ends]
         sd = statistics.stdev(finals) if len(finals) > 1 else float("nan")
@@ -349,7 +355,7 @@ def claim_table(name: str, claim: dict, results: list[dict]) -> str:
         lines.append(
             f"| {v['name']} | {len(rs)} | {fmt(statistics.mean(e[0] for e in ends))} | {fmt(statistics.mean(finals))} ± {fmt(sd)} "
             f"| {change:+.4f} | {' / '.join(fmt(r['improvement_z'], 1) for r in rs)} | {fmt(statistics.mean(r['drift_from_base'] for r in rs), 4)} "
-            f"| {fmt(statistics.mean(r['kl_last5_mean'] for r in rs), 5) if rs[0]['kl_tag'] else '–'} | {fmt(statistics.mean(r['minutes'] for r in rs), 1)} |")
+            f"| {fmt(statistics.mean(r['kl_last5_mean'] for r in rs), 5) if rs[0]['kl_tag'] else '–'} | {fmt(statistics.mean(r['minutes'] for r in rs), 1)} |" + extra)
     return "\n".join(lines)
 
 
