@@ -10,7 +10,8 @@ Each run is ``vidalign fit --config configs/recipes/<recipe>.yaml --seed_everyth
 --model.init_args.seed N --trainer.default_root_dir <out>/<recipe>/seed<N>``; a run folder with a
 ``result.json`` is done and skipped, one with ``checkpoints/last.ckpt`` is resumed from it
 (``--ckpt_path last``: the same result as an uninterrupted run), so the script can be stopped and
-started again at any point. A recipe's seeds come from its header line ``# seeds: 0 1 2`` (default
+started again at any point. On a machine shared with other heavy jobs, ``LEARNING_RUNS_LOCK=/tmp/heavy.lock`` runs
+each training under ``flock`` of that file. A recipe's seeds come from its header line ``# seeds: 0 1 2`` (default
 ``0``), or ``--seeds``.
 
 The table (``<report>/learning.md``, and the README between ``<!-- learning-table:start -->`` and
@@ -193,6 +194,8 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | N
     spent = float(open(spent_path).read()) if os.path.exists(spent_path) else 0.0
     if os.path.exists(os.path.join(run_dir, "checkpoints", "last.ckpt")):
         cmd += ["--ckpt_path", "last"]
+    if os.environ.get("LEARNING_RUNS_LOCK"):  # a machine shared with other heavy jobs: one at a time (flock(1))
+        cmd = ["flock", os.environ["LEARNING_RUNS_LOCK"], *cmd]
     print(f"[learning_runs] {recipe} seed {seed}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     with open(os.path.join(run_dir, "console.log"), "a") as log:
@@ -206,6 +209,7 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | N
     max_steps = configured_max_steps(run_dir)
     done = read_scalars(run_dir).get("heldout/batches_seen", [])
     if max_steps and (not done or done[-1][1] < max_steps):
+        cmd = cmd[cmd.index(vidalign):]
         val = [vidalign, "validate", *cmd[2:cmd.index("--seed_everything")], "--trainer.default_root_dir", run_dir, "--ckpt_path", "last"]
         with open(os.path.join(run_dir, "console.log"), "a") as log:
             if subprocess.call(val, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) != 0:
