@@ -429,6 +429,29 @@ class VideoAlignModule(L.LightningModule):
         sigma = self.backbone.sample_sigma(x0.shape[0], generator).to(x0.device)
         return sigma, self.randn_like(x0, generator)
 
+    @staticmethod
+    def clip_size(batch: dict) -> tuple[int, int, int, int]:
+        """``(B, T, H, W)`` of the batch's real clips: from ``batch["video"]``, or — training from the latent cache
+        without pixels — from ``batch["first_frame"]`` and ``batch["num_frames"]``."""
+        if "video" in batch:
+            b, t, _, h, w = batch["video"].shape
+            return b, t, h, w
+        first = batch["first_frame"]
+        return first.shape[0], int(torch.as_tensor(batch["num_frames"]).view(-1)[0]), first.shape[-2], first.shape[-1]
+
+    @staticmethod
+    def real_video(batch: dict, purpose: str) -> Tensor:
+        """``batch["video"]``, the real pixel clips ``(B, T, 3, H, W)``.
+
+        Raises:
+            KeyError: when the batch comes from the latent cache without pixels, naming ``purpose`` and the option
+                that adds them (``data.init_args.cache_video``).
+        """
+        if "video" not in batch:
+            raise KeyError(f"{purpose} needs the real clips' pixels, and this batch comes from the latent cache without them: "
+                           "set --data.init_args.cache_video true (latents still from the cache, pixels decoded from the videos)")
+        return batch["video"]
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # counted before the step so that checkpoints written by callbacks at batch end (which run
         # before the module's own batch-end hook) hold the number of completed batches
