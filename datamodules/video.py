@@ -427,8 +427,10 @@ class VideoClipDataModule(L.LightningDataModule):
             check_manifest(manifest, self.cache_dir, "encoder", module.backbone.encoder_identity())
         self.cache_manifest = manifest
         self.train_set = CachedClipDataset(self.cache_dir, manifest, self.video_train_set if self.cache_video else None)
-        log.info("VideoClipDataModule: %d training clips from the latent cache %s%s", len(self.train_set), self.cache_dir,
-                 " (and their pixels from the videos)" if self.cache_video else "")
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"VideoClipDataModule: {len(self.train_set)} training clips from the latent cache {self.cache_dir}"
+                       + (" (their pixels decoded from the videos: cache_video)" if self.cache_video else ""))
 
     def check_cache_encoder(self, backbone) -> None:
         """Raise :class:`~lightning_vidalign.cache.StaleCacheError` if the latent cache (after :meth:`setup`) was
