@@ -477,6 +477,17 @@ class VideoAlignModule(L.LightningModule):
         if self.init_adapter_from and not self._adapters_initialised:
             load_adapter_weights(self, self.init_adapter_from)
             self._adapters_initialised = True
+        self._ddp_params_and_buffers_to_ignore = self.offloaded_state_names()
+
+    def offloaded_state_names(self) -> list[str]:
+        """Names (in this module) of the parameters and buffers of the backbone's offloaded frozen modules
+        (``offload_frozen``), which stay on CPU: DDP is told to ignore them (``_ddp_params_and_buffers_to_ignore``;
+        it refuses a module on two device types, and they are frozen, equal on every rank). ``[]`` without offload."""
+        backbone = self.backbone
+        if not getattr(backbone, "offload_frozen", False):
+            return []
+        frozen = {id(t) for m in backbone.vae_modules() + backbone.encoder_modules() if m is not None for t in [*m.parameters(), *m.buffers()]}
+        return [n for n, t in [*self.named_parameters(), *self.named_buffers()] if id(t) in frozen]
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the

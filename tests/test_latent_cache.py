@@ -143,6 +143,9 @@ def test_frozen_parts_in_bf16_and_offloaded(family):
     off = make(offload_frozen=True)
     got = step(off)
     assert torch.equal(got[0], ref[0]) and all(torch.equal(got[1][k], ref[1][k]) for k in ref[1]) and torch.equal(got[2], ref[2])
+    names = SFT(off).offloaded_state_names()  # what DDP is told to ignore (it refuses a module on two device types)
+    assert names and all(n.startswith(("backbone.vae.", "backbone.image_encoder.", "backbone.text_encoder.")) for n in names)
+    assert not any("lora_" in n for n in names) and SFT(low).offloaded_state_names() == []
     off.to("meta")  # what Lightning's move to the GPU does to the backbone: the frozen parts stay on CPU
     assert next(off.denoiser.parameters()).device.type == "meta"
     assert all(p.device.type == "cpu" for m in [off.vae, *off.encoder_modules()] for p in m.parameters())
