@@ -151,7 +151,7 @@ def check_manifest(manifest: dict, cache_dir: str, what: str, current: dict[str,
 class CachedClipDataset(Dataset):
     """The training clips of a cache folder.
 
-    Items: ``cached`` (dict: ``latents (T', C, h, w)`` and the cached condition tensors, float32 as encoded),
+    Items: ``cached`` (dict: ``latents (T', C, h, w)`` and the cached condition tensors, as encoded),
     ``first_frame (3, H, W)`` in ``[0, 1]`` (the 8-bit frame divided by 255, bit-identical to the video path's),
     ``caption``, ``path``, ``start``, ``index``, ``num_frames`` (pixel frames ``T``) and, with ``videos`` given, the
     pixel clip ``video (T, 3, H, W)`` decoded from the source (for algorithms that need real pixels, e.g. SHIFT's
@@ -226,7 +226,7 @@ def build_cache(backbone, datamodule, cache_dir: str, device: str | torch.device
                  "caption": [item["caption"]], "path": [item["path"]]}
         with torch.no_grad():
             parts = backbone.encode_clips(batch)
-        tensors = {k: v[0].detach().to("cpu", torch.float32).contiguous() for k, v in parts.items()}
+        tensors = {k: v[0].detach().cpu().contiguous() for k, v in parts.items()}  # as encoded (float32; masks stay integer)
         frame = (item["first_frame"] * 255.0).round().to(torch.uint8)
         if not torch.equal(frame.float().div_(255.0), item["first_frame"]):  # the decoder gives 8-bit frames; anything else is a bug
             raise ValueError(f"clip {i} of {item['path']}: the first frame is not 8-bit (cannot be cached exactly)")
