@@ -264,6 +264,13 @@ def cache_command(args: list[str]) -> str:
 
     from lightning_vidalign.cli import VidAlignCLI
 
+    if {"-h", "--help"} & set(args):
+        print("usage: vidalign cache --config CONFIG [--config ...] --data.init_args.cache_dir DIR [--device cpu|cuda] [other overrides]\n\n"
+              "Encode the config's training clips once (VAE latents, clip-only condition tensors, first frames, captions) into DIR.\n"
+              "Then `vidalign fit --config CONFIG --data.init_args.cache_dir DIR` trains from it (add --data.init_args.cache_video true\n"
+              "where the algorithm needs the real pixels: SHIFT's adversarial reward, DPO's synthetic negatives). A cache built with\n"
+              "another encoder or other data settings, or from files that changed since, is refused by fit, naming the difference.")
+        return ""
     own = argparse.ArgumentParser(prog="vidalign cache", add_help=False)
     own.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     known, rest = own.parse_known_args(args)
