@@ -120,21 +120,23 @@ class DPO(VideoAlignModule):
                 raise ValueError(f"DPO: winner {tuple(winners.shape)} and loser {tuple(losers.shape)} batches differ in shape")
             return self.backbone.encode(winners), self.backbone.encode(losers), self.backbone.encode_condition(batch, generator), torch.ones(winners.shape[0]), {}
         if self.pair_source == "synthetic":
-            winners = batch["video"]
+            winners = self.real_video(batch, "DPO(pair_source='synthetic') (its negatives are made from the pixels)")
             losers, kinds = temporal_negatives(winners, generator, self.negative_mix, self.shuffle_window, self.freeze_range)
             logs = {f"train/negatives_{k}": float(kinds.count(k)) / len(kinds) for k in set(kinds)}
-            return self.backbone.encode(winners), self.backbone.encode(losers), self.backbone.encode_condition(batch, generator), torch.ones(len(kinds)), logs
+            x_w, cond = self.backbone.encode_batch(batch, generator)  # winners (the real clips): from the latent cache when given
+            x_l = self.backbone.encode_clipwise(losers)
+            return x_w, x_l, cond, torch.ones(len(kinds)), logs
         # on-policy: G rollouts per condition, ranked by the reward callbacks
-        video = batch["video"]
-        b, g = video.shape[0], self.rollouts_per_condition
-        cond = self.backbone.encode_condition(batch, generator)
+        b, t, h, w = self.clip_size(batch)
+        g = self.rollouts_per_condition
+        cond = self.backbone.condition_batch(batch, generator)  # from the latent cache when the batch carries it
         rep = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
         per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
         latents, scoring = [], []
         for i in range(0, b * g, self.rollout_batch_size):
             part = {k: v[i : i + self.rollout_batch_size] for k, v in rep.items()}
             traj = self.backbone.rollout(part, self.sampler, self.num_inference_steps, self.guidance, generator,
-                                         num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], decode=False)
+                                         num_frames=t, height=h, width=w, decode=False)
             latents.append(traj.latents)
             if self.overlap_rewards:  # decoded now and scored in the background while the next chunk is generated
                 scoring.append(self.submit_rewards(self.backbone.decode(traj.latents), self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))

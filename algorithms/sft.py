@@ -28,7 +28,7 @@ class SFT(VideoAlignModule):
         """Per-clip loss weights ``(B,)`` (None when reward weighting is off)."""
         if not self.reward_weighting:
             return None
-        video = batch["video"]
+        video = self.real_video(batch, "SFT(reward_weighting=True)")
         rewards, _ = self.score_rewards(video, self.reward_names, batch=batch, log=False)
         weights = failure_weights(rewards, self.weight_temperature)
         self.log_dict({"train/weight_max": weights.max(), "reward/total/mean": rewards.mean()}, batch_size=video.shape[0])
@@ -36,8 +36,7 @@ class SFT(VideoAlignModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         gen = self.generator()
-        x0 = self.backbone.encode(batch["video"])
-        cond = self.backbone.encode_condition(batch, gen)
+        x0, cond = self.backbone.encode_batch(batch, gen)  # from the latent cache when the batch carries it
         sigma, noise = self.sample_noise(x0, gen)
         loss_real = self.backbone.training_loss(x0, cond, sigma, noise)
         loss = sft_loss(loss_real, self.sample_weights(batch))

@@ -74,11 +74,10 @@ class SHIFT(VideoAlignModule):
     @torch.no_grad()
     def fill_buffer(self, batch: dict, generator: torch.Generator) -> None:
         """Roll out ``G`` videos per condition of ``batch``, score them, fill the buffer."""
-        video = batch["video"]
-        b, t, _, h, w = video.shape
+        b, t, h, w = self.clip_size(batch)
         g = self.rollouts_per_condition
         with self.timer("rollout"):
-            cond = self.backbone.encode_condition(batch, generator)
+            cond = self.backbone.condition_batch(batch, generator)  # from the latent cache when the batch carries it
             cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
             per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
             latents, chunks, scoring = [], [], []
@@ -121,12 +120,13 @@ class SHIFT(VideoAlignModule):
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         gen = self.generator()
+        if "video" not in batch and any(getattr(cb, "adversarial", False) for cb in self._reward_callbacks()):
+            self.real_video(batch, "SHIFT's adversarial reward (its discriminator trains on the real clips)")
         if self.buffer.exhausted:
             self.fill_buffer(batch, gen)
         with self.timer("generator_step"):
             fake = {k: v.to(self.device) for k, v in self.buffer.next_minibatch().items()}
-            x0_real = self.backbone.encode(batch["video"])
-            cond_real = self.backbone.encode_condition(batch, gen)
+            x0_real, cond_real = self.backbone.encode_batch(batch, gen)  # the real branch: from the latent cache when given
             sigma, noise = self.sample_noise(x0_real, gen)
             if self.noise_alignment:
                 if fake["latents"].shape != x0_real.shape:
@@ -150,7 +150,12 @@ class SHIFT(VideoAlignModule):
             prog_bar=True,
             batch_size=x0_real.shape[0],
         )
-        return {"loss": loss.detach(), "real": batch["video"], "fake": fake["video"]}
+        return {"loss": loss.detach(), "real": batch.get("video"), "fake": fake["video"]}
+
+    def _reward_callbacks(self) -> list:
+        from lightning_vidalign.rewards.base import RewardCallback
+
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, RewardCallback)] if self._trainer is not None else []
 
     # ----------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:

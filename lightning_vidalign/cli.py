@@ -249,6 +249,11 @@ def main(args: list[str] | None = None) -> None:
 
             serve_reward(argv[1:])
             return
+        if argv[:1] == ["cache"]:
+            from lightning_vidalign.cache import cache_command
+
+            cache_command(argv[1:])
+            return
         if argv[:1] == ["estimate"]:
             from lightning_vidalign.memory import estimate
 
@@ -295,6 +300,7 @@ def user_error(error: BaseException) -> BaseException | None:
     ``CorruptCheckpointError``, ``VideoDecodeError``), a ``FileNotFoundError``, or a ``ValueError`` / ``KeyError``
     raised by this package's own code (our messages name the key or file and what was expected). A bug (any other
     error, or one raised inside a library) keeps its traceback. Our choice."""
+    from lightning_vidalign.cache import StaleCacheError
     from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
     from lightning_vidalign.datamodules.io import VideoDecodeError
     from lightning_vidalign.rewards.remote import RemoteRewardError
@@ -304,7 +310,7 @@ def user_error(error: BaseException) -> BaseException | None:
         chain.append(chain[-1].__cause__)
     for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
         if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError,
-                            RemoteRewardError)):
+                            RemoteRewardError, StaleCacheError)):
             return exc
         if isinstance(exc, (ValueError, KeyError)) and exc.__traceback__ is not None:
             tb = exc.__traceback__

@@ -436,6 +436,29 @@ class VideoAlignModule(L.LightningModule):
         sigma = self.backbone.sample_sigma(x0.shape[0], generator).to(x0.device)
         return sigma, self.randn_like(x0, generator)
 
+    @staticmethod
+    def clip_size(batch: dict) -> tuple[int, int, int, int]:
+        """``(B, T, H, W)`` of the batch's real clips: from ``batch["video"]``, or — training from the latent cache
+        without pixels — from ``batch["first_frame"]`` and ``batch["num_frames"]``."""
+        if "video" in batch:
+            b, t, _, h, w = batch["video"].shape
+            return b, t, h, w
+        first = batch["first_frame"]
+        return first.shape[0], int(torch.as_tensor(batch["num_frames"]).view(-1)[0]), first.shape[-2], first.shape[-1]
+
+    @staticmethod
+    def real_video(batch: dict, purpose: str) -> Tensor:
+        """``batch["video"]``, the real pixel clips ``(B, T, 3, H, W)``.
+
+        Raises:
+            KeyError: when the batch comes from the latent cache without pixels, naming ``purpose`` and the option
+                that adds them (``data.init_args.cache_video``).
+        """
+        if "video" not in batch:
+            raise KeyError(f"{purpose} needs the real clips' pixels, and this batch comes from the latent cache without them: "
+                           "set --data.init_args.cache_video true (latents still from the cache, pixels decoded from the videos)")
+        return batch["video"]
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # counted before the step so that checkpoints written by callbacks at batch end (which run
         # before the module's own batch-end hook) hold the number of completed batches
@@ -461,6 +484,17 @@ class VideoAlignModule(L.LightningModule):
         if self.init_adapter_from and not self._adapters_initialised:
             load_adapter_weights(self, self.init_adapter_from)
             self._adapters_initialised = True
+        self._ddp_params_and_buffers_to_ignore = self.offloaded_state_names()
+
+    def offloaded_state_names(self) -> list[str]:
+        """Names (in this module) of the parameters and buffers of the backbone's offloaded frozen modules
+        (``offload_frozen``), which stay on CPU: DDP is told to ignore them (``_ddp_params_and_buffers_to_ignore``;
+        it refuses a module on two device types, and they are frozen, equal on every rank). ``[]`` without offload."""
+        backbone = self.backbone
+        if not getattr(backbone, "offload_frozen", False):
+            return []
+        frozen = {id(t) for m in backbone.vae_modules() + backbone.encoder_modules() if m is not None for t in [*m.parameters(), *m.buffers()]}
+        return [n for n, t in [*self.named_parameters(), *self.named_buffers()] if id(t) in frozen]
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the

@@ -56,6 +56,166 @@ class VideoBackbone(nn.Module, abc.ABC):
     ) -> Trajectory:
         """Sample videos from the current policy."""
 
+    # ------------------------------------------------- frozen parts (issue 24)
+    #: frozen modules moved to the compute device only while used (``offload_frozen``)
+    offload_frozen: bool = False
+
+    def vae_modules(self) -> list[nn.Module]:
+        """The VAE(s) that ``vae_dtype`` casts (default: ``[self.vae]``)."""
+        return [self.vae]
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The frozen condition encoders that ``encoder_dtype`` casts: text encoder(s) and image encoder."""
+        return []
+
+    def configure_frozen_parts(self, vae_dtype: str | None, encoder_dtype: str | None, offload_frozen: bool) -> None:
+        """Run the frozen VAE and condition encoders in another dtype and/or keep them on CPU between uses.
+
+        ``vae_dtype`` / ``encoder_dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``; None keeps the loaded dtype)
+        cast :meth:`vae_modules` / :meth:`encoder_modules`; inputs are cast to the module's dtype at each call and
+        outputs back to float32 (every family's ``encode`` / ``decode`` / condition encoders), so the trained
+        parameters (LoRA, or the denoiser with ``finetune="full"``) and everything downstream stay float32.
+        ``offload_frozen``: those modules stay on CPU — moving the backbone (Lightning's ``.to(device)`` at fit start)
+        skips them — and :meth:`frozen_on_device` moves them to the denoiser's device for each use and back
+        (peak GPU memory without them; costs a host-device copy of their weights per use). bf16 runs on CPU
+        too (slowly). Source: our choice (issue 24).
+
+        Raises:
+            ValueError: an unknown dtype name, or a VAE option with ``train_vae`` (trained weights stay float32
+                and on the device).
+        """
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        for name, value in (("vae_dtype", vae_dtype), ("encoder_dtype", encoder_dtype)):
+            if value is not None and value not in dtypes:
+                raise ValueError(f"{type(self).__name__}: {name} must be one of {sorted(dtypes)} or null, got {value!r}")
+        if getattr(self, "train_vae", False) and (vae_dtype not in (None, "float32") or offload_frozen):
+            raise ValueError(f"{type(self).__name__}: train_vae trains the VAE: vae_dtype must stay float32 and offload_frozen false")
+        if vae_dtype is not None:
+            for module in self.vae_modules():
+                module.to(dtypes[vae_dtype])
+        if encoder_dtype is not None:
+            for module in self.encoder_modules():
+                module.to(dtypes[encoder_dtype])
+        self.vae_dtype, self.encoder_dtype, self.offload_frozen = vae_dtype, encoder_dtype, bool(offload_frozen)
+
+    @property
+    def compute_device(self) -> torch.device:
+        """The device the denoiser runs on (where offloaded frozen modules are moved for a use)."""
+        return next(self.denoiser.parameters()).device
+
+    @contextlib.contextmanager
+    def frozen_on_device(self, *modules: nn.Module | None):
+        """With ``offload_frozen``: ``modules`` on :attr:`compute_device` inside the block, back on CPU after it
+        (also on error); otherwise nothing happens. A module already on the device (an enclosing block moved it)
+        is left to that block."""
+        if not self.offload_frozen:
+            yield
+            return
+        device = self.compute_device
+        moved = [m for m in modules if m is not None and next(m.parameters()).device != device]
+        for m in moved:
+            m.to(device)
+        try:
+            yield
+        finally:
+            for m in moved:
+                m.to("cpu")
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.float`` ...) skipping the offloaded frozen modules, which stay
+        on CPU in their own dtype (:meth:`configure_frozen_parts`)."""
+        if not self.offload_frozen:
+            return super()._apply(fn, recurse)
+        frozen = {id(m) for m in self.vae_modules() + self.encoder_modules() if m is not None}
+        stash = {name: m for name, m in self._modules.items() if m is not None and id(m) in frozen}
+        for name in stash:
+            del self._modules[name]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules.update(stash)
+
+    # ------------------------------------------------ encoding a batch (cache)
+    def cacheable_condition_keys(self) -> tuple[str, ...]:
+        """Condition keys that depend on one clip only, deterministically: stored by the latent cache and computed
+        clip by clip (default: :attr:`condition_keys` except the ``negative_*`` ones, which are the same for every
+        clip and come from :meth:`complete_condition`)."""
+        return tuple(k for k in self.condition_keys if not k.startswith("negative_"))
+
+    def cacheable_condition(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The :meth:`cacheable_condition_keys` part of the condition of ``batch`` (default: from
+        :meth:`encode_condition` without a generator: only for families whose condition draws no noise)."""
+        cond = self.encode_condition(batch, None)
+        return {k: cond[k] for k in self.cacheable_condition_keys() if k in cond}
+
+    def complete_condition(self, batch: dict[str, Any], parts: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The full condition dict from the clip-wise ``parts`` (:meth:`encode_clips`, or the cache) plus what is
+        drawn or shared per step (default: the ``negative_*`` keys from :meth:`negative_condition`)."""
+        b = next(iter(parts.values())).shape[0]
+        cond = {k: parts[k] for k in self.cacheable_condition_keys() if k in parts}
+        if any(k.startswith("negative_") for k in self.condition_keys):
+            device = next(iter(parts.values())).device
+            cond.update({k: v.to(device) for k, v in self.negative_condition(b).items()})
+        return cond
+
+    def negative_condition(self, batch_size: int) -> dict[str, Tensor]:
+        """The ``negative_*`` condition tensors (unconditional prompt) for ``batch_size`` clips."""
+        raise NotImplementedError(f"{type(self).__name__} has no negative condition")
+
+    def encode_clips(self, batch: dict[str, Any], latents: bool = True) -> dict[str, Tensor]:
+        """What the latent cache stores, computed clip by clip: ``latents`` (:meth:`encode` of ``batch["video"]``)
+        when ``latents``, and the :meth:`cacheable_condition` tensors, each ``(B, ...)``.
+
+        Clip by clip (batches of one) so that a clip's tensors do not depend on its batch mates (a batched
+        convolution or matmul may differ in the last bit with the batch size): the cache, written clip by clip,
+        then holds exactly what this returns for any batch, and training from it gives bit-identical losses.
+        Our choice (issue 24).
+        """
+        b = len(batch["video"]) if "video" in batch else len(batch["first_frame"])
+        rows = []
+        for i in range(b):
+            one = {k: (v[i : i + 1] if (torch.is_tensor(v) or isinstance(v, (list, tuple))) and len(v) == b else v) for k, v in batch.items()}
+            row = {"latents": self.encode_clipwise(one["video"])} if latents else {}
+            row.update(self.cacheable_condition(one))
+            rows.append(row)
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def encode_clipwise(self, video: Tensor) -> Tensor:
+        """:meth:`encode` one clip at a time (the latents of :meth:`encode_clips`, without the conditions)."""
+        return torch.cat([self.encode(video[i : i + 1]) for i in range(video.shape[0])])
+
+    def encode_batch(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(x0 latents (B, T', C, h, w), condition)`` of a training batch of real clips: from the latent cache when
+        the batch carries ``batch["cached"]`` (:class:`~lightning_vidalign.cache.CachedClipDataset`), else encoded
+        now (:meth:`encode_clips`); then :meth:`complete_condition` (noise drawn from ``generator``, e.g. SVD's
+        conditioning-frame augmentation, identically in both cases)."""
+        parts = batch["cached"] if "cached" in batch else self.encode_clips(batch)
+        return parts["latents"], self.complete_condition(batch, parts, generator)
+
+    def condition_batch(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The condition of a batch (rollouts: no latents needed), from the cache when present (:meth:`encode_batch`)."""
+        parts = batch["cached"] if "cached" in batch else self.encode_clips(batch, latents=False)
+        return self.complete_condition(batch, parts, generator)
+
+    def encoder_identity(self) -> dict[str, Any]:
+        """What the cached tensors depend on besides the data: the backbone class and mode, the base path, a content
+        fingerprint of the VAE and condition encoders' weights (:func:`~lightning_vidalign.checkpointing.base_weights_fingerprint`
+        over them), their dtypes, and the family's encoding settings (:meth:`encoding_settings`). Compared field by
+        field when training from a cache (a difference makes the cache stale)."""
+        from lightning_vidalign.checkpointing import base_weights_fingerprint
+
+        modules = nn.ModuleList([m for m in self.vae_modules() + self.encoder_modules() if m is not None])
+        ident = {"backbone": f"{type(self).__module__}.{type(self).__qualname__}", "mode": str(getattr(self, "mode", None)),
+                 "pretrained_path": str(getattr(self, "pretrained_path", None)), "encoders.weights": base_weights_fingerprint(modules),
+                 "vae_dtype": str(next(self.vae.parameters()).dtype).replace("torch.", ""),
+                 "encoder_dtype": ",".join(sorted({str(next(m.parameters()).dtype).replace("torch.", "") for m in self.encoder_modules() if m is not None})) or "none"}
+        ident.update({f"settings.{k}": v for k, v in self.encoding_settings().items()})
+        return ident
+
+    def encoding_settings(self) -> dict[str, Any]:
+        """Settings of the family that change the cached tensors (e.g. the text length)."""
+        return {}
+
     # ------------------------------------------------------------- sharding
     @property
     def denoiser(self) -> torch.nn.Module:

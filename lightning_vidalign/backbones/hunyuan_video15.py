@@ -181,6 +181,10 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         activation_checkpointing: per-block activation checkpointing of the transformer's double-stream blocks (diffusers' gradient checkpointing,
             :meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_activation_checkpointing`); same gradients, less
             activation memory, one extra block forward per block in backward.
+        vae_dtype: run the frozen VAE in this dtype (``"bfloat16"``, ``"float16"``, ``"float32"``; None: as loaded);
+            see :meth:`~lightning_vidalign.backbones.base.VideoBackbone.configure_frozen_parts`.
+        encoder_dtype: the same for the text encoders (MLLM, ByT5) and the image encoder.
+        offload_frozen: keep the VAE and the encoders on CPU between uses (moved to the transformer's device for each).
 
     Raises:
         ValueError: ``mode`` other than ``"t2v"``/``"i2v"``; FileNotFoundError: a missing checkpoint file (named).
@@ -210,6 +214,9 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         fps: int = 8,
         init_seed: int = 0,
         activation_checkpointing: bool = False,
+        vae_dtype: str | None = None,
+        encoder_dtype: str | None = None,
+        offload_frozen: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig
@@ -237,10 +244,27 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         self.max_sequence_length, self.max_sequence_length_2 = max_sequence_length, max_sequence_length_2
         self.negative_prompt = negative_prompt
         self.logit_mean, self.logit_std, self.fps = logit_mean, logit_std, fps
+        self._negative_memo: dict = {}
+        self.configure_frozen_parts(vae_dtype, encoder_dtype, offload_frozen)
         log.info("HunyuanVideo15Backbone(%s): %d LoRA parameters", pretrained_path, n_lora)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder) if m is not None]
+
+    def encoder_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.image_encoder) if m is not None]
+
+    def encoding_settings(self) -> dict[str, Any]:
+        return {"max_sequence_length": int(self.max_sequence_length), "max_sequence_length_2": int(self.max_sequence_length_2)}
+
+    def negative_condition(self, batch_size: int) -> dict[str, Tensor]:
+        """The four ``negative_*`` tensors of ``negative_prompt`` (:meth:`encode_prompt`), computed once per prompt,
+        encoder dtype and device and kept."""
+        key = (self.negative_prompt, str(next(self.text_encoder.parameters()).dtype), str(self.compute_device))
+        if key not in self._negative_memo:
+            self._negative_memo = {key: self.encode_prompt([self.negative_prompt])}
+        names = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
+        return {f"negative_{n}": t.expand(batch_size, *t.shape[1:]).contiguous() for n, t in zip(names, self._negative_memo[key])}
 
     def fsdp_modules(self):
         """The double-stream blocks (54 in the real model)."""
@@ -267,7 +291,8 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             raise ValueError(f"encode expects video (B, T, 3, H, W), got {tuple(video.shape)}")
         self.latent_frames(video.shape[1])
         x = (video.float() * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
-        z = torch.cat([self.vae.encode(x[i : i + 1]).latent_dist.mode() for i in range(x.shape[0])])  # per sample: see decode
+        with self.frozen_on_device(self.vae):
+            z = torch.cat([self.vae.encode(x[i : i + 1]).latent_dist.mode() for i in range(x.shape[0])])  # per sample: see decode
         return z.float().permute(0, 2, 1, 3, 4) * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -278,7 +303,8 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         broadcasts against ``(B, 1, L, L)`` as ``(1, B, L, L)``: "output with shape [2, 1, ...] doesn't match the
         broadcast shape [2, 2, ...]"; checked in the tests)."""
         z = (latents.float() / self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
-        video = torch.cat([self.vae.decode(z[i : i + 1]).sample for i in range(z.shape[0])]).float()
+        with self.frozen_on_device(self.vae):
+            video = torch.cat([self.vae.decode(z[i : i + 1]).sample for i in range(z.shape[0])]).float()
         return ((video.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------ conditions
@@ -286,6 +312,10 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
     def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(embeds (B, L, D), mask (B, L), glyph embeds (B, L2, D2), glyph mask (B, L2))`` as the pipeline's
         ``encode_prompt`` (see the class docstring for the tiny build's MLLM stand-in)."""
+        with self.frozen_on_device(self.text_encoder, self.text_encoder_2):
+            return self._encode_prompt(prompts)
+
+    def _encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from diffusers import HunyuanVideo15Pipeline
 
         device = next(self.text_encoder.parameters()).device
@@ -310,9 +340,10 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             raise ValueError(f"first_frame must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
         pixels = (image.float().clamp(0, 1) * 255).round()
         arrays = list(pixels.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy())
-        device = next(self.image_encoder.parameters()).device
         inputs = self.feature_extractor.preprocess(images=arrays, do_resize=True, return_tensors="pt", do_convert_rgb=True)
-        embeds = self.image_encoder(pixel_values=inputs.pixel_values.to(device, next(self.image_encoder.parameters()).dtype)).last_hidden_state
+        with self.frozen_on_device(self.image_encoder):
+            device = next(self.image_encoder.parameters()).device
+            embeds = self.image_encoder(pixel_values=inputs.pixel_values.to(device, next(self.image_encoder.parameters()).dtype)).last_hidden_state
         return embeds.float(), self.encode((pixels / 255).unsqueeze(1).to(image.device))
 
     @torch.no_grad()
@@ -330,9 +361,8 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         b = len(prompts)
         pos = self.encode_prompt(prompts)
-        neg = [t.expand(b, *t.shape[1:]).contiguous() for t in self.encode_prompt([self.negative_prompt])]
         names = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
-        cond = {**dict(zip(names, pos)), **{f"negative_{n}": t for n, t in zip(names, neg)}}
+        cond = {**dict(zip(names, pos)), **{k: v.to(pos[0].device) for k, v in self.negative_condition(b).items()}}
         if self.mode == "i2v":
             if "first_frame" not in batch:
                 raise KeyError(f"HunyuanVideo15Backbone(mode='i2v') needs batch['first_frame'] (B, 3, H, W); batch has keys {sorted(batch)}")

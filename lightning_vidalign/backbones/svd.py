@@ -156,6 +156,10 @@ class SVDBackbone(VideoBackbone):
             :meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_activation_checkpointing`; the temporal
             transformer blocks stay un-checkpointed); same gradients, less
             activation memory, one extra block forward per block in backward.
+        vae_dtype: run the frozen VAE in this dtype (``"bfloat16"``, ``"float16"``, ``"float32"``; None: as loaded);
+            see :meth:`~lightning_vidalign.backbones.base.VideoBackbone.configure_frozen_parts`.
+        encoder_dtype: the same for the CLIP image encoder.
+        offload_frozen: keep the VAE and the image encoder on CPU between uses (moved to the UNet's device for each).
     """
 
     condition_keys = ("image_latents", "image_embeds", "added_time_ids")
@@ -177,6 +181,9 @@ class SVDBackbone(VideoBackbone):
         p_std: float = 1.6,
         init_seed: int = 0,
         activation_checkpointing: bool = False,
+        vae_dtype: str | None = None,
+        encoder_dtype: str | None = None,
+        offload_frozen: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
@@ -200,6 +207,7 @@ class SVDBackbone(VideoBackbone):
         self.pretrained_path = pretrained_path
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.configure_frozen_parts(vae_dtype, encoder_dtype, offload_frozen)
         log.info("SVDBackbone(%s, finetune=%s): %d LoRA parameters", pretrained_path, finetune, n_lora)
 
     def train(self, mode: bool = True):
@@ -212,6 +220,9 @@ class SVDBackbone(VideoBackbone):
     @property
     def denoiser(self):
         return self.unet
+
+    def encoder_modules(self):
+        return [self.image_encoder]
 
     def fsdp_modules(self):
         return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
@@ -235,7 +246,8 @@ class SVDBackbone(VideoBackbone):
             raise ValueError(f"encode expects video (B, T, 3, H, W), got {tuple(video.shape)}")
         b, t = video.shape[:2]
         frames = video.flatten(0, 1).to(self.vae.dtype) * 2 - 1
-        z = self.vae.encode(frames).latent_dist.mode() * self.vae.config.scaling_factor
+        with self.frozen_on_device(self.vae):
+            z = self.vae.encode(frames).latent_dist.mode() * self.vae.config.scaling_factor
         return z.unflatten(0, (b, t)).float()
 
     @torch.no_grad()
@@ -251,9 +263,10 @@ class SVDBackbone(VideoBackbone):
         out = []
         z = latents.flatten(0, 1).to(self.vae.dtype) / self.vae.config.scaling_factor
         step = chunk_size or t
-        for i in range(0, z.shape[0], step):
-            chunk = z[i : i + step]
-            out.append(self.vae.decode(chunk, num_frames=chunk.shape[0]).sample)
+        with self.frozen_on_device(self.vae):
+            for i in range(0, z.shape[0], step):
+                chunk = z[i : i + step]
+                out.append(self.vae.decode(chunk, num_frames=chunk.shape[0]).sample)
         video = torch.cat(out).float().unflatten(0, (b, t))
         return ((video + 1) / 2).clamp(0, 1)
 
@@ -353,6 +366,42 @@ class SVDBackbone(VideoBackbone):
         return directory
 
     # ------------------------------------------------------------ conditions
+    @staticmethod
+    def _first_frame(batch: dict[str, Any]) -> Tensor:
+        if "first_frame" not in batch:
+            raise KeyError(f"SVDBackbone needs batch['first_frame'] (B, 3, H, W); batch has keys {sorted(batch)}")
+        image = batch["first_frame"]
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"batch['first_frame'] must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        return image
+
+    @torch.no_grad()
+    def encode_image_embeds(self, image: Tensor) -> Tensor:
+        """CLIP image embedding ``(B, 1, D)`` of first frames ``(B, 3, H, W)`` in ``[0, 1]`` (the pipeline's ``_encode_image``)."""
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
+        image = image.float() * 2 - 1
+        clip_in = (_resize_with_antialiasing(image, (224, 224)) + 1) / 2
+        clip_in = (clip_in - self.clip_mean) / self.clip_std
+        with self.frozen_on_device(self.image_encoder):
+            return self.image_encoder(clip_in.to(self.image_encoder.dtype)).image_embeds.unsqueeze(1).float()
+
+    @torch.no_grad()
+    def augmented_image_condition(self, image: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The per-step part of the condition: ``image_latents (B, 4, h, w)``, the unscaled VAE mode of the first frame
+        plus ``noise_aug_strength`` Gaussian noise drawn from ``generator`` (the pipeline's ``_encode_vae_image``), and
+        ``added_time_ids (B, 3)``. Drawn anew at every step, so never cached."""
+        image = image.float() * 2 - 1
+        b = image.shape[0]
+        noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+        aug = image + self.noise_aug_strength * noise
+        with self.frozen_on_device(self.vae):
+            image_latents = self.vae.encode(aug.to(self.vae.dtype)).latent_dist.mode().float()
+        time_ids = torch.tensor(
+            [[self.fps - 1, self.motion_bucket_id, self.noise_aug_strength]], device=image.device, dtype=torch.float32
+        ).repeat(b, 1)
+        return {"image_latents": image_latents, "added_time_ids": time_ids}
+
     @torch.no_grad()
     def encode_condition(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Conditions from ``batch["first_frame"]`` ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -365,27 +414,21 @@ class SVDBackbone(VideoBackbone):
             KeyError: if the batch has no ``first_frame``.
             ValueError: if its shape is not ``(B, 3, H, W)``.
         """
-        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+        image = self._first_frame(batch)
+        embeds = self.encode_image_embeds(image)
+        return {"image_embeds": embeds, **self.augmented_image_condition(image, generator)}
 
-        if "first_frame" not in batch:
-            raise KeyError(f"SVDBackbone needs batch['first_frame'] (B, 3, H, W); batch has keys {sorted(batch)}")
-        image = batch["first_frame"]
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"batch['first_frame'] must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
-        image = image.float() * 2 - 1
-        b = image.shape[0]
-        # CLIP image embedding (pipeline's _encode_image)
-        clip_in = (_resize_with_antialiasing(image, (224, 224)) + 1) / 2
-        clip_in = (clip_in - self.clip_mean) / self.clip_std
-        embeds = self.image_encoder(clip_in.to(self.image_encoder.dtype)).image_embeds.unsqueeze(1).float()
-        # noise-augmented VAE latent of the first frame (pipeline's _encode_vae_image)
-        noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
-        aug = image + self.noise_aug_strength * noise
-        image_latents = self.vae.encode(aug.to(self.vae.dtype)).latent_dist.mode().float()
-        time_ids = torch.tensor(
-            [[self.fps - 1, self.motion_bucket_id, self.noise_aug_strength]], device=image.device, dtype=torch.float32
-        ).repeat(b, 1)
-        return {"image_latents": image_latents, "image_embeds": embeds, "added_time_ids": time_ids}
+    def cacheable_condition_keys(self) -> tuple[str, ...]:
+        """``("image_embeds",)``: the augmented image latent is drawn per step (:meth:`augmented_image_condition`)."""
+        return ("image_embeds",)
+
+    def cacheable_condition(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return {"image_embeds": self.encode_image_embeds(self._first_frame(batch))}
+
+    def complete_condition(self, batch: dict[str, Any], parts: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The cached/clip-wise ``image_embeds`` with :meth:`augmented_image_condition` of ``batch["first_frame"]``
+        (the same noise from ``generator`` whether ``parts`` come from the cache or not)."""
+        return {"image_embeds": parts["image_embeds"], **self.augmented_image_condition(self._first_frame(batch), generator)}
 
     # ---------------------------------------------------------------- model
     def predict(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:

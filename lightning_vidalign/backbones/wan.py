@@ -319,6 +319,10 @@ class WanBackbone(FlowMatchingBackbone):
             needed expert on its samples (False); None: True when ``torch.distributed`` runs with world
             size > 1 and the experts are sharded or grad is on (see above), else False. Both give the same
             outputs (tested).
+        vae_dtype: run the frozen VAE in this dtype (``"bfloat16"``, ``"float16"``, ``"float32"``; None: float32 as
+            loaded); see :meth:`~lightning_vidalign.backbones.base.VideoBackbone.configure_frozen_parts`.
+        encoder_dtype: the same for the text encoder (UMT5, or the tiny family's MiniLM).
+        offload_frozen: keep the VAE and the text encoder on CPU between uses (moved to the DiT's device for each).
 
     Raises:
         ValueError: an unknown ``mode`` or ``lora_experts``; ``guidance_scale_2`` or ``lora_experts``
@@ -359,6 +363,9 @@ class WanBackbone(FlowMatchingBackbone):
         guidance_scale_2: float | None = None,
         lora_experts: str = "both",
         experts_every_call: bool | None = None,
+        vae_dtype: str | None = None,
+        encoder_dtype: str | None = None,
+        offload_frozen: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig
@@ -422,7 +429,15 @@ class WanBackbone(FlowMatchingBackbone):
         cfg = self.vae.config
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(1, 1, -1, 1, 1), persistent=False)
         self.register_buffer("latents_inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, 1, -1, 1, 1), persistent=False)
+        self._negative_memo: dict = {}
+        self.configure_frozen_parts(vae_dtype, encoder_dtype, offload_frozen)
         log.info("WanBackbone(%s, %s): %d LoRA parameters", pretrained_path, mode, n_lora)
+
+    def encoder_modules(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    def encoding_settings(self) -> dict[str, Any]:
+        return {"max_sequence_length": int(self.max_sequence_length)}
 
     @property
     def denoiser(self):
@@ -525,14 +540,16 @@ class WanBackbone(FlowMatchingBackbone):
             raise ValueError(f"encode expects video (B, T, 3, H, W), got {tuple(video.shape)}")
         self.latent_frames(video.shape[1])
         x = (video.float() * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mode().float().permute(0, 2, 1, 3, 4)
+        with self.frozen_on_device(self.vae):
+            z = self.vae.encode(x).latent_dist.mode().float().permute(0, 2, 1, 3, 4)
         return (z - self.latents_mean) * self.latents_inv_std
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents ``(B, T', C, h, w)`` -> video ``(B, f_t(T'-1)+1, 3, h·f, w·f)`` in ``[0, 1]``."""
         z = latents.float() / self.latents_inv_std + self.latents_mean
-        video = self.vae.decode(z.permute(0, 2, 1, 3, 4).to(self.vae.dtype)).sample.float()
+        with self.frozen_on_device(self.vae):
+            video = self.vae.decode(z.permute(0, 2, 1, 3, 4).to(self.vae.dtype)).sample.float()
         return ((video.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
 
     def vae_reconstruct(self, video: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -669,10 +686,19 @@ class WanBackbone(FlowMatchingBackbone):
         tok = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt"
         )
-        device = next(self.text_encoder.parameters()).device
-        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-        states = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        with self.frozen_on_device(self.text_encoder):
+            device = next(self.text_encoder.parameters()).device
+            ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+            states = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         return states * mask.unsqueeze(-1).to(states.dtype)
+
+    def negative_condition(self, batch_size: int) -> dict[str, Tensor]:
+        """``negative_prompt_embeds (B, L, D)``: :meth:`encode_prompt` of ``negative_prompt``, computed once per
+        prompt, text-encoder dtype and device and kept (the same for every clip and step)."""
+        key = (self.negative_prompt, str(next(self.text_encoder.parameters()).dtype), str(self.compute_device))
+        if key not in self._negative_memo:
+            self._negative_memo = {key: self.encode_prompt([self.negative_prompt])}
+        return {"negative_prompt_embeds": self._negative_memo[key].expand(batch_size, -1, -1).contiguous()}
 
     @torch.no_grad()
     def encode_condition(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -697,7 +723,7 @@ class WanBackbone(FlowMatchingBackbone):
             self._warned_empty_captions = True
         b = len(prompts)
         embeds = self.encode_prompt(prompts)
-        negative = self.encode_prompt([self.negative_prompt]).expand(b, -1, -1).contiguous()
+        negative = self.negative_condition(b)["negative_prompt_embeds"].to(embeds.device)
         if self.mode == "ti2v":
             if "first_frame" not in batch:
                 raise KeyError(f"WanBackbone(mode='ti2v') needs batch['first_frame'] (B, 3, H, W); batch has keys {sorted(batch)}")
