@@ -1,8 +1,8 @@
 """Training clips as LitData shards: written once by ``vidalign shard``, streamed from a local folder or object storage.
 
 Why LitData (``litdata``, Lightning's streaming datasets) and not WebDataset: its chunks are random-access
-(``StreamingDataset[i]`` reads one sample of one chunk, and downloads only that chunk from object storage, into a
-size-capped local cache), so our own :class:`~lightning_vidalign.datamodules.video.EpochSeededSampler` keeps deciding
+(``StreamingDataset[i]`` reads one sample; from object storage, uncompressed shards are read by a range request
+for that sample's bytes — LitData's ``on_demand_bytes`` path, read in its reader, not tested here), so our own :class:`~lightning_vidalign.datamodules.video.EpochSeededSampler` keeps deciding
 the order — the same clips in the same order as the video path, and the same exact mid-epoch resume under DDP/FSDP2 —
 while WebDataset's tar shards are read sequentially only (order = shard order + a shuffle buffer; no random access,
 no resumable state of its own). Our choice.
@@ -226,8 +226,8 @@ class ShardClipDataset(Dataset):
     Items: ``video`` float ``(T, 3, H, W)`` in ``[0, 1]`` (the stored uint8 frames / 255, as the video path computes
     it), ``first_frame`` ``(3, H, W)``, ``caption`` str, ``path`` str (the source on the converting machine),
     ``start`` float seconds, ``index`` int. Random access through ``litdata.StreamingDataset[i]`` (created lazily, so
-    each DataLoader worker opens its own); a chunk from object storage is downloaded into ``cache_dir`` (at most
-    ``max_cache_size`` kept, LitData's eviction).
+    each DataLoader worker opens its own); from object storage LitData reads the sample's bytes only, or downloads
+    whole chunks into ``cache_dir`` (compressed shards; at most ``max_cache_size`` kept, LitData's eviction).
 
     Raises (on access):
         ShardError: a sample whose checksum does not match (naming the folder, chunk file and sample), or a chunk

@@ -67,6 +67,13 @@ def test_shards_hold_the_video_path_items_in_its_order(shards):
         assert len(batches) == len(la) == len(lb) == len(video.train_set) // 2
         for a, b in batches:
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"]) and a["caption"] == b["caption"]
+    # a DataLoader worker process opens its own LitData reader (the dataset pickles without it)
+    workers = _video_dm(shards=str(shards), num_workers=1)
+    workers.setup("fit")
+    loader = workers.train_dataloader()
+    loader.sampler.set_epoch(1)
+    for a, b in zip(loader, lb):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
 
 
 def _fit(root, steps, *extra):
@@ -91,7 +98,6 @@ def test_resume_from_shards_mid_epoch_matches_the_uninterrupted_run(shards, tmp_
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-@pytest.mark.slow
 def test_training_from_shards_equals_training_from_video(shards, tmp_path):
     """The same 3 steps of configs/sft.yaml from the videos and from their shards: the same LoRA bitwise (same batches)."""
     _, from_video = _fit(tmp_path / "video", 3)
@@ -106,8 +112,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_resume_from_shards_matches_the_uninterrupted_run(shards, tmp_path):
-    """2 DDP processes (gloo) through ``vidalign fit ... --config configs/strategies/ddp.yaml --trainer.devices 2``
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ddp_resume_from_shards_matches_the_uninterrupted_run(shards, tmp_path, strategy):
+    """2 processes (gloo) through ``vidalign fit ... --config configs/strategies/{ddp,fsdp2}.yaml --trainer.devices 2``
     from shards: 11 train clips -> 5 per rank -> 2 batches per rank and epoch. 3 steps uninterrupted vs 1 step (mid
     epoch 0), then ``--ckpt_path last`` to 3 (through epoch 1): both ranks end with the uninterrupted LoRA bitwise."""
     env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(_free_port())}
@@ -115,7 +122,7 @@ def test_ddp_resume_from_shards_matches_the_uninterrupted_run(shards, tmp_path):
         env.pop(k, None)
 
     def launch(root, steps, dump, *extra):
-        cmd = [VIDALIGN, "fit", "--config", SFT_CONFIG, "--config", f"{ROOT}/configs/strategies/ddp.yaml", "--trainer.accelerator", "cpu",
+        cmd = [VIDALIGN, "fit", "--config", SFT_CONFIG, "--config", f"{ROOT}/configs/strategies/{strategy}.yaml", "--trainer.accelerator", "cpu",
                "--trainer.devices", "2", "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps), "--trainer.logger", "false",
                "--trainer.callbacks.init_args.every_n_train_steps", "1", "--model.init_args.val_num_videos", "0", *FAST,
                "--data.init_args.shards", str(shards), "--trainer.callbacks+=rehearsal_callbacks.DumpAdapters",
