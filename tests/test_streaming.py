@@ -220,3 +220,26 @@ def test_shard_refuses_a_folder_that_holds_files(shards, tmp_path):
     with pytest.raises(ShardError, match="already holds files.*--overwrite"):
         shard(["--config", SFT_CONFIG, "--output", str(tmp_path / "used"), *FAST])
     assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_readme_streaming_commands_run_as_written(tmp_path):
+    """The two commands of the README's "Streaming data" section, as written (the config's TransNetV2 cuts), from a
+    working folder; the fit is cut to 1 step in its own run folder."""
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Streaming data") :]
+    block = re.search(r"```\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
+    assert [line.split()[:2] for line in block] == [["vidalign", "shard"], ["vidalign", "fit"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for line, extra in zip(block, ([], ["--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+                                        "--model.init_args.val_num_videos", "0"])):
+        cmd = [VIDALIGN if a == "vidalign" else (os.path.join(ROOT, a) if a.startswith("configs/") else a) for a in line.split()]
+        out = subprocess.run([*cmd, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+    index = json.loads((tmp_path / "data" / "shards" / "train" / "index.json").read_text())
+    assert index["vidalign"]["settings"]["shot_detector"] == "transnetv2" and index["vidalign"]["num_samples"] > 0
+    assert "`max_steps=1` reached" in out.stdout + out.stderr
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 1
