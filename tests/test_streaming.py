@@ -243,3 +243,12 @@ def test_readme_streaming_commands_run_as_written(tmp_path):
     assert "`max_steps=1` reached" in out.stdout + out.stderr
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 1
+
+
+def test_an_empty_val_split_is_written_and_read_as_empty(tmp_path):
+    from lightning_vidalign.datamodules import write_shards
+
+    summary = write_shards(_video_dm(val_fraction=0.0, max_clips_per_source=1), str(tmp_path / "s"))
+    assert (summary["train"], summary["val"]) == (3, 0) and not (tmp_path / "s.partial").exists()
+    train, val = open_shards(str(tmp_path / "s"), _settings(val_fraction=0.0, max_clips_per_source=1))
+    assert len(train) == 3 and len(val) == 0 and train[2]["index"] == 2
