@@ -1,9 +1,12 @@
 """Ulysses sequence parallelism through diffusers' context parallelism (lightning_vidalign/sequence_parallel.py):
 SP = 2 vs SP = 1 on the tiny Wan with 2 gloo CPU processes, alone, with activation checkpointing and with FSDP2 on
-top (SFT, GRPO and DPO-decoupled gradients)."""
+top (SFT, GRPO and DPO-decoupled gradients); in training through ``vidalign fit`` (``sequence_parallel_size``):
+SP 2 + FSDP2 + activation checkpointing vs one process for a GRPO step, a DPO run and its resume; the layout and
+the refusals."""
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,3 +48,73 @@ def test_sequence_parallel_refuses_a_model_without_a_plan():
         m = HunyuanVideo15Transformer3DModel(num_layers=1, num_refiner_layers=1)
     with pytest.raises(ValueError, match="no diffusers context-parallel plan"):
         enable_sequence_parallel(m, 2)
+
+
+# ------------------------------------------------------------------ layout and refusals (one process, fast)
+def test_layout_and_divisibility_errors_name_the_setting():
+    from lightning_vidalign.sequence_parallel import check_divisible, data_parallel_layout
+
+    assert data_parallel_layout(8, 2) == 4 and data_parallel_layout(2, 2) == 1 and data_parallel_layout(3, 1) == 3
+    with pytest.raises(ValueError, match=r"sequence_parallel_size=3 does not divide the world size 2 .*sequence_parallel_size"):
+        data_parallel_layout(2, 3)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        data_parallel_layout(2, 0)
+    check_divisible("attention heads", 4, 2)
+    with pytest.raises(ValueError, match=r"sequence_parallel_size=3 must divide the number of attention heads, 4"):
+        check_divisible("attention heads", 4, 3)
+
+
+def test_backbones_refuse_what_sequence_parallelism_cannot_split():
+    """No context-parallel plan (SVD UNet, HunyuanVideo 1.5 in diffusers 0.42); Wan heads or tokens not divisible:
+    refused before any collective, naming the setting and the value."""
+    from lightning_vidalign.backbones import HunyuanVideo15Backbone, SVDBackbone, WanBackbone
+
+    for bb, denoiser in [(SVDBackbone(lora_rank=2), "UNetSpatioTemporalConditionModel"), (HunyuanVideo15Backbone(lora_rank=2), "HunyuanVideo15Transformer3DModel")]:
+        with pytest.raises(ValueError, match=rf"sequence_parallel_size=2: {type(bb).__name__}'s denoiser {denoiser} has no diffusers context-parallel plan"):
+            bb.enable_sequence_parallel(2)
+    wan = WanBackbone(lora_rank=2)  # 4 heads
+    with pytest.raises(ValueError, match=r"sequence_parallel_size=3 must divide the number of attention heads of WanTransformer3DModel \(num_attention_heads\), 4"):
+        wan.enable_sequence_parallel(3)
+    assert wan.sequence_parallel_size == 1
+    wan.sequence_parallel_size = 2  # (as enable_sequence_parallel leaves it; the check runs before the model call)
+    cond = {"prompt_embeds": torch.zeros(1, 32, 384), "negative_prompt_embeds": torch.zeros(1, 32, 384), "image_latents": torch.zeros(1, 1)}
+    with pytest.raises(ValueError, match=r"sequence_parallel_size=2 must divide the clip's 75 tokens .*data.num_frames"):
+        wan.predict(torch.zeros(1, 3, 8, 10, 10), torch.tensor([0.5]), cond)  # 3 latent frames x 5 x 5 patches
+
+
+def test_module_refuses_a_size_that_does_not_divide_the_world():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_vidalign.algorithms import SFT
+    from lightning_vidalign.backbones import WanBackbone
+
+    with pytest.raises(ValueError, match="sequence_parallel_size must be >= 1"):
+        SFT(WanBackbone(lora_rank=2), sequence_parallel_size=0)
+    module = SFT(WanBackbone(lora_rank=2), sequence_parallel_size=2, val_num_videos=0, val_frechet=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"sequence_parallel_size=2 does not divide the world size 1"):
+        trainer.fit(module, train_dataloaders=DataLoader([0]))
+
+
+def test_data_is_sharded_over_data_parallel_ranks():
+    """World 4 = 2 data-parallel x 2 sequence-parallel: ranks 2 and 3 form group 1 and get its shard, training and
+    validation alike."""
+    from torch.utils.data import DistributedSampler
+
+    from lightning_vidalign.datamodules import VideoClipDataModule
+    from lightning_vidalign.datamodules.video import EpochSeededSampler
+
+    shards = {}
+    for rank in range(4):
+        dm = VideoClipDataModule(batch_size=2)
+        dm.trainer = SimpleNamespace(world_size=4, global_rank=rank, lightning_module=SimpleNamespace(sequence_parallel_size=2))
+        assert dm._replicas() == (2, rank // 2)
+        train, val = dm._loader(list(range(10)), shuffle=True, drop_last=True), dm._loader(list(range(10)), shuffle=False, drop_last=False)
+        assert isinstance(train.sampler, EpochSeededSampler) and isinstance(val.sampler, DistributedSampler)
+        shards[rank] = (list(train.sampler), list(val.sampler))
+    assert shards[0] == shards[1] and shards[2] == shards[3] and not set(shards[0][0]) & set(shards[2][0])
+    assert sorted(shards[0][1] + shards[2][1]) == list(range(10))
+    dm = VideoClipDataModule(batch_size=2)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, lightning_module=SimpleNamespace(sequence_parallel_size=1))
+    assert dm._replicas() == (2, 1) and dm._loader(list(range(4)), shuffle=False, drop_last=False).sampler.__class__.__name__ == "SequentialSampler"
