@@ -481,7 +481,7 @@ class VideoClipDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 1, 0
-        s = int(getattr(trainer.lightning_module, "sequence_parallel_size", 1) or 1)
+        s = int(getattr(getattr(trainer, "lightning_module", None), "sequence_parallel_size", 1) or 1)
         if s > 1:
             from lightning_vidalign.sequence_parallel import data_parallel_layout
 

@@ -118,3 +118,85 @@ def test_data_is_sharded_over_data_parallel_ranks():
     dm = VideoClipDataModule(batch_size=2)
     dm.trainer = SimpleNamespace(world_size=2, global_rank=1, lightning_module=SimpleNamespace(sequence_parallel_size=1))
     assert dm._replicas() == (2, 1) and dm._loader(list(range(4)), shuffle=False, drop_last=False).sampler.__class__.__name__ == "SequentialSampler"
+
+
+# ------------------------------------------------------------- training through the CLI (2 gloo CPU processes)
+def _cli():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_launch
+
+    return test_launch
+
+
+def _fit(args: list[str], devices: int, run_dir, cwd, sp: int = 1, strategy: str = "fsdp2"):
+    """``vidalign fit`` as a user runs it: the method config, then (SP) the strategy fragment, sequence parallelism and
+    activation checkpointing; both ranks dump their first step and adapters under ``run_dir/dump``."""
+    launch = _cli()
+    cmd = [launch.VIDALIGN, "fit", *args]
+    if sp > 1:
+        cmd += ["--config", f"{launch.ROOT}/configs/strategies/{strategy}.yaml", "--model.init_args.sequence_parallel_size", str(sp),
+                "--model.init_args.backbone.init_args.activation_checkpointing", "true"]
+    cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.default_root_dir", str(run_dir), *launch.FAST,
+            "--data.init_args.captions", f"{launch.ROOT}/configs/data/skvideo_captions.jsonl",
+            "--trainer.callbacks+=rehearsal_callbacks.DumpFirstStep", "--trainer.callbacks.out", str(run_dir / "dump"),
+            "--trainer.callbacks+=rehearsal_callbacks.DumpAdapters", "--trainer.callbacks.out", str(run_dir / "dump")]
+    out = subprocess.run(cmd, cwd=cwd, env=launch._env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout + out.stderr
+
+
+def _rel(a: dict, b: dict) -> float:
+    """max over tensors of max|a - b| / max|b| (tensors that are 0 in b: absolute)."""
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-30)) if b[k].abs().max() > 0 else float((a[k] - b[k]).abs().max()) for k in b)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_grpo_step_sequence_parallel_fsdp2_checkpointing_matches_one_process(tmp_path, strategy):
+    """Flow-GRPO on the Wan demo base (configs/recipes/flow_grpo.yaml: its luminance reward is linear in the pixels, so
+    rollouts equal to rounding give rewards equal to rounding; a uint8-quantised reward could flip), one round with one
+    optimizer step: one process (SP 1) vs 2 processes as one sequence-parallel group (SP 2, FSDP2 over both or DDP,
+    activation checkpointing). Same rollouts, loss, reduced LoRA gradient and LoRA after the step; the LoRA file is written."""
+    launch = _cli()
+    args = ["--config", f"{launch.ROOT}/configs/recipes/flow_grpo.yaml", "--trainer.max_steps", "1", "--model.init_args.heldout_conditions", "0",
+            "--model.init_args.minibatches_per_round", "1", "--model.init_args.grad_clip", "0",
+            # SGD: the step is linear in the gradient; Adam's first step is ~lr·sign(g), which turns the rounding of
+            # near-zero gradient elements into lr-sized differences (2.5e-3 of a tensor's largest value here)
+            "--model.init_args.optimizer", "torch.optim.SGD", "--model.init_args.optimizer.init_args.lr", "0.1"]
+    _fit(args, 1, tmp_path / "sp1", tmp_path)
+    console = _fit(args, 2, tmp_path / "sp2", tmp_path, sp=2, strategy=strategy)
+    assert "returned a view tensor" not in console and "all_gather_tensor" not in console  # quiet console
+    ref = torch.load(tmp_path / "sp1" / "dump" / "first_step_rank0.pt")
+    ref_lora = torch.load(tmp_path / "sp1" / "dump" / "rank0.pt")["lora"]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "sp2" / "dump" / f"first_step_rank{rank}.pt")
+        lora = torch.load(tmp_path / "sp2" / "dump" / f"rank{rank}.pt")
+        assert got["world_size"] == 2 and lora["sharded"] == (strategy == "fsdp2") and torch.equal(got["index"], ref["index"])  # the same clips
+        video = float((got["videos"] - ref["videos"]).abs().max())
+        grad, after = _rel(got["grads"], ref["grads"]), _rel(lora["lora"], ref_lora)
+        # the loss at ratio 1 is mean(-A·ρ) + β·KL with Σ A = 0 over each group: O(1) terms that cancel, its value
+        # (~1.7e-5) is the rounding of the ratios ρ = exp(log π - log π_old) and the KL; compared on the terms' scale
+        loss = abs(got["loss"] - ref["loss"])
+        print(f"rank {rank}: rollouts max |diff| {video:.2e}; loss {got['loss']:.6e} vs {ref['loss']:.6e} (|diff| {loss:.1e}); "
+              f"LoRA gradient max rel diff {grad:.2e}; LoRA after the step {after:.2e}")
+        assert video <= 1e-5 and loss <= 1e-6 and grad <= 1e-5 and after <= 1e-5
+        assert got["metrics"]["reward/total/mean"] == pytest.approx(ref["metrics"]["reward/total/mean"], rel=1e-6)
+        assert any(float(g.abs().max()) > 0 for g in got["grads"].values())
+    assert (tmp_path / "sp2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_dpo_sequence_parallel_fsdp2_checkpointing_runs_and_resumes(tmp_path):
+    """configs/dpo_wan.yaml (on-policy pairs, decoupled backward) under SP 2 + FSDP2 + activation checkpointing: a
+    1-step run ends (rc 0) with identical adapters on both ranks and the LoRA file written; the run resumes from its
+    last.ckpt (whose identity records the sequence-parallel size) to step 2."""
+    launch = _cli()
+    args = ["--config", f"{launch.ROOT}/configs/dpo_wan.yaml"]  # (last.ckpt written at the end of training)
+    _fit([*args, "--trainer.max_steps", "1"], 2, tmp_path / "run", tmp_path, sp=2)
+    a, b = (torch.load(tmp_path / "run" / "dump" / f"rank{r}.pt") for r in (0, 1))
+    assert a["batches"] == 1 and a["sharded"] and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["vidalign"]["identity"]["sequence_parallel_size"] == 2
+    _fit([*args, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt)], 2, tmp_path / "run", tmp_path, sp=2)
+    c, d = (torch.load(tmp_path / "run" / "dump" / f"rank{r}.pt") for r in (0, 1))
+    assert c["batches"] == d["batches"] == 2 and c["global_step"] == 2
+    assert all(torch.equal(c["lora"][k], d["lora"][k]) for k in c["lora"]) and any(not torch.equal(c["lora"][k], a["lora"][k]) for k in a["lora"])
