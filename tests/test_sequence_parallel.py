@@ -184,6 +184,29 @@ def test_grpo_step_sequence_parallel_fsdp2_checkpointing_matches_one_process(tmp
     assert (tmp_path / "sp2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow  # 4 + 2 processes on 2 shared cores (~3 min)
+def test_data_by_sequence_mesh_matches_data_parallel_alone(tmp_path):
+    """World 4 = data 2 x sequence 2 (FSDP2 over all four) vs world 2 = data 2 (FSDP2): ranks 2d and 2d + 1 get data
+    rank d's clips and rollouts, the advantages come from each group's rewards once (a duplicated group would change
+    the group statistics), and the reduced LoRA gradient and the SGD step equal the data-parallel run's."""
+    launch = _cli()
+    args = ["--config", f"{launch.ROOT}/configs/recipes/flow_grpo.yaml", "--trainer.max_steps", "1", "--model.init_args.heldout_conditions", "0",
+            "--model.init_args.minibatches_per_round", "1", "--model.init_args.grad_clip", "0",
+            "--model.init_args.optimizer", "torch.optim.SGD", "--model.init_args.optimizer.init_args.lr", "0.1"]
+    _fit([*args, "--config", f"{launch.ROOT}/configs/strategies/fsdp2.yaml"], 2, tmp_path / "dp2", tmp_path)
+    _fit(args, 4, tmp_path / "dp2sp2", tmp_path, sp=2)
+    for rank in range(4):
+        ref = torch.load(tmp_path / "dp2" / "dump" / f"first_step_rank{rank // 2}.pt")
+        ref_lora = torch.load(tmp_path / "dp2" / "dump" / f"rank{rank // 2}.pt")["lora"]
+        got = torch.load(tmp_path / "dp2sp2" / "dump" / f"first_step_rank{rank}.pt")
+        lora = torch.load(tmp_path / "dp2sp2" / "dump" / f"rank{rank}.pt")["lora"]
+        video, grad, after = float((got["videos"] - ref["videos"]).abs().max()), _rel(got["grads"], ref["grads"]), _rel(lora, ref_lora)
+        print(f"rank {rank} (data rank {rank // 2}): clips {got['index'].tolist()}; rollouts max |diff| {video:.2e}; "
+              f"LoRA gradient max rel diff {grad:.2e}; LoRA after the step {after:.2e}")
+        assert torch.equal(got["index"], ref["index"]) and video <= 1e-5 and grad <= 1e-5 and after <= 1e-5
+    assert not torch.equal(torch.load(tmp_path / "dp2" / "dump" / "first_step_rank0.pt")["index"], torch.load(tmp_path / "dp2" / "dump" / "first_step_rank1.pt")["index"])
+
+
 def test_dpo_sequence_parallel_fsdp2_checkpointing_runs_and_resumes(tmp_path):
     """configs/dpo_wan.yaml (on-policy pairs, decoupled backward) under SP 2 + FSDP2 + activation checkpointing: a
     1-step run ends (rc 0) with identical adapters on both ranks and the LoRA file written; the run resumes from its
@@ -200,3 +223,18 @@ def test_dpo_sequence_parallel_fsdp2_checkpointing_runs_and_resumes(tmp_path):
     c, d = (torch.load(tmp_path / "run" / "dump" / f"rank{r}.pt") for r in (0, 1))
     assert c["batches"] == d["batches"] == 2 and c["global_step"] == 2
     assert all(torch.equal(c["lora"][k], d["lora"][k]) for k in c["lora"]) and any(not torch.equal(c["lora"][k], a["lora"][k]) for k in a["lora"])
+
+
+@pytest.mark.slow  # 3 launches of 2 processes (~2.5 min)
+def test_sequence_parallel_resume_continues_exactly(tmp_path):
+    """Flow-GRPO (2 optimizer steps per round) under SP 2 + FSDP2 + checkpointing: 1 round, then a resume from its
+    last.ckpt to round 2, gives the adapters of an uninterrupted 2-round run bitwise (same clips, generators keyed by
+    the data-parallel rank and batch, optimizer state)."""
+    launch = _cli()
+    args = ["--config", f"{launch.ROOT}/configs/recipes/flow_grpo.yaml", "--model.init_args.heldout_conditions", "0"]
+    _fit([*args, "--trainer.max_steps", "2"], 2, tmp_path / "full", tmp_path, sp=2)
+    _fit([*args, "--trainer.max_steps", "1"], 2, tmp_path / "split", tmp_path, sp=2)
+    _fit([*args, "--trainer.max_steps", "2", "--ckpt_path", str(tmp_path / "split" / "checkpoints" / "last.ckpt")], 2, tmp_path / "split", tmp_path, sp=2)
+    for rank in (0, 1):
+        a, b = (torch.load(tmp_path / run / "dump" / f"rank{rank}.pt") for run in ("full", "split"))
+        assert a["batches"] == b["batches"] == 2 and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
