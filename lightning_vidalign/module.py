@@ -114,7 +114,7 @@ class VideoAlignModule(L.LightningModule):
             ``data × sequence``). The ranks of a group get the same batch, noise, timesteps, rollouts and
             conditions (generators and samplers keyed by the data-parallel rank ``rank // s``), and the strategy's
             gradient average is corrected to the group's sum (:meth:`backward_pass`). Needs a backbone with a
-            diffusers context-parallel plan (Wan), ``s`` dividing the world size, the heads and each clip's token
+            context-parallel plan (Wan; HunyuanVideo 1.5 with ours), ``s`` dividing the world size, the heads and each clip's token
             count, and DDP or FSDP2 (``configs/strategies/``). 1 = off. The per-rank batch size is per group.
 
     Resume safety (issue 20; :mod:`lightning_vidalign.checkpointing`): every checkpoint records

@@ -29,10 +29,14 @@ Measured on the tiny Wan with 2 gloo processes (``tests/test_sequence_parallel.p
 rollouts, LoRA gradients within 1.5e-6 relative of one process, also with activation checkpointing and with FSDP2
 on top (SFT, GRPO; DPO's decoupled step 1.4e-4, a difference of ~50x larger terms).
 
-Limits (diffusers 0.42): ``HunyuanVideo15Transformer3DModel`` and the SVD UNet have no ``_cp_plan`` (HunyuanVideo
-1.5's per-block dense attention mask also spans the whole sequence); the token count ``T'·h·w/(p_t·p_h·p_w)`` and
-the head count must be divisible by ``s`` (checked, with the setting named); ``enable_parallelism`` assumes an
-accelerator: it takes ``rank % torch.accelerator.device_count()``, a division by zero on a CPU-only machine, which
+HunyuanVideo 1.5: diffusers 0.42 has no ``_cp_plan`` for ``HunyuanVideo15Transformer3DModel``; ``HunyuanVideo15Backbone``
+supplies ours (:func:`lightning_vidalign.backbones.hunyuan_video15.hunyuan15_cp_plan`: video *and* text tokens split,
+a key-mask attention processor), measured equal to one process (``tests/test_sequence_parallel.py``).
+
+Limits (diffusers 0.42): the SVD UNet has no plan (refused); the token count ``T'·h·w/(p_t·p_h·p_w)`` and the head
+count must be divisible by ``s`` (checked, with the setting named; HunyuanVideo 1.5's text is padded with masked
+tokens to a multiple of ``s``); ``enable_parallelism`` assumes an accelerator: it takes
+``rank % torch.accelerator.device_count()``, a division by zero on a CPU-only machine, which
 :func:`enable_sequence_parallel` works around by reporting one device during the call only.
 """
 from __future__ import annotations
@@ -95,7 +99,7 @@ def sequence_parallel_mesh(world_size: int, size: int, device_type: str | None =
     return init_device_mesh(device_type, (dp, 1, size), mesh_dim_names=("data", "ring", "ulysses"))
 
 
-def enable_sequence_parallel(model: torch.nn.Module, size: int, mesh=None) -> None:
+def enable_sequence_parallel(model: torch.nn.Module, size: int, mesh=None, cp_plan: dict | None = None) -> None:
     """Ulysses sequence parallelism of degree ``size`` for a diffusers transformer with a ``_cp_plan``.
 
     Sets the ``native`` (SDPA) attention backend and calls ``model.enable_parallelism`` with
@@ -105,6 +109,8 @@ def enable_sequence_parallel(model: torch.nn.Module, size: int, mesh=None) -> No
     Args:
         model: e.g. ``WanTransformer3DModel`` (after LoRA is added).
         size: ranks in the sequence-parallel group (the whole default process group when ``mesh`` is None).
+        cp_plan: a context-parallel plan to use instead of the class's ``_cp_plan`` (diffusers' ``enable_parallelism``
+            argument; e.g. :func:`lightning_vidalign.backbones.hunyuan_video15.hunyuan15_cp_plan`).
         mesh: an optional diffusers-style device mesh with dims ``("ring", "ulysses")`` (and others, e.g.
             :func:`sequence_parallel_mesh`'s ``data``); None: a ``(1, size)`` mesh over the whole default group.
 
@@ -116,7 +122,7 @@ def enable_sequence_parallel(model: torch.nn.Module, size: int, mesh=None) -> No
 
     if size < 2:
         raise ValueError(f"enable_sequence_parallel: size must be >= 2, got {size}")
-    if not getattr(type(model), "_cp_plan", None):
+    if not (cp_plan or getattr(type(model), "_cp_plan", None)):
         raise ValueError(f"{type(model).__name__} has no diffusers context-parallel plan (_cp_plan); sequence parallelism is not available for it")
     model.set_attention_backend("native")
     from diffusers.utils import logging as diffusers_logging
@@ -125,7 +131,7 @@ def enable_sequence_parallel(model: torch.nn.Module, size: int, mesh=None) -> No
     diffusers_logging.set_verbosity_error()  # ("`enable_parallelism` is an experimental feature", once per model)
     try:
         with _cpu_device_count():
-            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=size, mesh=mesh))
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=size, mesh=mesh), cp_plan=cp_plan)
     finally:
         diffusers_logging.set_verbosity(level)
 
