@@ -279,3 +279,21 @@ def test_hunyuan_video15_grpo_under_sequence_parallel_fsdp2_runs(tmp_path):
     assert a["batches"] == 1 and a["sharded"] and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
     assert any(v.abs().sum() > 0 for k, v in a["lora"].items() if "lora_B" in k)
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow  # ~45 s
+def test_readme_sequence_parallel_command_runs_as_written(tmp_path):
+    """The README's command (configs/flow_grpo.yaml: Wan demo base, motion and flicker rewards; FSDP2; SP 2), run from
+    the repository root for 1 round with CPU and a run folder of its own: it ends, both ranks equal, LoRA written."""
+    import re
+
+    launch = _cli()
+    readme = open(os.path.join(launch.ROOT, "README.md")).read()
+    command = re.search(r"`(vidalign fit --config configs/flow_grpo\.yaml[^`]*sequence_parallel_size 2)`", readme).group(1).split()
+    out = subprocess.run([launch.VIDALIGN, *command[1:], "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+                          *launch.FAST, "--trainer.callbacks+=rehearsal_callbacks.DumpAdapters", "--trainer.callbacks.out", str(tmp_path / "dump")],
+                         cwd=launch.ROOT, env=launch._env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    a, b = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
+    assert a["world_size"] == 2 and a["batches"] == 1 and a["sharded"] and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
