@@ -145,6 +145,7 @@ class DPO(VideoAlignModule):
             scoring = [self.submit_rewards(self.backbone.decode(latents[i : i + self.rollout_batch_size]), self.reward_names,
                                            slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)) for i in range(0, b * g, self.rollout_batch_size)]
         rewards, _ = self.collect_rewards(scoring, log=False)
+        rewards = self.sequence_parallel_broadcast(rewards)  # one ranking per sequence-parallel group
         r = rewards.view(b, g)
         best = torch.arange(b, device=r.device) * g + r.argmax(1)
         worst = torch.arange(b, device=r.device) * g + r.argmin(1)

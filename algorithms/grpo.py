@@ -235,10 +235,9 @@ class GRPO(VideoAlignModule):
         return torch.tensor([int.from_bytes(hashlib.sha256(c.encode()).digest()[:7], "little") for c in captions])
 
     def gather(self, x: Tensor) -> Tensor:
-        """All-gather a per-sample tensor over ranks (concatenated in rank order)."""
-        if self.trainer.world_size <= 1:
-            return x
-        return self.all_gather(x).flatten(0, 1)
+        """All-gather a per-sample tensor over the data-parallel ranks (concatenated in rank order; with sequence
+        parallelism the first rank of each group speaks for it: :meth:`gather_data_parallel`)."""
+        return self.gather_data_parallel(x)
 
     def train_steps(self, sigmas: Tensor, generator: torch.Generator, num_samples: int) -> Tensor:
         """Denoising step indices trained this round, ``(num_samples, k)`` long: of the stochastic
@@ -388,7 +387,7 @@ class GRPO(VideoAlignModule):
         self.round_components = {k: self.gather(v) for k, v in components.items()}  # per reward, (N_all,) each
         self.round_joint = None
         all_adv = self.compute_advantages(all_rewards, all_group_ids, batch)
-        rank = self.global_rank if self.trainer.world_size > 1 else 0
+        rank = self.data_parallel_rank  # (the ranks of a sequence-parallel group share a slice)
         mine = slice(rank * b * g, (rank + 1) * b * g)
         advantages = all_adv[mine]
         if self.round_joint is not None:

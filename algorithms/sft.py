@@ -30,6 +30,7 @@ class SFT(VideoAlignModule):
             return None
         video = self.real_video(batch, "SFT(reward_weighting=True)")
         rewards, _ = self.score_rewards(video, self.reward_names, batch=batch, log=False)
+        rewards = self.sequence_parallel_broadcast(rewards)  # one weighting per sequence-parallel group
         weights = failure_weights(rewards, self.weight_temperature)
         self.log_dict({"train/weight_max": weights.max(), "reward/total/mean": rewards.mean()}, batch_size=video.shape[0])
         return weights

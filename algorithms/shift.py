@@ -98,6 +98,7 @@ class SHIFT(VideoAlignModule):
             if not self.overlap_rewards:  # the same chunks scored now: overlap changes when rewards are computed, never their values
                 scoring = [self.submit_rewards(c, self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)) for i, c in zip(starts, chunks)]
             rewards, _ = self.collect_rewards(scoring)
+            rewards = self.sequence_parallel_broadcast(rewards)  # one set per sequence-parallel group
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)
         if self.advantage_normalization == "std":
             advantages, _ = grpo_advantages(rewards, group_ids, clip=self.advantage_clip)

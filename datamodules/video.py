@@ -550,9 +550,18 @@ class VideoClipDataModule(L.LightningDataModule):
         return val_ids, train_ids
 
     def _replicas(self) -> tuple[int, int]:
-        """``(world_size, global_rank)`` of the attached trainer (``(1, 0)`` without one)."""
+        """``(data-parallel size, data-parallel rank)`` of the attached trainer (``(1, 0)`` without one): the world
+        size and global rank, or with the module's ``sequence_parallel_size = s > 1`` ``(W / s, rank // s)``, so that
+        the ranks of a sequence-parallel group get the same batches."""
         trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if trainer is None:
+            return 1, 0
+        s = int(getattr(getattr(trainer, "lightning_module", None), "sequence_parallel_size", 1) or 1)
+        if s > 1:
+            from lightning_vidalign.sequence_parallel import data_parallel_layout
+
+            return data_parallel_layout(trainer.world_size, s), trainer.global_rank // s
+        return trainer.world_size, trainer.global_rank
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         if shuffle:
@@ -565,8 +574,14 @@ class VideoClipDataModule(L.LightningDataModule):
                 persistent_workers=self.num_workers > 0,
                 datamodule=self,
             )
+        sampler = None
+        replicas, rank = self._replicas()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and replicas != trainer.world_size:  # sequence parallelism: shard over data-parallel ranks
+            # (Lightning keeps a DistributedSampler; its own would shard over every rank, splitting a group's batches)
+            sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False, drop_last=False)
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -91,6 +91,7 @@ def run_identity(module, trainer=None) -> Identity:
     - ``algo.rollouts_per_condition`` (group size G), ``algo.passes`` (SHIFT K),
       ``algo.minibatches_per_round`` (GRPO): where the module has them.
     - ``world_size``: number of processes (data sharding, per-rank rollout buffers).
+    - ``sequence_parallel_size``: when > 1 (the data is sharded over ``world_size / sequence_parallel_size`` ranks).
     - ``version``: ``lightning_vidalign.__version__`` (a difference only warns: upgrading mid-run is allowed).
 
     Args:
@@ -126,6 +127,8 @@ def run_identity(module, trainer=None) -> Identity:
         if getattr(module, name, None) is not None:
             ident[f"algo.{name}"] = int(getattr(module, name))
     ident["world_size"] = int(trainer.world_size) if trainer is not None else 1
+    if int(getattr(module, "sequence_parallel_size", 1) or 1) > 1:  # (absent at 1: identities of earlier runs unchanged)
+        ident["sequence_parallel_size"] = int(module.sequence_parallel_size)
     ident["version"] = lightning_vidalign.__version__
     return ident
 

@@ -11,6 +11,7 @@ import warnings
 
 import lightning as L
 import torch
+import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
@@ -109,6 +110,15 @@ class VideoAlignModule(L.LightningModule):
             rollouts with or without overlap (a multi-threaded reduction over a chunk may differ in the last
             bit from one over the whole round), so overlap changes when they are computed, never their values,
             and a resumed run stays bitwise identical. Our choice (issue 22).
+        sequence_parallel_size: Ulysses sequence parallelism (issue 24): the ``W`` processes of the run form groups of
+            this many consecutive ranks, each group training one clip at a time with its tokens split over the
+            group (all-to-all over attention heads around attention: diffusers' context parallelism,
+            :mod:`lightning_vidalign.sequence_parallel`); data parallelism runs over the ``W / s`` groups (mesh
+            ``data × sequence``). The ranks of a group get the same batch, noise, timesteps, rollouts and
+            conditions (generators and samplers keyed by the data-parallel rank ``rank // s``), and the strategy's
+            gradient average is corrected to the group's sum (:meth:`backward_pass`). Needs a backbone with a
+            context-parallel plan (Wan; HunyuanVideo 1.5 with ours), ``s`` dividing the world size, the heads and each clip's token
+            count, and DDP or FSDP2 (``configs/strategies/``). 1 = off. The per-rank batch size is per group.
 
     Resume safety (issue 20; :mod:`lightning_vidalign.checkpointing`): every checkpoint records
     :func:`~lightning_vidalign.checkpointing.run_identity` under ``checkpoint["vidalign"]["identity"]``, and a
@@ -139,8 +149,13 @@ class VideoAlignModule(L.LightningModule):
         heldout_loss_draws: int = 8,
         init_adapter_from: str | None = None,
         overlap_rewards: bool = False,
+        sequence_parallel_size: int = 1,
     ):
         super().__init__()
+        if int(sequence_parallel_size) < 1:
+            raise ValueError(f"sequence_parallel_size must be >= 1, got {sequence_parallel_size}")
+        self.sequence_parallel_size = int(sequence_parallel_size)
+        self._sp_mesh = None  # the (data, ring, ulysses) device mesh once sequence parallelism is on
         if heldout_conditions < 0 or heldout_samples < 1:
             raise ValueError(f"heldout_conditions must be >= 0 and heldout_samples >= 1, got {heldout_conditions}, {heldout_samples}")
         if fsdp_param_dtype not in (None, "bfloat16", "float16"):
@@ -297,6 +312,8 @@ class VideoAlignModule(L.LightningModule):
         synchronisation of the strategy is skipped (DDP ``no_sync`` through Lightning's
         ``block_backward_sync``), so a step made of several backward passes syncs once.
         Under FSDP2 (``ModelParallelStrategy``) ``set_requires_gradient_sync(last)`` does the same.
+        With ``sequence_parallel_size = s > 1`` the loss is multiplied by ``s`` (the strategies average over all
+        ranks, the shards of a clip must be summed).
         (DESIGN's ``backward(loss, last)``; named ``backward_pass`` because ``LightningModule.backward``
         is the hook that ``manual_backward`` itself calls.)"""
         ctx = contextlib.nullcontext()
@@ -311,6 +328,10 @@ class VideoAlignModule(L.LightningModule):
             block = getattr(self.trainer.strategy, "block_backward_sync", None)
             if block is not None:
                 ctx = block()
+        if self.sequence_parallel_size > 1:
+            # each rank's backward gives its token shard's gradient; DDP / FSDP2 average over all W = D·s ranks,
+            # so s·loss makes the reduced gradient mean_data(sum_sequence) (see lightning_vidalign.sequence_parallel)
+            loss = loss * self.sequence_parallel_size
         with ctx:
             self.manual_backward(loss)
 
@@ -419,13 +440,57 @@ class VideoAlignModule(L.LightningModule):
 
     # ------------------------------------------------------------------ RNG
     def generator(self, tag: int = 0, batch: int | None = None) -> torch.Generator:
-        """A CPU generator seeded from ``(seed, global_rank, batch, tag)`` (rank-aware, resumable).
+        """A CPU generator seeded from ``(seed, rank, batch, tag)`` (rank-aware, resumable), ``rank`` the
+        data-parallel rank (:attr:`data_parallel_rank`: the global rank without sequence parallelism; with it, the
+        same for every rank of a sequence-parallel group, so they draw the same noise).
 
         ``batch`` defaults to :attr:`batches_seen` (1-based index of the current training batch).
         """
         batch = self.batches_seen if batch is None else batch
-        key = f"{self.seed}/{self.global_rank}/{batch}/{tag}".encode()
+        key = f"{self.seed}/{self.data_parallel_rank}/{batch}/{tag}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
+
+    # ------------------------------------------------- sequence parallelism
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel groups: ``world size / sequence_parallel_size`` (1 without a trainer)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return max(1, world // self.sequence_parallel_size)
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's data-parallel index ``global_rank // sequence_parallel_size`` (the global rank without sequence
+        parallelism): what shards the data and seeds the generators."""
+        rank = self.global_rank if self._trainer is not None else 0
+        return rank // self.sequence_parallel_size
+
+    def sequence_parallel_group(self):
+        """The process group of this rank's sequence-parallel group (None when sequence parallelism is off)."""
+        return None if self._sp_mesh is None else self._sp_mesh["ulysses"].get_group()
+
+    def data_parallel_group(self):
+        """The process group of the ranks holding the same token shard of different clips (``mesh["data"]``;
+        None when sequence parallelism is off: the whole world)."""
+        return None if self._sp_mesh is None else self._sp_mesh["data"].get_group()
+
+    def sequence_parallel_broadcast(self, x: Tensor) -> Tensor:
+        """``x`` of the first rank of this rank's sequence-parallel group, on every rank of it (collective within the
+        group; ``x`` itself when sequence parallelism is off). Used where a group must take one decision from
+        values every rank computed (rewards: the same rollouts, but a reward need not be bitwise deterministic)."""
+        group = self.sequence_parallel_group()
+        if group is None:
+            return x
+        out = x.detach().clone().contiguous()
+        torch.distributed.broadcast(out, group=group, group_src=0)
+        return out
+
+    def gather_data_parallel(self, x: Tensor) -> Tensor:
+        """All-gather a per-sample tensor over the data-parallel ranks, concatenated in data-parallel rank order
+        (``x`` itself on one process). With sequence parallelism the copies of the ranks of a group are dropped but
+        the first's (``(W, n, ...)`` gathered, every ``s``-th row kept)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return x
+        return self.all_gather(x)[:: self.sequence_parallel_size].flatten(0, 1)
 
     def randn_like(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """``N(0, I)`` with the shape of ``x``, drawn on CPU from ``generator`` (device-independent)."""
@@ -479,6 +544,8 @@ class VideoAlignModule(L.LightningModule):
                 f"{type(self).__name__} takes {self.optimizer_steps_per_batch} optimizer steps per batch, which DeepSpeed's single "
                 "engine step per batch cannot express: set minibatches_per_round: 1 or use DDP/FSDP2"
             )
+        if self.sequence_parallel_size > 1:
+            self.check_sequence_parallel()
         if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed writes its checkpoint folders itself
             use_atomic_checkpoint_io(self.trainer.strategy)
         if self.init_adapter_from and not self._adapters_initialised:
@@ -496,12 +563,45 @@ class VideoAlignModule(L.LightningModule):
         frozen = {id(t) for m in backbone.vae_modules() + backbone.encoder_modules() if m is not None for t in [*m.parameters(), *m.buffers()]}
         return [n for n, t in [*self.named_parameters(), *self.named_buffers()] if id(t) in frozen]
 
+    def check_sequence_parallel(self) -> None:
+        """Refuse ``sequence_parallel_size > 1`` where it cannot work, naming the setting and the value: a size not
+        dividing the world size; a strategy other than DDP / FSDP2 (DeepSpeed is untested with it); a trained VAE
+        (replicated on every rank of a group: the group sum would count its gradient ``s`` times)."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        from lightning_vidalign.sequence_parallel import SETTING, data_parallel_layout
+
+        s = self.sequence_parallel_size
+        data_parallel_layout(self.trainer.world_size, s)
+        if not isinstance(self.trainer.strategy, (DDPStrategy, ModelParallelStrategy)):
+            raise ValueError(f"sequence_parallel_size={s} runs under DDP or FSDP2 (configs/strategies/ddp.yaml, fsdp2.yaml); "
+                             f"the strategy is {type(self.trainer.strategy).__name__}: change it or set {SETTING} 1")
+        if getattr(self.backbone, "train_vae", False):
+            raise ValueError(f"sequence_parallel_size={s} with backbone.train_vae: the VAE is not split over the group; set {SETTING} 1")
+
     def configure_model(self) -> None:
-        """FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the
+        """Sequence parallelism (``sequence_parallel_size > 1``): the ``(data, ring, ulysses)`` mesh and the
+        backbone's :meth:`~lightning_vidalign.backbones.base.VideoBackbone.enable_sequence_parallel`, first (also under DDP);
+        the torchmetrics of evaluation then reduce over the data-parallel ranks only (each clip counted once).
+
+        FSDP2 (``ModelParallelStrategy``, tensor-parallel size 1): ``fully_shard`` every block the
         backbone names in :meth:`VideoBackbone.fsdp_modules`, then each denoiser itself
         (:meth:`VideoBackbone.denoisers`: the one denoiser, or both Wan 2.2 A14B experts), over the
-        data-parallel mesh. No-op under other strategies (DDP, single device)."""
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+        data-parallel mesh of the strategy (all ``W`` ranks, sequence-parallel ones included: parameters
+        are sharded over the whole world). No-op under other strategies (DDP, single device)."""
+        if self._trainer is None:
+            return
+        if self.sequence_parallel_size > 1 and self._sp_mesh is None:
+            from lightning_vidalign.sequence_parallel import sequence_parallel_mesh
+
+            self.check_sequence_parallel()
+            self._sp_mesh = sequence_parallel_mesh(self.trainer.world_size, self.sequence_parallel_size, self.trainer.strategy.root_device.type)
+            self.backbone.enable_sequence_parallel(self.sequence_parallel_size, self._sp_mesh)
+            group = self.data_parallel_group()
+            for metric in self.modules():
+                if isinstance(metric, torchmetrics.Metric):
+                    metric.process_group = group
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -645,11 +745,11 @@ class VideoAlignModule(L.LightningModule):
         return float(self.backbone.training_loss(x0, cond, sigma, noise).mean())
 
     def heldout_per_rank(self) -> int:
-        """Held-out conditions each rank evaluates: ``ceil(heldout_conditions / world size)`` of its
-        shard of the validation set (rank ``r`` holds conditions ``r, r + W, ...``), so that about
-        ``heldout_conditions`` are evaluated in all, the same ones at every evaluation."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return math.ceil(self.heldout_conditions / world)
+        """Held-out conditions each rank evaluates: ``ceil(heldout_conditions / D)`` of its
+        shard of the validation set (data-parallel rank ``r`` of ``D`` holds conditions ``r, r + D, ...``; the ranks
+        of a sequence-parallel group evaluate the same ones together), so that about ``heldout_conditions`` are
+        evaluated in all, the same ones at every evaluation."""
+        return math.ceil(self.heldout_conditions / self.data_parallel_size)
 
     def heldout_settings(self) -> dict:
         """What fixes the held-out videos' noise and sampling (stored with the step-0 baseline; a resumed

@@ -250,6 +250,49 @@ class VideoBackbone(nn.Module, abc.ABC):
                 model.disable_gradient_checkpointing()
         self.activation_checkpointing = bool(enabled)
 
+    #: Ulysses sequence-parallel degree applied by :meth:`enable_sequence_parallel` (1: off)
+    sequence_parallel_size: int = 1
+
+    def context_parallel_plan(self, model: torch.nn.Module) -> dict | None:
+        """The diffusers context-parallel plan (``{module: split/gather}``) for a denoiser: its class's ``_cp_plan``
+        (None: not splittable). A backbone overrides it to supply its own (HunyuanVideo 1.5)."""
+        return getattr(type(model), "_cp_plan", None) or None
+
+    def prepare_sequence_parallel(self, model: torch.nn.Module, size: int) -> None:
+        """Called for each denoiser before diffusers' ``enable_parallelism``: e.g. install attention processors
+        that run under Ulysses (HunyuanVideo 1.5). Default: nothing."""
+
+    def enable_sequence_parallel(self, size: int, mesh=None) -> None:
+        """Ulysses sequence parallelism of degree ``size`` for every denoiser (:meth:`denoisers`), through diffusers'
+        context parallelism (:func:`lightning_vidalign.sequence_parallel.enable_sequence_parallel`) with the plan of
+        :meth:`context_parallel_plan`; ``mesh`` from
+        :func:`~lightning_vidalign.sequence_parallel.sequence_parallel_mesh`. ``VideoAlignModule`` calls it in
+        ``configure_model`` for ``sequence_parallel_size > 1``; every rank of a group must then call the denoiser
+        with the same inputs.
+
+        Raises:
+            ValueError: a denoiser without a context-parallel plan (the SVD UNet: diffusers has none), or a head
+                count not divisible by ``size`` — each naming ``sequence_parallel_size`` and the value.
+        """
+        from lightning_vidalign.sequence_parallel import SETTING, check_divisible, enable_sequence_parallel
+
+        for model in self.denoisers():
+            if not self.context_parallel_plan(model):
+                import diffusers
+
+                raise ValueError(
+                    f"sequence_parallel_size={size}: {type(self).__name__}'s denoiser {type(model).__name__} has no diffusers "
+                    f"context-parallel plan (_cp_plan) in diffusers {diffusers.__version__}, so its tokens cannot be split: "
+                    f"set {SETTING} 1 (sequence parallelism is available for WanBackbone and HunyuanVideo15Backbone)"
+                )
+            heads = getattr(model.config, "num_attention_heads", None)
+            if heads is not None:
+                check_divisible(f"attention heads of {type(model).__name__} (num_attention_heads)", int(heads), size)
+        for model in self.denoisers():
+            self.prepare_sequence_parallel(model, size)
+            enable_sequence_parallel(model, size, mesh, cp_plan=self.context_parallel_plan(model))
+        self.sequence_parallel_size = int(size)
+
     def fsdp_modules(self) -> list[torch.nn.Module]:
         """The denoiser's blocks that FSDP2 wraps one by one (each is gathered only for its forward)."""
         raise NotImplementedError

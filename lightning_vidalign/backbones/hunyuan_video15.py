@@ -144,6 +144,77 @@ def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None,
     }
 
 
+def hunyuan15_cp_plan() -> dict:
+    """Our context-parallel plan for ``HunyuanVideo15Transformer3DModel`` (diffusers 0.42 ships none; source: our choice,
+    after the Wan and Flux plans): split the video tokens and the (reordered) text tokens with their mask at the first
+    double-stream block, the RoPE tables at their module's output, the text mask at every block (the model passes the
+    same unsplit mask to each), and gather the video tokens at ``proj_out``. Every rank then holds ``[its video shard,
+    its text shard]``; after Ulysses' all-to-all the attention runs over the whole sequence in another order, which
+    joint attention without positions on text does not see. Needs :class:`UlyssesHunyuanVideo15AttnProcessor` (a key
+    mask of the local length), a video token count and a text length divisible by the group size."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {
+        "rope": {
+            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+        },
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+        },
+        "transformer_blocks.*": {"attention_mask": ContextParallelInput(split_dim=1, expected_dims=2)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+class UlyssesHunyuanVideo15AttnProcessor:
+    """diffusers' ``HunyuanVideo15AttnProcessor2_0`` (joint attention of the video tokens and the text tokens) for
+    sequence parallelism: the same projections, norms, RoPE and output split, but the text mask enters attention as a
+    key mask ``(B, 1, 1, S_local)`` (video tokens valid) instead of the dense ``(B, 1, S, S)`` product of key and query
+    masks, because diffusers' Ulysses attention all-gathers a mask of the local key length (to match the keys after
+    the all-to-all) and has no query dimension to gather. The video tokens' outputs are the same either way (their
+    rows of the dense mask are the key mask); only the outputs at padded text positions differ, which no later token
+    attends to (masked keys) and the model drops."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, attention_mask: Tensor | None = None,
+                 image_rotary_emb=None) -> tuple[Tensor, Tensor]:
+        import torch.nn.functional as F
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+        query = torch.cat([query, encoder_query], dim=1)
+        key = torch.cat([key, encoder_key], dim=1)
+        value = torch.cat([value, encoder_value], dim=1)
+        batch_size, seq_len = query.shape[:2]
+        key_mask = F.pad(attention_mask.bool(), (seq_len - attention_mask.shape[1], 0), value=True).view(batch_size, 1, 1, seq_len)
+        out = dispatch_attention_fn(query, key, value, attn_mask=key_mask, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(query.dtype)
+        text_len = encoder_hidden_states.shape[1]
+        hidden_states, encoder_hidden_states = out[:, :-text_len], out[:, -text_len:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
 class HunyuanVideo15Backbone(FlowMatchingBackbone):
     """HunyuanVideo 1.5 text-to-video / image-to-video policy with LoRA; rectified flow.
 
@@ -270,6 +341,16 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         """The double-stream blocks (54 in the real model)."""
         return list(self.transformer.transformer_blocks)
 
+    def context_parallel_plan(self, model: torch.nn.Module) -> dict:
+        """:func:`hunyuan15_cp_plan` (diffusers 0.42 has none for this model)."""
+        return hunyuan15_cp_plan()
+
+    def prepare_sequence_parallel(self, model: torch.nn.Module, size: int) -> None:
+        """Every double-stream block's attention gets :class:`UlyssesHunyuanVideo15AttnProcessor` (the token refiner,
+        on the whole text on every rank, keeps its own)."""
+        for block in model.transformer_blocks:
+            block.attn.set_processor(UlyssesHunyuanVideo15AttnProcessor())
+
     # ------------------------------------------------------------------ VAE
     @property
     def vae_scale_factor_spatial(self) -> int:
@@ -389,12 +470,34 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             cond_latents, mask = zeros, zeros[:, :1]
             image_embeds = torch.zeros(b, VISION_TOKENS, self.transformer.config.image_embed_dim, device=x.device, dtype=dtype)
         hidden = torch.cat([x, cond_latents, mask], dim=1).to(dtype)
+        text, text_mask = cond[pre + "prompt_embeds"], cond[pre + "prompt_mask"]
+        if self.sequence_parallel_size > 1:
+            text, text_mask = self._sequence_parallel_text(hidden, text, text_mask, cond[pre + "prompt_embeds_2"].shape[1] + image_embeds.shape[1])
         out = self.transformer(
             hidden_states=hidden, timestep=(sigma.float() * self.num_train_timesteps).view(b).to(dtype), image_embeds=image_embeds,
-            encoder_hidden_states=cond[pre + "prompt_embeds"].to(dtype), encoder_attention_mask=cond[pre + "prompt_mask"],
+            encoder_hidden_states=text.to(dtype), encoder_attention_mask=text_mask,
             encoder_hidden_states_2=cond[pre + "prompt_embeds_2"].to(dtype), encoder_attention_mask_2=cond[pre + "prompt_mask_2"], return_dict=False,
         )[0]
         return out.float().permute(0, 2, 1, 3, 4)
+
+    def _sequence_parallel_text(self, hidden: Tensor, text: Tensor, text_mask: Tensor, other_tokens: int) -> tuple[Tensor, Tensor]:
+        """Sequence parallelism splits the video tokens and the text tokens (MLLM + ByT5 + image, ``other_tokens`` the
+        last two) evenly over the group: the MLLM prompt gets masked zero tokens up to a multiple of the group size
+        (exact: the refiner attends and pools under the mask, and masked keys get weight 0); a video token count not
+        divisible by it is refused, naming the setting."""
+        from lightning_vidalign.sequence_parallel import SETTING
+
+        s = self.sequence_parallel_size
+        p, p_t = self.transformer.config.patch_size, self.transformer.config.patch_size_t
+        tokens = (hidden.shape[2] // p_t) * (hidden.shape[3] // p) * (hidden.shape[4] // p)
+        if tokens % s:
+            raise ValueError(f"sequence_parallel_size={s} must divide the clip's {tokens} tokens (latent frames {hidden.shape[2]} x "
+                             f"{hidden.shape[3]}/{p} x {hidden.shape[4]}/{p} patches): change data.num_frames / height / width or {SETTING}")
+        pad = -(text.shape[1] + other_tokens) % s
+        if pad:
+            text = torch.cat([text, text.new_zeros(text.shape[0], pad, text.shape[2])], dim=1)
+            text_mask = torch.cat([text_mask, text_mask.new_zeros(text_mask.shape[0], pad)], dim=1)
+        return text, text_mask
 
     def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0) -> Tensor:
         """``v_u + g·(v_c - v_u)`` in one batched call (the pipeline's ``ClassifierFreeGuidance``), or the

@@ -758,6 +758,17 @@ class WanBackbone(FlowMatchingBackbone):
             timestep = (per_token.flatten().unsqueeze(0) * t.view(b, 1))
         else:
             timestep = t
+        if self.sequence_parallel_size > 1:  # Ulysses splits the patch tokens evenly over the group
+            from lightning_vidalign.sequence_parallel import SETTING
+
+            p_t, p_h, p_w = self.transformer.config.patch_size
+            tokens = (x.shape[1] // p_t) * (x.shape[-2] // p_h) * (x.shape[-1] // p_w)
+            if tokens % self.sequence_parallel_size:
+                raise ValueError(
+                    f"sequence_parallel_size={self.sequence_parallel_size} must divide the clip's {tokens} tokens (latent frames "
+                    f"{x.shape[1]} x {x.shape[-2]}/{p_h} x {x.shape[-1]}/{p_w} patches{', the image latent included' if self.mode == 'ti2v' else ''}): "
+                    f"change data.num_frames / height / width or {SETTING}"
+                )
         dtype = self.transformer.dtype
         out = self._run_experts(
             self.high_noise(sigma.view(b)), hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=text.to(dtype)
