@@ -47,7 +47,11 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative runs/ paths (outputs, pretrained rewards) land here
     _pretrained_reward_files(path, str(tmp_path))
 
-    cli = VidAlignCLI(args=["--config", path], run=False)
+    # a fragment launched after another config (its launch line names both, in order) is built as launched
+    words = first.split()
+    configs = [os.path.join(ROOT, words[i + 1]) for i, w in enumerate(words[:-1]) if w == "--config"]
+    args = [a for c in (configs if path in configs else [path]) for a in ("--config", c)]
+    cli = VidAlignCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None
 
 
