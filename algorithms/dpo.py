@@ -59,6 +59,8 @@ class DPO(VideoAlignModule):
         **kwargs: :class:`VideoAlignModule` arguments (the rollout ``sampler``, steps, guidance).
     """
 
+    trains_from_latent_cache = True  # real clips through backbone.encode_batch
+
     def __init__(
         self,
         *args,

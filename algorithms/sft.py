@@ -19,6 +19,8 @@ class SFT(VideoAlignModule):
         *args, **kwargs: :class:`~lightning_vidalign.module.VideoAlignModule` arguments.
     """
 
+    trains_from_latent_cache = True  # real clips through backbone.encode_batch
+
     def __init__(self, *args, reward_weighting: bool = False, weight_temperature: float = 1.0, rewards: list[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.reward_weighting, self.weight_temperature, self.reward_names = reward_weighting, weight_temperature, rewards

@@ -39,6 +39,8 @@ class SHIFT(VideoAlignModule):
         **kwargs: :class:`VideoAlignModule` arguments.
     """
 
+    trains_from_latent_cache = True  # real clips through backbone.encode_batch
+
     def __init__(
         self,
         *args,

@@ -351,6 +351,9 @@ class VideoClipDataModule(L.LightningDataModule):
         shards_max_cache: str = "100GB",
     ):
         super().__init__()
+        if cache_dir and shards:
+            raise ValueError(f"data.cache_dir ({cache_dir!r}) and data.shards ({shards!r}) are two sources of the training clips: "
+                             "set one (the latent cache is built from the videos' clips; the shards hold the decoded clips)")
         if val_split not in ("random", "tail"):
             raise ValueError(f"val_split must be 'random' or 'tail', got {val_split!r}")
         if on_error not in ("raise", "skip"):

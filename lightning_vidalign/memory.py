@@ -232,11 +232,16 @@ def format_markdown(rows: list[dict[str, Any]], gpus: int, gpu_gb: float, lora_r
 
 def estimate(argv: list[str] | None = None) -> None:
     """``vidalign estimate``: print the per-GPU memory table (markdown) of the real model sizes."""
-    parser = argparse.ArgumentParser(prog="vidalign estimate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
-    parser.add_argument("--lora-rank", type=int, default=32)
-    parser.add_argument("--models", nargs="+", choices=sorted(REAL_MODELS), default=None)
+    parser = argparse.ArgumentParser(prog="vidalign estimate", description="Per-GPU memory (GB) of one training step of the real model sizes, with and without sequence parallelism and activation checkpointing, as a markdown table.")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs of the run (FSDP2 over all of them; default 8)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (default 80; 90%% of it is the budget)")
+    parser.add_argument("--lora-rank", type=int, default=32, help="LoRA rank of the LoRA columns (default 32)")
+    parser.add_argument("--models", nargs="+", choices=sorted(REAL_MODELS), default=None, help="models to list (default: all)")
     args = parser.parse_args(argv)
-    rows = estimate_rows(args.gpus, args.gpu_memory_gb, args.lora_rank, args.models)
+    for name, value in (("--gpus", args.gpus), ("--gpu-memory-gb", args.gpu_memory_gb), ("--lora-rank", args.lora_rank)):
+        if value <= 0:
+            parser.error(f"{name} must be > 0, got {value}")
+    # sequence-parallel sizes a run on these GPUs can use (training refuses one that does not divide the world size)
+    sp_sizes = tuple(sp for sp in (1, 2, 4, 8) if args.gpus % sp == 0)
+    rows = estimate_rows(args.gpus, args.gpu_memory_gb, args.lora_rank, args.models, sp_sizes=sp_sizes)
     print(format_markdown(rows, args.gpus, args.gpu_memory_gb, args.lora_rank))

@@ -546,12 +546,20 @@ class VideoAlignModule(L.LightningModule):
             )
         if self.sequence_parallel_size > 1:
             self.check_sequence_parallel()
+        cache_dir = getattr(self.trainer.datamodule, "cache_dir", None) if self.trainer.datamodule is not None else None
+        if cache_dir and stage == "fit" and not self.trains_from_latent_cache:
+            raise ValueError(f"{type(self).__name__} does not train from the latent cache (data.cache_dir={cache_dir!r}): its training "
+                             "step conditions rollouts on the real clips; SFT, SHIFT and DPO do. Unset --data.init_args.cache_dir")
         if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed writes its checkpoint folders itself
             use_atomic_checkpoint_io(self.trainer.strategy)
         if self.init_adapter_from and not self._adapters_initialised:
             load_adapter_weights(self, self.init_adapter_from)
             self._adapters_initialised = True
         self._ddp_params_and_buffers_to_ignore = self.offloaded_state_names()
+
+    #: whether this algorithm's training step reads the latent cache's batches (``data.cache_dir``): it gets its real
+    #: clips' latents and conditions through ``backbone.encode_batch`` / ``condition_batch``; refused otherwise
+    trains_from_latent_cache: bool = False
 
     def offloaded_state_names(self) -> list[str]:
         """Names (in this module) of the parameters and buffers of the backbone's offloaded frozen modules
@@ -597,6 +605,10 @@ class VideoAlignModule(L.LightningModule):
             self.check_sequence_parallel()
             self._sp_mesh = sequence_parallel_mesh(self.trainer.world_size, self.sequence_parallel_size, self.trainer.strategy.root_device.type)
             self.backbone.enable_sequence_parallel(self.sequence_parallel_size, self._sp_mesh)
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"sequence parallelism: {self.trainer.world_size} processes = data {self.data_parallel_size} x sequence "
+                           f"{self.sequence_parallel_size} (Ulysses; each clip's tokens split over {self.sequence_parallel_size} ranks)")
             group = self.data_parallel_group()
             for metric in self.modules():
                 if isinstance(metric, torchmetrics.Metric):
@@ -903,6 +915,9 @@ class VideoAlignModule(L.LightningModule):
             parts.append(f"improvement {metrics['heldout/improvement']:+.4f} (z {metrics['heldout/improvement_z']:.1f})")
         if "heldout/drift_from_base" in metrics:
             parts.append(f"drift from base {metrics['heldout/drift_from_base']:.4f}")
+        for key in self.heldout_extra_keys():
+            if f"heldout/{key}" in metrics:
+                parts.append(f"{key} {metrics[f'heldout/{key}']:.3f}")
         if "heldout/denoising_loss" in metrics:
             loss = f"denoising loss {metrics['heldout/denoising_loss']:.4f}"
             if "heldout/denoising_loss_decrease" in metrics and metrics.get("heldout/batches_seen", 0) > 0:

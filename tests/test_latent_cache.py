@@ -215,3 +215,24 @@ def test_shipped_configs_train_from_the_cache_as_written(tmp_path):
                     "--trainer.default_root_dir", str(tmp_path / "stale"), cwd=ROOT)
     assert out.returncode == 2 and "StaleCacheError" in out.stderr and "data.num_frames: 8 → 6" in out.stderr
     assert "vidalign cache --config configs/shift.yaml" in out.stderr
+
+
+def test_cache_and_shards_together_are_refused():
+    """The latent cache and the shards are two sources of the training clips (the trial of issue 24 crashed on both)."""
+    from lightning_vidalign.datamodules import VideoClipDataModule
+
+    with pytest.raises(ValueError, match=r"data.cache_dir .* and data.shards .* set one"):
+        VideoClipDataModule(cache_dir="cache/sft", shards="data/shards")
+
+
+@pytest.mark.slow
+def test_a_grpo_fit_from_a_cache_is_refused_naming_the_algorithms_that_use_it(tmp_path):
+    """A cache built for a GRPO config (whose conditions are not cached) was accepted and the fit then stopped with
+    ``KeyError: video``; now the fit is refused at setup, naming the option and the algorithms that train from it."""
+    cache = str(tmp_path / "cache")
+    out = _vidalign("cache", "--config", "configs/flow_grpo.yaml", "--data.init_args.cache_dir", cache, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = _vidalign("fit", "--config", "configs/flow_grpo.yaml", "--data.init_args.cache_dir", cache, "--trainer.max_steps", "1",
+                    "--trainer.default_root_dir", str(tmp_path / "run"), cwd=ROOT)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "GRPO does not train from the latent cache" in out.stderr and "SFT, SHIFT and DPO do" in out.stderr
