@@ -300,6 +300,9 @@ def open_shards(url: str, expected: dict, cache_dir: str | None = None, max_cach
             raise ShardError(f"data.shards {url!r}: no such folder; write it with `vidalign shard --config CONFIG --output {url}`")
         if not os.listdir(url):
             raise ShardError(f"data.shards {url!r}: the folder is empty; write it with `vidalign shard --config CONFIG --output {url}`")
+        if os.path.isfile(os.path.join(url, "index.json")) and os.path.basename(url) in SPLITS:
+            raise ShardError(f"data.shards {url!r} is one split of a shard folder; pass the folder that holds train/ and val/: "
+                             f"--data.init_args.shards {os.path.dirname(url)}")
     out = []
     for split in SPLITS:
         split_url = f"{url}/{split}" if _is_remote(url) else os.path.join(url, split)

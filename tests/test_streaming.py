@@ -168,6 +168,12 @@ def test_shards_of_other_settings_are_refused_naming_the_keys(shards):
     open_shards(str(shards), _settings(batch_size=4, num_workers=0))  # loader settings are free
 
 
+def test_a_split_folder_is_refused_naming_its_parent(shards):
+    """Passing ``<shards>/train`` (a new user's guess in the issue-24 trial) names the folder to pass instead."""
+    with pytest.raises(ShardError, match=f"is one split of a shard folder.*--data.init_args.shards {shards}$"):
+        open_shards(str(shards / "train"), _settings())
+
+
 def test_the_cli_names_mismatching_shards_in_one_line(shards, tmp_path, capsys):
     from lightning_vidalign.cli import main
 
