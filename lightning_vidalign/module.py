@@ -546,7 +546,7 @@ class VideoAlignModule(L.LightningModule):
             )
         if self.sequence_parallel_size > 1:
             self.check_sequence_parallel()
-        cache_dir = getattr(self.trainer.datamodule, "cache_dir", None) if self.trainer.datamodule is not None else None
+        cache_dir = getattr(getattr(self.trainer, "datamodule", None), "cache_dir", None)
         if cache_dir and stage == "fit" and not self.trains_from_latent_cache:
             raise ValueError(f"{type(self).__name__} does not train from the latent cache (data.cache_dir={cache_dir!r}): its training "
                              "step conditions rollouts on the real clips; SFT, SHIFT and DPO do. Unset --data.init_args.cache_dir")
