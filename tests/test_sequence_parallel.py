@@ -39,6 +39,7 @@ def test_sequence_parallel_two_processes_match_one(tmp_path):
             assert d <= (1e-3 if k == "dpo" else 1e-5), k
 
 
+@pytest.mark.slow  # ~35 s (default-suite time; the Wan equality tests stay in it)
 def test_hunyuan_video15_sequence_parallel_matches_one_process(tmp_path):
     """Our context-parallel plan for HunyuanVideo 1.5 (video and text tokens split, key mask; diffusers 0.42 has none):
     SP 2 vs one process on the tiny model, t2v (777 text tokens: one masked token padded) and i2v — the same losses,
@@ -233,6 +234,7 @@ def test_data_by_sequence_mesh_matches_data_parallel_alone(tmp_path):
     assert not torch.equal(torch.load(tmp_path / "dp2" / "dump" / "first_step_rank0.pt")["index"], torch.load(tmp_path / "dp2" / "dump" / "first_step_rank1.pt")["index"])
 
 
+@pytest.mark.slow  # ~50 s (default-suite time; the GRPO step under SP + FSDP2 + checkpointing stays in it)
 def test_dpo_sequence_parallel_fsdp2_checkpointing_runs_and_resumes(tmp_path):
     """configs/dpo_wan.yaml (on-policy pairs, decoupled backward) under SP 2 + FSDP2 + activation checkpointing: a
     1-step run ends (rc 0) with identical adapters on both ranks and the LoRA file written; the run resumes from its
