@@ -422,6 +422,16 @@ def shard(args: list[str]) -> dict:
     from lightning_vidalign.datamodules import VideoClipDataModule
     from lightning_vidalign.datamodules.streaming import write_shards
 
+    if {"-h", "--help"} & set(args):
+        print("usage: vidalign shard --config CONFIG [--config ...] --output DIR [--chunk_bytes 64MB] [--overwrite] [data overrides]\n\n"
+              "Decode the config's train and val clips once into LitData shards: DIR/train and DIR/val, the data settings in each\n"
+              "index.json. Then `vidalign fit --config CONFIG --data.init_args.shards DIR` trains from them (the same items in the\n"
+              "same order as from the videos); shards written with other clip settings are refused, naming the keys.\n\n"
+              "  --output DIR        the shard folder to write (required)\n"
+              "  --chunk_bytes SIZE  LitData chunk size, bytes or e.g. 64MB (default 64MB)\n"
+              "  --overwrite         replace what DIR holds\n"
+              "Other options are `vidalign fit`'s (--config, --data.init_args.*; `vidalign fit --help`).")
+        return {}
     own = argparse.ArgumentParser(prog="vidalign shard", add_help=False)
     own.add_argument("--output")
     own.add_argument("--chunk_bytes", default="64MB")

@@ -258,3 +258,11 @@ def test_an_empty_val_split_is_written_and_read_as_empty(tmp_path):
     assert (summary["train"], summary["val"]) == (3, 0) and not (tmp_path / "s.partial").exists()
     train, val = open_shards(str(tmp_path / "s"), _settings(val_fraction=0.0, max_clips_per_source=1))
     assert len(train) == 3 and len(val) == 0 and train[2]["index"] == 2
+
+
+def test_shard_help_is_its_own():
+    """``vidalign shard --help`` prints the subcommand's usage (not Lightning's fit help) and exits 0."""
+    out = subprocess.run([VIDALIGN, "shard", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: vidalign shard --config CONFIG") and "--output DIR" in out.stdout
+    assert "--trainer" not in out.stdout
