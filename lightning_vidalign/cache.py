@@ -51,6 +51,11 @@ class StaleCacheError(ValueError):
     missing/incomplete; the message names each differing field and the command that rebuilds the cache."""
 
 
+class MissingCacheError(StaleCacheError):
+    """``data.cache_dir`` holds no latent cache (never built, or a build that did not finish: no manifest); the
+    message names the folder and the command that builds it. A :class:`StaleCacheError`, so handlers of that catch it."""
+
+
 # ------------------------------------------------------------------ identities
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
@@ -111,12 +116,13 @@ def read_manifest(cache_dir: str) -> dict:
     """The manifest of a cache folder.
 
     Raises:
-        StaleCacheError: no folder, no manifest (never built, or a build that did not finish) or an unreadable one,
-            naming the folder and how to build it.
+        MissingCacheError: no folder or no manifest (never built, or a build that did not finish), naming the folder
+            and the command that builds it.
+        StaleCacheError: an unreadable manifest.
     """
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise StaleCacheError(f"data.cache_dir {cache_dir!r} holds no latent cache ({path} does not exist): build it with "
+        raise MissingCacheError(f"data.cache_dir {cache_dir!r} holds no latent cache ({path} does not exist): build it with "
                               f"`vidalign cache --config <this run's config(s)> --data.init_args.cache_dir {cache_dir}`")
     try:
         with open(path) as f:

