@@ -10,9 +10,10 @@ Each run is ``vidalign fit --config configs/recipes/<recipe>.yaml --seed_everyth
 --model.init_args.seed N --trainer.default_root_dir <out>/<recipe>/seed<N>``; a run folder with a
 ``result.json`` is done and skipped, one with ``checkpoints/last.ckpt`` is resumed from it
 (``--ckpt_path last``: the same result as an uninterrupted run), so the script can be stopped and
-started again at any point. On a machine shared with other heavy jobs, ``LEARNING_RUNS_LOCK=/tmp/heavy.lock`` runs
-each training under ``flock`` of that file. A recipe's seeds come from its header line ``# seeds: 0 1 2`` (default
-``0``), or ``--seeds``.
+started again at any point. ``--jobs N`` trains N runs at once (each with ``OMP_NUM_THREADS = cores // N``; on the
+2-core development machine ``--jobs 2`` runs two at 1 thread each). On a machine shared with other heavy jobs,
+``LEARNING_RUNS_LOCK=/tmp/heavy.lock`` runs each training under ``flock`` of that file. A recipe's seeds come from
+its header line ``# seeds: 0 1 2`` (default ``0``), or ``--seeds``.
 
 The table (``<report>/learning.md``, and the README between ``<!-- learning-table:start -->`` and
 ``<!-- learning-table:end -->`` with ``--readme``) gives per run: held-out reward at step 0 and at the
@@ -177,9 +178,10 @@ def kept_results(report: str) -> list[dict]:
     return kept
 
 
-def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | None = None) -> dict:
+def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | None = None, threads: int | None = None) -> dict:
     """Train (or resume, or skip when finished) one run of ``recipe`` with ``seed``; ``extra``: CLI arguments
-    after the recipe's (a claim's variant); ``run_dir`` default ``<out>/<recipe>/seed<N>``."""
+    after the recipe's (a claim's variant); ``run_dir`` default ``<out>/<recipe>/seed<N>``; ``threads``: the run's
+    ``OMP_NUM_THREADS`` (None: inherited)."""
     run_dir = run_dir or os.path.join(out, recipe, f"seed{seed}")
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
@@ -197,9 +199,10 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | N
     if os.environ.get("LEARNING_RUNS_LOCK"):  # a machine shared with other heavy jobs: one at a time (flock(1))
         cmd = ["flock", os.environ["LEARNING_RUNS_LOCK"], *cmd]
     print(f"[learning_runs] {recipe} seed {seed}: {' '.join(cmd)}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     t0 = time.time()
     with open(os.path.join(run_dir, "console.log"), "a") as log:
-        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     spent += (time.time() - t0) / 60
     open(spent_path, "w").write(f"{spent:.3f}")
     if code != 0:
@@ -212,7 +215,7 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | N
         cmd = cmd[cmd.index(vidalign):]
         val = [vidalign, "validate", *cmd[2:cmd.index("--seed_everything")], "--trainer.default_root_dir", run_dir, "--ckpt_path", "last"]
         with open(os.path.join(run_dir, "console.log"), "a") as log:
-            if subprocess.call(val, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) != 0:
+            if subprocess.call(val, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env) != 0:
                 raise RuntimeError(f"{recipe} seed {seed}: the final held-out evaluation failed; see {os.path.join(run_dir, 'console.log')}")
     result = {"recipe": recipe, "seed": seed, "recipe_sha": recipe_sha(recipe), "commit": git_commit(),
               "extra_args": extra, **summarize(run_dir, spent, recipe_criterion(recipe))}
@@ -299,9 +302,10 @@ def variant_dir(out: str, claim: str, variant: dict, seed: int) -> str | None:
     return os.path.join(out, "claims", claim, slug, f"seed{seed}")
 
 
-def run_claim(name: str, claim: dict, out: str, report: str, run: bool = True) -> list[dict]:
+def run_claim(name: str, claim: dict, out: str, report: str, run: bool = True, collect: list | None = None) -> list[dict]:
     """Every variant × seed of a claim (trained unless finished here or kept in ``<report>/results``;
-    ``run=False``: finished ones only)."""
+    ``run=False``: finished ones only; ``collect``: a list that gets the ``(recipe, seed, args, run_dir)`` of each run
+    still to train, none trained)."""
     results = []
     for v in claim["variants"]:
         for seed in claim["seeds"]:
@@ -319,6 +323,10 @@ def run_claim(name: str, claim: dict, out: str, report: str, run: bool = True) -
                 results.append({**kept[0], "variant": v["name"]})
                 continue
             if not run and not os.path.exists(done):
+                continue
+            if collect is not None:
+                if not os.path.exists(done):
+                    collect.append((v["recipe"], seed, args, run_dir))
                 continue
             r = run_one(v["recipe"], seed, out, args, run_dir=run_dir)
             if keep:
@@ -432,6 +440,28 @@ def replace_between(path: str, start: str, end: str, md: str) -> None:
     open(path, "w").write(text[:a] + "\n" + md + "\n" + text[b:])
 
 
+def run_parallel(tasks: list[tuple[str, int, list[str], str]], jobs: int) -> None:
+    """Train ``tasks`` (``(recipe, seed, extra args, run_dir)``, the same run folder once) ``jobs`` at a time, each with
+    ``OMP_NUM_THREADS = max(1, cores // jobs)``; the first failure is raised once the others have ended. Each run is
+    the same command as in a sequential invocation (the figures it gives do not depend on the order; our choice)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique, seen = [], set()
+    for t in tasks:
+        key = os.path.realpath(t[3])
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"[learning_runs] {len(unique)} run(s), {jobs} at a time, {threads} thread(s) each", flush=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_one, recipe, seed, os.path.dirname(os.path.dirname(run_dir)), list(extra), run_dir, threads)
+                   for recipe, seed, extra, run_dir in unique]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", nargs="*", help="recipe names (default: every configs/recipes/*.yaml)")
@@ -442,17 +472,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="no training: table and figures from finished runs")
     p.add_argument("--claims", nargs="*", help="claims of configs/claims.yaml to run (no names: all). Without --recipes and "
                    "--claims every recipe and every claim runs; with only one of them, only that part")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with OMP_NUM_THREADS = cores // jobs); "
+                   "default 1, one after the other")
     # (the table and figures always cover every finished run in --out, not only this invocation's recipes)
     args, extra = p.parse_known_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     everything = args.recipes is None and args.claims is None
     if args.claims is not None and args.recipes is None:
         args.recipes = []  # claims only
     recipes = args.recipes if args.recipes is not None else sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
+    for recipe in recipes:
+        if not os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")):
+            raise FileNotFoundError(f"no recipe {os.path.join(ROOT, 'configs', 'recipes', recipe + '.yaml')}")
+    claim_names = (args.claims or list(load_claims())) if (everything or args.claims is not None) else []
+    if args.jobs > 1 and not args.report_only:  # train everything first, then the sequential pass below only reads
+        tasks = [(recipe, seed, list(extra), os.path.join(args.out, recipe, f"seed{seed}")) for recipe in recipes
+                 for seed in (args.seeds if args.seeds is not None else recipe_seeds(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")))]
+        claims = load_claims()
+        for name in claim_names:
+            if name not in claims:
+                raise KeyError(f"unknown claim {name!r}; configs/claims.yaml has {sorted(claims)}")
+            run_claim(name, claims[name], args.out, args.report, collect=tasks)
+        run_parallel(tasks, args.jobs)
     results = []
     for recipe in recipes:
         path = os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no recipe {path}")
         for seed in args.seeds if args.seeds is not None else recipe_seeds(path):
             done = os.path.join(args.out, recipe, f"seed{seed}", "result.json")
             if args.report_only:
@@ -483,9 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme:
         replace_between(os.path.join(ROOT, "README.md"), "<!-- learning-table:start -->", "<!-- learning-table:end -->", md)
     print(md)
-    if everything or args.claims is not None:
-        names = args.claims or list(load_claims())
-        claims_md = claims_report(names, args.out, args.report, run=not args.report_only)
+    if claim_names:
+        claims_md = claims_report(claim_names, args.out, args.report, run=not args.report_only)
         if args.readme:
             replace_between(os.path.join(ROOT, "README.md"), "<!-- claims-table:start -->", "<!-- claims-table:end -->", claims_md)
         print(claims_md)

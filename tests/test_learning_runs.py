@@ -45,3 +45,22 @@ def test_claims_file_names_existing_recipes():
     assert {"sage_vs_baselines", "kl_modes", "extensions_vs_grpo"} <= set(claims)
     with pytest.raises(KeyError, match="unknown claim"):
         learning_runs.claims_report(["no_such_claim"], "/nonexistent", "/nonexistent", run=False)
+
+
+def test_parallel_runs_are_the_unfinished_ones_each_once(tmp_path, monkeypatch):
+    """``--jobs``: the runs a claim still needs are collected (a finished recipe run is not), a run folder shared by a
+    recipe and a claim variant trains once, each with its share of the cores."""
+    claim = {"title": "T", "seeds": [0], "variants": [{"name": "A", "recipe": "flow_grpo"},
+                                                      {"name": "B b", "recipe": "sage_grpo", "args": ["--x", "1"]}]}
+    out = tmp_path / "out"
+    (out / "flow_grpo" / "seed0").mkdir(parents=True)
+    (out / "flow_grpo" / "seed0" / "result.json").write_text("{}")
+    tasks = [("sage_grpo", 0, [], str(out / "sage_grpo" / "seed0"))]
+    assert learning_runs.run_claim("c", claim, str(out), str(tmp_path / "report"), collect=tasks) == []
+    b_dir = str(out / "claims" / "c" / "b_b" / "seed0")
+    assert tasks[1:] == [("sage_grpo", 0, ["--x", "1"], b_dir)]
+    calls = []
+    monkeypatch.setattr(learning_runs, "run_one", lambda recipe, seed, out, extra, run_dir, threads: calls.append((run_dir, extra, threads)))
+    learning_runs.run_parallel(tasks + [("sage_grpo", 0, ["--x", "1"], b_dir)], jobs=2)
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert sorted(calls) == sorted([(str(out / "sage_grpo" / "seed0"), [], threads), (b_dir, ["--x", "1"], threads)])
