@@ -36,6 +36,7 @@ import json
 import os
 import re
 import subprocess
+import textwrap
 import sys
 import time
 
@@ -267,7 +268,7 @@ def figures(results: list[dict], folder: str) -> list[str]:
             ax.plot(steps, values, marker="o", label=f"seed {r['seed']}")
         ax.set_xlabel("training step (round / batch)")
         ax.set_ylabel("held-out " + recipe_criterion(recipe).split("/", 1)[1].replace("_", " "))
-        ax.set_title(f"{recipe}: {recipe_reward(recipe)}", fontsize=9)
+        ax.set_title(textwrap.fill(f"{recipe}: {recipe_reward(recipe)}", 60), fontsize=9)  # long reward names wrap
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -405,7 +406,7 @@ def claim_figure(name: str, claim: dict, results: list[dict], folder: str) -> st
         axes[0][1].set_ylabel("KL (seed 0 / first seed)")
         axes[0][1].set_yscale("symlog", linthresh=1e-6)
         axes[0][1].grid(alpha=0.3)
-    fig.suptitle(claim["title"], fontsize=8)
+    fig.suptitle(textwrap.fill(claim["title"], 140), fontsize=8)
     fig.tight_layout()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"claim_{name}.png")
@@ -464,7 +465,7 @@ def run_parallel(tasks: list[tuple[str, int, list[str], str]], jobs: int) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipes", nargs="*", help="recipe names (default: every configs/recipes/*.yaml)")
+    p.add_argument("--recipes", nargs="*", help="recipe names (no names: every configs/recipes/*.yaml)")
     p.add_argument("--seeds", nargs="*", type=int, help="seeds (default: each recipe's '# seeds:' header)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "learning"), help="run folders")
     p.add_argument("--report", default=os.path.join(ROOT, "docs"), help="where learning.md and figures/ go")
@@ -479,9 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     everything = args.recipes is None and args.claims is None
-    if args.claims is not None and args.recipes is None:
-        args.recipes = []  # claims only
-    recipes = args.recipes if args.recipes is not None else sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
+    all_recipes = sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
+    if args.recipes is None:  # --claims alone: claims only
+        recipes = all_recipes if everything else []
+    else:  # --recipes without names: every recipe
+        recipes = args.recipes or all_recipes
     for recipe in recipes:
         if not os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")):
             raise FileNotFoundError(f"no recipe {os.path.join(ROOT, 'configs', 'recipes', recipe + '.yaml')}")
