@@ -134,7 +134,24 @@ def read_manifest(cache_dir: str) -> dict:
 
 
 def rebuild_hint(manifest: dict, cache_dir: str) -> str:
+    """How to rebuild a stale cache: under ``vidalign fit|validate|test ARGS``, ``vidalign cache ARGS`` (this run's
+    configs and overrides, without ``--ckpt_path``), and the command that built the cache; else the latter alone."""
+    import shlex
+
+    from lightning_vidalign.cli import INVOCATION
+
     command = manifest.get("command") or f"vidalign cache --config <config> --data.init_args.cache_dir {cache_dir}"
+    if INVOCATION[:1] and INVOCATION[0] in ("fit", "validate", "test"):
+        rest, skip = [], False
+        for arg in INVOCATION[1:]:
+            if skip:
+                skip = False
+            elif arg == "--ckpt_path":
+                skip = True
+            elif not arg.startswith("--ckpt_path="):
+                rest.append(arg)
+        return (f"rebuild it for this run with `vidalign cache {shlex.join(rest)}` (it was built with `{command}`; "
+                "if this run's change was not intended, fix the config instead)")
     return f"rebuild it with `{command}` (after updating the config if the change was intended)"
 
 

@@ -227,6 +227,11 @@ def quiet_console() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
+#: the arguments of the running ``vidalign`` command (``main``'s; empty when the package is used from Python): the
+#: stale-cache message builds this run's ``vidalign cache`` command from them
+INVOCATION: list[str] = []
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``vidalign`` console script (``args=None`` reads ``sys.argv``).
 
@@ -245,6 +250,7 @@ def main(args: list[str] | None = None) -> None:
         sys.path.insert(0, os.getcwd())
     quiet_console()
     argv = sys.argv[1:] if args is None else list(args)
+    INVOCATION[:] = argv
     try:
         if argv[:1] == ["export"]:
             export(argv[1:])

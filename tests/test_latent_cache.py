@@ -214,7 +214,9 @@ def test_shipped_configs_train_from_the_cache_as_written(tmp_path):
     out = _vidalign("fit", "--config", "configs/sft.yaml", *common, "--data.init_args.num_frames", "6",
                     "--trainer.default_root_dir", str(tmp_path / "stale"), cwd=ROOT)
     assert out.returncode == 2 and "StaleCacheError" in out.stderr and "data.num_frames: 8 → 6" in out.stderr
-    assert "vidalign cache --config configs/shift.yaml" in out.stderr
+    assert "it was built with `vidalign cache --config configs/shift.yaml" in out.stderr
+    assert f"rebuild it for this run with `vidalign cache --config configs/sft.yaml --data.init_args.cache_dir {cache}" in out.stderr
+    assert "--data.init_args.num_frames 6" in out.stderr
 
 
 def test_cache_and_shards_together_are_refused():
@@ -236,3 +238,17 @@ def test_a_grpo_fit_from_a_cache_is_refused_naming_the_algorithms_that_use_it(tm
                     "--trainer.default_root_dir", str(tmp_path / "run"), cwd=ROOT)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "GRPO does not train from the latent cache" in out.stderr and "SFT, SHIFT and DPO do" in out.stderr
+
+
+def test_rebuild_command_is_this_runs(monkeypatch):
+    """The stale-cache message's rebuild command carries the run's configs and overrides (not ``--ckpt_path``); outside
+    the ``vidalign`` command it is the command that built the cache."""
+    from lightning_vidalign import cli
+    from lightning_vidalign.cache import rebuild_hint
+
+    manifest = {"command": "vidalign cache --config a.yaml --data.init_args.cache_dir c"}
+    monkeypatch.setattr(cli, "INVOCATION", [])
+    assert rebuild_hint(manifest, "c") == "rebuild it with `vidalign cache --config a.yaml --data.init_args.cache_dir c` (after updating the config if the change was intended)"
+    monkeypatch.setattr(cli, "INVOCATION", ["fit", "--config", "a.yaml", "--data.init_args.fps", "16", "--ckpt_path", "last", "--ckpt_path=x"])
+    hint = rebuild_hint(manifest, "c")
+    assert hint.startswith("rebuild it for this run with `vidalign cache --config a.yaml --data.init_args.fps 16` (it was built with `vidalign cache --config a.yaml")
