@@ -36,8 +36,8 @@ import json
 import os
 import re
 import subprocess
-import textwrap
 import sys
+import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
