@@ -227,8 +227,8 @@ def quiet_console() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-#: the arguments of the running ``vidalign`` command (``main``'s; empty when the package is used from Python): the
-#: stale-cache message builds this run's ``vidalign cache`` command from them
+#: the arguments of the running ``vidalign`` command (``main``'s, while it runs; empty otherwise, e.g. when the package is
+#: used from Python): the stale-cache message builds this run's ``vidalign cache`` command from them
 INVOCATION: list[str] = []
 
 
@@ -282,6 +282,8 @@ def main(args: list[str] | None = None) -> None:
         print(f"vidalign: {type(cause).__name__}: {_message(cause)}", file=sys.stderr)
         print("(bad input: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        INVOCATION.clear()  # a later use of the package from Python is not this command
 
 
 def close_process_group() -> None:

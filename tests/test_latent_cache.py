@@ -247,7 +247,8 @@ def test_rebuild_command_is_this_runs(monkeypatch):
     from lightning_vidalign.cache import rebuild_hint
 
     manifest = {"command": "vidalign cache --config a.yaml --data.init_args.cache_dir c"}
-    monkeypatch.setattr(cli, "INVOCATION", [])
+    cli.main(["shard", "--help"])  # an in-process command leaves nothing behind for a later use from Python
+    assert cli.INVOCATION == []
     assert rebuild_hint(manifest, "c") == "rebuild it with `vidalign cache --config a.yaml --data.init_args.cache_dir c` (after updating the config if the change was intended)"
     monkeypatch.setattr(cli, "INVOCATION", ["fit", "--config", "a.yaml", "--data.init_args.fps", "16", "--ckpt_path", "last", "--ckpt_path=x"])
     hint = rebuild_hint(manifest, "c")
