@@ -426,7 +426,8 @@ def claims_report(names: list[str], out: str, report: str, run: bool) -> str:
         parts.append(claim_table(name, claims[name], results))
         path = claim_figure(name, claims[name], results, os.path.join(report, "figures"))
         if path:
-            parts.append(f"\n![{name}](docs/figures/{os.path.basename(path)})")
+            rel = os.path.relpath(path, ROOT)  # the README's view; a --report outside the repository: its absolute path
+            parts.append(f"\n![{name}]({path if rel.startswith('..') else rel})")
     md = "\n\n".join(parts)
     os.makedirs(report, exist_ok=True)
     open(os.path.join(report, "claims.md"), "w").write("# The papers' claims at tiny scale (scripts/learning_runs.py --claims)\n\n" + md + "\n")
