@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from typing import Any
 
 import torch
@@ -285,7 +284,7 @@ def cache_command(args: list[str]) -> str:
     """
     import argparse
 
-    from lightning_vidalign.cli import VidAlignCLI
+    from lightning_vidalign.cli import build_offline
 
     if {"-h", "--help"} & set(args):
         print("usage: vidalign cache --config CONFIG [--config ...] --data.init_args.cache_dir DIR [--device cpu|cuda] [other overrides]\n\n"
@@ -297,12 +296,7 @@ def cache_command(args: list[str]) -> str:
     own = argparse.ArgumentParser(prog="vidalign cache", add_help=False)
     own.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     known, rest = own.parse_known_args(args)
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        cli = VidAlignCLI(args=[*rest, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
-                                "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
-    finally:
-        sys.argv = argv
+    cli = build_offline(rest)
     dm = cli.datamodule
     if not getattr(dm, "supports_latent_cache", False):
         raise SystemExit(f"vidalign cache: the data module {type(dm).__name__} has no latent cache (VideoClipDataModule has: data.init_args.cache_dir)")

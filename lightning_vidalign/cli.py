@@ -412,6 +412,18 @@ def export(args: list[str]) -> str:
     return path
 
 
+def build_offline(args: list[str]) -> VidAlignCLI:
+    """The model and data module of ``args`` (``--config`` files and overrides) built as ``vidalign fit`` builds them,
+    on one CPU process, without logger, callbacks or strategy, for the offline subcommands (``vidalign cache``,
+    ``vidalign shard``); ``sys.argv`` is set aside meanwhile (the CLI would read it). Our choice."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return VidAlignCLI(args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+                                 "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    finally:
+        sys.argv = argv
+
+
 def shard(args: list[str]) -> dict:
     """``vidalign shard --config CONFIG [--config ...] --output DIR [--chunk_bytes 64MB] [--overwrite] [data overrides]``:
     decode the train and val clips of the config's data module (a ``VideoClipDataModule``) once into LitData shards
@@ -447,12 +459,7 @@ def shard(args: list[str]) -> dict:
     known, args = own.parse_known_args(args)
     if not known.output:
         raise SystemExit("vidalign shard: --output DIR (the shard folder to write) is required, with the run's --config")
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        cli = VidAlignCLI(args=[*args, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
-                                "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
-    finally:
-        sys.argv = argv
+    cli = build_offline(args)
     if not isinstance(cli.datamodule, VideoClipDataModule):
         raise SystemExit(f"vidalign shard: the config's data module is {type(cli.datamodule).__name__}; shards are written from a VideoClipDataModule")
     chunk_bytes = int(known.chunk_bytes) if known.chunk_bytes.isdigit() else known.chunk_bytes
