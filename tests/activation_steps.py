@@ -1,5 +1,5 @@
-"""One SFT, GRPO and DPO (decoupled) backward on a tiny backbone, shared by tests/test_activation_checkpointing.py
-and tests/benchmarks/test_activation_memory.py.
+"""One SFT, GRPO and DPO (decoupled) backward on a tiny backbone, shared by tests/test_activation_checkpointing.py,
+tests/benchmarks/test_activation_memory.py and the sequence-parallel jobs (tests/sequence_parallel*_job.py).
 
 Each ``*_step(backbone, batch)`` clears the LoRA gradients, runs the algorithm's own loss code for one step
 (``training_loss`` for SFT as :class:`SFT` does, :meth:`GRPO.step_loss` on a kept rollout transition,
@@ -33,6 +33,23 @@ def _zero(backbone):
         p.grad = None
 
 
+def denoising_step(backbone, x0, cond, sigma, noise):
+    """The flow-matching loss backward with the LoRA gradients cleared first; returns ``(loss (B,) detached, the
+    trainable parameters)`` (their ``.grad`` holds this step's gradients). Shared by the sequence-parallel jobs."""
+    _zero(backbone)
+    loss = backbone.training_loss(x0, cond, sigma, noise)
+    loss.mean().backward()
+    return loss.detach(), backbone.trainable_parameters()
+
+
+def sde_rollout(backbone, cond, size: int):
+    """A flow-GRPO SDE rollout with CFG 2 (3 steps, 9 frames, ``size`` x ``size``, fixed generator): ``(latents,
+    log_prob)``. Shared by the sequence-parallel jobs."""
+    traj = backbone.rollout(cond, "flow_grpo", 3, 2.0, torch.Generator().manual_seed(5), keep_trajectory=True, num_frames=9,
+                            height=size, width=size, decode=False)
+    return traj.latents, traj.log_prob
+
+
 def levels(backbone, b: int) -> torch.Tensor:
     """Training levels ``(B,)``: for two Wan experts one sample on each side of the boundary (both trained)."""
     if getattr(backbone, "transformer_2", None) is not None:
@@ -50,8 +67,7 @@ def prepare_sft(backbone, batch):
     noise = torch.randn(x0.shape, generator=gen)
 
     def run():
-        _zero(backbone)
-        backbone.training_loss(x0, cond, sigma, noise).mean().backward()
+        denoising_step(backbone, x0, cond, sigma, noise)
         return _grads(backbone)
 
     return run, [x0, sigma, noise, *cond.values()]

@@ -14,23 +14,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/activation_steps.py
 
-from activation_steps import perturb_lora
+from activation_steps import denoising_step, perturb_lora, sde_rollout
 from lightning_vidalign.backbones import HunyuanVideo15Backbone
 from lightning_vidalign.sequence_parallel import sequence_parallel_grads
-
-
-def step(bb, x0, cond, sigma, noise):
-    params = bb.trainable_parameters()
-    for p in params:
-        p.grad = None
-    loss = bb.training_loss(x0, cond, sigma, noise)
-    loss.mean().backward()
-    return loss.detach(), [p.grad.clone() for p in params], params
-
-
-def rollout(bb, cond):
-    traj = bb.rollout(cond, "flow_grpo", 3, 2.0, torch.Generator().manual_seed(5), keep_trajectory=True, num_frames=9, height=32, width=32, decode=False)
-    return traj.latents, traj.log_prob
 
 
 def run(rank, world, out):
@@ -48,17 +34,18 @@ def run(rank, world, out):
         cond = bb.encode_condition(batch)
         x0 = torch.randn(2, 3, 8, 8, 8, generator=g)  # (B, T', C, h, w): 9 frames, 32x32 -> 3 x 8 x 8 tokens
         noise, sigma = torch.randn(x0.shape, generator=g), torch.tensor([0.8, 0.3])
-        ref = step(bb, x0, cond, sigma, noise)[:2]
+        loss_ref, params = denoising_step(bb, x0, cond, sigma, noise)
+        ref = (loss_ref, [p.grad.clone() for p in params])
         with torch.no_grad():
-            ref_roll = rollout(bb, cond)
+            ref_roll = sde_rollout(bb, cond, 32)
         bb.enable_sequence_parallel(world)
-        loss, _, params = step(bb, x0, cond, sigma, noise)
+        loss, params = denoising_step(bb, x0, cond, sigma, noise)
         sequence_parallel_grads(params)
         grads = [p.grad.clone() for p in params]
         with torch.no_grad():
-            roll = rollout(bb, cond)
+            roll = sde_rollout(bb, cond, 32)
         bb.set_activation_checkpointing(True)
-        loss_ac, _, params = step(bb, x0, cond, sigma, noise)
+        loss_ac, params = denoising_step(bb, x0, cond, sigma, noise)
         sequence_parallel_grads(params)
         results[mode] = {"loss": (ref[0], loss, loss_ac), "grads": (ref[1], grads, [p.grad.clone() for p in params]),
                          "latents": (ref_roll[0], roll[0]), "log_prob": (ref_roll[1], roll[1])}

@@ -15,23 +15,9 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/activation_steps.py
 
-from activation_steps import prepare_dpo, prepare_grpo
+from activation_steps import denoising_step, prepare_dpo, prepare_grpo, sde_rollout
 from lightning_vidalign.backbones import WanBackbone
 from lightning_vidalign.sequence_parallel import enable_sequence_parallel, sequence_parallel_grads
-
-
-def step(bb, x0, cond, sigma, noise):
-    params = bb.trainable_parameters()
-    for p in params:
-        p.grad = None
-    loss = bb.training_loss(x0, cond, sigma, noise)
-    loss.mean().backward()
-    return loss.detach(), params
-
-
-def rollout(bb, cond):
-    traj = bb.rollout(cond, "flow_grpo", 3, 2.0, torch.Generator().manual_seed(5), keep_trajectory=True, num_frames=9, height=64, width=64, decode=False)
-    return traj.latents, traj.log_prob
 
 
 def run(rank, world, out):
@@ -47,22 +33,22 @@ def run(rank, world, out):
     cond = bb.encode_condition({"caption": ["a red car drives along a coastal road", "two people ride bikes in a park"]})
     x0 = torch.randn(2, 3, 8, 16, 16, generator=g)  # (B, T', C, h, w): 9 frames, 64x64 -> 3 x 8 x (16 x 16), 192 tokens
     noise, sigma = torch.randn(x0.shape, generator=g), torch.tensor([0.8, 0.3])
-    loss_ref, params = step(bb, x0, cond, sigma, noise)
+    loss_ref, params = denoising_step(bb, x0, cond, sigma, noise)
     grads_ref = [p.grad.clone() for p in params]
     with torch.no_grad():
-        lat_ref, lp_ref = rollout(bb, cond)
+        lat_ref, lp_ref = sde_rollout(bb, cond, 64)
     video = torch.rand(2, 9, 3, 64, 64, generator=g)
     steps = {"grpo": prepare_grpo(bb, {"video": video, "caption": ["a red car drives", "two people ride bikes"]})[0],
              "dpo": prepare_dpo(bb, {"video": video, "caption": ["a red car drives", "two people ride bikes"]})[0]}
     steps_ref = {k: run() for k, run in steps.items()}  # SP = 1 gradients of a GRPO step loss and a DPO decoupled step
     enable_sequence_parallel(bb.transformer, world)
-    loss_sp, params = step(bb, x0, cond, sigma, noise)
+    loss_sp, params = denoising_step(bb, x0, cond, sigma, noise)
     sequence_parallel_grads(params)
     grads_sp = [p.grad.clone() for p in params]
     with torch.no_grad():
-        lat_sp, lp_sp = rollout(bb, cond)
+        lat_sp, lp_sp = sde_rollout(bb, cond, 64)
     bb.set_activation_checkpointing(True)  # SP + activation checkpointing: the recomputed blocks run the all-to-alls again
-    loss_ac, params = step(bb, x0, cond, sigma, noise)
+    loss_ac, params = denoising_step(bb, x0, cond, sigma, noise)
     sequence_parallel_grads(params)
     grads_ac = [p.grad.clone() for p in params]
     # + FSDP2 over the same ranks (the SP group is the FSDP group here): FSDP2 averages the shards' gradients over
@@ -70,7 +56,7 @@ def run(rank, world, out):
     for block in bb.transformer.blocks:
         fully_shard(block)
     fully_shard(bb.transformer)
-    fsdp = {"sft": step(bb, x0, cond, sigma, noise)[1]}
+    fsdp = {"sft": denoising_step(bb, x0, cond, sigma, noise)[1]}
     fsdp["sft"] = [world * p.grad.full_tensor() for p in fsdp["sft"]]
     for k, run in steps.items():
         fsdp[k] = [world * gr.full_tensor() for gr in run()]
