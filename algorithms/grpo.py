@@ -302,7 +302,7 @@ class GRPO(VideoAlignModule):
         s, s_next = _per_sample(s, x_t), _per_sample(s_next, x_t)
         ctx = self.backbone.adapters_disabled() if which == "fixed" else self.anchor_weights()
         with ctx, torch.no_grad():
-            v = self.backbone.guided_velocity(x_t, s.to(x_t.device), cond, self.guidance)
+            v = self.backbone.guided_velocity(x_t, s.to(x_t.device), cond, self.guidance, sigma_next=s_next.to(x_t.device))
         p = sde_step_parameters(_as_level(s, x_t), _as_level(s_next, x_t), self.sde_type, self.eta)
         return p["a"] * x_t.float() + p["b"] * v.float()
 
@@ -323,7 +323,7 @@ class GRPO(VideoAlignModule):
             ref["fixed"] = self.reference_mean(x_t, s, s_next, cond, "fixed")
         if self.kl_type in ("moving", "dual"):
             ref["moving"] = self.reference_mean(x_t, s, s_next, cond, "moving")
-        v = self.backbone.guided_velocity(x_t, s.to(x_t.device), cond, self.guidance)
+        v = self.backbone.guided_velocity(x_t, s.to(x_t.device), cond, self.guidance, sigma_next=s_next.to(x_t.device))
         _, mean, std, log_prob = sde_step_with_logprob(v, x_t, s, s_next, self.sde_type, self.eta, prev_sample=x_next, log_prob_form=self.log_prob_form)
         policy, metrics = self.policy_loss(log_prob, old_log_prob, advantages, x_next, mean, std)
         if ref:
@@ -485,7 +485,8 @@ class GRPO(VideoAlignModule):
         out = {}
         for t in steps:
             s, s_next = float(traj.sigmas[t]), float(traj.sigmas[t + 1])
-            v = self.backbone.guided_velocity(traj.x_t[:, t], torch.full((b * g,), s, device=video.device), cond, self.guidance)
+            v = self.backbone.guided_velocity(traj.x_t[:, t], torch.full((b * g,), s, device=video.device), cond, self.guidance,
+                                              sigma_next=torch.full((b * g,), s_next, device=video.device))
             _, _, _, lp = sde_step_with_logprob(v, traj.x_t[:, t], s, s_next, self.sde_type, self.eta, prev_sample=traj.x_next[:, t], log_prob_form=self.log_prob_form)
             loss = float(scales[t]) * (-(adv * lp)).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -69,8 +69,12 @@ class VideoAlignModule(L.LightningModule):
         grad_clip: max gradient norm (SHIFT App. C: 1.0); 0 disables.
         seed: base seed of the rank-aware generators ``(seed, rank, batch, tag)``.
         sampler: rollout sampler of the backbone (SVD: ``euler`` | ``euler_ancestral``).
-        num_inference_steps: rollout denoising steps.
-        guidance: CFG scale or ``(min, max)`` over frames (SVD pipeline); ``<= 1`` disables CFG.
+        num_inference_steps: rollout denoising steps; None: the checkpoint's default
+            (``backbone.settings["num_inference_steps"]``: the folder's own record or its diffusers pipeline's default,
+            e.g. Wan 50, SVD 25; the tiny family 10; issue 32).
+        guidance: CFG scale or ``(min, max)`` over frames (SVD pipeline); ``<= 1`` disables CFG; None: the checkpoint's
+            default (``backbone.settings["guidance"]``: e.g. ``WanPipeline`` 5.0, HunyuanVideo 1.5 its guider's scale,
+            SVD (1.0, 3.0); the tiny family 1.0).
         val_num_videos: videos sampled per validation run (per rank) for metrics and logs.
         on_nonfinite: ``"raise"`` (FloatingPointError naming the step) or ``"skip"`` (the step is
             skipped, logged and counted in ``train/skipped_steps``) for a non-finite loss.
@@ -135,8 +139,8 @@ class VideoAlignModule(L.LightningModule):
         grad_clip: float = 1.0,
         seed: int = 0,
         sampler: str = "euler",
-        num_inference_steps: int = 10,
-        guidance: float | tuple[float, float] = 1.0,
+        num_inference_steps: int | None = None,
+        guidance: float | tuple[float, float] | None = None,
         val_num_videos: int = 2,
         on_nonfinite: str = "raise",
         fsdp_param_dtype: str | None = None,
@@ -172,8 +176,8 @@ class VideoAlignModule(L.LightningModule):
         self.grad_clip = grad_clip
         self.seed = seed
         self.sampler = sampler
-        self.num_inference_steps = num_inference_steps
-        self.guidance = guidance
+        self.num_inference_steps = int(backbone.default_setting("num_inference_steps", 10) if num_inference_steps is None else num_inference_steps)
+        self.guidance = backbone.default_setting("guidance", 1.0) if guidance is None else guidance
         self.val_num_videos = val_num_videos
         self.on_nonfinite = on_nonfinite
         self.export_lora = export_lora

@@ -56,6 +56,72 @@ class VideoBackbone(nn.Module, abc.ABC):
     ) -> Trajectory:
         """Sample videos from the current policy."""
 
+    # ------------------------------------------ settings from the checkpoint (issue 32)
+    #: the settings this backbone uses and where each came from: ``{name: {"value": ..., "source": str}}``
+    #: (text lengths, default guidance and sampling steps, flow shift, expert boundary, ...; :meth:`record_setting`)
+    settings: dict[str, dict[str, Any]]
+
+    def record_setting(self, name: str, value: Any, source: str) -> Any:
+        """Record (and return) the value of a setting with its source, for :meth:`default_setting`, the start-up
+        log and ``vidalign check-model``."""
+        if "settings" not in self.__dict__:
+            self.settings = {}
+        self.settings[name] = {"value": value, "source": source}
+        return value
+
+    def default_setting(self, name: str, fallback: Any = None) -> Any:
+        """The value of a recorded setting (:meth:`record_setting`), or ``fallback`` when this backbone has none."""
+        entry = self.__dict__.get("settings", {}).get(name)
+        return fallback if entry is None else entry["value"]
+
+    def resolve_setting(self, name: str, given: Any, folder: dict[str, Any], folder_source: str, pipeline_value: Any, pipeline_source: str) -> Any:
+        """The value of a setting, first found of: ``given`` (the config's, when not None), ``folder[name]`` (the
+        checkpoint folder's own record, :func:`read_folder_defaults`), ``pipeline_value`` (the diffusers
+        pipeline's default, :func:`pipeline_default`); recorded with its source (:meth:`record_setting`)."""
+        if given is not None:
+            return self.record_setting(name, given, "config")
+        if name in folder:
+            return self.record_setting(name, folder[name], folder_source)
+        return self.record_setting(name, pipeline_value, pipeline_source)
+
+    def set_compute_dtype(self, dtype: str | None) -> None:
+        """Store and run the frozen base weights of every denoiser (:meth:`denoisers`) in ``dtype`` while the
+        trained LoRA weights (the master copy the optimizer updates) stay float32, as the reference trainers do
+        (flow_grpo / DanceGRPO: the transformer cast to bf16, LoRA parameters upcast to fp32). The submodules a
+        diffusers class keeps in fp32 (``_keep_in_fp32_modules``: Wan's time embedder, norms, ...) stay float32,
+        as ``from_pretrained(torch_dtype=...)`` does. peft runs each LoRA branch in the LoRA's dtype and adds it
+        to the base layer's output in the base dtype; the families' ``predict`` cast inputs to the denoiser's dtype
+        and the velocity back to float32, so the sampling maths and log-probs stay float32.
+
+        Args:
+            dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``/None (nothing changes).
+
+        Raises:
+            ValueError: an unknown name, or a low-precision dtype with ``finetune="full"`` (the trained weights
+                would be stored in it: use ``precision: bf16-mixed`` or ``fsdp_param_dtype`` for that).
+        """
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype is not None and dtype not in dtypes:
+            raise ValueError(f"{type(self).__name__}: dtype must be one of {sorted(dtypes)} or null, got {dtype!r}")
+        self.compute_dtype = dtype or "float32"
+        if dtype in (None, "float32"):
+            return
+        if getattr(self, "finetune", "lora") == "full":
+            raise ValueError(f"{type(self).__name__}: dtype={dtype!r} stores the base weights in {dtype}, but finetune='full' trains "
+                             "them: keep dtype float32 (and use trainer.precision bf16-mixed or fsdp_param_dtype)")
+        for model in self.denoisers():
+            keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+            for module_name, module in model.named_modules():
+                if "lora_" in module_name:
+                    continue
+                for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                    if not tensor.is_floating_point() or any(k in f"{module_name}.{name}".split(".") for k in keep):
+                        continue  # diffusers' rule for _keep_in_fp32_modules: a name component of the parameter
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.to(dtypes[dtype])
+                    else:
+                        setattr(module, name, tensor.to(dtypes[dtype]))
+
     # ------------------------------------------------- frozen parts (issue 24)
     #: frozen modules moved to the compute device only while used (``offload_frozen``)
     offload_frozen: bool = False
@@ -410,6 +476,46 @@ def resolve_pretrained_path(path: str) -> str:
     if path.startswith(DEMO_PREFIX):
         return demo_base_dir(path[len(DEMO_PREFIX) :])
     return path
+
+
+#: the key of ``model_index.json`` under which a folder of the tiny family (the demo bases, written by a backbone's
+#: ``save_pretrained``) records the settings it was trained with (text length, guidance, steps). diffusers ignores
+#: ``model_index.json`` keys that start with ``_``, so the folder still loads with ``DiffusionPipeline.from_pretrained``.
+FOLDER_DEFAULTS_KEY = "_vidalign_defaults"
+
+
+def read_model_index(path: str) -> dict[str, Any]:
+    """``<path>/model_index.json`` as a dict ({} when the file does not exist)."""
+    import json
+
+    file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+def read_folder_defaults(path: str | None) -> dict[str, Any]:
+    """The settings a checkpoint folder records for itself under :data:`FOLDER_DEFAULTS_KEY` of its
+    ``model_index.json`` ({} for a real checkpoint, which records none, or no folder)."""
+    return dict(read_model_index(path).get(FOLDER_DEFAULTS_KEY) or {}) if path else {}
+
+
+def pipeline_default(pipeline: str, parameter: str, method: str = "__call__") -> tuple[Any, str]:
+    """The default value of ``parameter`` of ``diffusers.<pipeline>.<method>`` (read from the installed diffusers by
+    ``inspect.signature``, so it follows the library) and a source string naming it.
+
+    Raises:
+        KeyError: if the installed diffusers has no such parameter (naming pipeline, method and parameter).
+    """
+    import inspect
+
+    import diffusers
+
+    params = inspect.signature(getattr(getattr(diffusers, pipeline), method)).parameters
+    if parameter not in params or params[parameter].default is inspect.Parameter.empty:
+        raise KeyError(f"diffusers {diffusers.__version__}: {pipeline}.{method} has no default for {parameter!r}")
+    return params[parameter].default, f"{pipeline}.{method} default (diffusers {diffusers.__version__})"
 
 
 FINETUNE_MODES = ("lora", "full")

@@ -165,7 +165,7 @@ class FlowMatchingBackbone(VideoBackbone):
         xs, xn, lps, means, stds = [], [], [], [], []
         for i in range(num_steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance)
+            v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance, sigma_next=torch.full((b,), s_next, device=device))
             kind = sampler if sde_steps is None or i in sde_steps else "ode"
             x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
             if keep_means:

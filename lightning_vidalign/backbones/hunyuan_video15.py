@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import pipeline_default, read_folder_defaults, require_files, require_weight_files, resolve_pretrained_path
 from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
@@ -242,8 +242,9 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         lora_target_modules: regex over transformer module names; None: every attention projection of the
             double-stream blocks, video and text streams, but the last block's dead text query/output
             (:func:`hunyuan15_lora_targets`).
-        max_sequence_length: MLLM text tokens (the pipeline: 1000; tiny default 32).
-        max_sequence_length_2: ByT5 glyph tokens (the pipeline: 256; tiny default 16).
+        max_sequence_length: MLLM text tokens; None: the pipeline's (1000, ``_get_mllm_prompt_embeds``'s default read
+            from diffusers); tiny: 32 (our choice).
+        max_sequence_length_2: ByT5 glyph tokens; None: the pipeline's (256, ``_get_byt5_prompt_embeds``); tiny: 16.
         negative_prompt: the unconditional prompt of CFG.
         flow_shift: override of the checkpoint's shift (None: the scheduler config's; tiny: 5.0).
         logit_mean, logit_std: training level distribution before the shift.
@@ -256,6 +257,19 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             see :meth:`~lightning_vidalign.backbones.base.VideoBackbone.configure_frozen_parts`.
         encoder_dtype: the same for the text encoders (MLLM, ByT5) and the image encoder.
         offload_frozen: keep the VAE and the encoders on CPU between uses (moved to the transformer's device for each).
+        dtype: store and run the frozen transformer weights in this dtype (``"bfloat16"``), LoRA masters float32
+            (:meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_compute_dtype`).
+
+    Defaults from the checkpoint (issue 32; :attr:`settings` records each with its source): text lengths (above), the
+    shift (scheduler config), and the algorithm's ``guidance`` / ``num_inference_steps`` when its config leaves them
+    null: the folder's ``guider/guider_config.json`` ``guidance_scale`` (the pipelines' ``ClassifierFreeGuidance``
+    component; without that folder ``ClassifierFreeGuidance``'s default, 7.5) and the pipeline's 50 steps; tiny: 1.0, 10.
+
+    MeanFlow checkpoints (``transformer.config.use_meanflow``, e.g. the step-distilled 480p I2V): the model also takes
+    ``timestep_r``. ``i2v`` passes it exactly as ``HunyuanVideo15ImageToVideoPipeline``: the next step's timestep
+    ``1000·s'`` (0 at the last step), in rollouts and in the GRPO family's re-scoring of a step (``sigma_next``); the
+    T2V pipeline passes none, and neither do we in ``t2v``. A loss at one noise level without a next step (SFT, SHIFT,
+    DPO's flow-matching loss) has no ``timestep_r`` for such a checkpoint: refused with a ``ValueError`` naming it.
 
     Raises:
         ValueError: ``mode`` other than ``"t2v"``/``"i2v"``; FileNotFoundError: a missing checkpoint file (named).
@@ -276,8 +290,8 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         lora_alpha: float = 8.0,
         lora_target_modules: str | None = None,
         lora_init: str | bool = "gaussian",
-        max_sequence_length: int = 32,
-        max_sequence_length_2: int = 16,
+        max_sequence_length: int | None = None,
+        max_sequence_length_2: int | None = None,
         negative_prompt: str = "",
         flow_shift: float | None = None,
         logit_mean: float = 0.0,
@@ -288,6 +302,7 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         vae_dtype: str | None = None,
         encoder_dtype: str | None = None,
         offload_frozen: bool = False,
+        dtype: str | None = None,
     ):
         super().__init__()
         from peft import LoraConfig
@@ -312,12 +327,45 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         n_lora = self.setup_finetuning(self.transformer, finetune, train_vae, lora_config, self.transformer.add_adapter, init_seed + 1)
         self.set_activation_checkpointing(activation_checkpointing)
         self.mode, self.pretrained_path = mode, pretrained_path
-        self.max_sequence_length, self.max_sequence_length_2 = max_sequence_length, max_sequence_length_2
+        self.max_sequence_length, self.max_sequence_length_2 = self.record_pipeline_settings(pretrained_path, max_sequence_length, max_sequence_length_2, flow_shift)
         self.negative_prompt = negative_prompt
         self.logit_mean, self.logit_std, self.fps = logit_mean, logit_std, fps
         self._negative_memo: dict = {}
         self.configure_frozen_parts(vae_dtype, encoder_dtype, offload_frozen)
-        log.info("HunyuanVideo15Backbone(%s): %d LoRA parameters", pretrained_path, n_lora)
+        self.set_compute_dtype(dtype)
+        log.info("HunyuanVideo15Backbone(%s): %d LoRA parameters; settings %s", pretrained_path, n_lora, {k: v["value"] for k, v in self.settings.items()})
+
+    @property
+    def use_meanflow(self) -> bool:
+        """Whether the transformer is a MeanFlow (step-distilled) one that takes ``timestep_r``."""
+        return bool(getattr(self.transformer.config, "use_meanflow", False))
+
+    def record_pipeline_settings(self, pretrained_path: str, length: int | None, length_2: int | None, flow_shift: float | None) -> tuple[int, int]:
+        """Record the settings the checkpoint implies (class docstring) in :attr:`settings`; returns the two text lengths."""
+        pipe = "HunyuanVideo15ImageToVideoPipeline" if self.mode == "i2v" else "HunyuanVideo15Pipeline"
+        if pretrained_path == "tiny":
+            tiny = "tiny family default (our choice)"
+            length = self.record_setting("max_sequence_length", 32 if length is None else length, tiny if length is None else "config")
+            length_2 = self.record_setting("max_sequence_length_2", 16 if length_2 is None else length_2, tiny if length_2 is None else "config")
+            self.record_setting("guidance", 1.0, tiny)
+            self.record_setting("num_inference_steps", 10, tiny)
+        else:
+            folder = resolve_pretrained_path(pretrained_path)
+            own = read_folder_defaults(folder)
+            length = self.resolve_setting("max_sequence_length", length, own, "model_index.json", *pipeline_default(pipe, "tokenizer_max_length", "_get_mllm_prompt_embeds"))
+            length_2 = self.resolve_setting("max_sequence_length_2", length_2, own, "model_index.json", *pipeline_default(pipe, "tokenizer_max_length", "_get_byt5_prompt_embeds"))
+            guider = os.path.join(folder, "guider", "guider_config.json")
+            if os.path.isfile(guider):
+                with open(guider) as f:
+                    scale = json.load(f).get("guidance_scale")
+                self.record_setting("guidance", float(scale), f"{guider} guidance_scale") if scale is not None else None
+            if "guidance" not in self.settings:
+                self.resolve_setting("guidance", None, own, "model_index.json", *pipeline_default("ClassifierFreeGuidance", "guidance_scale", "__init__"))
+            self.resolve_setting("num_inference_steps", None, own, "model_index.json", *pipeline_default(pipe, "num_inference_steps"))
+        self.record_setting("flow_shift", self.flow_shift, "config" if flow_shift is not None else
+                            ("tiny family default (our choice)" if pretrained_path == "tiny" else "scheduler/scheduler_config.json"))
+        self.record_setting("use_meanflow", self.use_meanflow, "transformer/config.json")
+        return int(length), int(length_2)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder) if m is not None]
@@ -451,13 +499,28 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         return cond
 
     # ---------------------------------------------------------------- model
-    def predict(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], negative: bool = False) -> Tensor:
+    def predict(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], negative: bool = False, sigma_next: Tensor | None = None) -> Tensor:
         """Velocity for ``x_t (B, T', C, h, w)`` at levels ``sigma (B,)``: the transformer on ``cat([x_t, cond_latents,
         mask], channels)`` with ``image_embeds``, as the pipelines: T2V zeros for all three; I2V the image latent at
-        frame 0 of ``cond_latents`` (zeros after), mask 1 at frame 0, the SigLIP states."""
+        frame 0 of ``cond_latents`` (zeros after), mask 1 at frame 0, the SigLIP states.
+
+        Args:
+            sigma_next: ``(B,)`` the next step's levels: a MeanFlow I2V checkpoint's ``timestep_r = 1000·s'`` (class
+                docstring); ignored otherwise.
+
+        Raises:
+            ValueError: a MeanFlow checkpoint in ``i2v`` mode without ``sigma_next`` (a loss at one level).
+        """
         pre = "negative_" if negative else ""
         b = x_t.shape[0]
         dtype = self.transformer.dtype
+        extra = {}
+        if self.use_meanflow and self.mode == "i2v":
+            if sigma_next is None:
+                raise ValueError(f"{self.pretrained_path}: a MeanFlow checkpoint (transformer.config.use_meanflow) predicts with the next "
+                                 "step's timestep (timestep_r), which a loss at one noise level (SFT, SHIFT, DPO) does not have; train "
+                                 "it with the GRPO family, or use the checkpoint it was distilled from")
+            extra["timestep_r"] = (sigma_next.float() * self.num_train_timesteps).view(b).to(dtype)
         x = x_t.float().permute(0, 2, 1, 3, 4)
         zeros = torch.zeros_like(x)
         if self.mode == "i2v":
@@ -477,6 +540,7 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             hidden_states=hidden, timestep=(sigma.float() * self.num_train_timesteps).view(b).to(dtype), image_embeds=image_embeds,
             encoder_hidden_states=text.to(dtype), encoder_attention_mask=text_mask,
             encoder_hidden_states_2=cond[pre + "prompt_embeds_2"].to(dtype), encoder_attention_mask_2=cond[pre + "prompt_mask_2"], return_dict=False,
+            **extra,
         )[0]
         return out.float().permute(0, 2, 1, 3, 4)
 
@@ -499,15 +563,16 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             text_mask = torch.cat([text_mask, text_mask.new_zeros(text_mask.shape[0], pad)], dim=1)
         return text, text_mask
 
-    def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0) -> Tensor:
+    def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0, sigma_next: Tensor | None = None) -> Tensor:
         """``v_u + g·(v_c - v_u)`` in one batched call (the pipeline's ``ClassifierFreeGuidance``), or the
-        conditional velocity when ``g <= 1``."""
+        conditional velocity when ``g <= 1``; ``sigma_next (B,)``: see :meth:`predict` (MeanFlow)."""
         if guidance is None or float(guidance) <= 1.0:
-            return self.predict(x_t, sigma, cond)
+            return self.predict(x_t, sigma, cond, sigma_next=sigma_next)
         names = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
         both = {n: torch.cat([cond[f"negative_{n}"], cond[n]]) for n in names}
         both.update({k: torch.cat([cond[k], cond[k]]) for k in ("image_embeds", "image_latents") if k in cond})
-        v_u, v_c = self.predict(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both).chunk(2)
+        nxt = None if sigma_next is None else torch.cat([sigma_next, sigma_next])
+        v_u, v_c = self.predict(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both, sigma_next=nxt).chunk(2)
         return v_u + float(guidance) * (v_c - v_u)
 
     def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import VideoBackbone, export_copy, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import (
+    FOLDER_DEFAULTS_KEY,
+    VideoBackbone,
+    export_copy,
+    pipeline_default,
+    read_folder_defaults,
+    require_files,
+    require_weight_files,
+    resolve_pretrained_path,
+)
 from lightning_vidalign.sampling import EDM_SAMPLERS, Trajectory, edm_preconditioning, euler_ancestral_step, euler_step
 
 log = logging.getLogger(__name__)
@@ -160,6 +169,14 @@ class SVDBackbone(VideoBackbone):
             see :meth:`~lightning_vidalign.backbones.base.VideoBackbone.configure_frozen_parts`.
         encoder_dtype: the same for the CLIP image encoder.
         offload_frozen: keep the VAE and the image encoder on CPU between uses (moved to the UNet's device for each).
+        dtype: store and run the frozen UNet weights in this dtype (``"bfloat16"``, ``"float16"``), LoRA masters float32
+            (:meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_compute_dtype`).
+
+    Defaults from the checkpoint (issue 32; :attr:`settings`): the algorithm's ``guidance`` and
+    ``num_inference_steps`` when its config leaves them null: the folder's ``_vidalign_defaults`` (the demo base: 1.0,
+    10), else ``StableVideoDiffusionPipeline``'s ``(min_guidance_scale, max_guidance_scale)`` = (1.0, 3.0) and 25
+    steps (read from diffusers); tiny: 1.0 and 10. ``fps``, ``motion_bucket_id`` and ``noise_aug_strength`` default to
+    the pipeline's values (7, 127, 0.02).
     """
 
     condition_keys = ("image_latents", "image_embeds", "added_time_ids")
@@ -184,6 +201,7 @@ class SVDBackbone(VideoBackbone):
         vae_dtype: str | None = None,
         encoder_dtype: str | None = None,
         offload_frozen: bool = False,
+        dtype: str | None = None,
     ):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
@@ -208,7 +226,24 @@ class SVDBackbone(VideoBackbone):
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.configure_frozen_parts(vae_dtype, encoder_dtype, offload_frozen)
-        log.info("SVDBackbone(%s, finetune=%s): %d LoRA parameters", pretrained_path, finetune, n_lora)
+        self.set_compute_dtype(dtype)
+        self.record_pipeline_settings(pretrained_path)
+        log.info("SVDBackbone(%s, finetune=%s): %d LoRA parameters; settings %s", pretrained_path, finetune, n_lora,
+                 {k: v["value"] for k, v in self.settings.items()})
+
+    def record_pipeline_settings(self, pretrained_path: str) -> None:
+        """Record the default ``guidance`` and ``num_inference_steps`` the checkpoint implies (class docstring)."""
+        if pretrained_path == "tiny":
+            self.record_setting("guidance", 1.0, "tiny family default (our choice)")
+            self.record_setting("num_inference_steps", 10, "tiny family default (our choice)")
+            return
+        folder = resolve_pretrained_path(pretrained_path)
+        own, source = read_folder_defaults(folder), f"{folder}/model_index.json {FOLDER_DEFAULTS_KEY}"
+        low, low_source = pipeline_default("StableVideoDiffusionPipeline", "min_guidance_scale")
+        high, _ = pipeline_default("StableVideoDiffusionPipeline", "max_guidance_scale")
+        self.resolve_setting("guidance", None, own, source, [float(low), float(high)], low_source.replace("__call__ default", "__call__ (min, max)_guidance_scale defaults"))
+        self.resolve_setting("num_inference_steps", None, own, source, *pipeline_default("StableVideoDiffusionPipeline", "num_inference_steps"))
+        self.record_setting("num_frames", int(getattr(self.unet.config, "num_frames", 0) or 0), "unet/config.json num_frames")
 
     def train(self, mode: bool = True):
         # frozen parts stay in eval mode (dropout etc.); LoRA dropout is 0
@@ -300,6 +335,18 @@ class SVDBackbone(VideoBackbone):
             raise ValueError(f"set_latent_statistics: latent RMS must be finite and > 0, got {rms}")
         self.vae.register_to_config(scaling_factor=1.0 / rms)
 
+    def _record_folder_defaults(self, directory: str) -> None:
+        """Add this backbone's default guidance and steps (the tiny family's) to the written ``model_index.json``
+        under :data:`~lightning_vidalign.backbones.base.FOLDER_DEFAULTS_KEY` (diffusers ignores ``_`` keys)."""
+        import json
+
+        path = os.path.join(directory, "model_index.json")
+        with open(path) as f:
+            index = json.load(f)
+        index[FOLDER_DEFAULTS_KEY] = {"guidance": self.default_setting("guidance", 1.0), "num_inference_steps": self.default_setting("num_inference_steps", 10)}
+        with open(path, "w") as f:
+            json.dump(index, f, indent=2)
+
     def save_pretrained(self, directory: str, dtype: torch.dtype = torch.float32) -> str:
         """Write the base model as a diffusers ``StableVideoDiffusionPipeline`` folder (``unet/ vae/
         image_encoder/ scheduler/ feature_extractor/ model_index.json``, safetensors) that both
@@ -363,6 +410,7 @@ class SVDBackbone(VideoBackbone):
             ),
         )
         pipe.save_pretrained(directory, safe_serialization=True)
+        self._record_folder_defaults(directory)
         return directory
 
     # ------------------------------------------------------------ conditions

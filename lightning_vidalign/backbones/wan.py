@@ -14,7 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import DEMO_PREFIX, export_copy, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import (
+    DEMO_PREFIX,
+    FOLDER_DEFAULTS_KEY,
+    export_copy,
+    pipeline_default,
+    read_folder_defaults,
+    require_files,
+    require_weight_files,
+    resolve_pretrained_path,
+)
 from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
@@ -293,7 +302,10 @@ class WanBackbone(FlowMatchingBackbone):
         lora_rank, lora_alpha: LoRA rank and alpha (scale ``alpha/rank``).
         lora_target_modules: regex over transformer module names (default: attention q/k/v/out).
         lora_init: peft ``init_lora_weights``.
-        max_sequence_length: text tokens (Wan: 512; tiny default 32); padded with zeros as the pipeline.
+        max_sequence_length: text tokens, padded with zeros as the pipeline (Wan's cross-attention has no text mask,
+            so the padding length changes the output). None: the folder's own record (``_vidalign_defaults`` of
+            ``model_index.json``: the demo base's 32), else ``WanPipeline``'s default (512, read from diffusers);
+            ``pretrained_path="tiny"``: 32 (our choice).
         negative_prompt: the unconditional prompt for classifier-free guidance.
         flow_shift: override of the checkpoint's flow shift (None: from the scheduler config).
         logit_mean, logit_std: training noise-level distribution (before the shift).
@@ -323,6 +335,14 @@ class WanBackbone(FlowMatchingBackbone):
             loaded); see :meth:`~lightning_vidalign.backbones.base.VideoBackbone.configure_frozen_parts`.
         encoder_dtype: the same for the text encoder (UMT5, or the tiny family's MiniLM).
         offload_frozen: keep the VAE and the text encoder on CPU between uses (moved to the DiT's device for each).
+        dtype: store and run the frozen transformer weights (every expert) in this dtype (``"bfloat16"``; None or
+            ``"float32"``: as loaded), LoRA masters float32
+            (:meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_compute_dtype`); the real-model configs set bf16.
+
+    Defaults from the checkpoint (issue 32; :attr:`settings` records each value and its source): the text length
+    (above), the flow shift (the scheduler config), the expert boundary (``model_index.json``), and the algorithm's
+    ``guidance`` and ``num_inference_steps`` when its config leaves them null: the folder's ``_vidalign_defaults``,
+    else ``WanPipeline``'s ``guidance_scale`` (5.0) and ``num_inference_steps`` (50); tiny: 1.0 and 10.
 
     Raises:
         ValueError: an unknown ``mode`` or ``lora_experts``; ``guidance_scale_2`` or ``lora_experts``
@@ -349,7 +369,7 @@ class WanBackbone(FlowMatchingBackbone):
         lora_alpha: float = 8.0,
         lora_target_modules: str = WAN_ATTN_LORA,
         lora_init: str | bool = "gaussian",
-        max_sequence_length: int = 32,
+        max_sequence_length: int | None = None,
         negative_prompt: str = "",
         flow_shift: float | None = None,
         logit_mean: float = 0.0,
@@ -366,6 +386,7 @@ class WanBackbone(FlowMatchingBackbone):
         vae_dtype: str | None = None,
         encoder_dtype: str | None = None,
         offload_frozen: bool = False,
+        dtype: str | None = None,
     ):
         super().__init__()
         from peft import LoraConfig
@@ -421,7 +442,7 @@ class WanBackbone(FlowMatchingBackbone):
             n_lora = self.setup_finetuning(torch.nn.ModuleList(trained), finetune, train_vae, lora_config, add_adapters, init_seed + 1)
         self.set_activation_checkpointing(activation_checkpointing)
         self.mode = mode
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = int(self.record_pipeline_settings(pretrained_path, max_sequence_length, flow_shift))
         self.negative_prompt = negative_prompt
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.fps = fps
@@ -431,7 +452,29 @@ class WanBackbone(FlowMatchingBackbone):
         self.register_buffer("latents_inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, 1, -1, 1, 1), persistent=False)
         self._negative_memo: dict = {}
         self.configure_frozen_parts(vae_dtype, encoder_dtype, offload_frozen)
-        log.info("WanBackbone(%s, %s): %d LoRA parameters", pretrained_path, mode, n_lora)
+        self.set_compute_dtype(dtype)
+        log.info("WanBackbone(%s, %s): %d LoRA parameters; settings %s", pretrained_path, mode, n_lora,
+                 {k: v["value"] for k, v in self.settings.items()})
+
+    def record_pipeline_settings(self, pretrained_path: str, max_sequence_length: int | None, flow_shift: float | None) -> int:
+        """Record the settings the checkpoint implies (class docstring) in :attr:`settings`; returns the text length."""
+        if pretrained_path == "tiny":
+            tiny = "tiny family default (our choice)"
+            length = self.record_setting("max_sequence_length", 32 if max_sequence_length is None else max_sequence_length, "config" if max_sequence_length is not None else tiny)
+            self.record_setting("guidance", 1.0, tiny)
+            self.record_setting("num_inference_steps", 10, tiny)
+        else:
+            folder = resolve_pretrained_path(pretrained_path)
+            own, own_source = read_folder_defaults(folder), f"{folder}/model_index.json {FOLDER_DEFAULTS_KEY}"
+            length = self.resolve_setting("max_sequence_length", max_sequence_length, own, own_source, *pipeline_default("WanPipeline", "max_sequence_length"))
+            self.resolve_setting("guidance", None, own, own_source, *pipeline_default("WanPipeline", "guidance_scale"))
+            self.resolve_setting("num_inference_steps", None, own, own_source, *pipeline_default("WanPipeline", "num_inference_steps"))
+        self.record_setting("flow_shift", self.flow_shift, "config" if flow_shift is not None else
+                            ("tiny family default (our choice)" if pretrained_path == "tiny" else "scheduler/scheduler_config.json"))
+        if self.transformer_2 is not None:
+            self.record_setting("boundary_ratio", self.boundary_ratio, "model_index.json" if pretrained_path != "tiny" else "config")
+            self.record_setting("guidance_scale_2", self.guidance_scale_2, "config" if self.guidance_scale_2 is not None else "WanPipeline default (None: the guidance)")
+        return length
 
     def encoder_modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
@@ -666,6 +709,8 @@ class WanBackbone(FlowMatchingBackbone):
             "text_encoder": TEXT_ENCODER_ENTRY,
             "tokenizer": TOKENIZER_ENTRY,
             "expand_timesteps": self.mode == "ti2v",
+            FOLDER_DEFAULTS_KEY: {"max_sequence_length": int(self.max_sequence_length), "guidance": self.default_setting("guidance", 1.0),
+                                  "num_inference_steps": self.default_setting("num_inference_steps", 10)},
         }
         if transformer_2 is not None:
             index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
@@ -776,12 +821,13 @@ class WanBackbone(FlowMatchingBackbone):
         out = out.float().permute(0, 2, 1, 3, 4)
         return out[:, 1:] if self.mode == "ti2v" else out
 
-    def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0) -> Tensor:
+    def guided_velocity(self, x_t: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: float = 1.0, sigma_next: Tensor | None = None) -> Tensor:
         """Classifier-free-guided velocity ``v_u + g·(v_c - v_u)`` (one batched call), or the
         conditional velocity when ``guidance <= 1``. Used in rollouts and in GRPO training so that
         the trained policy is the sampled one. With two experts ``g`` is ``guidance`` on the
         high-noise samples and ``guidance_scale_2`` (default ``guidance``) on the low-noise ones, and
-        the unconditional pass runs iff ``guidance > 1`` (``WanPipeline``'s rule)."""
+        the unconditional pass runs iff ``guidance > 1`` (``WanPipeline``'s rule). ``sigma_next`` (the next step's
+        levels, given by rollouts and GRPO re-scoring for MeanFlow models) is not used by Wan."""
         if guidance is None or float(guidance) <= 1.0:
             return self.predict(x_t, sigma, cond)
         both = {k: torch.cat([v, v]) for k, v in cond.items() if k != "negative_prompt_embeds"}
