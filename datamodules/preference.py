@@ -151,6 +151,9 @@ def load_pairs(path: str) -> list[dict]:
         FileNotFoundError: naming the pair file, or a line's missing video/image file.
         ValueError: naming the line for malformed JSON or missing keys.
     """
+    from lightning_vidalign.config_files import resolve_data_path
+
+    path = resolve_data_path(path)  # a shipped config's configs/data/... outside a clone: the packaged copy
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pairs file {path!r} does not exist")
     root = os.path.dirname(os.path.abspath(path))

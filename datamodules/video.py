@@ -124,6 +124,9 @@ def load_captions(path: str) -> dict[str, list[CaptionSpan]]:
             ``>= 0``, ``start >= end``, timed rows of one video that overlap, or two rows without
             times for one video.
     """
+    from lightning_vidalign.config_files import resolve_data_path
+
+    path = resolve_data_path(path)  # a shipped config's configs/data/... outside a clone: the packaged copy
     if not os.path.isfile(path):
         raise FileNotFoundError(f"captions file {path!r} does not exist")
     rows = []

@@ -232,6 +232,31 @@ def quiet_console() -> None:
 INVOCATION: list[str] = []
 
 
+#: ``vidalign``, ``vidalign -h`` / ``--help``: every subcommand (Lightning's parser knows only its own four)
+TOP_LEVEL_HELP = """usage: vidalign SUBCOMMAND [options]       (vidalign SUBCOMMAND --help: its options)
+
+Post-training of video diffusion models (SFT, SHIFT, the GRPO family, DPO) with PyTorch Lightning.
+
+training and evaluation (LightningCLI: --config FILE_OR_SHIPPED_NAME, --model..., --data..., --trainer...):
+  fit            train a method:                 vidalign fit --config configs/shift.yaml
+  validate       run the validation loop once
+  test           evaluate a model or a run:      vidalign test --config configs/eval.yaml
+  predict        sample videos
+
+real models and configs:
+  check-model    check a downloaded checkpoint folder before any GPU time: vidalign check-model DIR [--config FILE]
+  configs        the shipped configs:            vidalign configs list | vidalign configs copy NAME [DEST]
+  estimate       per-GPU memory of the real model sizes (markdown table)
+
+runs and data:
+  export         a run's LoRA in diffusers format (--merged: a full folder)
+  cache          precompute latents and conditions of a data set
+  shard          write a data set as litdata shards for streaming
+  serve-reward   serve a reward model over HTTP (RemoteReward's server)
+
+--config NAME also takes a shipped config when no such file exists here (`vidalign configs list`)."""
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``vidalign`` console script (``args=None`` reads ``sys.argv``).
 
@@ -252,6 +277,25 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     INVOCATION[:] = argv
     try:
+        if argv[:1] in ([], ["-h"], ["--help"]):
+            print(TOP_LEVEL_HELP)
+            return
+        from lightning_vidalign.config_files import resolve_config_arguments
+
+        resolved = resolve_config_arguments(argv)
+        if resolved != argv:  # a shipped config named by --config NAME
+            argv = resolved
+            args = resolved
+        if argv[:1] == ["configs"]:
+            from lightning_vidalign.config_files import configs_command
+
+            configs_command(argv[1:])
+            return
+        if argv[:1] == ["check-model"]:
+            from lightning_vidalign.check_model import check_model_command
+
+            check_model_command(argv[1:])
+            return
         if argv[:1] == ["export"]:
             export(argv[1:])
             return

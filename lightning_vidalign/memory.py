@@ -176,6 +176,36 @@ def checkpointed_block_bytes(family: str, tokens: float, width: int, text_tokens
     return 2.0 * (tokens + (text_tokens if family == "hunyuan15" else 0)) * width
 
 
+def estimate_setting(spec: ModelSpec, height: int, width: int, frames: int, gpus: int = 8, gpu_gb: float = 80.0, lora_rank: int = 32,
+                     sp: int = 1, ac: bool = False, finetune: str = "lora", experts: int = 1, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """GB per GPU of one training step of ``spec`` at one setting (the module's memory model), as
+    ``{"params_GB", "optim_GB", "act_GB", "total_GB", "fits", "tokens", "params_B", "lora_params_M"}``.
+
+    Args:
+        spec: the model (e.g. built from a checkpoint folder's ``transformer/config.json`` by ``vidalign check-model``).
+        height, width, frames: the clip's pixel size. gpus, gpu_gb: the run's GPUs (FSDP2 over all).
+        lora_rank: rank on the family's default targets. sp: sequence-parallel size. ac: activation checkpointing.
+        finetune: ``"lora"`` or ``"full"``.
+        experts: Wan 2.2 A14B's two experts: parameters, LoRA and optimizer counted for both; activations too
+            (under a distributed strategy with grad on both experts run on every call, ``WanBackbone``'s
+            ``experts_every_call``).
+        model: the transformer on the meta device when already built (else built from ``spec``).
+    """
+    model = build_on_meta(spec) if model is None else model
+    sh = shapes_of(model, spec)
+    n_lora = lora_parameter_count(model, spec.family, lora_rank) * experts
+    gathered = 2 * 2 * sh.block_params
+    params = ((2 if finetune == "lora" else 4) * sh.params * experts / gpus + gathered) / GB
+    optim = (16 * n_lora if finetune == "lora" else 12 * sh.params * experts / gpus) / GB
+    n = video_tokens(spec, sh, height, width, frames)
+    full_block = block_activation_bytes(spec.family, finetune, n / sp, sh.width, sh.mlp, sh.heads, spec.text_tokens, full_tokens=n)
+    act = (sh.layers * checkpointed_block_bytes(spec.family, n / sp, sh.width, spec.text_tokens) + full_block) if ac else sh.layers * full_block
+    act = act * experts / GB
+    total = params + optim + act
+    return {"params_GB": params, "optim_GB": optim, "act_GB": act, "total_GB": total, "fits": total <= 0.9 * gpu_gb, "tokens": n,
+            "params_B": sh.params * experts / 1e9, "lora_params_M": n_lora / 1e6}
+
+
 def estimate_rows(gpus: int = 8, gpu_gb: float = 80.0, lora_rank: int = 32, models: list[str] | None = None,
                   frames: tuple[int, ...] = (81, 121), sp_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict[str, Any]]:
     """One row per model, resolution, frame count, SP size and checkpointing setting (GB per GPU)."""

@@ -48,7 +48,7 @@ def test_a_real_wan_folder_gets_the_wan_pipelines_defaults(wan_folder):
     bb = WanBackbone(pretrained_path=wan_folder)
     assert bb.max_sequence_length == 512 and "WanPipeline.__call__ default" in bb.settings["max_sequence_length"]["source"]
     assert bb.default_setting("guidance") == 5.0 and bb.default_setting("num_inference_steps") == 50
-    assert bb.default_setting("flow_shift") == 3.0 and bb.settings["flow_shift"]["source"] == "scheduler/scheduler_config.json"
+    assert bb.default_setting("flow_shift") == 3.0 and bb.settings["flow_shift"]["source"] == "scheduler/scheduler_config.json shift"
     assert WanBackbone(pretrained_path=wan_folder, max_sequence_length=64).settings["max_sequence_length"] == {"value": 64, "source": "config"}
     from lightning_vidalign.algorithms import SFT
 

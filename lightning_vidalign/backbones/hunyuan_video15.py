@@ -352,32 +352,53 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         """Whether the transformer is a MeanFlow (step-distilled) one that takes ``timestep_r``."""
         return bool(getattr(self.transformer.config, "use_meanflow", False))
 
+    @staticmethod
+    def checkpoint_settings(folder: str, mode: str = "t2v") -> dict[str, dict[str, Any]]:
+        """The settings a HunyuanVideo 1.5 folder implies, each ``{"value", "source"}`` (class docstring): the two text
+        lengths and the default steps (the pipeline's, read from diffusers), the default guidance (``guider/``), the
+        shift (scheduler config) and MeanFlow (transformer config). JSON files only (``vidalign check-model``).
+
+        Raises:
+            FileNotFoundError: a missing scheduler or transformer config.
+        """
+        pipe = "HunyuanVideo15ImageToVideoPipeline" if mode == "i2v" else "HunyuanVideo15Pipeline"
+        own, own_source = read_folder_defaults(folder), "model_index.json _vidalign_defaults"
+
+        def entry(name, default):
+            value, source = (own[name], own_source) if name in own else default
+            return {"value": value, "source": source}
+
+        out = {"max_sequence_length": entry("max_sequence_length", pipeline_default(pipe, "tokenizer_max_length", "_get_mllm_prompt_embeds")),
+               "max_sequence_length_2": entry("max_sequence_length_2", pipeline_default(pipe, "tokenizer_max_length", "_get_byt5_prompt_embeds"))}
+        guider = os.path.join(folder, "guider", "guider_config.json")
+        scale = None
+        if os.path.isfile(guider):
+            with open(guider) as f:
+                scale = json.load(f).get("guidance_scale")
+        out["guidance"] = ({"value": float(scale), "source": "guider/guider_config.json guidance_scale"} if scale is not None
+                           else entry("guidance", pipeline_default("ClassifierFreeGuidance", "guidance_scale", "__init__")))
+        out["num_inference_steps"] = entry("num_inference_steps", pipeline_default(pipe, "num_inference_steps"))
+        with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+            out["flow_shift"] = {"value": float(json.load(f).get("shift", 1.0)), "source": "scheduler/scheduler_config.json shift"}
+        with open(os.path.join(folder, "transformer", "config.json")) as f:
+            out["use_meanflow"] = {"value": bool(json.load(f).get("use_meanflow", False)), "source": "transformer/config.json use_meanflow"}
+        return out
+
     def record_pipeline_settings(self, pretrained_path: str, length: int | None, length_2: int | None, flow_shift: float | None) -> tuple[int, int]:
-        """Record the settings the checkpoint implies (class docstring) in :attr:`settings`; returns the two text lengths."""
-        pipe = "HunyuanVideo15ImageToVideoPipeline" if self.mode == "i2v" else "HunyuanVideo15Pipeline"
+        """Record the settings the checkpoint implies (:meth:`checkpoint_settings`) with the config's overrides in
+        :attr:`settings`; returns the two text lengths."""
         if pretrained_path == "tiny":
             tiny = "tiny family default (our choice)"
-            length = self.record_setting("max_sequence_length", 32 if length is None else length, tiny if length is None else "config")
-            length_2 = self.record_setting("max_sequence_length_2", 16 if length_2 is None else length_2, tiny if length_2 is None else "config")
-            self.record_setting("guidance", 1.0, tiny)
-            self.record_setting("num_inference_steps", 10, tiny)
+            for name, value in (("max_sequence_length", 32), ("max_sequence_length_2", 16), ("guidance", 1.0), ("num_inference_steps", 10), ("flow_shift", self.flow_shift)):
+                self.record_setting(name, value, tiny)
+            self.record_setting("use_meanflow", self.use_meanflow, "tiny_transformer")
         else:
-            folder = resolve_pretrained_path(pretrained_path)
-            own = read_folder_defaults(folder)
-            length = self.resolve_setting("max_sequence_length", length, own, "model_index.json", *pipeline_default(pipe, "tokenizer_max_length", "_get_mllm_prompt_embeds"))
-            length_2 = self.resolve_setting("max_sequence_length_2", length_2, own, "model_index.json", *pipeline_default(pipe, "tokenizer_max_length", "_get_byt5_prompt_embeds"))
-            guider = os.path.join(folder, "guider", "guider_config.json")
-            if os.path.isfile(guider):
-                with open(guider) as f:
-                    scale = json.load(f).get("guidance_scale")
-                self.record_setting("guidance", float(scale), f"{guider} guidance_scale") if scale is not None else None
-            if "guidance" not in self.settings:
-                self.resolve_setting("guidance", None, own, "model_index.json", *pipeline_default("ClassifierFreeGuidance", "guidance_scale", "__init__"))
-            self.resolve_setting("num_inference_steps", None, own, "model_index.json", *pipeline_default(pipe, "num_inference_steps"))
-        self.record_setting("flow_shift", self.flow_shift, "config" if flow_shift is not None else
-                            ("tiny family default (our choice)" if pretrained_path == "tiny" else "scheduler/scheduler_config.json"))
-        self.record_setting("use_meanflow", self.use_meanflow, "transformer/config.json")
-        return int(length), int(length_2)
+            for name, entry in self.checkpoint_settings(resolve_pretrained_path(pretrained_path), self.mode).items():
+                self.record_setting(name, entry["value"], entry["source"])
+        for name, value in (("max_sequence_length", length), ("max_sequence_length_2", length_2), ("flow_shift", flow_shift)):
+            if value is not None:
+                self.record_setting(name, float(value) if name == "flow_shift" else int(value), "config")
+        return int(self.settings["max_sequence_length"]["value"]), int(self.settings["max_sequence_length_2"]["value"])
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder) if m is not None]

@@ -231,19 +231,32 @@ class SVDBackbone(VideoBackbone):
         log.info("SVDBackbone(%s, finetune=%s): %d LoRA parameters; settings %s", pretrained_path, finetune, n_lora,
                  {k: v["value"] for k, v in self.settings.items()})
 
+    @staticmethod
+    def checkpoint_settings(folder: str) -> dict[str, dict[str, Any]]:
+        """The default ``guidance`` and ``num_inference_steps`` an SVD folder implies (class docstring) and the UNet's
+        ``num_frames``, each ``{"value", "source"}``; JSON files only (``vidalign check-model``)."""
+        import json
+
+        own, source = read_folder_defaults(folder), f"model_index.json {FOLDER_DEFAULTS_KEY}"
+        low, low_source = pipeline_default("StableVideoDiffusionPipeline", "min_guidance_scale")
+        high, _ = pipeline_default("StableVideoDiffusionPipeline", "max_guidance_scale")
+        steps = pipeline_default("StableVideoDiffusionPipeline", "num_inference_steps")
+        out = {"guidance": {"value": own["guidance"], "source": source} if "guidance" in own else
+               {"value": [float(low), float(high)], "source": low_source.replace("__call__ default", "__call__ (min, max)_guidance_scale defaults")},
+               "num_inference_steps": {"value": own["num_inference_steps"], "source": source} if "num_inference_steps" in own else
+               {"value": steps[0], "source": steps[1]}}
+        with open(os.path.join(folder, "unet", "config.json")) as f:
+            out["num_frames"] = {"value": int(json.load(f).get("num_frames", 25)), "source": "unet/config.json num_frames"}
+        return out
+
     def record_pipeline_settings(self, pretrained_path: str) -> None:
-        """Record the default ``guidance`` and ``num_inference_steps`` the checkpoint implies (class docstring)."""
+        """Record the default ``guidance`` and ``num_inference_steps`` the checkpoint implies (:meth:`checkpoint_settings`)."""
         if pretrained_path == "tiny":
             self.record_setting("guidance", 1.0, "tiny family default (our choice)")
             self.record_setting("num_inference_steps", 10, "tiny family default (our choice)")
             return
-        folder = resolve_pretrained_path(pretrained_path)
-        own, source = read_folder_defaults(folder), f"{folder}/model_index.json {FOLDER_DEFAULTS_KEY}"
-        low, low_source = pipeline_default("StableVideoDiffusionPipeline", "min_guidance_scale")
-        high, _ = pipeline_default("StableVideoDiffusionPipeline", "max_guidance_scale")
-        self.resolve_setting("guidance", None, own, source, [float(low), float(high)], low_source.replace("__call__ default", "__call__ (min, max)_guidance_scale defaults"))
-        self.resolve_setting("num_inference_steps", None, own, source, *pipeline_default("StableVideoDiffusionPipeline", "num_inference_steps"))
-        self.record_setting("num_frames", int(getattr(self.unet.config, "num_frames", 0) or 0), "unet/config.json num_frames")
+        for name, entry in self.checkpoint_settings(resolve_pretrained_path(pretrained_path)).items():
+            self.record_setting(name, entry["value"], entry["source"])
 
     def train(self, mode: bool = True):
         # frozen parts stay in eval mode (dropout etc.); LoRA dropout is 0

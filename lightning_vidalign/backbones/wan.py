@@ -456,25 +456,59 @@ class WanBackbone(FlowMatchingBackbone):
         log.info("WanBackbone(%s, %s): %d LoRA parameters; settings %s", pretrained_path, mode, n_lora,
                  {k: v["value"] for k, v in self.settings.items()})
 
+    @staticmethod
+    def checkpoint_settings(folder: str) -> dict[str, dict[str, Any]]:
+        """The settings a Wan folder implies, each ``{"value", "source"}`` (class docstring): text length, default
+        guidance and steps (the folder's ``_vidalign_defaults``, else ``WanPipeline``'s defaults read from diffusers),
+        the flow shift (scheduler config), and for two experts the boundary. Reads JSON files only (no weights):
+        ``vidalign check-model`` prints these.
+
+        Raises:
+            FileNotFoundError: a missing ``scheduler/scheduler_config.json``.
+        """
+        import json
+
+        from lightning_vidalign.backbones.base import read_model_index
+
+        own, own_source = read_folder_defaults(folder), f"model_index.json {FOLDER_DEFAULTS_KEY}"
+        out = {}
+        for name, parameter in (("max_sequence_length", "max_sequence_length"), ("guidance", "guidance_scale"), ("num_inference_steps", "num_inference_steps")):
+            value, source = (own[name], own_source) if name in own else pipeline_default("WanPipeline", parameter)
+            out[name] = {"value": value, "source": source}
+        with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+            sched = json.load(f)
+        key = "flow_shift" if "flow_shift" in sched else "shift"
+        out["flow_shift"] = {"value": float(sched.get(key, 1.0)), "source": f"scheduler/scheduler_config.json {key}" if key in sched else "no shift in the scheduler config: 1.0"}
+        index = read_model_index(folder)
+        if index.get("boundary_ratio") is not None:
+            out["boundary_ratio"] = {"value": float(index["boundary_ratio"]), "source": "model_index.json boundary_ratio"}
+            out["guidance_scale_2"] = {"value": None, "source": "WanPipeline default (None: the guidance)"}
+        out["expand_timesteps"] = {"value": bool(index.get("expand_timesteps", False)), "source": "model_index.json expand_timesteps"}
+        return out
+
     def record_pipeline_settings(self, pretrained_path: str, max_sequence_length: int | None, flow_shift: float | None) -> int:
-        """Record the settings the checkpoint implies (class docstring) in :attr:`settings`; returns the text length."""
+        """Record the settings the checkpoint implies (:meth:`checkpoint_settings`, class docstring) with the config's
+        overrides in :attr:`settings`; returns the text length."""
         if pretrained_path == "tiny":
             tiny = "tiny family default (our choice)"
-            length = self.record_setting("max_sequence_length", 32 if max_sequence_length is None else max_sequence_length, "config" if max_sequence_length is not None else tiny)
+            self.record_setting("max_sequence_length", 32, tiny)
             self.record_setting("guidance", 1.0, tiny)
             self.record_setting("num_inference_steps", 10, tiny)
+            self.record_setting("flow_shift", self.flow_shift, tiny)
+            if self.transformer_2 is not None:
+                self.record_setting("boundary_ratio", self.boundary_ratio, "config")
         else:
-            folder = resolve_pretrained_path(pretrained_path)
-            own, own_source = read_folder_defaults(folder), f"{folder}/model_index.json {FOLDER_DEFAULTS_KEY}"
-            length = self.resolve_setting("max_sequence_length", max_sequence_length, own, own_source, *pipeline_default("WanPipeline", "max_sequence_length"))
-            self.resolve_setting("guidance", None, own, own_source, *pipeline_default("WanPipeline", "guidance_scale"))
-            self.resolve_setting("num_inference_steps", None, own, own_source, *pipeline_default("WanPipeline", "num_inference_steps"))
-        self.record_setting("flow_shift", self.flow_shift, "config" if flow_shift is not None else
-                            ("tiny family default (our choice)" if pretrained_path == "tiny" else "scheduler/scheduler_config.json"))
-        if self.transformer_2 is not None:
-            self.record_setting("boundary_ratio", self.boundary_ratio, "model_index.json" if pretrained_path != "tiny" else "config")
-            self.record_setting("guidance_scale_2", self.guidance_scale_2, "config" if self.guidance_scale_2 is not None else "WanPipeline default (None: the guidance)")
-        return length
+            for name, entry in self.checkpoint_settings(resolve_pretrained_path(pretrained_path)).items():
+                self.record_setting(name, entry["value"], entry["source"])
+        if max_sequence_length is not None:
+            self.record_setting("max_sequence_length", int(max_sequence_length), "config")
+        if flow_shift is not None:
+            self.record_setting("flow_shift", self.flow_shift, "config")
+        if self.transformer_2 is not None and self.settings.get("boundary_ratio", {}).get("value") != self.boundary_ratio:
+            self.record_setting("boundary_ratio", self.boundary_ratio, "config")
+        if self.guidance_scale_2 is not None:
+            self.record_setting("guidance_scale_2", self.guidance_scale_2, "config")
+        return int(self.settings["max_sequence_length"]["value"])
 
     def encoder_modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
