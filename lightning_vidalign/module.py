@@ -534,6 +534,21 @@ class VideoAlignModule(L.LightningModule):
         self.batches_seen += 1
         self._batch_step_counted = False
 
+    def report_settings(self) -> None:
+        """Print (rank 0) the settings this run uses that a real checkpoint decides (issue 32): the backbone's recorded
+        :attr:`~lightning_vidalign.backbones.base.VideoBackbone.settings` with their sources, and the resolved ``guidance``
+        and ``num_inference_steps`` (the config's, or the checkpoint's when the config leaves them null)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        settings = dict(getattr(self.backbone, "settings", {}) or {})
+        if not settings:
+            return
+        for key, value in (("guidance", self.guidance), ("num_inference_steps", self.num_inference_steps)):
+            if key in settings and settings[key]["value"] != value:
+                settings[key] = {"value": value, "source": "config"}
+        lines = [f"  {k}: {v['value']} ({v['source']})" for k, v in settings.items()]
+        rank_zero_info(f"{type(self.backbone).__name__} settings ({getattr(self.backbone, 'pretrained_path', '?')}):\n" + "\n".join(lines))
+
     def setup(self, stage: str) -> None:
         """Refuse strategy combinations that cannot work, with the fix in the message; make checkpoint writes
         atomic (:func:`~lightning_vidalign.checkpointing.use_atomic_checkpoint_io`); load ``init_adapter_from``
@@ -550,6 +565,7 @@ class VideoAlignModule(L.LightningModule):
             )
         if self.sequence_parallel_size > 1:
             self.check_sequence_parallel()
+        self.report_settings()
         cache_dir = getattr(getattr(self.trainer, "datamodule", None), "cache_dir", None)
         if cache_dir and stage == "fit" and not self.trains_from_latent_cache:
             raise ValueError(f"{type(self).__name__} does not train from the latent cache (data.cache_dir={cache_dir!r}): its training "

@@ -104,6 +104,7 @@ class VideoBackbone(nn.Module, abc.ABC):
         if dtype is not None and dtype not in dtypes:
             raise ValueError(f"{type(self).__name__}: dtype must be one of {sorted(dtypes)} or null, got {dtype!r}")
         self.compute_dtype = dtype or "float32"
+        self.record_setting("dtype", self.compute_dtype, "config" if dtype else "as loaded (float32)")
         if dtype in (None, "float32"):
             return
         if getattr(self, "finetune", "lora") == "full":
@@ -472,7 +473,13 @@ def resolve_pretrained_path(path: str) -> str:
     """``"demo:<name>"`` -> the shipped directory (:func:`demo_base_dir`); any other path unchanged.
 
     The directory is then loaded with ``from_pretrained`` exactly as a real checkpoint.
+
+    Raises:
+        ValueError: for the placeholder ``"<set: ...>"`` of a model-zoo config (``configs/models/``), naming the option to set.
     """
+    if path.startswith("<") and path.endswith(">"):
+        raise ValueError(f"pretrained_path is still the model-zoo placeholder {path!r}: download the checkpoint and set "
+                         "--model.init_args.backbone.init_args.pretrained_path /path/to/its/folder (check it first: vidalign check-model /path/to/its/folder)")
     if path.startswith(DEMO_PREFIX):
         return demo_base_dir(path[len(DEMO_PREFIX) :])
     return path
