@@ -272,7 +272,17 @@ class GRPO(VideoAlignModule):
 
     @contextlib.contextmanager
     def anchor_weights(self):
-        """Temporarily load the moving anchor's adapter weights (no grad); restore on exit."""
+        """Temporarily load the moving anchor's adapter weights (no grad); restore on exit.
+
+        Under FSDP2 every sharded module is resharded first: the root module keeps its parameters unsharded after a
+        forward (FSDP2's ``reshard_after_forward`` is off for the root), and then ``named_parameters`` holds plain
+        tensors where the anchor (a ``state_dict``) holds the sharded DTensors: a full fine-tuning run (whose root
+        parameters train) failed here with "got mixed torch.Tensor and DTensor"."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.backbone.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         params = dict(self.backbone.named_parameters())
         current = {k: params[k].detach().clone() for k in self.anchor}
         with torch.no_grad():
