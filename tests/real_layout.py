@@ -36,7 +36,9 @@ LONG_PROMPT = (
     "A red vintage car drives slowly along a wet coastal road at dusk while large waves break on the dark rocks below, "
     "the camera follows the car from a low angle, headlights reflect on the wet asphalt, seagulls fly over the water, "
     "a lighthouse blinks in the distance, and a sign by the road reads \"OPEN\" in bright letters as the light fades "
-    "and the first stars appear above the calm sea on a quiet evening in late autumn"
+    "and the first stars appear above the calm sea on a quiet evening in late autumn, while a cyclist in a yellow "
+    "jacket rides past the car, a dog runs along the beach after a ball, and two fishing boats return slowly to the "
+    "harbour with their lights on as the wind grows stronger and the clouds gather over the hills behind the town"
 )
 
 _WORDS = sorted({w.strip(",.\"").lower() for w in LONG_PROMPT.split()} | {"a", "dog", "runs", "on", "the", "grass", "cyclist", "rides", "bike"})
