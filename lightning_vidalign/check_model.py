@@ -119,10 +119,19 @@ def safetensors_header(path: str) -> dict[str, Any]:
     return header
 
 
-def weight_files(folder: str, report: Report, name: str) -> list[str]:
-    """The weight files of a component folder: the shards its ``*.index.json`` lists (each missing one is a problem),
-    else its ``*.safetensors`` / ``*.bin`` files (none: a problem)."""
-    indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")) + glob.glob(os.path.join(folder, "*.bin.index.json")))
+def _of_variant(path: str, variant: str | None) -> bool:
+    """Whether a weight or index file belongs to ``variant`` (``model.fp16.safetensors``, ``...fp16.safetensors.index.json``;
+    None: the files without a variant infix), as diffusers' ``from_pretrained(variant=...)`` picks them."""
+    parts = os.path.basename(path).split(".")
+    infix = parts[1] if len(parts) > 2 and parts[1] not in ("safetensors", "bin") else None
+    return infix == variant
+
+
+def weight_files(folder: str, report: Report, name: str, variant: str | None = None) -> list[str]:
+    """The weight files of a component folder for ``variant``: the shards its ``*.index.json`` lists (each missing one
+    is a problem), else its ``*.safetensors`` / ``*.bin`` files (none: a problem, naming the variant)."""
+    indexes = [f for f in sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")) + glob.glob(os.path.join(folder, "*.bin.index.json")))
+               if _of_variant(f.replace(".index.json", ""), variant)]
     if indexes:
         with open(indexes[0]) as f:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
@@ -130,9 +139,11 @@ def weight_files(folder: str, report: Report, name: str) -> list[str]:
         for s in missing:
             report.problem(f"{name}: missing shard {os.path.join(folder, s)} (listed in {os.path.basename(indexes[0])})")
         return [os.path.join(folder, s) for s in shards if s not in missing]
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) or sorted(glob.glob(os.path.join(folder, "*.bin")))
+    files = [f for f in sorted(glob.glob(os.path.join(folder, "*.safetensors"))) if _of_variant(f, variant)]
+    files = files or [f for f in sorted(glob.glob(os.path.join(folder, "*.bin"))) if _of_variant(f, variant)]
     if not files:
-        report.problem(f"{name}: no weight file (*.safetensors or *.bin) in {folder}")
+        what = f"variant {variant!r}" if variant else "no variant (set backbone variant, e.g. fp16, for a folder of *.fp16.* files only)"
+        report.problem(f"{name}: no weight file (*.safetensors or *.bin) of {what} in {folder}")
     return files
 
 
@@ -168,7 +179,7 @@ def _load_config(path: str, report: Report, name: str) -> dict[str, Any] | None:
         return None
 
 
-def check_component(root: str, comp: Component, entry: list | None, report: Report) -> None:
+def check_component(root: str, comp: Component, entry: list | None, report: Report, variant: str | None = None) -> None:
     """Check one component folder (see the module docstring) and add its line(s) to ``report``."""
     declared = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
     if declared is None:
@@ -195,7 +206,8 @@ def check_component(root: str, comp: Component, entry: list | None, report: Repo
         if comp.kind == "transformers" and config.get("model_type") not in comp.model_types:
             report.problem(f"{comp.name}/config.json has model_type {config.get('model_type')!r}; {declared} needs one of {sorted(comp.model_types)}")
             return
-        files = weight_files(folder, report, comp.name)
+        # the backbones load the transformers / UNet / VAE with the variant, the transformers encoders without it
+        files = weight_files(folder, report, comp.name, variant if comp.kind == "diffusers" else None)
         params, dtypes = count_parameters(files, report, comp.name)
         shards = f", {len(files)} shards" if len(files) > 1 else ""
         kinds = ", ".join(f"{k} {v / max(params, 1):.0%}" if len(dtypes) > 1 else k for k, v in sorted(dtypes.items(), key=lambda kv: -kv[1]))
@@ -283,11 +295,22 @@ def check(root: str, configs: list[str] | None = None, gpus: int | None = None, 
     wanted = str(backbone_node.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(backbone_node, dict) else ""
     if wanted and wanted != spec["backbone"]:
         report.problem(f"the config's backbone is {wanted}, but this folder is a {name} ({spec['backbone']})")
+    if spec["family"] == "wan" and mode == "ti2v" and not index.get("expand_timesteps"):
+        report.problem("the config's mode is ti2v, but this folder is text-to-video (no expand_timesteps in model_index.json): set mode t2v")
+    if spec["family"] == "hunyuan15" and mode == "i2v" and name != "HunyuanVideo15ImageToVideoPipeline":
+        report.problem(f"the config's mode is i2v, but this folder is a {name} (no image encoder): use an _i2v checkpoint or mode t2v")
+    method = str((cfg.get("model") or {}).get("class_path", "")).rsplit(".", 1)[-1]
+    transformer_config = os.path.join(root, "transformer", "config.json")
+    if spec["family"] == "hunyuan15" and mode == "i2v" and method in ("SFT", "SHIFT", "DPO", "BasePretrain") and os.path.isfile(transformer_config):
+        with open(transformer_config) as f:
+            if json.load(f).get("use_meanflow"):
+                report.problem(f"{method} trains a loss at one noise level, which a MeanFlow checkpoint (transformer use_meanflow) refuses: "
+                               "use a GRPO-family method or the non-distilled checkpoint")
     report.say("components:")
     for comp in spec["components"]:
         if comp.name == "transformer_2" and index.get("boundary_ratio") is not None:
             comp = Component(comp.name, comp.kind, comp.classes, comp.model_types, required=True)
-        check_component(root, comp, index.get(comp.name), report)
+        check_component(root, comp, index.get(comp.name), report, backbone_args.get("variant"))
     known = {c.name for c in spec["components"]}
     unexpected = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".") and d not in known)
     if unexpected:

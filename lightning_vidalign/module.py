@@ -728,7 +728,7 @@ class VideoAlignModule(L.LightningModule):
         for i, index in enumerate(indices[: self.heldout_per_rank() - have]):
             sub = {k: v[i : i + 1] for k, v in batch.items()}
             totals, parts, drift, losses = [], {}, [], []
-            for draw in range(self.heldout_loss_draws):
+            for draw in range(self.heldout_loss_draws if getattr(self.backbone, "single_level_loss", True) else 0):  # MeanFlow I2V: none (NaN)
                 losses.append(self.heldout_denoising_loss(sub, self.heldout_generator(index, draw, kind="loss")))
             for draw in range(self.heldout_samples):
                 video = self.rollout_videos(sub, self.heldout_generator(index, draw))
@@ -946,14 +946,16 @@ class VideoAlignModule(L.LightningModule):
         rank_zero_info(parts[0] + " " + ", ".join(parts[1:]))
 
     def evaluation_step(self, batch: dict, batch_idx: int, prefix: str) -> None:
-        """Validation/test: denoising loss with fixed noise, motion metrics of real clips and of
-        ``val_num_videos`` generated videos (same seeds at every evaluation), videos kept for logging."""
+        """Validation/test: denoising loss with fixed noise (not for a backbone whose ``single_level_loss`` is False: a
+        MeanFlow I2V checkpoint), motion metrics of real clips and of ``val_num_videos`` generated videos (same seeds at
+        every evaluation), videos kept for logging."""
         gen = self.generator(tag=1000 + batch_idx, batch=0)  # same noise at every evaluation
         x0 = self.backbone.encode(batch["video"])
         cond = self.backbone.encode_condition(batch, gen)
         sigma, noise = self.sample_noise(x0, gen)
-        loss = self.backbone.training_loss(x0, cond, sigma, noise).mean()
-        self.log(f"{prefix}/loss", loss, batch_size=x0.shape[0], sync_dist=True)
+        if getattr(self.backbone, "single_level_loss", True):  # a MeanFlow I2V checkpoint has no loss at one level: no val/loss
+            loss = self.backbone.training_loss(x0, cond, sigma, noise).mean()
+            self.log(f"{prefix}/loss", loss, batch_size=x0.shape[0], sync_dist=True)
         real = batch["video"].float()
         for name, metric in self.val_metrics.items():
             if name.startswith("real_"):

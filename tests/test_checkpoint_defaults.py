@@ -20,17 +20,10 @@ CAPTION = "a red car drives along a wet coastal road at dusk while waves break o
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
-    """A Wan folder as the Hub lays out a real one as far as settings go: ``model_index.json`` without our
-    ``_vidalign_defaults`` record (a real checkpoint has none), a flow-match scheduler with shift 3."""
-    path = str(tmp_path_factory.mktemp("wan_real_settings"))
-    WanBackbone(finetune="full").save_pretrained(path)
-    index_file = os.path.join(path, "model_index.json")
-    with open(index_file) as f:
-        index = json.load(f)
-    assert index.pop("_vidalign_defaults") == {"max_sequence_length": 32, "guidance": 1.0, "num_inference_steps": 10}
-    with open(index_file, "w") as f:
-        json.dump(index, f)
-    return path
+    """A Wan 2.1 folder laid out as the Hub's (:mod:`real_layout`, small widths): no settings record of ours."""
+    from real_layout import write_model
+
+    return write_model(str(tmp_path_factory.mktemp("wan_real_layout") / "wan"), "wan2.1_t2v_1.3b", "small")
 
 
 def test_tiny_and_demo_bases_keep_their_settings():
@@ -43,12 +36,25 @@ def test_tiny_and_demo_bases_keep_their_settings():
     assert svd.default_setting("guidance") == 1.0 and svd.default_setting("num_inference_steps") == 10
 
 
+def test_a_tiny_family_folder_without_a_record_keeps_the_tiny_defaults(tmp_path):
+    """A folder of the tiny family written before ``_vidalign_defaults`` existed (its model_index names the packaged
+    MiniLM) keeps 32 tokens, guidance 1, 10 steps rather than the real Wan's."""
+    path = str(tmp_path / "old")
+    WanBackbone(finetune="full").save_pretrained(path)
+    index = json.load(open(os.path.join(path, "model_index.json")))
+    index.pop("_vidalign_defaults")
+    json.dump(index, open(os.path.join(path, "model_index.json"), "w"))
+    bb = WanBackbone(pretrained_path=path)
+    assert (bb.max_sequence_length, bb.default_setting("guidance"), bb.default_setting("num_inference_steps")) == (32, 1.0, 10)
+    assert bb.settings["max_sequence_length"]["source"].startswith("tiny-family folder")
+
+
 def test_a_real_wan_folder_gets_the_wan_pipelines_defaults(wan_folder):
     """Before (issue 32): ``max_sequence_length`` 32, guidance 1, 10 steps for any checkpoint; now WanPipeline's own."""
     bb = WanBackbone(pretrained_path=wan_folder)
     assert bb.max_sequence_length == 512 and "WanPipeline.__call__ default" in bb.settings["max_sequence_length"]["source"]
     assert bb.default_setting("guidance") == 5.0 and bb.default_setting("num_inference_steps") == 50
-    assert bb.default_setting("flow_shift") == 3.0 and bb.settings["flow_shift"]["source"] == "scheduler/scheduler_config.json shift"
+    assert bb.default_setting("flow_shift") == 3.0 and bb.settings["flow_shift"]["source"] == "scheduler/scheduler_config.json flow_shift"
     assert WanBackbone(pretrained_path=wan_folder, max_sequence_length=64).settings["max_sequence_length"] == {"value": 64, "source": "config"}
     from lightning_vidalign.algorithms import SFT
 
@@ -151,6 +157,7 @@ def test_bf16_compute_keeps_lora_masters_and_fp32_modules_in_fp32():
         else:
             assert p.dtype == torch.bfloat16, name
     # the same LoRA init as fp32 (adapters are drawn before the cast)
+    assert len(ref.trainable_parameters()) == len(bb.trainable_parameters()) > 0
     assert all(torch.equal(a, b) for a, b in zip(ref.trainable_parameters(), bb.trainable_parameters()))
     _perturb_lora(ref, 1)
     _perturb_lora(bb, 1)
@@ -166,3 +173,34 @@ def test_bf16_compute_keeps_lora_masters_and_fp32_modules_in_fp32():
         WanBackbone(finetune="full", dtype="bfloat16")
     with pytest.raises(ValueError, match="dtype must be one of"):
         WanBackbone(dtype="bf16")
+
+
+def test_meanflow_grpo_step_loss_rescores_with_ratio_one_and_the_moving_reference(meanflow):
+    """``GRPO.step_loss`` (policy and the moving-reference KL of SAGE-GRPO's dual KL) passes each step's next level to a
+    MeanFlow model: re-scoring the rollout's own steps gives ratio 1 and a zero moving KL (anchor = policy)."""
+    from lightning_vidalign.algorithms import SAGEGRPO
+
+    bb, _, cond = meanflow
+    module = SAGEGRPO(backbone=bb, rollouts_per_condition=2, guidance=2.0)
+    module.refresh_anchor()
+    traj = bb.rollout(cond, "sage", 3, 2.0, torch.Generator().manual_seed(4), num_frames=9, keep_trajectory=True, decode=False, eta=module.eta)
+    for i in range(3):
+        s, s_next = float(traj.sigmas[i]), float(traj.sigmas[i + 1])
+        loss, metrics = module.step_loss(traj.x_t[:, i], traj.x_next[:, i], traj.log_prob[:, i], torch.ones(1), s, s_next, cond, 1.0)
+        assert torch.isfinite(loss).all() and float(metrics["ratio"]) == 1.0, (i, metrics)
+        assert float(metrics["kl/moving"]) == 0.0 and float(metrics["kl/step"]) == 0.0
+
+
+def test_meanflow_i2v_fits_with_validation_through_the_cli(tmp_path, monkeypatch):
+    """SAGE-GRPO on a tiny MeanFlow I2V HunyuanVideo 1.5 through ``vidalign fit`` with validation on: no ``val/loss``
+    (no loss at one level), rollouts with ``timestep_r``, the LoRA trained."""
+    from lightning_vidalign.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", os.path.join(root, "configs", "sage_grpo.yaml"), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+          "--trainer.val_check_interval", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+          "--model.backbone", "lightning_vidalign.backbones.HunyuanVideo15Backbone", "--model.backbone.pretrained_path", "tiny",
+          "--model.backbone.mode", "i2v", "--model.backbone.tiny_transformer", '{"use_meanflow": true}', "--model.num_inference_steps", "3",
+          "--model.rollouts_per_condition", "2", "--model.rollout_batch_size", "4", "--model.train_batch_size", "4"])
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()

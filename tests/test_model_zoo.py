@@ -128,8 +128,8 @@ def test_recipes_cite_their_sources_and_state_gpus_and_memory():
                     assert "#" in line, f"{config}: {line.strip()} has no source"
 
 
-def test_zoo_memory_figures_are_the_estimates():
-    """The per-GPU figures in the zoo headers are what ``memory.estimate_setting`` gives for those settings."""
+def test_zoo_and_recipe_memory_figures_are_the_estimates():
+    """The per-GPU figures in the zoo and recipe headers are what ``memory.estimate_setting`` gives for those settings."""
     from lightning_vidalign.memory import REAL_MODELS, ModelSpec, estimate_setting
 
     wan = dict(patch_size=(1, 2, 2), attention_head_dim=128, freq_dim=256, text_dim=4096, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
@@ -142,6 +142,16 @@ def test_zoo_memory_figures_are_the_estimates():
         est = estimate_setting(spec, h, w, t, 8, 80.0, 32, 1, True, "lora", experts)
         assert f"{est['total_GB']:.1f}" == figure, (name, est["total_GB"])
         with open(os.path.join(ROOT, "configs", "models", f"{name}.yaml")) as f:
+            assert f"{figure} GB/GPU" in f.read(), name
+    w13, hy = REAL_MODELS["wan2.1-1.3b"], REAL_MODELS["hunyuanvideo1.5"]
+    recipes = {"flow_grpo_wan2.1_t2v_1.3b": (w13, 240, 416, 33, 1, 1, "lora", "4.0"), "cps_grpo_wan2.1_t2v_1.3b": (w13, 240, 416, 33, 1, 1, "lora", "4.0"),
+               "dance_grpo_wan2.1_t2v_1.3b": (w13, 512, 512, 33, 8, 1, "full", "5.2"), "dance_grpo_hunyuanvideo1.5_480p_t2v": (hy, 480, 480, 53, 32, 1, "full", "10.1"),
+               "sage_grpo_hunyuanvideo1.5_480p_t2v": (hy, 480, 848, 81, 8, 2, "full", "26.0"), "dpo_wan2.1_t2v_1.3b": (w13, 480, 832, 49, 8, 1, "full", "7.8"),
+               "bpgo_wan2.1_t2v_1.3b": (w13, 480, 832, 49, 8, 1, "full", "7.8"), "vipo_wan2.1_t2v_1.3b": (w13, 480, 832, 49, 8, 1, "full", "7.8"),
+               "self_paced_grpo_wan2.1_t2v_1.3b": (w13, 480, 832, 49, 8, 1, "full", "7.8")}
+    for name, (spec, h, w, t, gpus, sp, finetune, figure) in recipes.items():
+        assert f"{estimate_setting(spec, h, w, t, gpus, 80.0, 32, sp, True, finetune)['total_GB']:.1f}" == figure, name
+        with open(os.path.join(ROOT, "configs", "real", f"{name}.yaml")) as f:
             assert f"{figure} GB/GPU" in f.read(), name
 
 
@@ -277,3 +287,16 @@ def test_zoo_model_runs_on_a_real_width_folder(config, tmp_path, monkeypatch):
     t0 = time.perf_counter()
     main(args)
     print(f"{name} (real widths): vidalign fit 1 step in {time.perf_counter() - t0:.1f} s")
+
+
+def test_check_model_names_a_mode_the_folder_cannot_run_and_a_missing_variant(folders, tmp_path, capsys):
+    # configs/flow_grpo.yaml alone trains the demo's Wan 2.2-style ti2v: a Wan 2.1 folder is text-to-video
+    with pytest.raises(SystemExit):
+        main(["check-model", folders["wan2.1_t2v_1.3b"], "--config", "flow_grpo"])
+    assert "the config's mode is ti2v, but this folder is text-to-video" in capsys.readouterr().err
+    # an SVD folder holding only fp16 files (the Hub repo has both) without `variant: fp16`
+    folder = _copy(folders["svd_xt"], tmp_path, "svd")
+    os.rename(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), os.path.join(folder, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(SystemExit):
+        main(["check-model", folder])
+    assert "unet: no weight file (*.safetensors or *.bin) of no variant (set backbone variant, e.g. fp16" in capsys.readouterr().err

@@ -24,6 +24,10 @@ class VideoBackbone(nn.Module, abc.ABC):
     #: keys of the condition dict produced by :meth:`encode_condition`
     condition_keys: tuple[str, ...] = ()
 
+    #: whether :meth:`training_loss` exists at a single noise level (False for a MeanFlow checkpoint whose velocity needs
+    #: the next step's level: validation and held-out evaluation then skip the denoising loss)
+    single_level_loss: bool = True
+
     @abc.abstractmethod
     def encode(self, video: Tensor) -> Tensor:
         """Pixel video ``(B, T, 3, H, W)`` in ``[0, 1]`` -> latents ``(B, T, C, h, w)``."""
@@ -74,24 +78,17 @@ class VideoBackbone(nn.Module, abc.ABC):
         entry = self.__dict__.get("settings", {}).get(name)
         return fallback if entry is None else entry["value"]
 
-    def resolve_setting(self, name: str, given: Any, folder: dict[str, Any], folder_source: str, pipeline_value: Any, pipeline_source: str) -> Any:
-        """The value of a setting, first found of: ``given`` (the config's, when not None), ``folder[name]`` (the
-        checkpoint folder's own record, :func:`read_folder_defaults`), ``pipeline_value`` (the diffusers
-        pipeline's default, :func:`pipeline_default`); recorded with its source (:meth:`record_setting`)."""
-        if given is not None:
-            return self.record_setting(name, given, "config")
-        if name in folder:
-            return self.record_setting(name, folder[name], folder_source)
-        return self.record_setting(name, pipeline_value, pipeline_source)
-
     def set_compute_dtype(self, dtype: str | None) -> None:
         """Store and run the frozen base weights of every denoiser (:meth:`denoisers`) in ``dtype`` while the
-        trained LoRA weights (the master copy the optimizer updates) stay float32, as the reference trainers do
-        (flow_grpo / DanceGRPO: the transformer cast to bf16, LoRA parameters upcast to fp32). The submodules a
+        trained LoRA weights (the master copy the optimizer updates) stay float32 (our choice, the usual mixed-precision
+        LoRA recipe, e.g. diffusers' training scripts' ``cast_training_params(..., dtype=torch.float32)``; flow_grpo's
+        Wan script instead keeps the LoRA transformer float32 under accelerate's bf16 autocast). The submodules a
         diffusers class keeps in fp32 (``_keep_in_fp32_modules``: Wan's time embedder, norms, ...) stay float32,
-        as ``from_pretrained(torch_dtype=...)`` does. peft runs each LoRA branch in the LoRA's dtype and adds it
-        to the base layer's output in the base dtype; the families' ``predict`` cast inputs to the denoiser's dtype
-        and the velocity back to float32, so the sampling maths and log-probs stay float32.
+        as ``from_pretrained(torch_dtype=...)`` does. A checkpoint is loaded in ``dtype`` already (:func:`load_dtype`);
+        LoRA weights that peft created in the base's dtype are cast to float32 here. peft runs each LoRA branch in the
+        LoRA's dtype and adds it to the base layer's output in the base dtype; the families' ``predict`` cast inputs
+        to the denoiser's dtype (timesteps stay float32) and the velocity back to float32, so the sampling maths and
+        log-probs stay float32.
 
         Args:
             dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``/None (nothing changes).
@@ -111,6 +108,9 @@ class VideoBackbone(nn.Module, abc.ABC):
             raise ValueError(f"{type(self).__name__}: dtype={dtype!r} stores the base weights in {dtype}, but finetune='full' trains "
                              "them: keep dtype float32 (and use trainer.precision bf16-mixed or fsdp_param_dtype)")
         for model in self.denoisers():
+            for name, param in model.named_parameters():
+                if "lora_" in name and param.dtype != torch.float32:
+                    param.data = param.data.float()  # LoRA masters float32
             keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
             for module_name, module in model.named_modules():
                 if "lora_" in module_name:
@@ -523,6 +523,15 @@ def pipeline_default(pipeline: str, parameter: str, method: str = "__call__") ->
     if parameter not in params or params[parameter].default is inspect.Parameter.empty:
         raise KeyError(f"diffusers {diffusers.__version__}: {pipeline}.{method} has no default for {parameter!r}")
     return params[parameter].default, f"{pipeline}.{method} default (diffusers {diffusers.__version__})"
+
+
+def load_dtype(dtype: str | None, finetune: str) -> torch.dtype | None:
+    """The dtype to load a checkpoint's denoiser in for the backbone option ``dtype`` (see
+    :meth:`VideoBackbone.set_compute_dtype`): the low-precision dtype itself with LoRA (the frozen base is loaded in it
+    directly, diffusers keeping ``_keep_in_fp32_modules`` float32: no float32 copy of a 14 B model in host memory), else
+    None (as stored; ``finetune="full"`` keeps float32 masters and is refused a low-precision ``dtype``)."""
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    return dtypes.get(dtype) if finetune == "lora" else None
 
 
 FINETUNE_MODES = ("lora", "full")

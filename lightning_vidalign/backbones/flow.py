@@ -3,7 +3,9 @@
 A family subclasses :class:`FlowMatchingBackbone` and holds only what differs: its components (``__init__``:
 ``self.transformer``, ``self.vae``, encoders, ``flow_shift``, ``num_train_timesteps``, ``logit_mean``/``logit_std``,
 then ``setup_finetuning``), ``encode``/``decode``, ``encode_condition``, ``predict`` (the pipeline's exact model
-call: latent packing, timestep layout, condition channels) and ``guided_velocity`` (its CFG), ``latent_channels`` /
+call: latent packing, timestep layout, condition channels) and ``guided_velocity(x_t, sigma, cond, guidance, sigma_next=None)``
+(its CFG; ``sigma_next``, the next step's levels, is passed by rollouts and GRPO re-scoring for models that take it, e.g.
+HunyuanVideo 1.5 MeanFlow; others ignore it), ``latent_channels`` /
 ``vae_scale_factor_spatial`` / ``vae_scale_factor_temporal``, ``fsdp_modules`` and the LoRA file format of its
 pipeline (``export_lora`` / ``load_lora``, with :meth:`FlowMatchingBackbone.lora_state_dict_of` and
 :meth:`FlowMatchingBackbone.load_lora_state_into`). Overridable hooks: :meth:`~FlowMatchingBackbone.schedule`

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import pipeline_default, read_folder_defaults, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import load_dtype, pipeline_default, read_folder_defaults, require_files, require_weight_files, resolve_pretrained_path
 from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def tiny_hunyuan15_components(seed: int = 0, i2v: bool = False, transformer_over
     }
 
 
-def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None, i2v: bool = False) -> dict[str, Any]:
+def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None, i2v: bool = False,
+                              transformer_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Load HunyuanVideo 1.5 from a local diffusers folder (e.g. ``HunyuanVideo-1.5-480p_t2v``, ``..._i2v``).
 
     Expects ``model_index.json``, ``transformer/ vae/ text_encoder/`` (Qwen2.5-VL text model) ``tokenizer/``
@@ -138,7 +139,7 @@ def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None,
         sched = json.load(f)
     kw = {"local_files_only": True, "torch_dtype": torch_dtype}
     return {
-        "transformer": HunyuanVideo15Transformer3DModel.from_pretrained(path, subfolder="transformer", **kw),
+        "transformer": HunyuanVideo15Transformer3DModel.from_pretrained(path, subfolder="transformer", **{**kw, "torch_dtype": transformer_dtype or torch_dtype}),
         "vae": AutoencoderKLHunyuanVideo15.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
         "text_encoder": Qwen2_5_VLTextModel.from_pretrained(os.path.join(path, "text_encoder"), **kw),
         "tokenizer": AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True),
@@ -322,7 +323,7 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         if tiny_transformer and pretrained_path != "tiny":
             raise ValueError("HunyuanVideo15Backbone: tiny_transformer applies to pretrained_path='tiny' only")
         i2v = mode == "i2v"
-        parts = tiny_hunyuan15_components(init_seed, i2v=i2v, transformer_overrides=tiny_transformer) if pretrained_path == "tiny" else load_hunyuan15_components(resolve_pretrained_path(pretrained_path), i2v=i2v)
+        parts = tiny_hunyuan15_components(init_seed, i2v=i2v, transformer_overrides=tiny_transformer) if pretrained_path == "tiny" else load_hunyuan15_components(resolve_pretrained_path(pretrained_path), i2v=i2v, transformer_dtype=load_dtype(dtype, finetune))
         self.transformer, self.vae = parts["transformer"], parts["vae"]
         self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
         self.text_encoder_2, self.tokenizer_2 = parts["text_encoder_2"], parts["tokenizer_2"]
@@ -346,6 +347,11 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
         self.configure_frozen_parts(vae_dtype, encoder_dtype, offload_frozen)
         self.set_compute_dtype(dtype)
         log.info("HunyuanVideo15Backbone(%s): %d LoRA parameters; settings %s", pretrained_path, n_lora, {k: v["value"] for k, v in self.settings.items()})
+
+    @property
+    def single_level_loss(self) -> bool:
+        """False for a MeanFlow checkpoint in ``i2v`` mode (its velocity needs ``timestep_r``; class docstring)."""
+        return not (self.use_meanflow and self.mode == "i2v")
 
     @property
     def use_meanflow(self) -> bool:

