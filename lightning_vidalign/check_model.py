@@ -101,10 +101,12 @@ SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4
 
 
 def safetensors_header(path: str) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names -> dtype, shape, offsets), read without loading tensors.
+    """The JSON header of a safetensors file (tensor names -> dtype, shape, offsets), read without loading tensors, and
+    checked against the file's size (the last tensor's end offset must lie inside the file).
 
     Raises:
-        ValueError: a file too short or whose header is not valid JSON (a truncated download), naming it.
+        ValueError: a file too short, whose header is not valid JSON, or shorter than its header says (a truncated
+            download), naming it.
     """
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -116,6 +118,10 @@ def safetensors_header(path: str) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
             raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
     header.pop("__metadata__", None)
+    end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    have = os.path.getsize(path)
+    if have < 8 + size + end:  # the tensors the header lists run past the end of the file: an interrupted download
+        raise ValueError(f"{path}: truncated: {have} bytes, its header lists tensors up to byte {8 + size + end} (download it again)")
     return header
 
 
@@ -167,6 +173,11 @@ def count_parameters(files: list[str], report: Report, name: str) -> tuple[int, 
     return total, dtypes
 
 
+def _count(n: float) -> str:
+    """``1.42 B`` / ``3.1 M`` / ``512``: a parameter count for the report."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{int(n)}"
+
+
 def _load_config(path: str, report: Report, name: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         report.problem(f"{name}: missing file {path}")
@@ -211,7 +222,7 @@ def check_component(root: str, comp: Component, entry: list | None, report: Repo
         params, dtypes = count_parameters(files, report, comp.name)
         shards = f", {len(files)} shards" if len(files) > 1 else ""
         kinds = ", ".join(f"{k} {v / max(params, 1):.0%}" if len(dtypes) > 1 else k for k, v in sorted(dtypes.items(), key=lambda kv: -kv[1]))
-        report.say(f"  {comp.name:<18} {declared:<34} {params / 1e9:8.3f} B parameters  {kinds or '?'}{shards}")
+        report.say(f"  {comp.name:<18} {declared:<34} {_count(params):>9} parameters  {kinds or '?'}{shards}")
     elif comp.kind == "tokenizer":
         try:
             import transformers
@@ -300,6 +311,9 @@ def check(root: str, configs: list[str] | None = None, gpus: int | None = None, 
     if spec["family"] == "hunyuan15" and mode == "i2v" and name != "HunyuanVideo15ImageToVideoPipeline":
         report.problem(f"the config's mode is i2v, but this folder is a {name} (no image encoder): use an _i2v checkpoint or mode t2v")
     method = str((cfg.get("model") or {}).get("class_path", "")).rsplit(".", 1)[-1]
+    if cfg and not method:
+        report.problem("the configs name no method (model.class_path): a zoo config is the second --config, after a method config, "
+                       "e.g. --config flow_grpo --config models/wan2.1_t2v_1.3b")
     transformer_config = os.path.join(root, "transformer", "config.json")
     if spec["family"] == "hunyuan15" and mode == "i2v" and method in ("SFT", "SHIFT", "DPO", "BasePretrain") and os.path.isfile(transformer_config):
         with open(transformer_config) as f:
@@ -320,7 +334,7 @@ def check(root: str, configs: list[str] | None = None, gpus: int | None = None, 
     settings = _settings(root, spec, mode, backbone_args, model_args)
     report.say(f"settings the backbone will use{' (with ' + ', '.join(configs) + ')' if configs else ''}:")
     for key, entry in settings.items():
-        report.say(f"  {key:<22} {str(entry['value']):<14} {entry['source']}")
+        report.say(f"  {key:<25} {str(entry['value']):<14} {entry['source']}")
     if cfg:
         _estimate(root, spec, cfg, settings, gpus, gpu_gb, report)
     return report
@@ -376,14 +390,18 @@ def _estimate(root: str, spec: dict, cfg: dict, settings: dict, gpus: int | None
     model_spec = ModelSpec(os.path.basename(os.path.abspath(root)), spec["family"], tconfig, f"{root}/transformer/config.json", spatial, temporal, text)
     experts = 2 if "boundary_ratio" in settings else 1
     sp = int(model_args.get("sequence_parallel_size", 1) or 1)
+    if gpus < sp:  # a sequence-parallel run needs at least sp processes: estimate the smallest run that can start
+        report.say(f"(the config's trainer.devices gives {gpus} GPU(s), fewer than its sequence_parallel_size {sp}: estimating {sp}; pass --gpus)")
+        gpus = sp
     ac = bool(backbone_args.get("activation_checkpointing", False))
     finetune = backbone_args.get("finetune", "lora")
     est = estimate_setting(model_spec, height, width, frames, gpus, gpu_gb, int(backbone_args.get("lora_rank", 8) or 8), sp, ac, finetune, experts)
     report.say(f"memory estimate (one training step, {height}x{width}x{frames}, {est['tokens']} video tokens, {gpus} GPU(s) x {gpu_gb:g} GB, "
                f"FSDP2 over all, SP {sp}, activation checkpointing {'on' if ac else 'off'}, {finetune}; `vidalign estimate` model):")
-    report.say(f"  transformer{'s (2 experts)' if experts == 2 else ''}: {est['params_B']:.2f} B parameters, LoRA {est['lora_params_M']:.1f} M")
-    report.say(f"  per GPU: parameters {est['params_GB']:.1f} GB + optimizer {est['optim_GB']:.2f} GB + activations {est['act_GB']:.1f} GB "
-               f"= {est['total_GB']:.1f} GB -> {'fits' if est['fits'] else 'does NOT fit'} 90 % of {gpu_gb:g} GB")
+    lora = f", LoRA {_count(est['lora_params_M'] * 1e6)}" if finetune == "lora" else ", every weight trained (full fine-tuning)"
+    report.say(f"  transformer{'s (2 experts)' if experts == 2 else ''}: {_count(est['params_B'] * 1e9)} parameters{lora}")
+    report.say(f"  per GPU: parameters {est['params_GB']:.2f} GB + optimizer {est['optim_GB']:.2f} GB + activations {est['act_GB']:.2f} GB "
+               f"= {est['total_GB']:.2f} GB -> {'fits' if est['fits'] else 'does NOT fit'} 90 % of {gpu_gb:g} GB")
 
 
 def check_model_command(argv: list[str]) -> None:

@@ -285,7 +285,11 @@ def main(args: list[str] | None = None) -> None:
         resolved = resolve_config_arguments(argv)
         if resolved != argv:  # a shipped config named by --config NAME
             argv = resolved
-            args = resolved
+            if args is None:  # as typed on the command line: keep LightningCLI reading sys.argv (no "args and argv" warning)
+                sys.argv[1:] = resolved
+            else:
+                args = resolved
+        refuse_zoo_config_first(argv)
         if argv[:1] == ["configs"]:
             from lightning_vidalign.config_files import configs_command
 
@@ -330,6 +334,17 @@ def main(args: list[str] | None = None) -> None:
         INVOCATION.clear()  # a later use of the package from Python is not this command
 
 
+def refuse_zoo_config_first(argv: list[str]) -> None:
+    """Raise :class:`UsageError` when the first ``--config`` of a ``fit``/``validate``/``test``/``predict`` is a model-zoo
+    config (``configs/models/``): it holds a backbone but no method, and LightningCLI would fail with a parser dump."""
+    if argv[:1] not in (["fit"], ["validate"], ["test"], ["predict"]):
+        return
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a[len("--config="):] for a in argv if a.startswith("--config=")]
+    if configs and os.path.basename(os.path.dirname(os.path.abspath(configs[0]))) == "models" and configs[0].endswith((".yaml", ".yml")):
+        raise UsageError(f"{configs[0]} is a model-zoo config (a backbone, no method): give it as the SECOND --config, after a method "
+                         "config, e.g. vidalign fit --config configs/flow_grpo.yaml --config " + configs[0])
+
+
 def close_process_group() -> None:
     """Destroy the default process group at the end of a command (Lightning keeps it for a later fit), so its
     communication threads are joined here rather than torn down at interpreter exit: FSDP2 processes on 2 CPU
@@ -360,6 +375,7 @@ def user_error(error: BaseException) -> BaseException | None:
     ``CorruptCheckpointError``, ``VideoDecodeError``, ``ShardError``), a ``FileNotFoundError``, or a ``ValueError`` / ``KeyError``
     raised by this package's own code (our messages name the key or file and what was expected). A bug (any other
     error, or one raised inside a library) keeps its traceback. Our choice."""
+    from lightning_vidalign.backbones.base import CheckpointLoadError
     from lightning_vidalign.cache import StaleCacheError
     from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
     from lightning_vidalign.datamodules.io import VideoDecodeError
@@ -371,7 +387,7 @@ def user_error(error: BaseException) -> BaseException | None:
         chain.append(chain[-1].__cause__)
     for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
         if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError,
-                            RemoteRewardError, StaleCacheError, ShardError)):
+                            RemoteRewardError, StaleCacheError, ShardError, CheckpointLoadError)):
             return exc
         if isinstance(exc, (ValueError, KeyError)) and exc.__traceback__ is not None:
             tb = exc.__traceback__

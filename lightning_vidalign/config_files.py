@@ -124,6 +124,8 @@ def configs_command(argv: list[str]) -> None:
     if source is None:
         parser.error(f"no shipped config {args.name!r}; `vidalign configs list` shows them")
     dest = args.dest or os.path.basename(source)
+    if dest.endswith(("/", os.sep)):  # a folder, made if missing
+        os.makedirs(dest, exist_ok=True)
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(source))
     if os.path.exists(dest):

@@ -178,6 +178,7 @@ class VideoAlignModule(L.LightningModule):
         self.sampler = sampler
         self.num_inference_steps = int(backbone.default_setting("num_inference_steps", 10) if num_inference_steps is None else num_inference_steps)
         self.guidance = backbone.default_setting("guidance", 1.0) if guidance is None else guidance
+        self._settings_from_config = {"guidance": guidance is not None, "num_inference_steps": num_inference_steps is not None}
         self.val_num_videos = val_num_videos
         self.on_nonfinite = on_nonfinite
         self.export_lora = export_lora
@@ -544,7 +545,7 @@ class VideoAlignModule(L.LightningModule):
         if not settings:
             return
         for key, value in (("guidance", self.guidance), ("num_inference_steps", self.num_inference_steps)):
-            if key in settings and settings[key]["value"] != value:
+            if getattr(self, "_settings_from_config", {}).get(key):
                 settings[key] = {"value": value, "source": "config"}
         lines = [f"  {k}: {v['value']} ({v['source']})" for k, v in settings.items()]
         rank_zero_info(f"{type(self.backbone).__name__} settings ({getattr(self.backbone, 'pretrained_path', '?')}):\n" + "\n".join(lines))

@@ -26,6 +26,7 @@ import os
 import string
 from typing import Any
 
+import lightning_vidalign  # noqa: F401  (the torchvision shim before diffusers / transformers import it)
 import torch
 
 #: the zoo's model names (``configs/models/<name>.yaml``)

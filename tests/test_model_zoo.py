@@ -161,7 +161,7 @@ def test_check_model_on_a_good_folder(folders, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "WanPipeline (model_index.json) -> WanBackbone" in out and "ok: the folder is complete" in out
-    assert "max_sequence_length    512" in out and "WanPipeline.__call__ default" in out
+    assert "max_sequence_length       512" in out and "WanPipeline.__call__ default" in out
     assert "text_encoder       UMT5EncoderModel" in out and " shards" in out.split("transformer ")[1].split("\n")[0]
     assert "memory estimate" in out and "8 GPU(s) x 80 GB" in out
 
@@ -174,13 +174,19 @@ def _copy(folder, tmp_path, name):
     return dst
 
 
-@pytest.mark.parametrize("broken", ["missing shard", "missing tokenizer", "tokenizer that does not load", "wrong transformer class", "wrong pipeline"])
+@pytest.mark.parametrize("broken", ["missing shard", "truncated download", "missing tokenizer", "tokenizer that does not load", "wrong transformer class",
+                                    "wrong pipeline"])
 def test_check_model_names_the_first_problem(broken, folders, tmp_path, capsys):
     folder = _copy(folders["wan2.1_t2v_1.3b"], tmp_path, "wan")
     if broken == "missing shard":
         shard = sorted(glob.glob(os.path.join(folder, "transformer", "*-00002-of-*.safetensors")))[0]
         os.remove(shard)
         expected = f"transformer: missing shard {shard}"
+    elif broken == "truncated download":
+        path = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        expected = f"vae: {path}: truncated: "
     elif broken == "missing tokenizer":
         import shutil
 
@@ -300,3 +306,24 @@ def test_check_model_names_a_mode_the_folder_cannot_run_and_a_missing_variant(fo
     with pytest.raises(SystemExit):
         main(["check-model", folder])
     assert "unet: no weight file (*.safetensors or *.bin) of no variant (set backbone variant, e.g. fp16" in capsys.readouterr().err
+
+
+def test_fit_names_a_folder_that_does_not_load_and_a_zoo_config_given_first(folders, tmp_path, monkeypatch, capsys):
+    """A truncated weight file stops ``fit`` with one line naming the folder and check-model (not a parser dump); a zoo
+    config given as the first --config is refused naming the order; check-model with it alone names the missing method."""
+    folder = _copy(folders["wan2.1_t2v_1.3b"], tmp_path, "wan")
+    path = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(launch_args(os.path.join(ROOT, "configs", "models", "wan2.1_t2v_1.3b.yaml"), folder) + SIZE)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "CheckpointLoadError: Wan checkpoint in" in err and f"vidalign check-model {folder}" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "models/wan2.1_t2v_1.3b", "--config", "flow_grpo"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is a model-zoo config (a backbone, no method): give it as the SECOND --config" in err
+    with pytest.raises(SystemExit):
+        main(["check-model", folders["wan2.1_t2v_1.3b"], "--config", "models/wan2.1_t2v_1.3b"])
+    assert "the configs name no method (model.class_path)" in capsys.readouterr().err

@@ -586,6 +586,24 @@ def merged_copy(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mod
     return _cast_for_export(out, dtype)
 
 
+class CheckpointLoadError(ValueError):
+    """A checkpoint folder whose files exist but do not load (a truncated download, a corrupt header or config), naming
+    the folder, the library's error and the command that checks the folder (``vidalign check-model``)."""
+
+
+@contextlib.contextmanager
+def loading_checkpoint(path: str, what: str):
+    """Context of a family's ``from_pretrained`` calls: a library error while reading the folder becomes a
+    :class:`CheckpointLoadError` naming ``what``, ``path`` and ``vidalign check-model`` (our refusals pass through)."""
+    try:
+        yield
+    except (FileNotFoundError, CheckpointLoadError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any library failure to read the files is this folder's problem, named
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointLoadError(f"{what} in {path!r} does not load ({type(e).__name__}: {first}); check the folder: vidalign check-model {path}") from e
+
+
 def require_weight_files(root: str, subfolders: list[str], what: str) -> None:
     """Raise ``FileNotFoundError`` naming the first of ``subfolders`` of ``root`` that holds no
     ``*.safetensors`` or ``*.bin`` weight file."""

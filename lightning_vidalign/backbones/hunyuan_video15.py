@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import load_dtype, pipeline_default, read_folder_defaults, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import load_dtype, loading_checkpoint, pipeline_default, read_folder_defaults, require_files, require_weight_files, resolve_pretrained_path
 from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
@@ -138,18 +138,19 @@ def load_hunyuan15_components(path: str, torch_dtype: torch.dtype | None = None,
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         sched = json.load(f)
     kw = {"local_files_only": True, "torch_dtype": torch_dtype}
-    return {
-        "transformer": HunyuanVideo15Transformer3DModel.from_pretrained(path, subfolder="transformer", **{**kw, "torch_dtype": transformer_dtype or torch_dtype}),
-        "vae": AutoencoderKLHunyuanVideo15.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
-        "text_encoder": Qwen2_5_VLTextModel.from_pretrained(os.path.join(path, "text_encoder"), **kw),
-        "tokenizer": AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True),
-        "text_encoder_2": T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kw),
-        "tokenizer_2": ByT5Tokenizer.from_pretrained(os.path.join(path, "tokenizer_2"), local_files_only=True),
-        "image_encoder": SiglipVisionModel.from_pretrained(os.path.join(path, "image_encoder"), **kw) if i2v else None,
-        "feature_extractor": SiglipImageProcessor.from_pretrained(os.path.join(path, "feature_extractor"), local_files_only=True) if i2v else None,
-        "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": float(sched.get("shift", 1.0))},
-        "mllm": True,
-    }
+    with loading_checkpoint(path, "HunyuanVideo 1.5 checkpoint"):
+        return {
+            "transformer": HunyuanVideo15Transformer3DModel.from_pretrained(path, subfolder="transformer", **{**kw, "torch_dtype": transformer_dtype or torch_dtype}),
+            "vae": AutoencoderKLHunyuanVideo15.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
+            "text_encoder": Qwen2_5_VLTextModel.from_pretrained(os.path.join(path, "text_encoder"), **kw),
+            "tokenizer": AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True),
+            "text_encoder_2": T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kw),
+            "tokenizer_2": ByT5Tokenizer.from_pretrained(os.path.join(path, "tokenizer_2"), local_files_only=True),
+            "image_encoder": SiglipVisionModel.from_pretrained(os.path.join(path, "image_encoder"), **kw) if i2v else None,
+            "feature_extractor": SiglipImageProcessor.from_pretrained(os.path.join(path, "feature_extractor"), local_files_only=True) if i2v else None,
+            "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": float(sched.get("shift", 1.0))},
+            "mllm": True,
+        }
 
 
 def hunyuan15_cp_plan() -> dict:

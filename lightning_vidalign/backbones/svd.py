@@ -18,6 +18,7 @@ from lightning_vidalign.backbones.base import (
     VideoBackbone,
     export_copy,
     load_dtype,
+    loading_checkpoint,
     pipeline_default,
     read_folder_defaults,
     require_files,
@@ -123,12 +124,13 @@ def load_svd_components(path: str, variant: str | None = None, unet_dtype: torch
     require_files(path, ["unet/config.json", "vae/config.json", "image_encoder/config.json", "scheduler/scheduler_config.json"], "SVD checkpoint")
     require_weight_files(path, ["unet", "vae", "image_encoder"], "SVD checkpoint")
     kw = {"local_files_only": True, "variant": variant}
-    return {
-        "unet": UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **kw, torch_dtype=unet_dtype),
-        "vae": AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **kw),
-        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(os.path.join(path, "image_encoder"), local_files_only=True),
-        "scheduler_config": dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler", local_files_only=True)),
-    }
+    with loading_checkpoint(path, "SVD checkpoint"):
+        return {
+            "unet": UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **kw, torch_dtype=unet_dtype),
+            "vae": AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **kw),
+            "image_encoder": CLIPVisionModelWithProjection.from_pretrained(os.path.join(path, "image_encoder"), local_files_only=True),
+            "scheduler_config": dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler", local_files_only=True)),
+        }
 
 
 class SVDBackbone(VideoBackbone):

@@ -19,6 +19,7 @@ from lightning_vidalign.backbones.base import (
     FOLDER_DEFAULTS_KEY,
     export_copy,
     load_dtype,
+    loading_checkpoint,
     pipeline_default,
     read_folder_defaults,
     require_files,
@@ -241,21 +242,23 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
     if packaged_text:
         text_encoder, tokenizer = load_minilm()
     else:
-        with open(os.path.join(path, "text_encoder", "config.json")) as f:  # UMT5 (Wan), or a saved copy of MiniLM
-            encoder_class = UMT5EncoderModel if json.load(f).get("model_type") != "bert" else AutoModel
-        text_encoder = encoder_class.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
-    return {
-        "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **{**kw, "torch_dtype": transformer_dtype or torch_dtype}),
-        "transformer_2": WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **{**kw, "torch_dtype": transformer_dtype or torch_dtype})
-        if two_experts else None,
-        "boundary_ratio": float(index["boundary_ratio"]) if two_experts else None,
-        "vae": AutoencoderKLWan.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": shift},
-        "expand_timesteps": bool(index.get("expand_timesteps", False)),
-    }
+        with loading_checkpoint(path, "Wan checkpoint (text encoder / tokenizer)"):
+            with open(os.path.join(path, "text_encoder", "config.json")) as f:  # UMT5 (Wan), or a saved copy of MiniLM
+                encoder_class = UMT5EncoderModel if json.load(f).get("model_type") != "bert" else AutoModel
+            text_encoder = encoder_class.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True, torch_dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
+    with loading_checkpoint(path, "Wan checkpoint"):
+        return {
+            "transformer": WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **{**kw, "torch_dtype": transformer_dtype or torch_dtype}),
+            "transformer_2": WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **{**kw, "torch_dtype": transformer_dtype or torch_dtype})
+            if two_experts else None,
+            "boundary_ratio": float(index["boundary_ratio"]) if two_experts else None,
+            "vae": AutoencoderKLWan.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32),
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "scheduler_config": {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)), "shift": shift},
+            "expand_timesteps": bool(index.get("expand_timesteps", False)),
+        }
 
 
 class WanBackbone(FlowMatchingBackbone):
@@ -421,7 +424,9 @@ class WanBackbone(FlowMatchingBackbone):
             raise ValueError("WanBackbone: guidance_scale_2 and lora_experts apply to two experts (boundary_ratio / a folder with transformer_2) only")
         if pretrained_path != "tiny" and mode == "ti2v" and not parts["expand_timesteps"]:
             raise ValueError(f"WanBackbone: mode='ti2v' needs a Wan 2.2 TI2V checkpoint (expand_timesteps true in {pretrained_path}/model_index.json); "
-                             "for a text-to-video folder (Wan 2.1, Wan 2.2 A14B) set --model.init_args.backbone.init_args.mode t2v")
+                             "for a text-to-video folder (Wan 2.1, Wan 2.2 A14B) use its model-zoo config (--config models/wan2.1_t2v_1.3b, "
+                             "models/wan2.1_t2v_14b or models/wan2.2_t2v_a14b; `vidalign configs list --prefix models/`) or set "
+                             "--model.init_args.backbone.init_args.mode t2v")
         trained = "ti2v" if parts["expand_timesteps"] else "t2v"
         if pretrained_path.startswith(DEMO_PREFIX) and mode != trained:  # a demo base is pretrained for one mode only
             raise ValueError(f"WanBackbone: the demo base {pretrained_path} was pretrained for mode={trained!r} only; got mode={mode!r}")
@@ -498,7 +503,8 @@ class WanBackbone(FlowMatchingBackbone):
         if index.get("boundary_ratio") is not None:
             out["boundary_ratio"] = {"value": float(index["boundary_ratio"]), "source": "model_index.json boundary_ratio"}
             out["guidance_scale_2"] = {"value": None, "source": "WanPipeline default (None: the guidance)"}
-        out["expand_timesteps"] = {"value": bool(index.get("expand_timesteps", False)), "source": "model_index.json expand_timesteps"}
+        out["expand_timesteps"] = {"value": bool(index.get("expand_timesteps", False)),
+                                   "source": "model_index.json expand_timesteps" if "expand_timesteps" in index else "absent from model_index.json (text-to-video)"}
         return out
 
     def record_pipeline_settings(self, pretrained_path: str, max_sequence_length: int | None, flow_shift: float | None) -> int:
