@@ -208,6 +208,9 @@ def quiet_console() -> None:
     # the same for the Wan DiT under sequence parallelism (its output, gathered over the group by diffusers' context-
     # parallel hook, is unpatchified by reshape/permute); WanBackbone.predict reads it out of place (tests/test_sequence_parallel.py)
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWanTransformer3DModel\) returned a view tensor")
+    # and the HunyuanVideo 1.5 transformer (its output unpatchified by reshape): FSDP2 LoRA gradients equal the unsharded
+    # model's exactly (tests/test_fsdp2_hunyuan_views.py)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPHunyuanVideo15Transformer3DModel\) returned a view tensor")
     # diffusers 0.42's context-parallel gather (hooks/context_parallel.py) calls a deprecated torch alias; not our call
     warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated", category=FutureWarning)
     # our val/* and heldout/* values are already global (torchmetrics' cross-rank compute, or gathered over ranks)
