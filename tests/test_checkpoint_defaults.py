@@ -90,21 +90,12 @@ def meanflow():
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_meanflow_i2v_rollout_reproduces_the_image_to_video_pipeline(meanflow, guidance):
-    import PIL.Image
-    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15ImageToVideoPipeline
-    from diffusers.guiders import ClassifierFreeGuidance
+    from test_hunyuan_video15 import i2v_pipeline_latents
 
     bb, frame, cond = meanflow
     assert bb.use_meanflow and bb.settings["use_meanflow"]["value"] is True
     ours = bb.rollout(cond, "ode", 4, guidance, torch.Generator().manual_seed(0), num_frames=9, decode=False).latents
-    pipe = HunyuanVideo15ImageToVideoPipeline(
-        text_encoder=None, tokenizer=None, transformer=bb.transformer, vae=bb.vae, text_encoder_2=None, tokenizer_2=None, image_encoder=bb.image_encoder,
-        feature_extractor=bb.feature_extractor, scheduler=FlowMatchEulerDiscreteScheduler(shift=bb.flow_shift), guider=ClassifierFreeGuidance(guidance_scale=guidance),
-    )
-    image = PIL.Image.fromarray((frame[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
-    names = {"prompt_embeds": "prompt_embeds", "prompt_mask": "prompt_embeds_mask", "prompt_embeds_2": "prompt_embeds_2", "prompt_mask_2": "prompt_embeds_mask_2"}
-    args = {**{v: cond[k] for k, v in names.items()}, **{f"negative_{v}": cond[f"negative_{k}"] for k, v in names.items()}}
-    theirs = pipe(image=image, **args, num_frames=9, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    theirs = i2v_pipeline_latents(bb, frame, cond, guidance, 4)  # the pipeline passes timestep_r itself
     err = (ours.permute(0, 2, 1, 3, 4) - theirs).abs().max().item()
     print(f"MeanFlow I2V ODE rollout vs HunyuanVideo15ImageToVideoPipeline (guidance {guidance}): max |diff| = {err:.2e}")
     assert err <= 1e-5

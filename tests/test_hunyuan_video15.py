@@ -61,26 +61,32 @@ def test_ode_rollout_reproduces_hunyuan_video15_pipeline(hy, guidance):
     assert err <= 1e-5
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_i2v_rollout_reproduces_hunyuan_video15_image_to_video_pipeline(guidance):
+def i2v_pipeline_latents(bb, frame, cond, guidance: float, steps: int):
+    """``HunyuanVideo15ImageToVideoPipeline``'s latents with ``bb``'s components and embeddings, the first frame as the PIL
+    image the pipeline takes, generator seed 0, 9 frames; in the pipeline's layout ``(B, C, T', h, w)``."""
     import PIL.Image
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15ImageToVideoPipeline
     from diffusers.guiders import ClassifierFreeGuidance
 
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=bb.transformer, vae=bb.vae, text_encoder_2=None, tokenizer_2=None, image_encoder=bb.image_encoder,
+        feature_extractor=bb.feature_extractor, scheduler=FlowMatchEulerDiscreteScheduler(shift=bb.flow_shift), guider=ClassifierFreeGuidance(guidance_scale=guidance),
+    )
+    image = PIL.Image.fromarray((frame[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    names = {"prompt_embeds": "prompt_embeds", "prompt_mask": "prompt_embeds_mask", "prompt_embeds_2": "prompt_embeds_2", "prompt_mask_2": "prompt_embeds_mask_2"}
+    args = {**{v: cond[k] for k, v in names.items()}, **{f"negative_{v}": cond[f"negative_{k}"] for k, v in names.items()}}
+    return pipe(image=image, **args, num_frames=9, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_i2v_rollout_reproduces_hunyuan_video15_image_to_video_pipeline(guidance):
     bb = HunyuanVideo15Backbone(mode="i2v", lora_rank=4, lora_alpha=4)
     _perturb_lora(bb, 2)
     frame = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     cond = bb.encode_condition({"caption": CAPTIONS[:1], "first_frame": frame})
     assert cond["image_embeds"].shape == (1, 16, 32) and cond["image_latents"].shape == (1, 1, 8, 16, 16)
     ours = bb.rollout(cond, "ode", 4, guidance, torch.Generator().manual_seed(0), num_frames=9, decode=False).latents
-    pipe = HunyuanVideo15ImageToVideoPipeline(
-        text_encoder=None, tokenizer=None, transformer=bb.transformer, vae=bb.vae, text_encoder_2=None, tokenizer_2=None, image_encoder=bb.image_encoder,
-        feature_extractor=bb.feature_extractor, scheduler=FlowMatchEulerDiscreteScheduler(shift=bb.flow_shift), guider=ClassifierFreeGuidance(guidance_scale=guidance),
-    )
-    image = PIL.Image.fromarray((frame[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())  # the pipeline takes a PIL image
-    names = {"prompt_embeds": "prompt_embeds", "prompt_mask": "prompt_embeds_mask", "prompt_embeds_2": "prompt_embeds_2", "prompt_mask_2": "prompt_embeds_mask_2"}
-    args = {**{v: cond[k] for k, v in names.items()}, **{f"negative_{v}": cond[f"negative_{k}"] for k, v in names.items()}}
-    theirs = pipe(image=image, **args, num_frames=9, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    theirs = i2v_pipeline_latents(bb, frame, cond, guidance, 4)
     err = (ours.permute(0, 2, 1, 3, 4) - theirs).abs().max().item()
     print(f"HunyuanVideo 1.5 I2V ODE rollout vs pipeline (guidance {guidance}): max |diff| = {err:.2e}")
     assert err <= 1e-5

@@ -166,6 +166,14 @@ def test_check_model_on_a_good_folder(folders, capsys):
     assert "memory estimate" in out and "8 GPU(s) x 80 GB" in out
 
 
+def _set_json(path: str, key: str, value) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    data[key] = value
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
 def _copy(folder, tmp_path, name):
     import shutil
 
@@ -197,20 +205,10 @@ def test_check_model_names_the_first_problem(broken, folders, tmp_path, capsys):
             f.write("{not json")
         expected = "tokenizer: the tokenizer in"
     elif broken == "wrong transformer class":
-        path = os.path.join(folder, "transformer", "config.json")
-        with open(path) as f:
-            cfg = json.load(f)
-        cfg["_class_name"] = "HunyuanVideo15Transformer3DModel"
-        with open(path, "w") as f:
-            json.dump(cfg, f)
+        _set_json(os.path.join(folder, "transformer", "config.json"), "_class_name", "HunyuanVideo15Transformer3DModel")
         expected = "transformer/config.json is a HunyuanVideo15Transformer3DModel; the backbone needs WanTransformer3DModel"
     else:
-        path = os.path.join(folder, "model_index.json")
-        with open(path) as f:
-            index = json.load(f)
-        index["_class_name"] = "CogVideoXPipeline"
-        with open(path, "w") as f:
-            json.dump(index, f)
+        _set_json(os.path.join(folder, "model_index.json"), "_class_name", "CogVideoXPipeline")
         expected = "pipeline 'CogVideoXPipeline' is not one the backbones load"
     with pytest.raises(SystemExit) as exit_info:
         main(["check-model", folder])
