@@ -66,8 +66,14 @@ def test_a_wheel_in_a_fresh_venv_runs_the_readme_commands_outside_the_repository
     import site
     import sysconfig
 
+    import shutil
+
+    # built from a copy of the source tree: pip builds in place, and setuptools' build/ folder must not land in (or be
+    # reused from) the checkout
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "runs", "__pycache__", ".pytest_cache", "lightning_logs"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), ROOT], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)], check=True, cwd=tmp_path)
     wheel = glob.glob(str(dist / "lightning_vidalign-*.whl"))[0]
     venv = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
