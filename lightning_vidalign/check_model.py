@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_vidalign.backbones.base import error_summary
+
 #: our classes that stand for the tiny family's packaged MiniLM in ``model_index.json`` (no folder to check)
 PACKAGED = {"PackagedMiniLMTextEncoder", "PackagedMiniLMTokenizer"}
 
@@ -95,9 +97,6 @@ class Report:
     def problem(self, text: str) -> None:
         self.problems.append(text)
         self.lines.append(f"  PROBLEM: {text}")
-
-
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def safetensors_header(path: str) -> dict[str, Any]:
@@ -230,7 +229,7 @@ def check_component(root: str, comp: Component, entry: list | None, report: Repo
             cls = transformers.ByT5Tokenizer if declared == "ByT5Tokenizer" else transformers.AutoTokenizer
             tok = cls.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to load is the problem to name
-            report.problem(f"{comp.name}: the tokenizer in {folder} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            report.problem(f"{comp.name}: the tokenizer in {folder} does not load ({error_summary(e, 200)})")
             return
         report.say(f"  {comp.name:<18} {type(tok).__name__:<34} vocabulary {len(tok)}")
     elif comp.kind == "processor":
@@ -239,7 +238,7 @@ def check_component(root: str, comp: Component, entry: list | None, report: Repo
 
             proc = getattr(transformers, declared.replace("Fast", "")).from_pretrained(folder, local_files_only=True)
         except Exception as e:  # noqa: BLE001
-            report.problem(f"{comp.name}: the image processor in {folder} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            report.problem(f"{comp.name}: the image processor in {folder} does not load ({error_summary(e, 200)})")
             return
         report.say(f"  {comp.name:<18} {type(proc).__name__}")
     else:  # scheduler, guider
@@ -336,7 +335,7 @@ def check(root: str, configs: list[str] | None = None, gpus: int | None = None, 
     for key, entry in settings.items():
         report.say(f"  {key:<25} {str(entry['value']):<14} {entry['source']}")
     if cfg:
-        _estimate(root, spec, cfg, settings, gpus, gpu_gb, report)
+        _estimate(root, spec, cfg, model_args, backbone_args, settings, gpus, gpu_gb, report)
     return report
 
 
@@ -362,16 +361,16 @@ def _settings(root: str, spec: dict, mode: str | None, backbone_args: dict, mode
     return settings
 
 
-def _estimate(root: str, spec: dict, cfg: dict, settings: dict, gpus: int | None, gpu_gb: float, report: Report) -> None:
-    """Add the per-GPU memory estimate of the config's setting (module docstring) to ``report``."""
+def _estimate(root: str, spec: dict, cfg: dict, model_args: dict, backbone_args: dict, settings: dict, gpus: int | None, gpu_gb: float,
+              report: Report) -> None:
+    """Add the per-GPU memory estimate of the config's setting (module docstring) to ``report``; ``model_args`` /
+    ``backbone_args``: the merged configs' ``init_args`` of the model and of its backbone."""
     from lightning_vidalign.memory import ModelSpec, estimate_setting
 
     if spec["family"] == "svd":
         report.say("memory estimate: not modelled for the SVD UNet (`vidalign estimate` covers the Wan and HunyuanVideo 1.5 transformers)")
         return
     data = _init_args(cfg.get("data"))
-    model_args = _init_args(cfg.get("model"))
-    backbone_args = _init_args(model_args.get("backbone"))
     trainer = cfg.get("trainer") or {}
     if gpus is None:
         devices = trainer.get("devices", 1)

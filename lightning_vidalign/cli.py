@@ -342,7 +342,9 @@ def refuse_zoo_config_first(argv: list[str]) -> None:
     config (``configs/models/``): it holds a backbone but no method, and LightningCLI would fail with a parser dump."""
     if argv[:1] not in (["fit"], ["validate"], ["test"], ["predict"]):
         return
-    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a[len("--config="):] for a in argv if a.startswith("--config=")]
+    from lightning_vidalign.config_files import config_arguments
+
+    configs = [value for _, _, value in config_arguments(argv)]
     if configs and os.path.basename(os.path.dirname(os.path.abspath(configs[0]))) == "models" and configs[0].endswith((".yaml", ".yml")):
         raise UsageError(f"{configs[0]} is a model-zoo config (a backbone, no method): give it as the SECOND --config, after a method "
                          "config, e.g. vidalign fit --config configs/flow_grpo.yaml --config " + configs[0])

@@ -64,17 +64,23 @@ def find_shipped(name: str) -> str | None:
     return None
 
 
+def config_arguments(argv: list[str]) -> list[tuple[int, str, str]]:
+    """The ``--config`` values of a command line, in order, as ``(index in argv, prefix, value)``: ``--config X`` gives
+    ``(index of X, "", X)``, ``--config=X`` gives ``(its index, "--config=", X)``."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            out.append((i + 1, "", argv[i + 1]))
+        elif arg.startswith("--config="):
+            out.append((i, "--config=", arg[len("--config="):]))
+    return out
+
+
 def resolve_config_arguments(argv: list[str]) -> list[str]:
     """``argv`` with each ``--config X`` / ``--config=X`` whose ``X`` is no file replaced by the shipped config it names
     (:func:`find_shipped`; logged). A name that is neither stays as it is (the parser then names it)."""
     out = list(argv)
-    for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
-            j, value, prefix = i + 1, out[i + 1], ""
-        elif arg.startswith("--config="):
-            j, value, prefix = i, arg[len("--config="):], "--config="
-        else:
-            continue
+    for j, prefix, value in config_arguments(argv):
         if value and not os.path.exists(value):
             shipped = find_shipped(value)
             if shipped is not None:

@@ -208,30 +208,24 @@ def estimate_setting(spec: ModelSpec, height: int, width: int, frames: int, gpus
 
 def estimate_rows(gpus: int = 8, gpu_gb: float = 80.0, lora_rank: int = 32, models: list[str] | None = None,
                   frames: tuple[int, ...] = (81, 121), sp_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict[str, Any]]:
-    """One row per model, resolution, frame count, SP size and checkpointing setting (GB per GPU)."""
+    """One row per model, resolution, frame count, SP size and checkpointing setting (GB per GPU), each setting from
+    :func:`estimate_setting` (LoRA and full fine-tuning columns)."""
     rows = []
-    budget = 0.9 * gpu_gb
     for key in models or list(REAL_MODELS):
         spec = REAL_MODELS[key]
         model = build_on_meta(spec)
-        sh = shapes_of(model, spec)
-        n_lora = lora_parameter_count(model, spec.family, lora_rank)
-        gathered = 2 * 2 * sh.block_params
-        params = {"lora": (2 * sh.params / gpus + gathered) / GB, "full": (4 * sh.params / gpus + gathered) / GB}
-        optim = {"lora": 16 * n_lora / GB, "full": 12 * sh.params / gpus / GB}
         for res, (height, width) in spec.resolutions.items():
             for t in frames:
-                n = video_tokens(spec, sh, height, width, t)
                 for sp in sp_sizes:
                     for ac in (False, True):
-                        row = dict(model=spec.name, key=key, params_B=sh.params / 1e9, lora_params_M=n_lora / 1e6, resolution=f"{res} {height}x{width}",
-                                   frames=t, tokens=n, sp=sp, ac=ac)
+                        row = dict(model=spec.name, key=key, resolution=f"{res} {height}x{width}", frames=t, sp=sp, ac=ac)
                         for ft in ("lora", "full"):
-                            full_block = block_activation_bytes(spec.family, ft, n / sp, sh.width, sh.mlp, sh.heads, spec.text_tokens, full_tokens=n)
-                            act = (sh.layers * checkpointed_block_bytes(spec.family, n / sp, sh.width, spec.text_tokens) + full_block) if ac else sh.layers * full_block
-                            total = params[ft] + optim[ft] + act / GB
-                            row.update({f"{ft}_params_GB": params[ft], f"{ft}_optim_GB": optim[ft], f"{ft}_act_GB": act / GB,
-                                        f"{ft}_total_GB": total, f"{ft}_fits": total <= budget})
+                            est = estimate_setting(spec, height, width, t, gpus, gpu_gb, lora_rank, sp, ac, ft, model=model)
+                            row.update(params_B=est["params_B"], tokens=est["tokens"])
+                            if ft == "lora":
+                                row["lora_params_M"] = est["lora_params_M"]
+                            row.update({f"{ft}_params_GB": est["params_GB"], f"{ft}_optim_GB": est["optim_GB"], f"{ft}_act_GB": est["act_GB"],
+                                        f"{ft}_total_GB": est["total_GB"], f"{ft}_fits": est["fits"]})
                         rows.append(row)
     return rows
 

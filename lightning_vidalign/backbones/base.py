@@ -12,6 +12,9 @@ from torch import Tensor, nn
 
 from lightning_vidalign.sampling import Trajectory
 
+#: the dtype names the backbone options accept (``dtype``, ``vae_dtype``, ``encoder_dtype``)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class VideoBackbone(nn.Module, abc.ABC):
     """A diffusers denoiser + VAE + condition encoders with LoRA adapters.
@@ -97,9 +100,8 @@ class VideoBackbone(nn.Module, abc.ABC):
             ValueError: an unknown name, or a low-precision dtype with ``finetune="full"`` (the trained weights
                 would be stored in it: use ``precision: bf16-mixed`` or ``fsdp_param_dtype`` for that).
         """
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype is not None and dtype not in dtypes:
-            raise ValueError(f"{type(self).__name__}: dtype must be one of {sorted(dtypes)} or null, got {dtype!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"{type(self).__name__}: dtype must be one of {sorted(DTYPES)} or null, got {dtype!r}")
         self.compute_dtype = dtype or "float32"
         self.record_setting("dtype", self.compute_dtype, "config" if dtype else "as loaded (float32)")
         if dtype in (None, "float32"):
@@ -119,9 +121,9 @@ class VideoBackbone(nn.Module, abc.ABC):
                     if not tensor.is_floating_point() or any(k in f"{module_name}.{name}".split(".") for k in keep):
                         continue  # diffusers' rule for _keep_in_fp32_modules: a name component of the parameter
                     if isinstance(tensor, nn.Parameter):
-                        tensor.data = tensor.data.to(dtypes[dtype])
+                        tensor.data = tensor.data.to(DTYPES[dtype])
                     else:
-                        setattr(module, name, tensor.to(dtypes[dtype]))
+                        setattr(module, name, tensor.to(DTYPES[dtype]))
 
     # ------------------------------------------------- frozen parts (issue 24)
     #: frozen modules moved to the compute device only while used (``offload_frozen``)
@@ -151,18 +153,17 @@ class VideoBackbone(nn.Module, abc.ABC):
             ValueError: an unknown dtype name, or a VAE option with ``train_vae`` (trained weights stay float32
                 and on the device).
         """
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         for name, value in (("vae_dtype", vae_dtype), ("encoder_dtype", encoder_dtype)):
-            if value is not None and value not in dtypes:
-                raise ValueError(f"{type(self).__name__}: {name} must be one of {sorted(dtypes)} or null, got {value!r}")
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"{type(self).__name__}: {name} must be one of {sorted(DTYPES)} or null, got {value!r}")
         if getattr(self, "train_vae", False) and (vae_dtype not in (None, "float32") or offload_frozen):
             raise ValueError(f"{type(self).__name__}: train_vae trains the VAE: vae_dtype must stay float32 and offload_frozen false")
         if vae_dtype is not None:
             for module in self.vae_modules():
-                module.to(dtypes[vae_dtype])
+                module.to(DTYPES[vae_dtype])
         if encoder_dtype is not None:
             for module in self.encoder_modules():
-                module.to(dtypes[encoder_dtype])
+                module.to(DTYPES[encoder_dtype])
         self.vae_dtype, self.encoder_dtype, self.offload_frozen = vae_dtype, encoder_dtype, bool(offload_frozen)
 
     @property
@@ -508,6 +509,13 @@ def read_folder_defaults(path: str | None) -> dict[str, Any]:
     return dict(read_model_index(path).get(FOLDER_DEFAULTS_KEY) or {}) if path else {}
 
 
+def folder_or_default(name: str, own: dict[str, Any], own_source: str, default: tuple[Any, str]) -> dict[str, Any]:
+    """``{"value", "source"}`` of a setting: the folder's own record ``own[name]`` (source ``own_source``), else
+    ``default`` = ``(value, source)`` (e.g. :func:`pipeline_default`'s)."""
+    value, source = (own[name], own_source) if name in own else default
+    return {"value": value, "source": source}
+
+
 def pipeline_default(pipeline: str, parameter: str, method: str = "__call__") -> tuple[Any, str]:
     """The default value of ``parameter`` of ``diffusers.<pipeline>.<method>`` (read from the installed diffusers by
     ``inspect.signature``, so it follows the library) and a source string naming it.
@@ -530,8 +538,7 @@ def load_dtype(dtype: str | None, finetune: str) -> torch.dtype | None:
     :meth:`VideoBackbone.set_compute_dtype`): the low-precision dtype itself with LoRA (the frozen base is loaded in it
     directly, diffusers keeping ``_keep_in_fp32_modules`` float32: no float32 copy of a 14 B model in host memory), else
     None (as stored; ``finetune="full"`` keeps float32 masters and is refused a low-precision ``dtype``)."""
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-    return dtypes.get(dtype) if finetune == "lora" else None
+    return DTYPES[dtype] if finetune == "lora" and dtype in ("bfloat16", "float16") else None
 
 
 FINETUNE_MODES = ("lora", "full")
@@ -600,8 +607,14 @@ def loading_checkpoint(path: str, what: str):
     except (FileNotFoundError, CheckpointLoadError):
         raise
     except Exception as e:  # noqa: BLE001 - any library failure to read the files is this folder's problem, named
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointLoadError(f"{what} in {path!r} does not load ({type(e).__name__}: {first}); check the folder: vidalign check-model {path}") from e
+        raise CheckpointLoadError(f"{what} in {path!r} does not load ({error_summary(e)}); check the folder: vidalign check-model {path}") from e
+
+
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """``"<Type>: <first line of the message>"`` (at most ``limit`` characters of it; an empty message gives the type alone
+    with a colon): a library error named in one line of ours."""
+    first = (str(error).strip().splitlines() or [""])[0][:limit]
+    return f"{type(error).__name__}: {first}"
 
 
 def require_weight_files(root: str, subfolders: list[str], what: str) -> None:

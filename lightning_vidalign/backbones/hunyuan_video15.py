@@ -29,7 +29,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_vidalign.backbones.base import load_dtype, loading_checkpoint, pipeline_default, read_folder_defaults, require_files, require_weight_files, resolve_pretrained_path
+from lightning_vidalign.backbones.base import (
+    FOLDER_DEFAULTS_KEY,
+    folder_or_default,
+    load_dtype,
+    loading_checkpoint,
+    pipeline_default,
+    read_folder_defaults,
+    require_files,
+    require_weight_files,
+    resolve_pretrained_path,
+)
 from lightning_vidalign.backbones.flow import FlowMatchingBackbone
 
 log = logging.getLogger(__name__)
@@ -369,11 +379,10 @@ class HunyuanVideo15Backbone(FlowMatchingBackbone):
             FileNotFoundError: a missing scheduler or transformer config.
         """
         pipe = "HunyuanVideo15ImageToVideoPipeline" if mode == "i2v" else "HunyuanVideo15Pipeline"
-        own, own_source = read_folder_defaults(folder), "model_index.json _vidalign_defaults"
+        own, own_source = read_folder_defaults(folder), f"model_index.json {FOLDER_DEFAULTS_KEY}"
 
         def entry(name, default):
-            value, source = (own[name], own_source) if name in own else default
-            return {"value": value, "source": source}
+            return folder_or_default(name, own, own_source, default)
 
         out = {"max_sequence_length": entry("max_sequence_length", pipeline_default(pipe, "tokenizer_max_length", "_get_mllm_prompt_embeds")),
                "max_sequence_length_2": entry("max_sequence_length_2", pipeline_default(pipe, "tokenizer_max_length", "_get_byt5_prompt_embeds"))}

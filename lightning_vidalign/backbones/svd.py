@@ -17,6 +17,7 @@ from lightning_vidalign.backbones.base import (
     FOLDER_DEFAULTS_KEY,
     VideoBackbone,
     export_copy,
+    folder_or_default,
     load_dtype,
     loading_checkpoint,
     pipeline_default,
@@ -243,11 +244,9 @@ class SVDBackbone(VideoBackbone):
         own, source = read_folder_defaults(folder), f"model_index.json {FOLDER_DEFAULTS_KEY}"
         low, low_source = pipeline_default("StableVideoDiffusionPipeline", "min_guidance_scale")
         high, _ = pipeline_default("StableVideoDiffusionPipeline", "max_guidance_scale")
-        steps = pipeline_default("StableVideoDiffusionPipeline", "num_inference_steps")
-        out = {"guidance": {"value": own["guidance"], "source": source} if "guidance" in own else
-               {"value": [float(low), float(high)], "source": low_source.replace("__call__ default", "__call__ (min, max)_guidance_scale defaults")},
-               "num_inference_steps": {"value": own["num_inference_steps"], "source": source} if "num_inference_steps" in own else
-               {"value": steps[0], "source": steps[1]}}
+        guidance = ([float(low), float(high)], low_source.replace("__call__ default", "__call__ (min, max)_guidance_scale defaults"))
+        out = {"guidance": folder_or_default("guidance", own, source, guidance),
+               "num_inference_steps": folder_or_default("num_inference_steps", own, source, pipeline_default("StableVideoDiffusionPipeline", "num_inference_steps"))}
         with open(os.path.join(folder, "unet", "config.json")) as f:
             out["num_frames"] = {"value": int(json.load(f).get("num_frames", 25)), "source": "unet/config.json num_frames"}
         return out

@@ -18,10 +18,12 @@ from lightning_vidalign.backbones.base import (
     DEMO_PREFIX,
     FOLDER_DEFAULTS_KEY,
     export_copy,
+    folder_or_default,
     load_dtype,
     loading_checkpoint,
     pipeline_default,
     read_folder_defaults,
+    read_model_index,
     require_files,
     require_weight_files,
     resolve_pretrained_path,
@@ -483,8 +485,6 @@ class WanBackbone(FlowMatchingBackbone):
         """
         import json
 
-        from lightning_vidalign.backbones.base import read_model_index
-
         from lightning_vidalign.diffusers_components import TEXT_ENCODER_ENTRY
 
         own, own_source = read_folder_defaults(folder), f"model_index.json {FOLDER_DEFAULTS_KEY}"
@@ -492,10 +492,8 @@ class WanBackbone(FlowMatchingBackbone):
         if not own and (index.get("vidalign_text_encoder") or list(index.get("text_encoder") or []) == TEXT_ENCODER_ENTRY):
             # a tiny-family folder written before the record existed (the packaged MiniLM names it): the tiny defaults
             own, own_source = {"max_sequence_length": 32, "guidance": 1.0, "num_inference_steps": 10}, "tiny-family folder (packaged MiniLM) without a record: tiny defaults"
-        out = {}
-        for name, parameter in (("max_sequence_length", "max_sequence_length"), ("guidance", "guidance_scale"), ("num_inference_steps", "num_inference_steps")):
-            value, source = (own[name], own_source) if name in own else pipeline_default("WanPipeline", parameter)
-            out[name] = {"value": value, "source": source}
+        out = {name: folder_or_default(name, own, own_source, pipeline_default("WanPipeline", parameter))
+               for name, parameter in (("max_sequence_length", "max_sequence_length"), ("guidance", "guidance_scale"), ("num_inference_steps", "num_inference_steps"))}
         with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
             sched = json.load(f)
         key = "flow_shift" if "flow_shift" in sched else "shift"
