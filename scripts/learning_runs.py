@@ -250,32 +250,54 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def figures(results: list[dict], folder: str) -> list[str]:
+def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (matplotlib not installed)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: str) -> str:
+    """Write ``fig`` to ``path`` (PNG) and close it."""
+    plt = _pyplot()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def draw_recipe_figure(runs: list[dict], title: str, ylabel: str):
+    """The learning curve of one recipe: its held-out series vs training step, one line per seed (``runs``: results
+    with ``seed`` and ``curve`` ``[(step, value), ...]``). Returns the matplotlib Figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=110)
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        steps, values = zip(*r["curve"])
+        ax.plot(steps, values, marker="o", label=f"seed {r['seed']}")
+    ax.set_xlabel("training step (round / batch)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)  # long reward names wrap
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figures(results: list[dict], folder: str) -> list[str]:
+    """``<folder>/<recipe>.png`` for each recipe of ``results`` (:func:`draw_recipe_figure`)."""
+    if _pyplot() is None:
         print("[learning_runs] matplotlib not installed: no figures (pip install -c constraints.txt -e '.[plots]')")
         return []
-    os.makedirs(folder, exist_ok=True)
     written = []
     for recipe in sorted({r["recipe"] for r in results}):
-        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=110)
-        for r in sorted((r for r in results if r["recipe"] == recipe), key=lambda r: r["seed"]):
-            steps, values = zip(*r["curve"])
-            ax.plot(steps, values, marker="o", label=f"seed {r['seed']}")
-        ax.set_xlabel("training step (round / batch)")
-        ax.set_ylabel("held-out " + recipe_criterion(recipe).split("/", 1)[1].replace("_", " "))
-        ax.set_title(textwrap.fill(f"{recipe}: {recipe_reward(recipe)}", 60), fontsize=9)  # long reward names wrap
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(folder, f"{recipe}.png")
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        fig = draw_recipe_figure([r for r in results if r["recipe"] == recipe], f"{recipe}: {recipe_reward(recipe)}",
+                                 "held-out " + recipe_criterion(recipe).split("/", 1)[1].replace("_", " "))
+        written.append(save_figure(fig, os.path.join(folder, f"{recipe}.png")))
     return written
 
 
@@ -372,16 +394,10 @@ def claim_table(name: str, claim: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def claim_figure(name: str, claim: dict, results: list[dict], folder: str) -> str | None:
-    """``<folder>/claim_<name>.png``: the compared held-out series per variant (mean over seeds) and, where
-    logged, the KL per round."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def draw_claim_figure(claim: dict, results: list[dict]):
+    """A claim's comparison: the compared held-out series per variant (mean over seeds) and, where logged, the KL per
+    round (``results``: results with ``variant``, ``curve``/``curves`` and ``curve_kl``). Returns the matplotlib Figure."""
+    plt = _pyplot()
     metric = claim.get("metric", "heldout/reward")
     has_kl = any(r.get("curve_kl") for r in results)
     fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(9 if has_kl else 4.5, 3.2), dpi=110, squeeze=False)
@@ -408,11 +424,14 @@ def claim_figure(name: str, claim: dict, results: list[dict], folder: str) -> st
         axes[0][1].grid(alpha=0.3)
     fig.suptitle(textwrap.fill(claim["title"], 140), fontsize=8)
     fig.tight_layout()
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"claim_{name}.png")
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def claim_figure(name: str, claim: dict, results: list[dict], folder: str) -> str | None:
+    """``<folder>/claim_<name>.png`` (:func:`draw_claim_figure`); None without matplotlib."""
+    if _pyplot() is None:
+        return None
+    return save_figure(draw_claim_figure(claim, results), os.path.join(folder, f"claim_{name}.png"))
 
 
 def claims_report(names: list[str], out: str, report: str, run: bool) -> str:
