@@ -263,7 +263,8 @@ def _pyplot():
 
 
 def save_figure(fig, path: str) -> str:
-    """Write ``fig`` to ``path`` (PNG) and close it."""
+    """Write ``fig`` to ``path`` (PNG) at its own size and dpi, and close it. The saved canvas is the figure's
+    (no ``bbox_inches="tight"``): the drawing functions lay out title and legend inside it, which the tests check."""
     plt = _pyplot()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
@@ -394,13 +395,39 @@ def claim_table(name: str, claim: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _text_width(fig, text: str, fontsize: float) -> float:
+    """Width in pixels (at the figure's dpi) of ``text`` drawn at ``fontsize``."""
+    t = fig.text(0, 0, text, fontsize=fontsize)
+    width = t.get_window_extent(renderer=fig.canvas.get_renderer()).width
+    t.remove()
+    return width
+
+
+def _wrap(fig, text: str, fontsize: float, width: float) -> str:
+    """``text`` broken at spaces into lines each at most ``width`` pixels wide when drawn at ``fontsize`` (a single
+    word wider than that stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _text_width(fig, f"{lines[-1]} {word}", fontsize) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
 def draw_claim_figure(claim: dict, results: list[dict]):
     """A claim's comparison: the compared held-out series per variant (mean over seeds) and, where logged, the KL per
-    round (``results``: results with ``variant``, ``curve``/``curves`` and ``curve_kl``). Returns the matplotlib Figure."""
+    round (``results``: results with ``variant``, ``curve``/``curves`` and ``curve_kl``). Returns the matplotlib Figure.
+
+    Drawn at its final size (constrained layout): the title is wrapped to the figure's width, the legend (one entry per
+    variant, shared by both panels) sits below the panels with its names wrapped to fit, and the figure is as tall as
+    title and legend need, so every box lies inside the canvas that :func:`save_figure` writes."""
     plt = _pyplot()
     metric = claim.get("metric", "heldout/reward")
     has_kl = any(r.get("curve_kl") for r in results)
-    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(9 if has_kl else 4.5, 3.2), dpi=110, squeeze=False)
+    width, panels_height = (9.0 if has_kl else 4.5), 2.9
+    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(width, panels_height), dpi=110, squeeze=False, layout="constrained")
+    handles = []
     for k, v in enumerate(claim["variants"]):
         color = f"C{k % 10}"  # one colour per variant in both panels (a variant without KL skips the second)
         rs = [r for r in results if r["variant"] == v["name"]]
@@ -409,21 +436,37 @@ def draw_claim_figure(claim: dict, results: list[dict]):
         curves = [r.get("curves", {}).get(metric) or r["curve"] for r in rs]
         n = min(len(c) for c in curves)
         xs = [c[0] for c in curves[0][:n]]
-        axes[0][0].plot(xs, [sum(c[i][1] for c in curves) / len(curves) for i in range(n)], marker="o", label=v["name"], color=color)
+        handles += axes[0][0].plot(xs, [sum(c[i][1] for c in curves) / len(curves) for i in range(n)], marker="o", color=color)
         if has_kl and rs[0].get("curve_kl"):
             kl = rs[0]["curve_kl"]
-            axes[0][1].plot([s + 1 for s, _ in kl], [val for _, val in kl], label=v["name"], color=color)
+            axes[0][1].plot([s + 1 for s, _ in kl], [val for _, val in kl], color=color)
+        handles[-1].set_label(v["name"])
     axes[0][0].set_xlabel("training step (round / batch)")
-    axes[0][0].set_ylabel(f"{metric} (mean over seeds)")
+    axes[0][0].set_ylabel(f"{metric}\n(mean over seeds)")
     axes[0][0].grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
     if has_kl:
         axes[0][1].set_xlabel("round")
         axes[0][1].set_ylabel("KL (seed 0 / first seed)")
         axes[0][1].set_yscale("symlog", linthresh=1e-6)
         axes[0][1].grid(alpha=0.3)
-    fig.suptitle(textwrap.fill(claim["title"], 140), fontsize=8)
-    fig.tight_layout()
+    inner = fig.bbox.width - 24  # pixels: the canvas less the layout's margins
+    title = _wrap(fig, claim["title"], 8, inner)
+    fig.suptitle(title, fontsize=8)
+    legend_lines = 0
+    if handles:
+        # columns: as many as fit side by side at the longest name's width (a name wider than one column wraps)
+        names = [h.get_label() for h in handles]
+        handle_width = 40  # pixels: the line sample and the spacing around it
+        ncols = max(1, min(len(names), int(inner // (max(_text_width(fig, n, 7) for n in names) + handle_width))))
+        wrapped = [_wrap(fig, n, 7, inner / ncols - handle_width) for n in names]
+        for h, n in zip(handles, wrapped):
+            h.set_label(n)
+        fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize=7)
+        rows = [wrapped[i:i + ncols] for i in range(0, len(wrapped), ncols)]
+        legend_lines = sum(max(n.count("\n") + 1 for n in row) for row in rows)
+    # room for the title and the legend above and below the panels (8 pt and 7 pt lines, with spacing)
+    height = panels_height + (title.count("\n") + 1) * 0.16 + legend_lines * 0.15 + (0.15 if handles else 0)
+    fig.set_size_inches(width, round(height * fig.dpi) / fig.dpi)  # whole pixels: the PNG is exactly the canvas
     return fig
 
 
