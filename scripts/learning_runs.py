@@ -25,13 +25,16 @@ step, one line per seed) need matplotlib (``pip install -c constraints.txt -e ".
 
 Each finished run's result (with the recipe file's SHA-256 and the git commit it ran at) is also kept in
 ``<report>/results/<recipe>_seed<N>.json`` (committed with the table), so the report covers every run made for
-the current recipe files, across sessions and run folders; a kept result whose recipe file has changed since is
-left out of the report (and named), so the table never mixes settings.
+the current recipe files, across sessions and run folders; a kept result whose recipe settings have changed since is
+left out of the report (and named), so the table never mixes settings (an edit of the file's comments alone, its
+header prose, keeps the results: the file's committed versions tell).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
+import hashlib
 import json
 import os
 import re
@@ -153,9 +156,36 @@ def summarize(run_dir: str, minutes: float, criterion: str = "heldout/reward") -
 
 def recipe_sha(recipe: str) -> str:
     """SHA-256 (first 16 hex digits) of the recipe file's bytes."""
-    import hashlib
-
     return hashlib.sha256(open(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml"), "rb").read()).hexdigest()[:16]
+
+
+def recipe_same_settings(recipe: str, sha: str | None) -> bool:
+    """Whether a result recorded with recipe file SHA ``sha`` ran the current settings of ``recipe``: ``sha`` is the
+    current file's, or that of a committed version of it whose YAML (comments aside: the header's prose) loads equal
+    to the current file's."""
+    return sha is not None and (sha == recipe_sha(recipe) or sha in _same_settings_shas(ROOT, recipe))
+
+
+@functools.lru_cache(maxsize=None)
+def _same_settings_shas(root: str, recipe: str) -> frozenset[str]:
+    import yaml
+
+    rel = f"configs/recipes/{recipe}.yaml"
+    settings = yaml.safe_load(open(os.path.join(root, rel), "rb").read())
+    try:
+        commits = subprocess.check_output(["git", "log", "--format=%H", "--", rel], cwd=root, text=True,
+                                          stderr=subprocess.DEVNULL).split()
+    except (OSError, subprocess.CalledProcessError):
+        return frozenset()
+    shas = set()
+    for c in commits:
+        try:
+            old = subprocess.check_output(["git", "show", f"{c}:{rel}"], cwd=root, stderr=subprocess.DEVNULL)
+        except subprocess.CalledProcessError:  # (the commit removed the file)
+            continue
+        if yaml.safe_load(old) == settings:
+            shas.add(hashlib.sha256(old).hexdigest()[:16])
+    return frozenset(shas)
 
 
 def git_commit() -> str:
@@ -166,13 +196,14 @@ def git_commit() -> str:
 
 
 def kept_results(report: str) -> list[dict]:
-    """Results kept in ``<report>/results/`` whose recipe file is unchanged (stale ones are named and left out)."""
+    """Results kept in ``<report>/results/`` whose recipe settings are unchanged (:func:`recipe_same_settings`; stale
+    ones are named and left out)."""
     kept = []
     for path in sorted(glob.glob(os.path.join(report, "results", "*.json"))):
         r = json.load(open(path))
         if not os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{r['recipe']}.yaml")):
             continue
-        if r.get("recipe_sha") != recipe_sha(r["recipe"]):
+        if not recipe_same_settings(r["recipe"], r.get("recipe_sha")):
             print(f"[learning_runs] {path}: the recipe changed since this run (left out of the report; run it again)", flush=True)
             continue
         kept.append(r)
@@ -339,7 +370,7 @@ def run_claim(name: str, claim: dict, out: str, report: str, run: bool = True, c
             if args:  # a variant's result is kept as <report>/results/claims/<claim>/<variant>_seed<N>.json
                 keep = os.path.join(report, "results", "claims", name, f"{os.path.basename(os.path.dirname(run_dir))}_seed{seed}.json")
                 kept = [json.load(open(keep))] if os.path.exists(keep) else []
-                kept = [k for k in kept if k.get("recipe_sha") == recipe_sha(v["recipe"]) and k.get("extra_args") == args]
+                kept = [k for k in kept if recipe_same_settings(v["recipe"], k.get("recipe_sha")) and k.get("extra_args") == args]
             else:  # the recipe's own run (kept by the recipe table)
                 keep = None
                 kept = [k for k in kept_results(report) if k["recipe"] == v["recipe"] and k["seed"] == seed]

@@ -64,3 +64,27 @@ def test_parallel_runs_are_the_unfinished_ones_each_once(tmp_path, monkeypatch):
     learning_runs.run_parallel(tasks + [("sage_grpo", 0, ["--x", "1"], b_dir)], jobs=2)
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert sorted(calls) == sorted([(str(out / "sage_grpo" / "seed0"), [], threads), (b_dir, ["--x", "1"], threads)])
+
+
+def test_kept_result_survives_a_comment_only_edit_of_its_recipe(tmp_path, monkeypatch):
+    """A result recorded under an earlier committed version of the recipe file is kept when that version's YAML loads
+    equal to the current file's (the header prose edited), left out once a setting changed."""
+    import subprocess
+
+    recipes = tmp_path / "configs" / "recipes"
+    recipes.mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.setattr(learning_runs, "ROOT", str(tmp_path))
+    shas = []
+    for text in ("# header\nmodel:\n  lr: 0.001\n", "# header, reworded\nmodel:\n  lr: 0.001  # same\n", "# header\nmodel:\n  lr: 0.002\n"):
+        (recipes / "r.yaml").write_text(text)
+        subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+        subprocess.run([*git, "commit", "-qm", "v"], cwd=tmp_path, check=True)
+        shas.append(learning_runs.recipe_sha("r"))
+        learning_runs._same_settings_shas.cache_clear()
+        if len(shas) == 2:  # the comment-only edit: the first version's results stay
+            assert learning_runs.recipe_same_settings("r", shas[0]) and learning_runs.recipe_same_settings("r", shas[1])
+    assert learning_runs.recipe_same_settings("r", shas[2])
+    assert not learning_runs.recipe_same_settings("r", shas[0]) and not learning_runs.recipe_same_settings("r", shas[1])
+    assert not learning_runs.recipe_same_settings("r", None)
