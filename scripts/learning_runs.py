@@ -5,6 +5,7 @@ table (markdown) and the learning-curve figures (PNG).
     .venv/bin/python scripts/learning_runs.py                       # every recipe, its seeds
     .venv/bin/python scripts/learning_runs.py --recipes flow_grpo   # a subset
     .venv/bin/python scripts/learning_runs.py --report-only         # table and figures from what ran
+    .venv/bin/python scripts/learning_runs.py --figures-only --claims shift_table1   # figures alone, no markdown
 
 Each run is ``vidalign fit --config configs/recipes/<recipe>.yaml --seed_everything N
 --model.init_args.seed N --trainer.default_root_dir <out>/<recipe>/seed<N>``; a run folder with a
@@ -557,6 +558,28 @@ def run_parallel(tasks: list[tuple[str, int, list[str], str]], jobs: int) -> Non
         raise errors[0]
 
 
+def figures_only(recipes: list[str], claim_names: list[str], out: str, report: str) -> int:
+    """``--figures-only``: redraw the figures of ``recipes`` and of the claims ``claim_names`` from the finished runs in
+    ``out`` and the results kept in ``<report>/results`` (nothing trained, no table written)."""
+    results = {}
+    for r in kept_results(report):
+        results[(r["recipe"], r["seed"])] = r
+    for path in sorted(glob.glob(os.path.join(out, "*", "seed*", "result.json"))):  # a run here replaces a kept one
+        r = json.load(open(path))
+        if r["recipe"] in recipes and recipe_same_settings(r["recipe"], r.get("recipe_sha")) and not r.get("extra_args"):
+            results[(r["recipe"], r["seed"])] = r
+    paths = figures([r for (recipe, _), r in results.items() if recipe in recipes], os.path.join(report, "figures"))
+    claims = load_claims()
+    for name in claim_names:
+        if name not in claims:
+            raise KeyError(f"unknown claim {name!r}; configs/claims.yaml has {sorted(claims)}")
+        path = claim_figure(name, claims[name], run_claim(name, claims[name], out, report, run=False), os.path.join(report, "figures"))
+        paths += [path] if path else []
+    for path in paths:
+        print(f"[learning_runs] figure {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", nargs="*", help="recipe names (no names: every configs/recipes/*.yaml)")
@@ -565,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default=os.path.join(ROOT, "docs"), help="where learning.md and figures/ go")
     p.add_argument("--readme", action="store_true", help="also replace the README's learning table")
     p.add_argument("--report-only", action="store_true", help="no training: table and figures from finished runs")
+    p.add_argument("--figures-only", action="store_true", help="no training and no markdown: only the figures of the "
+                   "given recipes and claims, from finished runs in --out and the results kept in <report>/results")
     p.add_argument("--claims", nargs="*", help="claims of configs/claims.yaml to run (no names: all). Without --recipes and "
                    "--claims every recipe and every claim runs; with only one of them, only that part")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with OMP_NUM_THREADS = cores // jobs); "
@@ -583,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")):
             raise FileNotFoundError(f"no recipe {os.path.join(ROOT, 'configs', 'recipes', recipe + '.yaml')}")
     claim_names = (args.claims or list(load_claims())) if (everything or args.claims is not None) else []
+    if args.figures_only:
+        return figures_only(recipes, claim_names, args.out, args.report)
     if args.jobs > 1 and not args.report_only:  # train everything first, then the sequential pass below only reads
         tasks = [(recipe, seed, list(extra), os.path.join(args.out, recipe, f"seed{seed}")) for recipe in recipes
                  for seed in (args.seeds if args.seeds is not None else recipe_seeds(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")))]

@@ -116,3 +116,19 @@ def test_each_recipe_figure_fits_with_its_own_title(tmp_path):
                                                f"{recipe}: {learning_runs.recipe_reward(recipe)}",
                                                "held-out " + learning_runs.recipe_criterion(recipe).split("/", 1)[1].replace("_", " "))
         _check_fits(fig, tmp_path / f"{recipe}.png")
+
+
+def test_figures_only_redraws_from_kept_results_and_writes_no_markdown(tmp_path):
+    """``--figures-only``: the figures of the named recipes and claims from the results kept in ``<report>/results``,
+    nothing trained, no table written."""
+    import json
+
+    (tmp_path / "results").mkdir()
+    for seed in (0, 1):
+        json.dump({"recipe": "dpo", "seed": seed, "recipe_sha": learning_runs.recipe_sha("dpo"), "extra_args": [],
+                   "curve": _curve(4.37, 0.001), "curves": {"heldout/dpo/implicit_acc": _curve(0.0, 0.05)}, "curve_kl": []},
+                  open(tmp_path / "results" / f"dpo_seed{seed}.json", "w"))
+    assert learning_runs.main(["--figures-only", "--recipes", "dpo", "--claims", "dpo_heldout_pairs",
+                               "--out", str(tmp_path / "runs"), "--report", str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path / "figures")) == ["claim_dpo_heldout_pairs.png", "dpo.png"]
+    assert sorted(os.listdir(tmp_path)) == ["figures", "results"]
