@@ -144,8 +144,8 @@ class BPGO(GRPO):
             self.priors[cid] = float(reward.mean())
         return torch.tensor([self.priors[int(c)] for c in ids], dtype=torch.float32)
 
-    def compute_advantages(self, rewards: Tensor, group_ids: Tensor, batch: dict) -> Tensor:
-        g = self.rollouts_per_condition
+    def compute_advantages(self, everyone, batch: dict) -> Tensor:
+        rewards, group_ids, g = everyone.rewards, everyone.group_ids, self.rollouts_per_condition
         prior = self.gather(self.condition_priors(batch).to(rewards.device).repeat_interleave(g))
         raw_mean = group_mean(rewards, group_ids)
         ras_prior = prior  # the reference compares the (rearranged) group rewards with the prior
@@ -160,7 +160,7 @@ class BPGO(GRPO):
                 )
             self.log("bpgo/crt_below_half_prior", (shifted < shifted_prior / 2).float().mean(), batch_size=rewards.numel())
             rewards, ras_prior = crt_rerange(shifted, shifted_prior, self.crt_a, self.crt_temperature), shifted_prior
-        adv = self.group_advantages(rewards, group_ids)
+        adv = self.group_advantages(rewards, group_ids, everyone.components)
         if self.crt == "paper":
             crt_adv, _ = grpo_advantages(contrastive_reward_transform(rewards, prior, self.crt_lambda), group_ids, self.advantage_eps, self.advantage_clip)
             adv = adv + self.crt_weight * crt_adv

@@ -9,7 +9,7 @@ from torch import Tensor
 from lightning_vidalign.algorithms.losses import diffusion_dpo_loss, dpo_pair_weights
 from lightning_vidalign.datamodules.preference import best_worst_pairs, temporal_negatives
 from lightning_vidalign.module import VideoAlignModule
-from lightning_vidalign.rewards.base import repeat_batch, slice_batch
+from lightning_vidalign.rewards.base import repeat_batch
 
 PAIR_SOURCES = ("synthetic", "data", "on_policy")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
@@ -129,25 +129,11 @@ class DPO(VideoAlignModule):
             x_l = self.backbone.encode_clipwise(losers)
             return x_w, x_l, cond, torch.ones(len(kinds)), logs
         # on-policy: G rollouts per condition, ranked by the reward callbacks
-        b, t, h, w = self.clip_size(batch)
-        g = self.rollouts_per_condition
+        b, g = self.clip_size(batch)[0], self.rollouts_per_condition
         cond = self.backbone.condition_batch(batch, generator)  # from the latent cache when the batch carries it
-        rep = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
-        per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
-        latents, scoring = [], []
-        for i in range(0, b * g, self.rollout_batch_size):
-            part = {k: v[i : i + self.rollout_batch_size] for k, v in rep.items()}
-            traj = self.backbone.rollout(part, self.sampler, self.num_inference_steps, self.guidance, generator,
-                                         num_frames=t, height=h, width=w, decode=False)
-            latents.append(traj.latents)
-            if self.overlap_rewards:  # decoded now and scored in the background while the next chunk is generated
-                scoring.append(self.submit_rewards(self.backbone.decode(traj.latents), self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
-        latents = torch.cat(latents)
-        if not self.overlap_rewards:  # the same chunks scored now: overlap changes when rewards are computed, never their values
-            scoring = [self.submit_rewards(self.backbone.decode(latents[i : i + self.rollout_batch_size]), self.reward_names,
-                                           slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)) for i in range(0, b * g, self.rollout_batch_size)]
-        rewards, _ = self.collect_rewards(scoring, log=False)
-        rewards = self.sequence_parallel_broadcast(rewards)  # one ranking per sequence-parallel group
+        rollouts = self.score_rollouts(self.generate_rollouts(batch, cond, generator, g, self.sampler), log=False)
+        rewards = self.sequence_parallel_broadcast(rollouts.rewards)  # one ranking per sequence-parallel group
+        latents = rollouts.latents
         r = rewards.view(b, g)
         best = torch.arange(b, device=r.device) * g + r.argmax(1)
         worst = torch.arange(b, device=r.device) * g + r.argmin(1)

@@ -11,7 +11,7 @@ from lightning_vidalign.algorithms.advantages import grpo_advantages, min_norm_w
 from lightning_vidalign.algorithms.kl import AdaptiveKLController
 from lightning_vidalign.algorithms.losses import ppo_clip_loss
 from lightning_vidalign.module import VideoAlignModule
-from lightning_vidalign.rewards.base import repeat_batch, slice_batch
+from lightning_vidalign.rollouts import Rollouts
 from lightning_vidalign.sampling import (
     SDE_TYPES,
     KL_FORMS,
@@ -181,38 +181,49 @@ class GRPO(VideoAlignModule):
         self.optimizer_steps_per_batch = minibatches_per_round  # trainer.max_steps counts rounds
         self.updates = 0  # optimizer steps taken
         self.anchor: dict[str, Tensor] | None = None  # adapter weights of the moving reference
+        #: the round's record: during the update with its trajectory (hooks read per-rollout data at
+        #: :attr:`current_index`, :attr:`current_step`), after it without (videos, rewards, advantages for callbacks)
+        self.rollouts: Rollouts | None = None
 
     # ----------------------------------------------------------------- hooks
-    def compute_advantages(self, rewards: Tensor, group_ids: Tensor, batch: dict) -> Tensor:
-        """Advantages from gathered rewards ``(N_all,)`` and group ids: the hook variants override.
+    def compute_advantages(self, everyone: Rollouts, batch: dict) -> Tensor:
+        """Advantages of the round's rollouts of every data-parallel rank: the hook variants override.
 
-        Returns ``(N_all,)``. The default is :meth:`group_advantages`.
+        Args:
+            everyone: the round gathered over the ranks (:meth:`Rollouts.gather`): ``rewards``, ``group_ids`` and
+                ``components`` of ``N_all`` rollouts, in rank order.
+            batch: this rank's training batch (its conditions).
+
+        Returns:
+            ``(N_all,)`` fp32. The default is :meth:`group_advantages`.
         """
-        return self.group_advantages(rewards, group_ids)
+        return self.group_advantages(everyone.rewards, everyone.group_ids, everyone.components)
 
-    def group_advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    def group_advantages(self, rewards: Tensor, group_ids: Tensor, components: dict[str, Tensor] | None = None) -> Tensor:
         """Group-normalised advantages of the summed reward, or, with ``reward_combination="min_norm"``
         and several reward callbacks, ``Σ_i c_i·A_i`` over the per-reward advantages with the min-norm
         weights ``c`` (TeleBoost §3.5, :func:`min_norm_weights`; logged as ``joint/c_<name>``).
-        Logs the fraction of zero-variance groups of the summed reward."""
+        Logs the fraction of zero-variance groups of the summed reward. ``components``: each reward's
+        ``(N_all,)`` scores (the round's, gathered)."""
         adv, zero_frac = grpo_advantages(rewards, group_ids, self.advantage_eps, self.advantage_clip)
         self.log("train/zero_std_groups", zero_frac, batch_size=rewards.numel())
-        components = getattr(self, "round_components", {})
+        components = components or {}
         if self.reward_combination != "min_norm" or len(components) < 2:
             return adv
         per = torch.stack([grpo_advantages(r, group_ids, self.advantage_eps, self.advantage_clip)[0] for r in components.values()])
         c = min_norm_weights(per)
         self.log_dict({f"joint/c_{name}": c[i] for i, name in enumerate(components)}, batch_size=rewards.numel())
         if self.joint_combination == "loss":
-            self.round_joint = (c, per)  # sliced to this rank's rollouts by training_step
+            self.round_joint = (c, per)  # sliced to this rank's rollouts by score
         return (c.view(-1, 1) * per).sum(0)
 
     #: record the rollout's transition means (variants that need per-element old log-probs)
     keep_means: bool = False
 
-    def prepare_round(self, videos: Tensor) -> None:
-        """Called once per round after the advantages, with this rank's decoded rollouts
-        ``(B·G, T, 3, H, W)``; variants compute per-rollout data here (ViPO's maps). Default: nothing."""
+    def prepare_round(self, rollouts: Rollouts) -> None:
+        """Called once per round after the advantages, with this rank's scored rollouts (videos
+        ``(B·G, T, 3, H, W)``, advantages, trajectory); variants compute per-rollout data here (ViPO's maps).
+        Default: nothing."""
 
     def policy_loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, x_next: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, dict]:
         """Per-sample policy loss of one denoising step (override in variants): PPO-clip on the
@@ -351,91 +362,66 @@ class GRPO(VideoAlignModule):
         metrics["policy_loss"] = policy.detach().mean()
         return loss, metrics
 
-    # ------------------------------------------------------------------ step
-    def training_step(self, batch: dict, batch_idx: int) -> dict:
-        gen = self.generator()
-        video = batch["video"]
-        b, g = video.shape[0], self.rollouts_per_condition
+    # ------------------------------------------------------------------ the round
+    def training_step(self, batch: dict, batch_idx: int) -> dict | None:
+        """One round (Flow-GRPO Alg. 1): sample ``G`` trajectories per condition, score them, take
+        ``minibatches_per_round`` policy-gradient steps on them. Returns None when the round is skipped
+        (non-finite rewards, ``on_nonfinite="skip"``)."""
+        rollouts = self.generate(batch)
+        rollouts = self.score(rollouts, batch)
+        if rollouts is None:
+            return None
+        return {**self.update(rollouts), "real": batch["video"]}
+
+    def generate(self, batch: dict) -> Rollouts:
+        """Phase 1: ``G`` SDE rollouts per condition with their trajectories and per-step log-probs under the
+        current policy ``π_old`` (``sde_type``, ``eta``, ``sde_window``), decoded; with ``overlap_rewards`` their
+        rewards are already being scored. The round's generator stays in the record for the update's draws."""
+        generator = self.generator()
         if self.anchor is None and self.kl_type in ("moving", "dual"):
             self.refresh_anchor()
-
-        # 1. rollouts: G per condition, trajectories with per-step log-probs
         with self.timer("rollout"), torch.no_grad():
-            cond = self.backbone.encode_condition(batch, gen)
-            cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
-            per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
-            parts, scoring = [], []
-            for i in range(0, b * g, self.rollout_batch_size):
-                sub = {k: v[i : i + self.rollout_batch_size] for k, v in cond.items()}
-                parts.append(
-                    self.backbone.rollout(
-                        sub, self.sde_type, self.num_inference_steps, self.guidance, gen, keep_trajectory=True,
-                        num_frames=video.shape[1], height=video.shape[-2], width=video.shape[-1], eta=self.eta, decode=True, sde_steps=self.sde_window,
-                        keep_means=self.keep_means, log_prob_form=self.log_prob_form,
-                    )
-                )
-                if self.overlap_rewards:  # scored in the background while the next chunk is generated
-                    scoring.append(self.submit_rewards(parts[-1].video, self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
-            sigmas = parts[0].sigmas
-            x_t, x_next = torch.cat([p.x_t for p in parts]), torch.cat([p.x_next for p in parts])
-            old_log_prob, videos = torch.cat([p.log_prob for p in parts]), torch.cat([p.video for p in parts])
-            self.round_old_means = torch.cat([p.extras["mean"] for p in parts]) if self.keep_means else None
+            conditions = self.backbone.encode_condition(batch, generator)
+            rollouts = self.generate_rollouts(batch, conditions, generator, self.rollouts_per_condition, self.sde_type, keep_trajectory=True,
+                                              eta=self.eta, sde_steps=self.sde_window, keep_means=self.keep_means, log_prob_form=self.log_prob_form)
+        rollouts.group_ids = self.condition_ids(batch).to(rollouts.videos.device).repeat_interleave(self.rollouts_per_condition)
+        return rollouts
 
-        # 2. rewards: each reward callback's score (a component), and their weighted sum
+    def score(self, rollouts: Rollouts, batch: dict) -> Rollouts | None:
+        """Phase 2: rewards (each reward callback's score and their weighted sum), then advantages over the groups
+        gathered from every data-parallel rank (:meth:`compute_advantages`), this rank's share kept. Returns None
+        when the gathered rewards are not finite (every rank takes the same decision: the round is skipped, logged
+        and counted in ``train/skipped_steps``, or :class:`FloatingPointError` with ``on_nonfinite="raise"``)."""
         with self.timer("reward"):
-            if not self.overlap_rewards:  # the same chunks scored now: overlap changes when rewards are computed, never their values
-                scoring = [self.submit_rewards(p.video, self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g))
-                           for i, p in zip(range(0, b * g, self.rollout_batch_size), parts)]
-            rewards, components = self.collect_rewards(scoring)  # in rollout order; components unweighted
-        self.round_videos = videos  # (B·G, T, 3, H, W), for variants that look at the rollouts (ViPO)
-        # 3. group advantages over the groups gathered from every rank (the finiteness check on the
-        #    gathered rewards makes every rank take the same decision)
-        group_ids = self.condition_ids(batch).to(videos.device).repeat_interleave(g)
-        all_rewards, all_group_ids = self.gather(rewards), self.gather(group_ids)
-        if not self.loss_is_finite(all_rewards, "rewards"):
-            return None  # round skipped on every rank (logged, counted in train/skipped_steps)
-        self.round_components = {k: self.gather(v) for k, v in components.items()}  # per reward, (N_all,) each
+            self.score_rollouts(rollouts)
+        everyone = rollouts.gather(self.gather)
+        if not self.loss_is_finite(everyone.rewards, "rewards"):
+            return None
         self.round_joint = None
-        all_adv = self.compute_advantages(all_rewards, all_group_ids, batch)
-        rank = self.data_parallel_rank  # (the ranks of a sequence-parallel group share a slice)
-        mine = slice(rank * b * g, (rank + 1) * b * g)
-        advantages = all_adv[mine]
+        mine = slice(self.data_parallel_rank * len(rollouts), (self.data_parallel_rank + 1) * len(rollouts))
+        rollouts.advantages = self.compute_advantages(everyone, batch)[mine]  # (the ranks of a sequence-parallel group share a slice)
         if self.round_joint is not None:
             self.round_joint = (self.round_joint[0], self.round_joint[1][:, mine])
+        self.rollouts = rollouts
         with self.timer("prepare_round"):
-            self.prepare_round(videos)
+            self.prepare_round(rollouts)
+        return rollouts
 
-        # 4. PPO-clip (+ KL) accumulated over the trained steps; one optimizer step per minibatch
-        #    of rollouts (later minibatches see ratios != 1: the PPO clip acts there)
-        steps = self.train_steps(sigmas, gen, b * g)  # (B·G, k): the steps each rollout trains
-        scales = self.step_scales(sigmas)
-        order = torch.randperm(b * g, generator=gen)
-        minibatches = order.chunk(min(self.minibatches_per_round, b * g))
+    def update(self, rollouts: Rollouts) -> dict:
+        """Phase 3: the trained steps of each rollout (:meth:`train_steps`), the rollouts shuffled into
+        ``minibatches_per_round`` minibatches, one optimizer step per minibatch (:meth:`minibatch_step`; later
+        minibatches see ratios != 1: the PPO clip acts there); the KL controller and the moving anchor follow the
+        optimizer steps. Then the round's logs; the record is kept without its trajectory in :attr:`rollouts`."""
+        n, generator = len(rollouts), rollouts.generator
+        steps = self.train_steps(rollouts.sigmas, generator, n)  # (N, k): the steps each rollout trains
+        scales = self.step_scales(rollouts.sigmas)
+        minibatches = torch.randperm(n, generator=generator).chunk(min(self.minibatches_per_round, n))
         sums: dict[str, float] = {}
         stats: dict[str, float] = {}
         with self.timer("update"):
-            for mb in minibatches:
-                chunks = mb.split(self.train_batch_size)
-                n_steps = steps.shape[1]
-                n_terms = n_steps * len(mb)
-                bad, mb_kl = False, 0.0
-                for j in range(n_steps):
-                    for c, idx in enumerate(chunks):
-                        t = steps[idx, j]  # (n,) each sample's j-th trained step
-                        sub = {key: v[idx] for key, v in cond.items()}
-                        self.current_index, self.current_step = idx, t  # for per-sample round data in hooks
-                        loss, metrics = self.step_loss(x_t[idx, t], x_next[idx, t], old_log_prob[idx, t], advantages[idx], sigmas[t], sigmas[t + 1], sub, scales[t])
-                        loss = loss.sum() / n_terms
-                        if not bool(torch.isfinite(loss)):
-                            # keep every rank's backward passes (and their gradient syncs) aligned:
-                            # back-propagate a zero instead; the step is skipped below on all ranks
-                            bad, loss = True, self.zero_loss()
-                        self.backward_pass(loss, last=(j == n_steps - 1 and c == len(chunks) - 1))
-                        mb_kl += float(metrics.get("kl/total", 0.0)) * len(idx) / n_terms
-                        weight = len(idx) / (b * g * n_steps)
-                        for k, v in {"loss": loss.detach() * n_terms / len(idx), **metrics}.items():
-                            sums[k] = sums.get(k, 0.0) + float(v) * weight
-                if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            for minibatch in minibatches:
+                finite, kl = self.minibatch_step(rollouts, minibatch, steps, scales, sums)
+                if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
                     self.optimizers().zero_grad(set_to_none=True)
                     self.loss_is_finite(torch.tensor(float("nan")), "policy loss (on some rank)")  # raises, or logs + counts
                     continue
@@ -443,11 +429,42 @@ class GRPO(VideoAlignModule):
                 self.updates += 1
                 if self.kl_controller is not None:
                     # mean KL of this optimizer step over all ranks: the controller stays identical everywhere
-                    self.kl_controller.update(float(self.trainer.strategy.reduce(torch.tensor(mb_kl, device=self.device), reduce_op="mean")))
+                    self.kl_controller.update(float(self.trainer.strategy.reduce(torch.tensor(kl, device=self.device), reduce_op="mean")))
                 if self.kl_type in ("moving", "dual") and self.updates % self.anchor_interval == 0:
                     self.refresh_anchor()
+        self.rollouts = rollouts.drop("x_t", "x_next", "means")
+        self.log_round(rollouts, sums, stats, steps, scales)
+        return {"loss": torch.tensor(sums.get("loss", float("nan"))), "fake": rollouts.videos[:: self.rollouts_per_condition]}
 
-        # 5. logs (the progress bar shows the round's mean reward, the loss and the ratio; the rest is in the logger)
+    def minibatch_step(self, rollouts: Rollouts, minibatch: Tensor, steps: Tensor, scales: Tensor, sums: dict[str, float]) -> tuple[bool, float]:
+        """Accumulate the gradient of one minibatch: :meth:`step_loss` of each rollout's ``j``-th trained step, for
+        every ``j``, in chunks of ``train_batch_size`` (``Σ / (k·|minibatch|)``: the mean over rollouts and trained
+        steps). A non-finite loss back-propagates a zero instead (every rank keeps its backward passes and their
+        gradient syncs aligned). Adds the round's metrics into ``sums``; returns ``(finite, the minibatch's mean KL)``."""
+        chunks = minibatch.split(self.train_batch_size)
+        n_steps, n_all = steps.shape[1], len(rollouts)
+        n_terms = n_steps * len(minibatch)
+        finite, kl = True, 0.0
+        for j in range(n_steps):
+            for c, idx in enumerate(chunks):
+                t = steps[idx, j]  # (n,) each sample's j-th trained step
+                sub = {key: v[idx] for key, v in rollouts.conditions.items()}
+                self.current_index, self.current_step = idx, t  # for per-sample round data in hooks
+                loss, metrics = self.step_loss(rollouts.x_t[idx, t], rollouts.x_next[idx, t], rollouts.log_prob[idx, t], rollouts.advantages[idx],
+                                               rollouts.sigmas[t], rollouts.sigmas[t + 1], sub, scales[t])
+                loss = loss.sum() / n_terms
+                if not bool(torch.isfinite(loss)):
+                    finite, loss = False, self.zero_loss()
+                self.backward_pass(loss, last=(j == n_steps - 1 and c == len(chunks) - 1))
+                kl += float(metrics.get("kl/total", 0.0)) * len(idx) / n_terms
+                weight = len(idx) / (n_all * n_steps)
+                for k, v in {"loss": loss.detach() * n_terms / len(idx), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+        return finite, kl
+
+    def log_round(self, rollouts: Rollouts, sums: dict[str, float], stats: dict[str, float], steps: Tensor, scales: Tensor) -> None:
+        """The round's logs: the progress bar shows the mean reward, the loss and the ratio; the rest goes to the logger."""
+        rewards, advantages, trained = rollouts.rewards, rollouts.advantages, steps.unique()
         logs = {
             **{(k if k.startswith("kl/") else f"train/{k}"): v for k, v in sums.items()},
             **{f"train/{k}": v for k, v in stats.items()},
@@ -459,12 +476,11 @@ class GRPO(VideoAlignModule):
             "kl/coef": self.kl_coefficient(),
             "train/trained_steps": float(steps.shape[1]),
             "train/optimizer_steps": float(self.updates),
-            "train/equalizer_max_over_min": float(scales[steps.unique()].max() / scales[steps.unique()].min().clamp(min=1e-12)),
+            "train/equalizer_max_over_min": float(scales[trained].max() / scales[trained].min().clamp(min=1e-12)),
         }
         on_bar = ("reward/total/mean", "train/loss", "train/ratio")
-        self.log_dict({k: v for k, v in logs.items() if k in on_bar}, prog_bar=True, batch_size=b * g)
-        self.log_dict({k: v for k, v in logs.items() if k not in on_bar}, prog_bar=False, batch_size=b * g)
-        return {"loss": torch.tensor(sums.get("loss", float("nan"))), "real": video, "fake": videos[::g]}
+        self.log_dict({k: v for k, v in logs.items() if k in on_bar}, prog_bar=True, batch_size=len(rollouts))
+        self.log_dict({k: v for k, v in logs.items() if k not in on_bar}, prog_bar=False, batch_size=len(rollouts))
 
     # -------------------------------------------------------- diagnostics
     def policy_gradient_norms(self, batch: dict, generator: torch.Generator, equalize: bool) -> dict[int, float]:

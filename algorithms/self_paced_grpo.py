@@ -38,12 +38,13 @@ class SelfPacedGRPO(GRPO):
             raise ValueError(f"SelfPacedGRPO: need one tau per component, got components={components}, tau={tau}")
         self.components, self.tau, self.sp_beta, self.temperature = list(components), list(tau), beta, temperature
 
-    def compute_advantages(self, rewards: Tensor, group_ids: Tensor, batch: dict) -> Tensor:
-        missing = [c for c in self.components if c not in self.round_components]
+    def compute_advantages(self, everyone, batch: dict) -> Tensor:
+        rewards, group_ids = everyone.rewards, everyone.group_ids
+        missing = [c for c in self.components if c not in everyone.components]
         if missing:
-            raise KeyError(f"SelfPacedGRPO: component reward(s) {missing} not scored this round (have {sorted(self.round_components)})")
+            raise KeyError(f"SelfPacedGRPO: component reward(s) {missing} not scored this round (have {sorted(everyone.components)})")
         g = self.rollouts_per_condition
-        comps = torch.stack([self.round_components[c] for c in self.components], dim=-1)  # (N, K)
+        comps = torch.stack([everyone.components[c] for c in self.components], dim=-1)  # (N, K)
         grouped = comps.view(-1, g, comps.shape[-1])  # rollouts of a condition are contiguous
         weights = self_paced_weights(grouped, torch.tensor(self.tau), self.sp_beta, self.temperature)  # (N/G, K)
         combined = (grouped * weights.unsqueeze(1)).sum(-1).flatten()

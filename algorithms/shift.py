@@ -7,7 +7,6 @@ from lightning_vidalign.algorithms.advantages import grpo_advantages, shift_adva
 from lightning_vidalign.algorithms.losses import shift_loss
 from lightning_vidalign.buffer import RolloutBuffer
 from lightning_vidalign.module import VideoAlignModule
-from lightning_vidalign.rewards.base import repeat_batch, slice_batch
 
 
 class SHIFT(VideoAlignModule):
@@ -76,38 +75,20 @@ class SHIFT(VideoAlignModule):
     @torch.no_grad()
     def fill_buffer(self, batch: dict, generator: torch.Generator) -> None:
         """Roll out ``G`` videos per condition of ``batch``, score them, fill the buffer."""
-        b, t, h, w = self.clip_size(batch)
-        g = self.rollouts_per_condition
-        with self.timer("rollout"):
-            cond = self.backbone.condition_batch(batch, generator)  # from the latent cache when the batch carries it
-            cond = {k: v.repeat_interleave(g, 0) for k, v in cond.items()}
-            per_rollout = repeat_batch(batch, g, b)  # each rollout's condition (captions) for the rewards
-            latents, chunks, scoring = [], [], []
-            for i in range(0, b * g, self.rollout_batch_size):
-                part = {k: v[i : i + self.rollout_batch_size] for k, v in cond.items()}
-                traj = self.backbone.rollout(part, self.sampler, self.num_inference_steps, self.guidance, generator, num_frames=t, height=h, width=w, decode=False)
-                latents.append(traj.latents)
-                if self.overlap_rewards:  # decoded now and scored in the background while the next chunk is generated
-                    chunks.append(self.backbone.decode(traj.latents))
-                    scoring.append(self.submit_rewards(chunks[-1], self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)))
-            latents = torch.cat(latents)
-        starts = range(0, b * g, self.rollout_batch_size)
-        with self.timer("decode"):
-            if not chunks:
-                chunks = [self.backbone.decode(latents[i : i + self.rollout_batch_size]) for i in starts]
-            videos = torch.cat(chunks)
+        b, g = self.clip_size(batch)[0], self.rollouts_per_condition
+        with self.timer("rollout"):  # decoded per chunk (and scored in the background with overlap_rewards)
+            conditions = self.backbone.condition_batch(batch, generator)  # from the latent cache when the batch carries it
+            rollouts = self.generate_rollouts(batch, conditions, generator, g, self.sampler)
         with self.timer("reward"):
-            if not self.overlap_rewards:  # the same chunks scored now: overlap changes when rewards are computed, never their values
-                scoring = [self.submit_rewards(c, self.reward_names, slice_batch(per_rollout, i, i + self.rollout_batch_size, b * g)) for i, c in zip(starts, chunks)]
-            rewards, _ = self.collect_rewards(scoring)
-            rewards = self.sequence_parallel_broadcast(rewards)  # one set per sequence-parallel group
+            rewards = self.sequence_parallel_broadcast(self.score_rollouts(rollouts).rewards)  # one set per sequence-parallel group
+        videos = rollouts.videos
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)
         if self.advantage_normalization == "std":
             advantages, _ = grpo_advantages(rewards, group_ids, clip=self.advantage_clip)
         else:
             advantages = shift_advantages(rewards, group_ids, self.advantage_clip)
         self.buffer.minibatch_size = b
-        self.buffer.fill(latents=latents, video=videos, rewards=rewards, advantages=advantages, group_ids=group_ids, **cond)
+        self.buffer.fill(latents=rollouts.latents, video=videos, rewards=rewards, advantages=advantages, group_ids=group_ids, **rollouts.conditions)
         self.log_dict(
             {
                 "reward/total/mean": rewards.mean(),

@@ -166,8 +166,9 @@ class ViPO(GRPO):
         feats = self.perceptual_backbone(videos)
         return torch.stack([vipo_advantage_map(f, latent_size, self.blur_sigma, sign_rule=self.sign_rule) for f in feats]).to(videos.device)
 
-    def prepare_round(self, videos: Tensor) -> None:
-        t_gen, _, h, w = self.round_old_means.shape[2:]
+    def prepare_round(self, rollouts) -> None:
+        videos = rollouts.videos
+        t_gen, _, h, w = rollouts.means.shape[2:]
         self.round_maps = self.advantage_maps(videos, (t_gen, h, w))
         self.rounds += 1
         self.log("vipo/map_mean", self.round_maps.mean(), batch_size=videos.shape[0])
@@ -181,7 +182,7 @@ class ViPO(GRPO):
 
     def policy_loss(self, log_prob, old_log_prob, advantages, x_next, mean, std):
         maps = self.round_maps[self.current_index].unsqueeze(2)  # (n, T', 1, h, w), broadcast over channels
-        old_mean = self.round_old_means[self.current_index, self.current_step]
+        old_mean = self.rollouts.means[self.current_index, self.current_step]
         new_el = step_log_density(x_next, mean, std, self.sde_type, self.log_prob_form)
         old_el = step_log_density(x_next, old_mean, std, self.sde_type, self.log_prob_form)
         if self.ratio_mode == "weighted":

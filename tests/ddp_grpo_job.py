@@ -16,9 +16,9 @@ from lightning_vidalign.rewards import FlickerReward, MotionMagnitudeReward
 
 
 class RecordingSAGEGRPO(SAGEGRPO):
-    def compute_advantages(self, rewards, group_ids, batch):
-        adv = super().compute_advantages(rewards, group_ids, batch)
-        self.records.append({"rewards": rewards.cpu(), "group_ids": group_ids.cpu(), "advantages": adv.cpu(), "index": batch["index"].cpu()})
+    def compute_advantages(self, everyone, batch):
+        adv = super().compute_advantages(everyone, batch)
+        self.records.append({"rewards": everyone.rewards.cpu(), "group_ids": everyone.group_ids.cpu(), "advantages": adv.cpu(), "index": batch["index"].cpu()})
         return adv
 
 

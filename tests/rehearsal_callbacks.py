@@ -39,8 +39,8 @@ class DumpFirstStep(L.Callback):
         if "loss" in self.state:
             return
         self.state["loss"] = float(outputs["loss"]) if isinstance(outputs, dict) and "loss" in outputs else None
-        if getattr(pl_module, "round_videos", None) is not None:
-            self.state["videos"] = pl_module.round_videos.detach().cpu().clone()
+        if getattr(pl_module, "rollouts", None) is not None:  # the GRPO family's round record (kept without its trajectory)
+            self.state["videos"] = pl_module.rollouts.videos.detach().cpu().clone()
         self.state["index"] = batch["index"].cpu().clone() if "index" in batch else None
         self.state["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 

@@ -11,6 +11,7 @@ from lightning_vidalign.algorithms import BPGO, GRPO, SelfPacedGRPO, TimmViTFeat
 from lightning_vidalign.algorithms.advantages import vipo_advantage_map
 from lightning_vidalign.backbones import WanBackbone
 from lightning_vidalign.rewards import FlickerReward, MotionMagnitudeReward
+from lightning_vidalign.rollouts import Rollouts
 
 COMMON = dict(num_inference_steps=5, guidance=2.0, sampler="ode", rollouts_per_condition=2, sde_type="sage", val_num_videos=0,
               optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
@@ -52,7 +53,7 @@ def test_all_ones_map_gives_exactly_the_grpo_loss(wan_batch):
     t = 2
     s, sn = float(traj.sigmas[t]), float(traj.sigmas[t + 1])
     adv = torch.tensor([1.5, -0.5])
-    vipo.round_old_means, vipo.current_index, vipo.current_step = traj.extras["mean"], torch.arange(2), t
+    vipo.rollouts, vipo.current_index, vipo.current_step = Rollouts(means=traj.extras["mean"]), torch.arange(2), t
     vipo.round_maps = torch.ones(2, *traj.x_t.shape[2:3], *traj.x_t.shape[-2:])
     loss_v, m_v = vipo.step_loss(traj.x_t[:, t], traj.x_next[:, t], traj.log_prob[:, t], adv, s, sn, cond, 1.0)
     loss_g, m_g = grpo.step_loss(traj.x_t[:, t], traj.x_next[:, t], traj.log_prob[:, t], adv, s, sn, cond, 1.0)
