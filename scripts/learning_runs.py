@@ -16,8 +16,8 @@ started again at any point. ``--jobs N`` trains N runs at once (each with ``OMP_
 ``LEARNING_RUNS_LOCK=/tmp/heavy.lock`` runs each training under ``flock`` of that file. A recipe's seeds come from
 its header line ``# seeds: 0 1 2`` (default ``0``), or ``--seeds``.
 
-The table (``<report>/learning.md``, and the README between ``<!-- learning-table:start -->`` and
-``<!-- learning-table:end -->`` with ``--readme``) gives per run: held-out reward at step 0 and at the
+The table (``<report>/learning.md``, which the documentation site's Results page, ``docs/results.md``, includes as
+it is, with ``<report>/claims.md``) gives per run: held-out reward at step 0 and at the
 end (mean ± standard error over held-out conditions; a recipe's ``# criterion:`` header line names another held-out
 series, SFT's denoising loss, whose improvement is its decrease), the paired improvement and its ``z`` (mean/SE;
 the recipe criterion is ``z >= 3``), the drift from the base model, the held-out Fréchet distance, the
@@ -520,20 +520,12 @@ def claims_report(names: list[str], out: str, report: str, run: bool) -> str:
         parts.append(claim_table(name, claims[name], results))
         path = claim_figure(name, claims[name], results, os.path.join(report, "figures"))
         if path:
-            rel = os.path.relpath(path, ROOT)  # the README's view; a --report outside the repository: its absolute path
-            parts.append(f"\n![{name}]({path if rel.startswith('..') else rel})")
+            # relative to claims.md itself, so the link works in <report>/claims.md and where docs/results.md includes it
+            parts.append(f"\n![{name}]({os.path.relpath(path, report)})")
     md = "\n\n".join(parts)
     os.makedirs(report, exist_ok=True)
     open(os.path.join(report, "claims.md"), "w").write("# The papers' claims at tiny scale (scripts/learning_runs.py --claims)\n\n" + md + "\n")
     return md
-
-
-def replace_between(path: str, start: str, end: str, md: str) -> None:
-    text = open(path).read()
-    if start not in text or end not in text:
-        raise KeyError(f"{path} lacks the markers {start} … {end}")
-    a, b = text.index(start) + len(start), text.index(end)
-    open(path, "w").write(text[:a] + "\n" + md + "\n" + text[b:])
 
 
 def run_parallel(tasks: list[tuple[str, int, list[str], str]], jobs: int) -> None:
@@ -586,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="*", type=int, help="seeds (default: each recipe's '# seeds:' header)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "learning"), help="run folders")
     p.add_argument("--report", default=os.path.join(ROOT, "docs"), help="where learning.md and figures/ go")
-    p.add_argument("--readme", action="store_true", help="also replace the README's learning table")
+    p.add_argument("--readme", action="store_true", help="no effect (kept so that it is not passed on to vidalign fit): the tables "
+                   "live in <report>/learning.md and claims.md, which docs/results.md includes")
     p.add_argument("--report-only", action="store_true", help="no training: table and figures from finished runs")
     p.add_argument("--figures-only", action="store_true", help="no training and no markdown: only the figures of the "
                    "given recipes and claims, from finished runs in --out and the results kept in <report>/results")
@@ -650,12 +643,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     paths = figures(results, os.path.join(args.report, "figures"))
     if args.readme:
-        replace_between(os.path.join(ROOT, "README.md"), "<!-- learning-table:start -->", "<!-- learning-table:end -->", md)
+        print("[learning_runs] --readme: no effect; the documentation site (docs/results.md) includes "
+              f"{os.path.join(args.report, 'learning.md')} and claims.md as they are", flush=True)
     print(md)
     if claim_names:
         claims_md = claims_report(claim_names, args.out, args.report, run=not args.report_only)
-        if args.readme:
-            replace_between(os.path.join(ROOT, "README.md"), "<!-- claims-table:start -->", "<!-- claims-table:end -->", claims_md)
         print(claims_md)
     for path in paths:
         print(f"[learning_runs] figure {path}")
