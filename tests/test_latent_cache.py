@@ -250,6 +250,6 @@ def test_rebuild_command_is_this_runs(monkeypatch):
     cli.main(["shard", "--help"])  # an in-process command leaves nothing behind for a later use from Python
     assert cli.INVOCATION == []
     assert rebuild_hint(manifest, "c") == "rebuild it with `vidalign cache --config a.yaml --data.init_args.cache_dir c` (after updating the config if the change was intended)"
-    monkeypatch.setattr(cli, "INVOCATION", ["fit", "--config", "a.yaml", "--data.init_args.fps", "16", "--ckpt_path", "last", "--ckpt_path=x"])
+    monkeypatch.setattr("lightning_vidalign.utils.INVOCATION", ["fit", "--config", "a.yaml", "--data.init_args.fps", "16", "--ckpt_path", "last", "--ckpt_path=x"])
     hint = rebuild_hint(manifest, "c")
     assert hint.startswith("rebuild it for this run with `vidalign cache --config a.yaml --data.init_args.fps 16` (it was built with `vidalign cache --config a.yaml")

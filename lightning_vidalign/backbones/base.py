@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vidalign.sampling import Trajectory
+from lightning_vidalign.utils import require_files  # noqa: F401 (re-exported: the backbones' loaders use it)
 
 #: the dtype names the backbone options accept (``dtype``, ``vae_dtype``, ``encoder_dtype``)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -624,21 +625,3 @@ def require_weight_files(root: str, subfolders: list[str], what: str) -> None:
         folder = os.path.join(root, sub)
         if not glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")):
             raise FileNotFoundError(f"{what}: no weight file (*.safetensors or *.bin) in {folder!r}")
-
-
-def require_files(root: str, relative_paths: list[str], what: str) -> None:
-    """Raise ``FileNotFoundError`` naming every missing file of a local checkpoint.
-
-    Args:
-        root: local directory of the checkpoint.
-        relative_paths: files that must exist under ``root``.
-        what: a human name for the checkpoint (for the message).
-
-    Raises:
-        FileNotFoundError: if ``root`` or any listed file is missing (nothing is downloaded).
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{what}: local directory {root!r} does not exist (nothing is downloaded at run time)")
-    missing = [os.path.join(root, p) for p in relative_paths if not os.path.exists(os.path.join(root, p))]
-    if missing:
-        raise FileNotFoundError(f"{what}: missing file(s) in {root!r}: " + ", ".join(missing))

