@@ -46,6 +46,12 @@ class GRPO(VideoAlignModule):
     ``L = mean_{i,t} [ S_t·max(-A_i·ρ_{i,t}, -A_i·clip(ρ_{i,t}, 1±ε)) + λ_KL·KL_{i,t} ]``,
     ``ρ = exp(log π_θ - log π_old)``, ``S_t = 1`` unless the gradient-norm equalizer is on.
 
+    The round is three phases over one :class:`~lightning_vidalign.rollouts.Rollouts` record, each a method a
+    variant overrides alone: :meth:`generate` (trajectories and log-probs), :meth:`score` (rewards, gathered group
+    advantages: hook :meth:`compute_advantages`; per-rollout data: :meth:`prepare_round`), :meth:`update` (optimizer
+    steps over minibatches of :meth:`minibatch_step`, whose per-step loss is :meth:`step_loss` with the hook
+    :meth:`policy_loss`).
+
     KL options (``kl_type``): ``none``; ``fixed`` (reference = adapters disabled: the base model);
     ``step`` (``log π_old - log π_θ``, SAGE Eq. 15: the policy that drew the rollout); ``moving``
     (reference = an anchor copy of the adapters refreshed every ``anchor_interval`` optimizer steps,
