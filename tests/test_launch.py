@@ -97,18 +97,22 @@ def test_two_node_rehearsal_on_loopback_and_resume(tmp_path, fragment):
     assert any(not torch.equal(c["lora"][k], a["lora"][k]) for k in a["lora"])  # trained on from batch 2
 
 
-def test_readme_add_a_method_example_runs_as_written(tmp_path):
-    """The README's "Add a method" file and command, run from the folder holding my_pkg/ (it failed with
-    "No module named 'my_pkg'": console scripts do not put the working folder on sys.path)."""
+def test_docs_add_a_method_example_runs_as_written(tmp_path):
+    """The "Add a method" file and command of docs/extending.md, run from the folder holding my_pkg/ (it failed with
+    "No module named 'my_pkg'": console scripts do not put the working folder on sys.path), into its own run folder
+    (the command once reused the SFT config's runs/sft, which a user who ran SFT before had used: refused)."""
     import re
 
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme[readme.index("## Add a method") :]
+    page = open(os.path.join(ROOT, "docs", "extending.md")).read()
+    section = page[page.index("## Add a method") :]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     path = re.match(r"# (\S+)", code).group(1)
     (tmp_path / os.path.dirname(path)).mkdir(parents=True)
     (tmp_path / path).write_text(code)
     command = re.search(r"`(vidalign fit [^`]*my_pkg[^`]*)`", section).group(1).split()
+    assert "--trainer.default_root_dir" in command and "runs/sft" not in command
+    (tmp_path / "runs" / "sft" / "checkpoints").mkdir(parents=True)  # a user who ran configs/sft.yaml before
+    (tmp_path / "runs" / "sft" / "checkpoints" / "last.ckpt").write_bytes(b"")
     command = [VIDALIGN if a == "vidalign" else (os.path.join(ROOT, a) if a.startswith("configs/") else a) for a in command]
     out = subprocess.run([*command, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
                           "--trainer.callbacks+=rehearsal_callbacks.DumpAdapters", "--trainer.callbacks.out", str(tmp_path / "dump"), *FAST[:2]],

@@ -1,5 +1,5 @@
 """``vidalign estimate`` (lightning_vidalign/memory.py): real configurations on the meta device, the activation model
-against SavedActivationTracker on held-out tiny shapes, the command as a user runs it, and the README table equal
+against SavedActivationTracker on held-out tiny shapes, the command as a user runs it, and the table of docs/scale.md equal
 to its output."""
 import os
 import re
@@ -87,13 +87,13 @@ def _estimate_output():
     return out.stdout.strip()
 
 
-def test_vidalign_estimate_prints_the_table_and_the_readme_holds_it():
+def test_vidalign_estimate_prints_the_table_and_the_scale_page_holds_it():
     text = _estimate_output()
     for spec in REAL_MODELS.values():
         assert f"**{spec.name}**" in text
     assert text.count("| 480p") == text.count("| 720p") == 3 * 2 * 4  # models x frame counts x SP sizes
     assert "✓" in text and "✗" in text
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = re.search(r"<!-- BEGIN vidalign estimate -->\n(.*?)\n<!-- END vidalign estimate -->", readme, re.S)
-    assert section, "README.md lacks the marked section of `vidalign estimate`"
-    assert section.group(1).strip() == text, "README's memory table is stale: rerun `vidalign estimate` and paste its output"
+    page = open(os.path.join(ROOT, "docs", "scale.md")).read()
+    section = re.search(r"<!-- BEGIN vidalign estimate -->\n(.*?)\n<!-- END vidalign estimate -->", page, re.S)
+    assert section, "docs/scale.md lacks the marked section of `vidalign estimate`"
+    assert section.group(1).strip() == text, "docs/scale.md's memory table is stale: rerun `vidalign estimate` and paste its output"

@@ -284,14 +284,14 @@ def test_hunyuan_video15_grpo_under_sequence_parallel_fsdp2_runs(tmp_path):
 
 
 @pytest.mark.slow  # ~45 s
-def test_readme_sequence_parallel_command_runs_as_written(tmp_path):
-    """The README's command (configs/flow_grpo.yaml: Wan demo base, motion and flicker rewards; FSDP2; SP 2), run from
+def test_docs_sequence_parallel_command_runs_as_written(tmp_path):
+    """The command of docs/scale.md (configs/flow_grpo.yaml: Wan demo base, motion and flicker rewards; FSDP2; SP 2), run from
     the repository root for 1 round with CPU and a run folder of its own: it ends, both ranks equal, LoRA written."""
     import re
 
     launch = _cli()
-    readme = open(os.path.join(launch.ROOT, "README.md")).read()
-    command = re.search(r"`(vidalign fit --config configs/flow_grpo\.yaml[^`]*sequence_parallel_size 2)`", readme).group(1).split()
+    page = open(os.path.join(launch.ROOT, "docs", "scale.md")).read()
+    command = re.search(r"`(vidalign fit --config configs/flow_grpo\.yaml[^`]*sequence_parallel_size 2)`", page).group(1).split()
     out = subprocess.run([launch.VIDALIGN, *command[1:], "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
                           *launch.FAST, "--trainer.callbacks+=rehearsal_callbacks.DumpAdapters", "--trainer.callbacks.out", str(tmp_path / "dump")],
                          cwd=launch.ROOT, env=launch._env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)

@@ -229,13 +229,13 @@ def test_shard_refuses_a_folder_that_holds_files(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_streaming_commands_run_as_written(tmp_path):
-    """The two commands of the README's "Streaming data" section, as written (the config's TransNetV2 cuts), from a
+def test_docs_streaming_commands_run_as_written(tmp_path):
+    """The two commands of docs/data.md's "Streaming data" section, as written (the config's TransNetV2 cuts), from a
     working folder; the fit is cut to 1 step in its own run folder."""
     import re
 
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme[readme.index("## Streaming data") :]
+    page = open(os.path.join(ROOT, "docs", "data.md")).read()
+    section = page[page.index("## Streaming data") :]
     block = re.search(r"```\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
     assert [line.split()[:2] for line in block] == [["vidalign", "shard"], ["vidalign", "fit"]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
