@@ -6,6 +6,9 @@ which griffe's static finder cannot follow: it finds ``lightning_vidalign/`` and
 the build, ``on_config`` lays out the import tree as symbolic links in a temporary folder (from the mapping in
 ``pyproject.toml``, so a new subpackage needs no change here) and hands that folder to mkdocstrings' Python handler as
 its only search path, so the API pages are read from the checkout itself, with or without an install.
+
+``SphinxRoles`` (a griffe extension, ``mkdocs.yml``: the Python handler's ``extensions``) turns the docstrings' Sphinx
+roles (``:class:`X```) into inline code.
 """
 from __future__ import annotations
 
@@ -51,3 +54,22 @@ def on_config(config):
     handlers = config["plugins"]["mkdocstrings"].config.handlers
     handlers.setdefault("python", {})["paths"] = [dest]
     return config
+
+
+try:  # the griffe extension below is loaded by mkdocstrings (mkdocs.yml: extensions), not by MkDocs
+    import griffe
+except ModuleNotFoundError:  # pragma: no cover - only without the docs extra
+    griffe = None
+
+if griffe is not None:
+    import re
+
+    ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):`~?([^`]+)`")
+
+    class SphinxRoles(griffe.Extension):
+        """The docstrings cross-reference in Sphinx's roles (``:class:`X```, ``:func:`~a.b.c```); Markdown shows them as
+        they are. Each becomes inline code of its target (``X``, ``a.b.c``)."""
+
+        def on_instance(self, *, obj, **kwargs) -> None:
+            if obj.docstring is not None:
+                obj.docstring.value = ROLE.sub(lambda m: f"`{m.group(1)}`", obj.docstring.value)
