@@ -47,6 +47,7 @@ def python_snippets():
 def test_site_builds_strict_without_warnings(tmp_path):
     """The build as ``mkdocs build --strict`` runs it, with the environment's mkdocs (the ``docs`` extra)."""
     mkdocs = os.path.join(BIN, "mkdocs")
+    assert os.path.isfile(mkdocs), f"no {mkdocs}: install the docs extra (pip install -c constraints.txt -e \".[test,docs]\")"
     out = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     log = out.stdout + out.stderr
