@@ -337,10 +337,14 @@ class GRPO(VideoAlignModule):
         """Per-sample loss of one denoising step: ``S_t·PPO-clip + λ_KL·KL`` and its metrics.
 
         Args:
-            x_t, x_next: ``(n, ...)`` the transition of each sample; old_log_prob, advantages: ``(n,)``.
-            s, s_next: ``(n,)`` each sample's noise levels (samples may sit at different steps).
-            cond: the samples' conditions. scale: ``(n,)`` equalizer scales ``S_t``.
-            (Floats are accepted for levels and scale: the same for every sample.)
+            x_t: ``(n, ...)`` each sample's state before the step.
+            x_next: ``(n, ...)`` its state after the step (the rollout's).
+            old_log_prob: ``(n,)`` the step's log-probability under the policy that drew the rollout.
+            advantages: ``(n,)``.
+            s: ``(n,)`` each sample's noise level (samples may sit at different steps; a float: the same for all).
+            s_next: ``(n,)`` each sample's next noise level (or a float).
+            cond: the samples' conditions.
+            scale: ``(n,)`` equalizer scales ``S_t`` (or a float).
         """
         s, s_next, scale = _per_sample(s, x_t), _per_sample(s_next, x_t), _per_sample(scale, x_t)
         # reference means first: loading the anchor writes the adapter weights in place, which

@@ -187,13 +187,13 @@ class _DropTips(logging.Filter):
 
 
 def quiet_console() -> None:
-    """Keep the ``vidalign`` console to messages a user acts on (README, "Console"): no Lightning tips,
+    """Keep the ``vidalign`` console to messages a user acts on (docs/cli.md, "Console"): no Lightning tips,
     no transformers weight-loading bars, no diffusers notes on unused config attributes (diffusers
     logs at error level), no torch ``LeafSpec`` deprecation raised inside Lightning, no advice on
     pre-optimization checkpoints (our modules checkpoint after the batch's optimizer steps on purpose), no advice to
     set ``save_last`` when ``--ckpt_path last`` finds no checkpoint in a new run folder (we say a new run starts), no FSDP2
     "returned a view tensor" warning for the three SVD UNet blocks where it is harmless, no ``sync_dist`` advice
-    for our ``val/*`` / ``heldout/*`` values (already global). Each is explained in the README's "Console"."""
+    for our ``val/*`` / ``heldout/*`` values (already global). Each is explained in docs/cli.md, "Console"."""
     import warnings
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

@@ -231,7 +231,7 @@ def estimate_rows(gpus: int = 8, gpu_gb: float = 80.0, lora_rank: int = 32, mode
 
 
 def format_markdown(rows: list[dict[str, Any]], gpus: int, gpu_gb: float, lora_rank: int) -> str:
-    """The README table: per model a header line and one row per (resolution, frames, SP), GB per GPU with and
+    """The memory table of docs/scale.md ("Memory estimate"): per model a header line and one row per (resolution, frames, SP), GB per GPU with and
     without checkpointing, ✓ where the setting fits 90 % of the GPU."""
     out = [f"Per GPU on {gpus} × {gpu_gb:g} GB, FSDP2 over all {gpus} GPUs, bf16 compute, one clip per sequence-parallel group, "
            f"LoRA rank {lora_rank}; GB = 1e9 bytes; ✓ = total <= 90 % of the GPU. Activations: transformer blocks only "
