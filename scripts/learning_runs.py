@@ -211,6 +211,40 @@ def kept_results(report: str) -> list[dict]:
     return kept
 
 
+#: what a result records about the run rather than the training (left out of :func:`differences_from_kept`)
+RUN_RECORD_KEYS = ("commit", "minutes", "recipe_sha", "extra_args")
+
+
+def differences_from_kept(result: dict, kept: dict) -> list[str]:
+    """Where a run's result differs from the kept one of the same recipe and seed, ``[]`` when it reproduces it to the
+    last digit: every kept key (but :data:`RUN_RECORD_KEYS`) and every kept held-out series, compared as written (JSON,
+    so NaN equals NaN); series the run records and the kept result lacks (added to the runner since) are not compared.
+    Used by ``--compare-kept``: a refactor that must change no number reruns the recipes and compares (issue 33)."""
+    out = [k for k in kept if k not in RUN_RECORD_KEYS + ("curves",) and json.dumps(kept[k]) != json.dumps(result.get(k))]
+    series = result.get("curves", {})
+    return out + [f"curves/{k}" for k, v in kept.get("curves", {}).items() if json.dumps(v) != json.dumps(series.get(k))]
+
+
+def compare_with_kept(out: str, report: str) -> int:
+    """``--compare-kept``: each finished run in ``out`` against ``<report>/results/<recipe>_seed<N>.json``; prints one line
+    per run and returns 1 when any differs (or none could be compared), else 0."""
+    lines, failed = [], False
+    for path in sorted(glob.glob(os.path.join(out, "*", "seed*", "result.json"))):
+        r = json.load(open(path))
+        kept_path = os.path.join(report, "results", f"{r['recipe']}_seed{r['seed']}.json")
+        if not os.path.exists(kept_path):
+            lines.append(f"{r['recipe']} seed {r['seed']}: no kept result ({kept_path})")
+            continue
+        kept = json.load(open(kept_path))
+        diff = differences_from_kept(r, kept)
+        failed |= bool(diff)
+        lines.append(f"{r['recipe']} seed {r['seed']}: " + (f"DIFFERS in {diff}" if diff else
+                     f"identical to the kept result (run at {kept.get('commit')}): {len(kept) - len(RUN_RECORD_KEYS) - 1} values, "
+                     f"{len(kept.get('curves', {}))} held-out series x {len(kept.get('curve', []))} evaluations"))
+    print("\n".join(lines) if lines else f"[learning_runs] no finished run in {out}", flush=True)
+    return 1 if failed or not lines else 0
+
+
 def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | None = None, threads: int | None = None) -> dict:
     """Train (or resume, or skip when finished) one run of ``recipe`` with ``seed``; ``extra``: CLI arguments
     after the recipe's (a claim's variant); ``run_dir`` default ``<out>/<recipe>/seed<N>``; ``threads``: the run's
@@ -585,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
                    "given recipes and claims, from finished runs in --out and the results kept in <report>/results")
     p.add_argument("--claims", nargs="*", help="claims of configs/claims.yaml to run (no names: all). Without --recipes and "
                    "--claims every recipe and every claim runs; with only one of them, only that part")
+    p.add_argument("--compare-kept", action="store_true", help="no training: compare each finished run in --out with the result "
+                   "kept in <report>/results (every kept value and held-out series, to the last digit); exit 1 if any differs. "
+                   "The kept results were trained at 1 thread per run (--jobs 2 on 2 cores): rerun them the same way")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with OMP_NUM_THREADS = cores // jobs); "
                    "default 1, one after the other")
     # (the table and figures always cover every finished run in --out, not only this invocation's recipes)
@@ -603,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     claim_names = (args.claims or list(load_claims())) if (everything or args.claims is not None) else []
     if args.figures_only:
         return figures_only(recipes, claim_names, args.out, args.report)
+    if args.compare_kept:
+        return compare_with_kept(args.out, args.report)
     if args.jobs > 1 and not args.report_only:  # train everything first, then the sequential pass below only reads
         tasks = [(recipe, seed, list(extra), os.path.join(args.out, recipe, f"seed{seed}")) for recipe in recipes
                  for seed in (args.seeds if args.seeds is not None else recipe_seeds(os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml")))]

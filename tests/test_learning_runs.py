@@ -88,3 +88,26 @@ def test_kept_result_survives_a_comment_only_edit_of_its_recipe(tmp_path, monkey
     assert learning_runs.recipe_same_settings("r", shas[2])
     assert not learning_runs.recipe_same_settings("r", shas[0]) and not learning_runs.recipe_same_settings("r", shas[1])
     assert not learning_runs.recipe_same_settings("r", None)
+
+
+def test_differences_from_kept_to_the_last_digit_and_the_compare_command(tmp_path, capsys):
+    """A rerun equal to the kept result is identical; a last-bit change of one held-out value is named; a series the
+    kept result lacks (added to the runner since) and the run's own record (commit, minutes) are not compared."""
+    kept = {"recipe": "flow_grpo", "seed": 0, "commit": "aaa", "minutes": 2.6, "reward_final": 4.415414810180664,
+            "curve": [[0, 4.368930339813232], [20, 4.415414810180664]], "kl_last5_mean": float("nan"),
+            "curves": {"heldout/reward": [[0, 4.368930339813232], [19, 4.415414810180664]]}}
+    same = {**kept, "commit": "bbb", "minutes": 1.9, "curves": {**kept["curves"], "heldout/denoising_loss": [[0, 0.3]]}}
+    assert learning_runs.differences_from_kept(same, kept) == []
+    off = {**same, "curves": {"heldout/reward": [[0, 4.368930339813232], [19, 4.415415287017822]]}}
+    assert learning_runs.differences_from_kept(off, kept) == ["curves/heldout/reward"]
+    assert learning_runs.differences_from_kept({**same, "reward_final": 4.415415287017822}, kept) == ["reward_final"]
+    os.makedirs(tmp_path / "report" / "results")
+    json.dump(kept, open(tmp_path / "report" / "results" / "flow_grpo_seed0.json", "w"))
+    run = tmp_path / "out" / "flow_grpo" / "seed0"
+    os.makedirs(run)
+    json.dump(same, open(run / "result.json", "w"))
+    assert learning_runs.main(["--compare-kept", "--out", str(tmp_path / "out"), "--report", str(tmp_path / "report")]) == 0
+    assert "flow_grpo seed 0: identical to the kept result (run at aaa)" in capsys.readouterr().out
+    json.dump(off, open(run / "result.json", "w"))
+    assert learning_runs.main(["--compare-kept", "--out", str(tmp_path / "out"), "--report", str(tmp_path / "report")]) == 1
+    assert "DIFFERS in ['curves/heldout/reward']" in capsys.readouterr().out
