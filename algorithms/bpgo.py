@@ -15,6 +15,7 @@ from lightning_vidalign.algorithms.advantages import (
     ras_bayes_weight,
 )
 from lightning_vidalign.algorithms.grpo import GRPO
+from lightning_vidalign.rollouts import Rollouts
 from lightning_vidalign.rewards.base import repeat_batch
 
 CRT_FORMS = ("binary", "paper", "none")
@@ -144,7 +145,7 @@ class BPGO(GRPO):
             self.priors[cid] = float(reward.mean())
         return torch.tensor([self.priors[int(c)] for c in ids], dtype=torch.float32)
 
-    def compute_advantages(self, everyone, batch: dict) -> Tensor:
+    def compute_advantages(self, everyone: Rollouts, batch: dict) -> Tensor:
         rewards, group_ids, g = everyone.rewards, everyone.group_ids, self.rollouts_per_condition
         prior = self.gather(self.condition_priors(batch).to(rewards.device).repeat_interleave(g))
         raw_mean = group_mean(rewards, group_ids)

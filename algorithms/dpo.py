@@ -131,7 +131,8 @@ class DPO(VideoAlignModule):
         # on-policy: G rollouts per condition, ranked by the reward callbacks
         b, g = self.clip_size(batch)[0], self.rollouts_per_condition
         cond = self.backbone.condition_batch(batch, generator)  # from the latent cache when the batch carries it
-        rollouts = self.score_rollouts(self.generate_rollouts(batch, cond, generator, g, self.sampler), log=False)
+        rollouts = self.generate_rollouts(batch, cond, generator, g, self.sampler, decode=False, keep_videos=False)  # latents only: pixels per chunk, to score
+        rollouts = self.score_rollouts(rollouts, log=False, keep_videos=False)
         rewards = self.sequence_parallel_broadcast(rollouts.rewards)  # one ranking per sequence-parallel group
         latents = rollouts.latents
         r = rewards.view(b, g)

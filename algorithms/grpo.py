@@ -187,8 +187,9 @@ class GRPO(VideoAlignModule):
         self.optimizer_steps_per_batch = minibatches_per_round  # trainer.max_steps counts rounds
         self.updates = 0  # optimizer steps taken
         self.anchor: dict[str, Tensor] | None = None  # adapter weights of the moving reference
-        #: the round's record: during the update with its trajectory (hooks read per-rollout data at
-        #: :attr:`current_index`, :attr:`current_step`), after it without (videos, rewards, advantages for callbacks)
+        #: the round's record: during the update whole (hooks read per-rollout data at :attr:`current_index`,
+        #: :attr:`current_step`), after it without :attr:`ROUND_TEMPORARIES` (videos, captions, rewards, reward
+        #: components and advantages, for callbacks and logging)
         self.rollouts: Rollouts | None = None
 
     # ----------------------------------------------------------------- hooks
@@ -225,6 +226,8 @@ class GRPO(VideoAlignModule):
 
     #: record the rollout's transition means (variants that need per-element old log-probs)
     keep_means: bool = False
+    #: the round's fields dropped once the update is done (the largest: trajectory, latents, conditions)
+    ROUND_TEMPORARIES = ("x_t", "x_next", "means", "latents", "conditions", "log_prob")
 
     def prepare_round(self, rollouts: Rollouts) -> None:
         """Called once per round after the advantages, with this rank's scored rollouts (videos
@@ -404,9 +407,11 @@ class GRPO(VideoAlignModule):
         and counted in ``train/skipped_steps``, or :class:`FloatingPointError` with ``on_nonfinite="raise"``)."""
         with self.timer("reward"):
             self.score_rollouts(rollouts)
-        everyone = rollouts.gather(self.gather)
+        everyone = rollouts.gather(self.gather, ("rewards", "group_ids"))
         if not self.loss_is_finite(everyone.rewards, "rewards"):
+            self.rollouts = rollouts.drop(*self.ROUND_TEMPORARIES)  # (the skipped round's, for callbacks)
             return None
+        everyone.components = rollouts.gather(self.gather, ("components",)).components  # per reward, (N_all,) each
         self.round_joint = None
         mine = slice(self.data_parallel_rank * len(rollouts), (self.data_parallel_rank + 1) * len(rollouts))
         rollouts.advantages = self.compute_advantages(everyone, batch)[mine]  # (the ranks of a sequence-parallel group share a slice)
@@ -422,7 +427,7 @@ class GRPO(VideoAlignModule):
         ``minibatches_per_round`` minibatches, one optimizer step per minibatch (:meth:`minibatch_step`; later
         minibatches see ratios != 1: the PPO clip acts there); the KL controller and the moving anchor follow the
         optimizer steps. Then the round's logs; the record is kept without its trajectory in :attr:`rollouts`."""
-        n, generator = len(rollouts), rollouts.generator
+        self.rollouts, n, generator = rollouts, len(rollouts), rollouts.generator  # (hooks read per-rollout data here)
         steps = self.train_steps(rollouts.sigmas, generator, n)  # (N, k): the steps each rollout trains
         scales = self.step_scales(rollouts.sigmas)
         minibatches = torch.randperm(n, generator=generator).chunk(min(self.minibatches_per_round, n))
@@ -442,7 +447,7 @@ class GRPO(VideoAlignModule):
                     self.kl_controller.update(float(self.trainer.strategy.reduce(torch.tensor(kl, device=self.device), reduce_op="mean")))
                 if self.kl_type in ("moving", "dual") and self.updates % self.anchor_interval == 0:
                     self.refresh_anchor()
-        self.rollouts = rollouts.drop("x_t", "x_next", "means")
+        self.rollouts = rollouts.drop(*self.ROUND_TEMPORARIES)
         self.log_round(rollouts, sums, stats, steps, scales)
         return {"loss": torch.tensor(sums.get("loss", float("nan"))), "fake": rollouts.videos[:: self.rollouts_per_condition]}
 

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from lightning_vidalign.algorithms.advantages import group_saturation, grpo_advantages, self_paced_weights
 from lightning_vidalign.algorithms.grpo import GRPO
+from lightning_vidalign.rollouts import Rollouts
 
 
 class SelfPacedGRPO(GRPO):
@@ -38,7 +39,7 @@ class SelfPacedGRPO(GRPO):
             raise ValueError(f"SelfPacedGRPO: need one tau per component, got components={components}, tau={tau}")
         self.components, self.tau, self.sp_beta, self.temperature = list(components), list(tau), beta, temperature
 
-    def compute_advantages(self, everyone, batch: dict) -> Tensor:
+    def compute_advantages(self, everyone: Rollouts, batch: dict) -> Tensor:
         rewards, group_ids = everyone.rewards, everyone.group_ids
         missing = [c for c in self.components if c not in everyone.components]
         if missing:

@@ -76,10 +76,10 @@ class SHIFT(VideoAlignModule):
     def fill_buffer(self, batch: dict, generator: torch.Generator) -> None:
         """Roll out ``G`` videos per condition of ``batch``, score them, fill the buffer."""
         b, g = self.clip_size(batch)[0], self.rollouts_per_condition
-        with self.timer("rollout"):  # decoded per chunk (and scored in the background with overlap_rewards)
+        with self.timer("rollout"):  # latents (with overlap_rewards: each chunk decoded and scored in the background at once)
             conditions = self.backbone.condition_batch(batch, generator)  # from the latent cache when the batch carries it
-            rollouts = self.generate_rollouts(batch, conditions, generator, g, self.sampler)
-        with self.timer("reward"):
+            rollouts = self.generate_rollouts(batch, conditions, generator, g, self.sampler, decode=False)
+        with self.timer("reward"):  # (includes the "decode" stage: chunk by chunk, each before its scoring)
             rewards = self.sequence_parallel_broadcast(self.score_rollouts(rollouts).rewards)  # one set per sequence-parallel group
         videos = rollouts.videos
         group_ids = torch.arange(b, device=videos.device).repeat_interleave(g) if self.baseline == "group" else torch.zeros(b * g, dtype=torch.long, device=videos.device)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lightning_vidalign.algorithms.advantages import vipo_advantage_map
 from lightning_vidalign.algorithms.grpo import GRPO
+from lightning_vidalign.rollouts import Rollouts
 from lightning_vidalign.algorithms.losses import ppo_clip_loss
 from lightning_vidalign.sampling import step_log_density
 
@@ -166,7 +167,7 @@ class ViPO(GRPO):
         feats = self.perceptual_backbone(videos)
         return torch.stack([vipo_advantage_map(f, latent_size, self.blur_sigma, sign_rule=self.sign_rule) for f in feats]).to(videos.device)
 
-    def prepare_round(self, rollouts) -> None:
+    def prepare_round(self, rollouts: Rollouts) -> None:
         videos = rollouts.videos
         t_gen, _, h, w = rollouts.means.shape[2:]
         self.round_maps = self.advantage_maps(videos, (t_gen, h, w))

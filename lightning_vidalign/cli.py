@@ -231,10 +231,6 @@ def quiet_console() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-#: the arguments of the running ``vidalign`` command (``main``'s, while it runs; empty otherwise, e.g. when the package is
-#: used from Python): the stale-cache message builds this run's ``vidalign cache`` command from them
-
-
 #: ``vidalign``, ``vidalign -h`` / ``--help``: every subcommand (Lightning's parser knows only its own four)
 TOP_LEVEL_HELP = """usage: vidalign SUBCOMMAND [options]       (vidalign SUBCOMMAND --help: its options)
 
@@ -532,10 +528,6 @@ def shard(args: list[str]) -> dict:
     return summary
 
 
-if __name__ == "__main__":
-    main()
-
-
 def cache_command(args: list[str]) -> str:
     """``vidalign cache --config CONFIG [--config ...] [--device cpu|cuda] [overrides]``: build the latent cache of the
     config's training clips into ``data.init_args.cache_dir`` (required: in the config or as an override).
@@ -578,3 +570,7 @@ def cache_command(args: list[str]) -> str:
           f"({enc['backbone'].rsplit('.', 1)[-1]} {enc['pretrained_path']}, VAE {enc['vae_dtype']}, encoders {enc['encoder_dtype']}); "
           f"train from it with --data.init_args.cache_dir {cache_dir}")
     return cache_dir
+
+
+if __name__ == "__main__":
+    main()

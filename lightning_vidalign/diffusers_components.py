@@ -62,7 +62,6 @@ def minilm_dir() -> str:
     return path
 
 
-
 def _source(path: str | os.PathLike | None, own_file: str) -> str:
     """``path`` when it holds ``own_file`` (a saved copy, e.g. ``text_encoder/`` written by a pipeline's
     ``save_pretrained``); otherwise the packaged all-MiniLM-L6-v2 folder (raises ``FileNotFoundError`` naming the

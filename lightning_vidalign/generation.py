@@ -11,6 +11,22 @@ from lightning_vidalign.rewards.base import repeat_batch, slice_batch
 from lightning_vidalign.rollouts import Rollouts
 
 
+class DeferredRewards:
+    """A reward job of :meth:`GenerationMixin.submit_rewards` run in the training thread when its result is first asked
+    for (serial scoring, ``overlap_rewards`` off): a handle like the overlapped path's futures."""
+
+    def __init__(self, submit, videos: Tensor, names: list[str] | None, batch: dict | None):
+        self._job = (submit, videos, names, batch)
+        self._result = None
+
+    def result(self) -> list[tuple]:
+        if self._job is not None:
+            submit, videos, names, batch = self._job
+            self._job = None  # (the chunk's videos are released once scored)
+            self._result = submit(videos, names, batch, background=False).result()
+        return self._result
+
+
 class GenerationMixin:
     """Rollout generation and reward scoring of a :class:`~lightning_vidalign.module.VideoAlignModule`. Settings it
     reads: ``backbone``, ``num_inference_steps``, ``guidance``, ``sampler``, ``overlap_rewards``, and on the algorithm
@@ -139,11 +155,10 @@ class GenerationMixin:
 
     # ------------------------------------------------------------ the round's record
     def generate_rollouts(self, batch: dict, conditions: dict[str, Tensor], generator: torch.Generator, group_size: int,
-                          sampler: str, **rollout_kwargs) -> Rollouts:
+                          sampler: str, decode: bool = True, keep_videos: bool = True, **rollout_kwargs) -> Rollouts:
         """``G = group_size`` rollouts of every condition of ``batch``, generated in chunks of ``rollout_batch_size``
-        rollouts with ``backbone.rollout(..., decode=True)``; with ``overlap_rewards`` each chunk's reward job is
-        submitted as soon as it is decoded (scored in the background while the next chunk is generated; collected by
-        :meth:`score_rollouts`).
+        rollouts; with ``overlap_rewards`` each chunk is decoded at once and its reward job submitted (scored in the
+        background while the next chunk is generated; collected by :meth:`score_rollouts`).
 
         Args:
             batch: the training batch of ``B`` conditions (its real clips give the size: :meth:`clip_size`).
@@ -152,13 +167,17 @@ class GenerationMixin:
             group_size: rollouts per condition ``G``.
             sampler: the backbone's sampler (flow models: an SDE type of
                 :data:`~lightning_vidalign.sampling.SDE_TYPES`; SVD: ``euler`` | ``euler_ancestral``).
+            decode: decode each chunk as it is generated (``backbone.rollout(decode=True)``); False: latents only, the
+                videos decoded chunk by chunk when scored (:meth:`score_rollouts`), so no chunk's pixels are held while
+                later chunks are generated (SHIFT, DPO). Decoding is deterministic: the same videos either way.
+            keep_videos: keep the decoded videos in the record (False: DPO, which ranks by reward and trains on latents).
             **rollout_kwargs: passed to ``backbone.rollout`` (``keep_trajectory``, ``eta``, ``sde_steps``, ``keep_means``,
                 ``log_prob_form``).
 
         Returns:
             :class:`~lightning_vidalign.rollouts.Rollouts` with ``conditions``, ``batch`` (each rollout's raw condition
-            entries), ``latents``, ``videos``, ``sigmas`` and, with ``keep_trajectory``, ``x_t``, ``x_next``, ``log_prob``
-            (and ``means`` with ``keep_means``); ``N = B·G`` rows in rollout order.
+            entries), ``latents``, ``videos`` (when decoded and kept), ``sigmas`` and, with ``keep_trajectory``, ``x_t``,
+            ``x_next``, ``log_prob`` (and ``means`` with ``keep_means``); ``N = B·G`` rows in rollout order.
         """
         b, t, h, w = self.clip_size(batch)
         n, size = b * group_size, self.rollout_batch_size
@@ -167,24 +186,40 @@ class GenerationMixin:
         parts = []
         for i in range(0, n, size):
             chunk = {k: v[i : i + size] for k, v in conditions.items()}
-            traj = self.backbone.rollout(chunk, sampler, self.num_inference_steps, self.guidance, generator,
-                                         num_frames=t, height=h, width=w, decode=True, **rollout_kwargs)
-            part = Rollouts(latents=traj.latents, videos=traj.video, sigmas=traj.sigmas, x_t=traj.x_t, x_next=traj.x_next,
-                            log_prob=traj.log_prob, means=traj.extras.get("mean"), generator=generator)
+            traj = self.backbone.rollout(chunk, sampler, self.num_inference_steps, self.guidance, generator, num_frames=t,
+                                         height=h, width=w, decode=decode or self.overlap_rewards, **rollout_kwargs)
+            part = Rollouts(latents=traj.latents, videos=traj.video if keep_videos else None, sigmas=traj.sigmas, x_t=traj.x_t,
+                            x_next=traj.x_next, log_prob=traj.log_prob, means=traj.extras.get("mean"), generator=generator)
             if self.overlap_rewards:  # scored in the background while the next chunk is generated
-                part.pending.append(self.submit_rewards(part.videos, self.reward_names, slice_batch(per_rollout, i, i + size, n)))
+                part.pending.append(self.submit_rewards(traj.video, self.reward_names, slice_batch(per_rollout, i, i + size, n)))
+            elif decode:  # scored when collected (after the round's generation), on this very tensor: the values of
+                # the overlapped path bit for bit (a reward's reduction over a copy in another memory layout may differ)
+                part.pending.append(DeferredRewards(self.submit_rewards, traj.video, self.reward_names, slice_batch(per_rollout, i, i + size, n)))
             parts.append(part)
         rollouts = Rollouts.cat(parts)
         rollouts.conditions, rollouts.batch = conditions, per_rollout
         return rollouts
 
-    def score_rollouts(self, rollouts: Rollouts, log: bool = True) -> Rollouts:
+    def score_rollouts(self, rollouts: Rollouts, log: bool = True, keep_videos: bool = True) -> Rollouts:
         """Fill ``rewards`` (the weighted sum) and ``components`` (each reward callback's score) of ``rollouts``: the
-        jobs :meth:`generate_rollouts` submitted (``overlap_rewards``), else every chunk of ``rollout_batch_size`` scored
-        now — the same chunks either way, so overlap changes when rewards are computed, never their values. ``log``:
-        the per-reward logs of :meth:`collect_rewards`. Returns the same record."""
+        jobs :meth:`generate_rollouts` left in ``pending`` (submitted with ``overlap_rewards``; otherwise, for chunks it
+        decoded, :class:`DeferredRewards` run now), else, for a record of latents only, every chunk of
+        ``rollout_batch_size`` decoded and scored now (the videos kept in ``videos`` with ``keep_videos``). The same
+        chunks, tensors and batch entries (:func:`~lightning_vidalign.rewards.base.slice_batch`) either way, so overlap
+        changes when rewards are computed, never their values. ``log``: the per-reward logs of :meth:`collect_rewards`.
+        Returns the same record."""
         if not rollouts.pending:
-            rollouts.pending = [self.submit_rewards(c.videos, self.reward_names, c.batch) for c in rollouts.chunks(self.rollout_batch_size)]
+            n, size, decoded = len(rollouts), self.rollout_batch_size, []
+            for i in range(0, n, size):
+                if rollouts.videos is not None:
+                    videos = rollouts.videos[i : i + size]
+                else:
+                    with self.timer("decode"):
+                        videos = self.backbone.decode(rollouts.latents[i : i + size])
+                    decoded.append(videos if keep_videos else None)
+                rollouts.pending.append(self.submit_rewards(videos, self.reward_names, slice_batch(rollouts.batch, i, i + size, n)))
+            if decoded and keep_videos:
+                rollouts.videos = torch.cat(decoded)
         rollouts.rewards, rollouts.components = self.collect_rewards(rollouts.pending, log=log)
         rollouts.pending = []
         return rollouts

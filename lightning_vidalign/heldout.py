@@ -232,7 +232,6 @@ class HeldoutMixin:
     def on_train_start(self) -> None:
         """Held-out evaluation before the first update (step 0) of a fit that starts from scratch:
         the reference point of ``heldout/improvement``; logged at step 0 to every logger."""
-        self._stop_loop_state = None  # (a former fit's, see on_train_batch_end)
         if not self.heldout_conditions or self.global_step != 0 or self.heldout_baseline is not None:
             return
         # the loader Lightning prepared (with its distributed sampler: each rank its shard, as in validation)

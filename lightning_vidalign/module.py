@@ -332,11 +332,11 @@ class VideoAlignModule(DistributedMixin, GenerationMixin, HeldoutMixin, Evaluati
             sched.step()
         return {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
 
-    # -------------------------------------------------------------- rewards
-
-    # ------------------------------------------------------------------ RNG
-
-    # ------------------------------------------------- sequence parallelism
+    def on_train_start(self) -> None:
+        """Forget a former fit's stop state (see :meth:`on_train_batch_end`), then the held-out evaluation at step 0
+        (:meth:`~lightning_vidalign.heldout.HeldoutMixin.on_train_start`)."""
+        self._stop_loop_state = None
+        super().on_train_start()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # counted before the step so that checkpoints written by callbacks at batch end (which run
@@ -420,10 +420,6 @@ class VideoAlignModule(DistributedMixin, GenerationMixin, HeldoutMixin, Evaluati
             # max_steps, that checkpoint would skip the rest of the epoch. on_save_checkpoint writes this state
             # instead, so extending a finished run continues where it stopped (our choice; test_run_folder.py).
             self._stop_loop_state = (self.trainer.global_step, copy.deepcopy(self.trainer.fit_loop.state_dict()))
-
-    # ----------------------------------------------------------- validation
-
-    # ------------------------------------------------- held-out evaluation
 
     # ----------------------------------------------------------- checkpoint
 

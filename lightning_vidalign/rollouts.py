@@ -21,17 +21,30 @@ PER_ROLLOUT = ("latents", "videos", "x_t", "x_next", "log_prob", "means", "group
 
 
 def _rows(value: Any, index: Tensor | slice) -> Any:
-    """Rows ``index`` of a per-rollout entry (tensor, list/tuple, or dict of them)."""
+    """Rows ``index`` of a per-rollout tensor, or of each tensor of a dict of them."""
     if value is None:
         return None
     if isinstance(value, dict):
         return {k: _rows(v, index) for k, v in value.items()}
-    if torch.is_tensor(value):
-        return value[index.to(value.device) if torch.is_tensor(index) else index]
-    if isinstance(value, (list, tuple)):
-        picked = value[index] if isinstance(index, slice) else [value[int(i)] for i in index]
-        return type(value)(picked) if isinstance(value, tuple) else list(picked)
-    return value
+    return value[index.to(value.device) if torch.is_tensor(index) else index]
+
+
+def _batch_rows(batch: dict | None, index: Tensor | slice, n: int) -> dict | None:
+    """Rows ``index`` of the entries of a raw batch that have ``n`` rows (tensors by their first dimension, lists and
+    tuples by length); anything else passed as it is — the rule of :func:`~lightning_vidalign.rewards.base.slice_batch`
+    (e.g. a latent cache's ``cached`` dict or a scalar ``fps``)."""
+    if batch is None:
+        return None
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
+            out[k] = v[index.to(v.device) if torch.is_tensor(index) else index]
+        elif isinstance(v, (list, tuple)) and len(v) == n:
+            picked = v[index] if isinstance(index, slice) else [v[int(i)] for i in index]
+            out[k] = type(v)(picked) if isinstance(v, tuple) else list(picked)
+        else:
+            out[k] = v
+    return out
 
 
 @dataclass
@@ -43,8 +56,9 @@ class Rollouts:
     Attributes:
         conditions: the backbone's encoded condition of each rollout, ``{key: (N, ...)}`` (each condition repeated
             ``G`` times).
-        batch: the raw condition entries of each rollout (captions, paths, ...: :func:`~lightning_vidalign.rewards.base.repeat_batch`
-            of the training batch), what the reward callbacks see; None when not kept.
+        batch: the raw condition entries of the rollouts (:func:`~lightning_vidalign.rewards.base.repeat_batch` of the
+            training batch: captions, paths, ... repeated per rollout; entries without ``N`` rows, such as a latent
+            cache's ``cached`` dict, as they are), what the reward callbacks see; None when not kept.
         latents: final clean latents ``(N, T', C, h, w)``; None when not kept.
         videos: decoded videos ``(N, T, 3, H, W)`` in ``[0, 1]``.
         sigmas: the ``S + 1`` noise levels of the schedule (1-D, shared by all rollouts; last 0); None for a sampler
@@ -96,8 +110,8 @@ class Rollouts:
     def select(self, index: Tensor | slice) -> "Rollouts":
         """The rollouts ``index`` (a long tensor of positions, or a slice) as a new record: every per-rollout field
         indexed, ``sigmas`` and ``generator`` shared, ``pending`` left out."""
-        rows = {name: _rows(getattr(self, name), index) for name in (*PER_ROLLOUT, "conditions", "components", "batch")}
-        return Rollouts(**rows, sigmas=self.sigmas, generator=self.generator)
+        rows = {name: _rows(getattr(self, name), index) for name in (*PER_ROLLOUT, "conditions", "components")}
+        return Rollouts(**rows, batch=_batch_rows(self.batch, index, len(self)), sigmas=self.sigmas, generator=self.generator)
 
     def chunks(self, size: int) -> list["Rollouts"]:
         """Consecutive records of ``size`` rollouts (the last may be smaller), in rollout order.
@@ -113,17 +127,20 @@ class Rollouts:
     @classmethod
     def cat(cls, parts: list["Rollouts"]) -> "Rollouts":
         """The records ``parts`` one after the other (rollout order kept): per-rollout fields concatenated (a field
-        must be set in every part or in none), ``sigmas`` and ``generator`` of the first part, ``pending`` joined.
+        must be set in every part or in none; an entry every part shares, such as a batch's non-row entries, kept once),
+        ``sigmas`` and ``generator`` of the first part, ``pending`` joined.
 
         Raises:
             ValueError: on no parts, or a field set in some parts only.
         """
         if not parts:
             raise ValueError("Rollouts.cat: no parts")
+        if len(parts) == 1:  # (no copy)
+            return parts[0]
 
         def join(values: list) -> Any:
-            if all(v is None for v in values):
-                return None
+            if all(v is values[0] for v in values):  # None everywhere, or one shared entry (a batch's non-row entries)
+                return values[0]
             if any(v is None for v in values):
                 raise ValueError("Rollouts.cat: a field is set in some parts only")
             if isinstance(values[0], dict):
@@ -162,7 +179,8 @@ class Rollouts:
         return dataclasses.replace(self, **{name: ({} if name in ("conditions", "components") else None) for name in fields}, pending=[])
 
     def state_dict(self) -> dict[str, Any]:
-        """The record's tensors (detached, on CPU) for a checkpoint: every field but ``generator`` and ``pending``."""
+        """The record's tensors (detached, on CPU), e.g. to save a round for inspection or a buffer in a checkpoint:
+        every field but ``generator`` and ``pending``."""
         def cpu(value: Any) -> Any:
             if torch.is_tensor(value):
                 return value.detach().cpu()

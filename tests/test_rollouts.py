@@ -67,3 +67,19 @@ def test_drop_and_state_dict_round_trip():
         Rollouts.from_state_dict({"rewards": r.rewards})
     with pytest.raises(ValueError, match="empty record"):
         len(Rollouts())
+
+
+def test_the_raw_batch_is_sliced_as_slice_batch_does():
+    """Only the batch entries with ``N`` rows are selected (a latent cache's ``cached`` dict of ``B`` rows and a 0-d
+    ``fps`` pass as they are; the rewards of a chunk see what ``slice_batch`` gives them), and ``cat`` keeps them once."""
+    from lightning_vidalign.rewards.base import slice_batch
+
+    r = _record(6)
+    cached = {"latents": torch.zeros(3, 2)}
+    r.batch = {"caption": [f"c{i}" for i in range(6)], "index": torch.arange(6), "cached": cached, "fps": torch.tensor(8.0)}
+    for i, c in zip(range(0, 6, 4), r.chunks(4)):
+        expected = slice_batch(r.batch, i, i + 4, 6)
+        assert c.batch["caption"] == expected["caption"] and torch.equal(c.batch["index"], expected["index"])
+        assert c.batch["cached"] is cached and c.batch["fps"] is r.batch["fps"]
+    back = Rollouts.cat(r.chunks(4))
+    assert back.batch["cached"] is cached and torch.equal(back.batch["index"], torch.arange(6)) and back.batch["caption"] == r.batch["caption"]

@@ -40,8 +40,6 @@ WAN_ATTN_LORA = r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 LORA_EXPERTS = ("both", "high", "low")
 
 
-
-
 def load_minilm() -> tuple[Any, Any]:
     """The packaged all-MiniLM-L6-v2 (:func:`minilm_dir`) as ``(text_encoder, tokenizer)`` (transformers
     ``AutoModel``/``AutoTokenizer``, local files only): the text path of the tiny Wan family."""
