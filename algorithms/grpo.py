@@ -202,7 +202,9 @@ class GRPO(VideoAlignModule):
             batch: this rank's training batch (its conditions).
 
         Returns:
-            ``(N_all,)`` fp32. The default is :meth:`group_advantages`.
+            ``(N_all,)`` fp32, used as they are (an override clips them itself; :meth:`group_advantages` and
+            :func:`~lightning_vidalign.algorithms.advantages.grpo_advantages` clip to ``±advantage_clip``). The default
+            is :meth:`group_advantages`.
         """
         return self.group_advantages(everyone.rewards, everyone.group_ids, everyone.components)
 
@@ -235,9 +237,22 @@ class GRPO(VideoAlignModule):
         Default: nothing."""
 
     def policy_loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, x_next: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, dict]:
-        """Per-sample policy loss of one denoising step (override in variants): PPO-clip on the
-        sequence log-probs. ``x_next``, ``mean``, ``std`` give the per-element Gaussian transition.
-        A joint reward combined per loss (``joint_combination="loss"``) gives ``Σ_i c_i·L_i(A_i)``."""
+        """Per-sample policy loss of one denoising step (the hook a loss variant overrides): PPO-clip on the
+        per-sample log-probs. A joint reward combined per loss (``joint_combination="loss"``) gives ``Σ_i c_i·L_i(A_i)``.
+
+        Args:
+            log_prob: ``(n,)`` fp32 log-probability of each sample's transition under the current policy (with grad).
+            old_log_prob: ``(n,)`` the same under the policy that drew the rollout (recorded; no grad).
+            advantages: ``(n,)`` the samples' advantages (clipped to ``±advantage_clip`` already).
+            x_next: ``(n, T', C, h, w)`` the rollout's next state; mean: ``(n, T', C, h, w)`` the current policy's
+                transition mean (with grad); std: the transition std (a float or ``(n, 1, 1, 1, 1)``): the per-element
+                Gaussian for variants that need more than the summed log-prob (ViPO).
+
+        Returns:
+            ``(loss (n,), metrics)``: the per-sample loss (the caller adds ``λ_KL·KL``, scales by ``S_t``, averages over
+            samples and trained steps) and scalar metrics, each logged as ``train/<key>`` (averaged over the round).
+            Settings are the module's attributes (``self.clip_range``, ``self.advantage_clip``, ...).
+        """
         loss, metrics = ppo_clip_loss(log_prob, old_log_prob, advantages, self.clip_range)
         if self.round_joint is not None:
             c, per = self.round_joint

@@ -1,4 +1,4 @@
-"""A new method on the round's phases (docs "Add a method"): a GRPO variant that changes only the policy loss."""
+"""A new method on the round's phases (docs: Extend, "A GRPO variant"): a GRPO variant that changes only the policy loss."""
 import torch
 
 from lightning_vidalign.algorithms import GRPO

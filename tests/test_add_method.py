@@ -14,6 +14,14 @@ from lightning_vidalign.backbones import WanBackbone
 from lightning_vidalign.rewards import FlickerReward, MotionMagnitudeReward
 
 
+def test_the_extend_page_shows_the_variant_as_it_is():
+    """docs/extending.md shows tests/grpo_variant.py inline (the page reads as plain Markdown); it must not go stale."""
+    import os
+
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "extending.md")).read()
+    assert inspect.getsource(grpo_variant).rstrip("\n") in page
+
+
 def test_the_variant_fits_in_twenty_lines():
     lines = inspect.getsource(grpo_variant).rstrip("\n").split("\n")
     assert len(lines) <= 20, f"tests/grpo_variant.py has {len(lines)} lines"
