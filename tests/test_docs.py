@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from docs_pages import fenced_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 BIN = os.path.dirname(sys.executable)
-SKIP = re.compile(r"<!--\s*snippet:\s*skip\s*(.*?)\s*-->\s*$")
-FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 
 
 def pages() -> list[str]:
@@ -24,21 +23,10 @@ def pages() -> list[str]:
     return sorted(out)
 
 
-def fenced_blocks(text: str) -> list[tuple[str, str, str | None]]:
-    """``(language, code, skip reason or None)`` of each fenced block of a page, in order; a block is skipped when the
-    line before its fence is ``<!-- snippet: skip (reason) -->``."""
-    blocks = []
-    for m in FENCE.finditer(text):
-        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        skip = SKIP.search(before)
-        blocks.append((m.group(1), m.group(2), skip.group(1) if skip else None))
-    return blocks
-
-
 def python_snippets():
     params = []
     for page in pages():
-        for n, (lang, code, skip) in enumerate(b for b in fenced_blocks(open(os.path.join(DOCS, page)).read()) if b[0] == "python"):
+        for n, (lang, code, skip) in enumerate(b for b in fenced_blocks(open(os.path.join(DOCS, page)).read(), "snippet") if b[0] == "python"):
             marks = [pytest.mark.skip(reason=f"{page}: {skip}")] if skip is not None else []
             params.append(pytest.param(page, code, id=f"{page}:{n}", marks=marks))
     return params
@@ -110,7 +98,7 @@ def test_getting_started_diffusers_script_names_what_is_missing(tmp_path):
     says which file is missing and which step makes it (diffusers would take the missing LoRA folder for a Hub
     repository id and fail with an offline-mode message about ``weight_name``)."""
     text = open(os.path.join(DOCS, "getting-started.md")).read()
-    code = next(c for lang, c, _ in fenced_blocks(text) if lang == "python" and c.startswith("# use_in_diffusers.py"))
+    code = next(c for lang, c, _ in fenced_blocks(text, "snippet") if lang == "python" and c.startswith("# use_in_diffusers.py"))
     (tmp_path / "use_in_diffusers.py").write_text(code)
     out = subprocess.run([sys.executable, "use_in_diffusers.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1

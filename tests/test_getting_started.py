@@ -13,21 +13,15 @@ import subprocess
 import time
 
 import pytest
+from docs_pages import fenced_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(ROOT, "docs", "getting-started.md")
-SKIP = re.compile(r"<!--\s*getting-started:\s*skip\s*\((.+)\)\s*-->\s*$")
-FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 
 
 def page_steps(text: str) -> list[tuple[str, str, str | None]]:
     """``(language, code, skip reason or None)`` of each fenced block of the page, in order."""
-    steps = []
-    for m in FENCE.finditer(text):
-        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        skip = SKIP.search(before)
-        steps.append((m.group(1), m.group(2), skip.group(1) if skip else None))
-    return steps
+    return fenced_blocks(text, "getting-started")
 
 
 def fresh_copy(dest: str) -> None:
