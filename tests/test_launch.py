@@ -124,3 +124,26 @@ def test_docs_add_a_method_example_runs_as_written(tmp_path):
     assert "LoRA (diffusers format) written to" in console and "`max_steps=2` reached" in console
     state = torch.load(tmp_path / "dump" / "rank0.pt")
     assert state["batches"] == 2 and any(v.abs().sum() > 0 for k, v in state["lora"].items() if "lora_B" in k)
+
+
+def test_docs_grpo_variant_example_runs_as_written(tmp_path):
+    """The "A GRPO variant" file and command of docs/extending.md (saved as my_pkg/my_variant.py, as the page says), run
+    as written from the folder holding my_pkg/ for 1 round, into its own run folder: a newcomer who ran Getting started
+    has runs/flow_grpo already (the command once wrote there and was refused)."""
+    import re
+
+    page = open(os.path.join(ROOT, "docs", "extending.md")).read()
+    section = page[page.index("## A GRPO variant") : page.index("## Add a reward")]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "my_variant.py").write_text(code)
+    command = re.search(r"```bash\n(\S*vidalign fit [^\n]*my_pkg[^\n]*)\n```", section).group(1).split()
+    assert "--trainer.default_root_dir" in command
+    (tmp_path / "runs" / "flow_grpo" / "checkpoints").mkdir(parents=True)  # Getting started's Flow-GRPO run
+    (tmp_path / "runs" / "flow_grpo" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    command = [VIDALIGN if a.endswith("vidalign") else (os.path.join(ROOT, a) if a.startswith("configs/") else a) for a in command]
+    out = subprocess.run([*command, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", *FAST[:2]],
+                         cwd=tmp_path, env={**_env(), "PYTHONPATH": HERE}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "`max_steps=1` reached" in out.stdout + out.stderr
+    assert (tmp_path / "runs" / "my_variant" / "lora" / "pytorch_lora_weights.safetensors").is_file()
