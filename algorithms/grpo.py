@@ -432,7 +432,6 @@ class GRPO(VideoAlignModule):
         rollouts.advantages = self.compute_advantages(everyone, batch)[mine]  # (the ranks of a sequence-parallel group share a slice)
         if self.round_joint is not None:
             self.round_joint = (self.round_joint[0], self.round_joint[1][:, mine])
-        self.rollouts = rollouts
         with self.timer("prepare_round"):
             self.prepare_round(rollouts)
         return rollouts

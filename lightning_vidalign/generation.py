@@ -20,6 +20,11 @@ class DeferredRewards:
         self._result = None
 
     def result(self) -> list[tuple]:
+        """The chunk's ``[(callback, scores (n,), components), ...]``, scored on the first call (later calls return it).
+
+        Raises:
+            Whatever a reward callback raises, in the calling (training) thread.
+        """
         if self._job is not None:
             submit, videos, names, batch = self._job
             self._job = None  # (the chunk's videos are released once scored)

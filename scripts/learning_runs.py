@@ -215,12 +215,17 @@ def kept_results(report: str) -> list[dict]:
 RUN_RECORD_KEYS = ("commit", "minutes", "recipe_sha", "extra_args")
 
 
+def compared_values(kept: dict) -> list[str]:
+    """The keys of a kept result that a rerun must reproduce: all but :data:`RUN_RECORD_KEYS` and the series (``curves``)."""
+    return [k for k in kept if k not in RUN_RECORD_KEYS + ("curves",)]
+
+
 def differences_from_kept(result: dict, kept: dict) -> list[str]:
     """Where a run's result differs from the kept one of the same recipe and seed, ``[]`` when it reproduces it to the
     last digit: every kept key (but :data:`RUN_RECORD_KEYS`) and every kept held-out series, compared as written (JSON,
     so NaN equals NaN); series the run records and the kept result lacks (added to the runner since) are not compared.
     Used by ``--compare-kept``: a refactor that must change no number reruns the recipes and compares (issue 33)."""
-    out = [k for k in kept if k not in RUN_RECORD_KEYS + ("curves",) and json.dumps(kept[k]) != json.dumps(result.get(k))]
+    out = [k for k in compared_values(kept) if json.dumps(kept[k]) != json.dumps(result.get(k))]
     series = result.get("curves", {})
     return out + [f"curves/{k}" for k, v in kept.get("curves", {}).items() if json.dumps(v) != json.dumps(series.get(k))]
 
@@ -239,7 +244,7 @@ def compare_with_kept(out: str, report: str) -> int:
         diff = differences_from_kept(r, kept)
         failed |= bool(diff)
         lines.append(f"{r['recipe']} seed {r['seed']}: " + (f"DIFFERS in {diff}" if diff else
-                     f"identical to the kept result (run at {kept.get('commit')}): {len(kept) - len(RUN_RECORD_KEYS) - 1} values, "
+                     f"identical to the kept result (run at {kept.get('commit')}): {len(compared_values(kept))} values, "
                      f"{len(kept.get('curves', {}))} held-out series x {len(kept.get('curve', []))} evaluations"))
     print("\n".join(lines) if lines else f"[learning_runs] no finished run in {out}", flush=True)
     return 1 if failed or not lines else 0
