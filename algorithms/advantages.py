@@ -80,9 +80,11 @@ def group_std(values: Tensor, group_ids: Tensor) -> Tensor:
     return group_mean((values - mean) ** 2, group_ids).sqrt()
 
 
-def grpo_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-4, clip: float | None = 5.0) -> tuple[Tensor, Tensor]:
+def grpo_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-4, clip: float | None = 5.0, global_std: bool = False) -> tuple[Tensor, Tensor]:
     """Group-normalised advantages ``A_i = (r_i - μ_g)/(σ_g + ε)``, clipped to ``±clip``
     (DeepSeekMath GRPO; TeleBoost Eq. 1; SAGE-GRPO Eq. 10/35 with the population std).
+    With ``global_std``: ``A_i = (r_i - μ_g)/(σ + ε)`` with ``σ`` the population std of all ``N`` rewards
+    (flow_grpo's ``PerPromptStatTracker(global_std=True)``, the setting of DiffusionNFT's and AWM's configs).
 
     A group whose rewards are all equal (zero variance) gets advantage exactly 0 for every member: it
     carries no preference and contributes no policy gradient (documented handling; its share is
@@ -94,6 +96,7 @@ def grpo_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-4, clip:
             come from several ranks after an all-gather).
         eps: the stabiliser ``ε`` (flow_grpo: 1e-4).
         clip: advantage clip ``c`` (DESIGN: 5) or None.
+        global_std: divide by the std of all the rewards instead of the group's.
 
     Returns:
         ``(advantages (N,), zero_std_fraction)``: the fraction of groups (not samples) with zero
@@ -110,7 +113,8 @@ def grpo_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-4, clip:
     r = rewards.float()
     mean, std = group_mean(r, group_ids), group_std(r, group_ids)
     zero = std <= 1e-12
-    adv = torch.where(zero, torch.zeros_like(r), (r - mean) / (std + eps))
+    scale = r.std(unbiased=False).expand_as(r) if global_std else std
+    adv = torch.where(zero, torch.zeros_like(r), (r - mean) / (scale + eps))
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     _, first = torch.unique(group_ids, return_inverse=True)

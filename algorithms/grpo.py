@@ -144,8 +144,8 @@ class GRPO(VideoAlignModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if sde_type not in SDE_TYPES or sde_type == "ode":
-            raise ValueError(f"GRPO: sde_type must be a stochastic one of {SDE_TYPES[1:]}, got {sde_type!r}")
+        if sde_type not in SDE_TYPES or (sde_type == "ode" and self.rollout_log_probs):
+            raise ValueError(f"{type(self).__name__}: sde_type must be a stochastic one of {SDE_TYPES[1:]}, got {sde_type!r}")
         if kl_type not in KL_TYPES:
             raise ValueError(f"GRPO: kl_type must be one of {KL_TYPES}, got {kl_type!r}")
         if timestep_selection not in TIMESTEP_SELECTIONS:
@@ -226,8 +226,11 @@ class GRPO(VideoAlignModule):
             self.round_joint = (c, per)  # sliced to this rank's rollouts by score
         return (c.view(-1, 1) * per).sum(0)
 
-    #: record the rollout's transition means (variants that need per-element old log-probs)
+    #: record the rollout's transition means (variants that need per-element old log-probs or old means)
     keep_means: bool = False
+    #: the update needs the rollouts' trajectories and per-step log-probs (False: methods on the forward process,
+    #: :class:`~lightning_vidalign.algorithms.forward_process.ForwardProcessGRPO`, which also accept ``sde_type="ode"``)
+    rollout_log_probs: bool = True
     #: the round's fields dropped once the update is done (the largest: trajectory, latents, conditions)
     ROUND_TEMPORARIES = ("x_t", "x_next", "means", "latents", "conditions", "log_prob")
 
@@ -408,12 +411,21 @@ class GRPO(VideoAlignModule):
         generator = self.generator()
         if self.anchor is None and self.kl_type in ("moving", "dual"):
             self.refresh_anchor()
-        with self.timer("rollout"), torch.no_grad():
+        with self.timer("rollout"), torch.no_grad(), self.sampling_policy():
             conditions = self.backbone.encode_condition(batch, generator)
-            rollouts = self.generate_rollouts(batch, conditions, generator, self.rollouts_per_condition, self.sde_type, keep_trajectory=True,
-                                              eta=self.eta, sde_steps=self.sde_window, keep_means=self.keep_means, log_prob_form=self.log_prob_form)
+            rollouts = self.generate_rollouts(batch, conditions, generator, self.rollouts_per_condition, self.sde_type, **self.rollout_options())
         rollouts.group_ids = self.condition_ids(batch).to(rollouts.videos.device).repeat_interleave(self.rollouts_per_condition)
         return rollouts
+
+    def rollout_options(self) -> dict:
+        """Keyword arguments of ``backbone.rollout`` for this round's rollouts: the trajectory, per-step log-probs (and
+        means with :attr:`keep_means`) of the SDE steps ``sde_window``."""
+        return dict(keep_trajectory=True, eta=self.eta, sde_steps=self.sde_window, keep_means=self.keep_means, log_prob_form=self.log_prob_form)
+
+    def sampling_policy(self):
+        """Context in which the rollouts are drawn: the current policy (a variant that samples from another one,
+        e.g. DiffusionNFT's old policy, overrides it)."""
+        return contextlib.nullcontext()
 
     def score(self, rollouts: Rollouts, batch: dict) -> Rollouts | None:
         """Phase 2: rewards (each reward callback's score and their weighted sum), then advantages over the groups
@@ -477,10 +489,8 @@ class GRPO(VideoAlignModule):
         for j in range(n_steps):
             for c, idx in enumerate(chunks):
                 t = steps[idx, j]  # (n,) each sample's j-th trained step
-                sub = {key: v[idx] for key, v in rollouts.conditions.items()}
                 self.current_index, self.current_step = idx, t  # for per-sample round data in hooks
-                loss, metrics = self.step_loss(rollouts.x_t[idx, t], rollouts.x_next[idx, t], rollouts.log_prob[idx, t], rollouts.advantages[idx],
-                                               rollouts.sigmas[t], rollouts.sigmas[t + 1], sub, scales[t])
+                loss, metrics = self.sample_loss(rollouts, idx, t, scales)
                 loss = loss.sum() / n_terms
                 if not bool(torch.isfinite(loss)):
                     finite, loss = False, self.zero_loss()
@@ -490,6 +500,13 @@ class GRPO(VideoAlignModule):
                 for k, v in {"loss": loss.detach() * n_terms / len(idx), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
         return finite, kl
+
+    def sample_loss(self, rollouts: Rollouts, idx: Tensor, t: Tensor, scales: Tensor) -> tuple[Tensor, dict]:
+        """Per-sample loss of rollouts ``idx`` ``(n,)`` at their trained steps ``t`` ``(n,)``: :meth:`step_loss` on the
+        recorded transitions ``x_t → x_next`` (methods on the forward process override it)."""
+        sub = {key: v[idx] for key, v in rollouts.conditions.items()}
+        return self.step_loss(rollouts.x_t[idx, t], rollouts.x_next[idx, t], rollouts.log_prob[idx, t], rollouts.advantages[idx],
+                              rollouts.sigmas[t], rollouts.sigmas[t + 1], sub, scales[t])
 
     def log_round(self, rollouts: Rollouts, sums: dict[str, float], stats: dict[str, float], steps: Tensor, scales: Tensor) -> None:
         """The round's logs: the progress bar shows the mean reward, the loss and the ratio; the rest goes to the logger."""

@@ -172,3 +172,205 @@ def latent_moments(sums: Tensor, sq_sums: Tensor, count: int) -> tuple[Tensor, T
     mean = sums.double() / count
     var = (sq_sums.double() / count - mean**2).clamp_min(0)
     return mean.float(), var.sqrt().float()
+
+
+# ============================================================================ forward-process RL (NFT, AWM)
+def nft_loss(
+    velocity: Tensor,
+    old_velocity: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    sigma: Tensor,
+    advantages: Tensor,
+    beta: float = 1.0,
+    adv_clip_max: float = 5.0,
+    space: str = "x0",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT's negative-aware loss on a noised copy of the model's own sample (Zheng et al. 2025).
+
+    Implicit policies ``v⁺ = β·v_θ + (1-β)·v_old``, ``v⁻ = (1+β)·v_old - β·v_θ``; optimality
+    probability ``r = clip(0.5 + 0.5·clip(A, ±Z)/Z, 0, 1)`` with ``Z = adv_clip_max``;
+    ``L = Z·(r·ℓ⁺ + (1-r)·ℓ⁻)/β`` per sample.
+
+    ``space="x0"`` (default: NVlabs' ``train_nft_sd3.py`` and UniRL's ``diffusionnft.py``): the
+    errors are taken on ``x̂0± = x_t - s·v±`` against the sample ``x0``, each divided by its adaptive
+    weight ``w± = max(mean|x̂0± - x0|, 1e-5)`` (no gradient): ``ℓ± = mean((x̂0± - x0)²/w±)``.
+    ``space="velocity"`` (the paper's plain form): ``ℓ± = mean((v± - (ε - x0))²)`` with
+    ``ε = (x_t - (1-s)·x0)/s``, no weights.
+
+    Args:
+        velocity: ``v_θ(x_t, s)`` ``(n, ...)`` of the trained policy (with grad).
+        old_velocity: ``v_old(x_t, s)`` of the old policy (treated as a constant).
+        x_t: ``(1-s)·x0 + s·ε`` ``(n, ...)``.
+        x0: the clean samples ``(n, ...)``.
+        sigma: ``(n,)`` levels ``s`` in ``(0, 1]``.
+        advantages: ``(n,)`` (clipped here to ``±adv_clip_max``).
+        beta: ``β > 0`` (NVlabs: 1.0; 0.1 for OCR).
+        adv_clip_max: ``Z > 0`` (NVlabs: 5).
+        space: ``"x0"`` | ``"velocity"``.
+
+    Returns:
+        ``(loss (n,), {"r", "loss_pos", "loss_neg"})`` (metrics: detached means).
+
+    Raises:
+        ValueError: on mismatched shapes, ``beta <= 0``, ``adv_clip_max <= 0`` or an unknown ``space``.
+    """
+    if not (velocity.shape == old_velocity.shape == x_t.shape == x0.shape):
+        raise ValueError(f"nft_loss: velocity {tuple(velocity.shape)}, old_velocity {tuple(old_velocity.shape)}, x_t {tuple(x_t.shape)}, x0 {tuple(x0.shape)} must match")
+    _check_per_sample("nft_loss", sigma, advantages)
+    if beta <= 0 or adv_clip_max <= 0:
+        raise ValueError(f"nft_loss: beta and adv_clip_max must be > 0, got {beta}, {adv_clip_max}")
+    if space not in ("x0", "velocity"):
+        raise ValueError(f"nft_loss: space must be 'x0' or 'velocity', got {space!r}")
+    v, v_old = velocity.float(), old_velocity.float().detach()
+    a = advantages.detach().float().clamp(-adv_clip_max, adv_clip_max)
+    r = (a / adv_clip_max / 2 + 0.5).clamp(0, 1)
+    v_pos, v_neg = beta * v + (1 - beta) * v_old, (1 + beta) * v_old - beta * v
+    s = sigma.float().view(-1, *([1] * (v.dim() - 1)))
+    if space == "x0":
+        errors = [(x_t.float() - s * u) - x0.float() for u in (v_pos, v_neg)]
+        weights = [e.detach().double().abs().flatten(1).mean(1).clamp(min=1e-5).float().view_as(s) for e in errors]
+        pos, neg = ((e**2 / w).flatten(1).mean(1) for e, w in zip(errors, weights))
+    else:
+        target = (x_t.float() - x0.float()) / s  # ε - x0 = (x_t - x0)/s
+        pos, neg = (((u - target) ** 2).flatten(1).mean(1) for u in (v_pos, v_neg))
+    loss = adv_clip_max * (r * pos + (1 - r) * neg) / beta
+    with torch.no_grad():
+        metrics = {"r": r.mean(), "loss_pos": pos.mean(), "loss_neg": neg.mean()}
+    return loss, metrics
+
+
+AWM_WEIGHTINGS = ("ghuber", "uniform", "t", "t2", "huber")
+
+
+def awm_log_likelihood(mse: Tensor, sigma: Tensor, weighting: str = "ghuber", power: float = 0.25) -> Tensor:
+    """AWM's surrogate log-likelihood of a sample from its flow-matching error (scxue/advantage_weighted_matching,
+    ``train_sd3_awm.py`` ``compute_log_prob_awm``).
+
+    ``mse = mean((v_θ(x_t) - (ε - x0))²)`` per sample; ``log p = -((mse + 1e-10)^p - 1e-10^p)·s/p`` (``ghuber``,
+    the reference default with ``p = 0.25``), ``-mse`` (``uniform``), ``-mse·s`` (``t``), ``-mse·s²`` (``t2``),
+    ``-(sqrt(mse + 1e-10) - 1e-5)·s`` (``huber``).
+
+    Args:
+        mse: ``(n,)`` per-sample flow-matching errors (with grad).
+        sigma: ``(n,)`` the levels ``s = t``.
+        weighting: one of :data:`AWM_WEIGHTINGS`.
+        power: ``p`` of ``ghuber`` (> 0).
+
+    Returns:
+        ``(n,)`` fp64 (the reference computes it in float64).
+
+    Raises:
+        ValueError: on an unknown ``weighting``, ``power <= 0`` or mismatched shapes.
+    """
+    _check_per_sample("awm_log_likelihood", mse, sigma)
+    if weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"awm_log_likelihood: weighting must be one of {AWM_WEIGHTINGS}, got {weighting!r}")
+    if power <= 0:
+        raise ValueError(f"awm_log_likelihood: power must be > 0, got {power}")
+    m, t = mse.double(), sigma.double().detach()
+    if weighting == "ghuber":
+        return -((m + 1e-10) ** power - 1e-10**power) * t / power
+    if weighting == "uniform":
+        return -m
+    if weighting == "t":
+        return -m * t
+    if weighting == "t2":
+        return -m * t**2
+    return -(torch.sqrt(m + 1e-10) - 1e-5) * t
+
+
+# ============================================================================ GRPO-Guard, Flow-DPPO
+def ratio_norm_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor | float, eps: float = 1e-6) -> Tensor:
+    """GRPO-Guard's RatioNorm: the per-step log importance ratio re-centred and rescaled (Wang et al. 2025, GRPO-Guard
+    Eq. 8; TeleBoost ``teleboost/algorithms/grpo_guard.py`` ``compute_ratio_norm_bias`` and its actor).
+
+    ``log ρ̂ = (log π_θ - log π_old + mean((μ_θ - μ_old)²)/(2·(std² + eps)))·std``. With mean-reduced Gaussian
+    log-probs and ``x = μ_old + std·ε`` this is ``mean(ε·(μ_θ - μ_old))``: zero-mean at every step whatever its noise
+    scale, where the plain log-ratio's mean ``-mean(Δμ²)/(2std²)`` drifts negative at low-noise steps.
+
+    Args:
+        log_prob: ``(n,)`` mean-reduced step log-probs under the current policy (with grad).
+        old_log_prob: ``(n,)`` the same under the rollout policy.
+        mean: ``(n, ...)`` current transition means (with grad: the bias term is differentiated too, as every reference
+            form — TeleBoost, verl-omni, Flow-Factory — so ``∇ log ρ̂ = ∇ mean(ε·μ_θ)`` exactly).
+        old_mean: ``(n, ...)`` the rollout's transition means.
+        std: the step's full transition std ``σ_t·sqrt(Δ)`` (a float, ``(n,)`` or broadcastable ``(n, 1, ...)``).
+        eps: added to ``std²`` (TeleBoost: 1e-6).
+
+    Returns:
+        ``(n,)`` normalised log-ratios (``ρ̂ = exp`` of it goes into the PPO clip).
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    _check_per_sample("ratio_norm_log_ratio", log_prob, old_log_prob)
+    if mean.shape != old_mean.shape or mean.shape[0] != log_prob.shape[0]:
+        raise ValueError(f"ratio_norm_log_ratio: mean {tuple(mean.shape)} and old_mean {tuple(old_mean.shape)} must match (n={log_prob.shape[0]})")
+    scale = torch.as_tensor(std, dtype=torch.float32, device=log_prob.device).reshape(-1)
+    scale = scale.expand(log_prob.shape[0]) if scale.numel() == 1 else scale
+    bias = ((mean.float() - old_mean.float().detach()) ** 2).flatten(1).mean(1) / (2 * (scale**2 + eps))
+    return (log_prob - old_log_prob.detach() + bias) * scale
+
+
+def grpo_guard_step_weight(sigma: Tensor, sigma_next: Tensor, form: str = "flow_grpo", eta: float = 0.7, eps: float = 1e-6) -> Tensor:
+    """GRPO-Guard's per-step gradient reweighting ``δ_t`` (GRPO-Guard Eq. 12; TeleBoost ``compute_grad_reweight_delta``):
+    ``1/(Δ + eps)`` (``flow_grpo`` SDE) or ``(1 + η²(1-s)/(2s))/(Δ + eps)`` (``dance_grpo`` SDE), ``Δ = s - s'``; it
+    cancels the ``Δ`` in ``∂μ/∂θ`` so no step's gradient dominates.
+
+    Args:
+        sigma, sigma_next: ``(n,)`` levels ``s > s'``.
+        form: ``"flow_grpo"`` | ``"dance_grpo"``.
+        eta: the SDE's ``η`` (``dance_grpo`` form).
+        eps: stabiliser (TeleBoost: 1e-6; ``s`` is clamped to it too).
+
+    Returns:
+        ``(n,)`` fp32 weights.
+
+    Raises:
+        ValueError: on an unknown ``form``.
+    """
+    if form not in ("flow_grpo", "dance_grpo"):
+        raise ValueError(f"grpo_guard_step_weight: form must be 'flow_grpo' or 'dance_grpo', got {form!r}")
+    s, sn = torch.as_tensor(sigma, dtype=torch.float32), torch.as_tensor(sigma_next, dtype=torch.float32)
+    dt = s - sn
+    if form == "flow_grpo":
+        return 1.0 / (dt + eps)
+    s = s.clamp(min=eps, max=1.0)
+    return (1 + eta**2 * (1 - s) / (2 * s)) / (dt + eps)
+
+
+def dppo_masked_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor, threshold: float = 1e-5) -> tuple[Tensor, dict[str, Tensor]]:
+    """Flow-DPPO's divergence-masked policy loss (UniRL ``unirl/algorithms/flowdppo.py`` ``_flowdppo_kl_adv_loss``;
+    Flow-DPPO Eq. 14/18).
+
+    ``ρ = exp(log π_θ - log π_old)``; a sample is dropped when its step KL ``≥ threshold`` **and** the ratio moves
+    further the way its advantage pushes (``ρ > 1, A > 0`` or ``ρ < 1, A < 0``); the others keep the *unclipped*
+    ``-A·ρ``. No ratio clip.
+
+    Args:
+        log_prob, old_log_prob, advantages: ``(n,)``.
+        kl: ``(n,)`` the exact Gaussian KL between the old and current step distributions,
+            ``mean((μ_old - μ_θ)²)/(2·std²)`` (:func:`~lightning_vidalign.sampling.gaussian_kl`: mean over elements, as
+            the reference, whose threshold is calibrated to the mean).
+        threshold: ``τ`` (UniRL: 1e-5).
+
+    Returns:
+        ``(loss (n,), {"ratio", "mask_frac", "step_kl", "approx_kl"})``; ``mask_frac``: share of dropped samples.
+
+    Raises:
+        ValueError: on mismatched shapes or ``threshold < 0``.
+    """
+    _check_per_sample("dppo_masked_loss", log_prob, old_log_prob, advantages, kl)
+    if threshold < 0:
+        raise ValueError(f"dppo_masked_loss: threshold must be >= 0, got {threshold}")
+    diff = log_prob - old_log_prob.detach()
+    ratio = torch.exp(diff)
+    a = advantages.detach()
+    with torch.no_grad():
+        high = kl.detach() >= threshold
+        drop = high & (((ratio > 1) & (a > 0)) | ((ratio < 1) & (a < 0)))
+    loss = torch.where(drop, torch.zeros_like(ratio), -a * ratio)
+    with torch.no_grad():
+        metrics = {"ratio": ratio.mean(), "mask_frac": drop.float().mean(), "step_kl": kl.detach().mean(), "approx_kl": 0.5 * (diff**2).mean()}
+    return loss, metrics

@@ -421,3 +421,47 @@ def flow_schedule(num_steps: int, shift: float = 1.0, num_train_timesteps: int =
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
     sched.set_timesteps(num_steps)
     return sched.sigmas.float().clone(), sched.timesteps.float().clone()
+
+
+#: MixGRPO's window strategies (Tencent-Hunyuan/MixGRPO ``fastvideo/utils/grpo_states.py``)
+WINDOW_STRATEGIES = ("progressive", "random")
+
+
+def mix_grpo_window(iteration: int, num_steps: int, window_size: int = 4, shift_interval: int = 25, stride: int = 1,
+                    strategy: str = "progressive", generator: torch.Generator | None = None) -> list[int]:
+    """The denoising steps taken with the SDE (and trained) at a MixGRPO iteration; every other step is ODE.
+
+    Reference (Tencent-Hunyuan/MixGRPO ``GRPOTrainingStates``, ``--roll_back``): the window
+    ``[c, min(c + w, M))`` with ``M = num_steps - 2`` (the last two steps never stochastic) starts at
+    ``c = 0`` and moves by ``stride`` every ``shift_interval`` iterations, rolling back to 0 past the end:
+    ``c = (⌊iteration / shift_interval⌋ mod P)·stride``. Ours rolls back at ``c ≥ M`` (``P = ⌈M/stride⌉``) where the
+    reference rolls back at ``c > M``: its window at ``c = M`` is empty (it trains nothing that iteration and crashes
+    its Flash path). ``strategy="random"``: ``c`` uniform in ``[0, M - w]`` each iteration (drawn from ``generator``).
+
+    Args:
+        iteration: 0-based training iteration (round).
+        num_steps: denoising steps ``S >= 3``.
+        window_size: ``w >= 1`` (reference: 4).
+        shift_interval: iterations per window position ``τ >= 1`` (reference: 25).
+        stride: steps the window moves per shift (``>= 1``; reference: 1).
+        strategy: ``"progressive"`` | ``"random"``.
+        generator: CPU RNG for ``random``.
+
+    Returns:
+        The window's step indices, ascending, non-empty.
+
+    Raises:
+        ValueError: on out-of-range arguments or an unknown strategy.
+    """
+    if strategy not in WINDOW_STRATEGIES:
+        raise ValueError(f"mix_grpo_window: strategy must be one of {WINDOW_STRATEGIES}, got {strategy!r}")
+    if num_steps < 3 or window_size < 1 or shift_interval < 1 or stride < 1 or iteration < 0:
+        raise ValueError(f"mix_grpo_window: need num_steps >= 3, window_size, shift_interval, stride >= 1 and iteration >= 0, "
+                         f"got {num_steps}, {window_size}, {shift_interval}, {stride}, {iteration}")
+    last = num_steps - 2
+    if strategy == "random":
+        start = int(torch.randint(0, max(last - window_size, 0) + 1, (1,), generator=generator))
+    else:
+        positions = -(-last // stride)
+        start = ((iteration // shift_interval) % positions) * stride
+    return list(range(start, min(start + window_size, last)))

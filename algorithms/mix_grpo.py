@@ -1,0 +1,56 @@
+"""MixGRPO: mixed ODE-SDE sampling with a sliding window (Li et al. 2025, arXiv 2507.21802; DESIGN §3)."""
+from __future__ import annotations
+
+import torch
+
+from lightning_vidalign.algorithms.grpo import GRPO
+from lightning_vidalign.rollouts import Rollouts
+from lightning_vidalign.sampling import WINDOW_STRATEGIES, mix_grpo_window
+
+
+class MixGRPO(GRPO):
+    """GRPO whose rollouts are stochastic, and trained, only inside a window of denoising steps; ODE elsewhere.
+
+    At round ``i`` the window is :func:`~lightning_vidalign.sampling.mix_grpo_window`: ``w = window_size`` steps from
+    ``c = (⌊i/τ⌋ mod P)·stride`` (``τ = shift_interval``), the last two steps never in it. Every window step is trained
+    (``timestep_fraction = 1``), so a round trains ``w`` steps instead of DanceGRPO's/Flow-GRPO's share of all ``S``;
+    the steps outside the window are deterministic (no log-prob, nothing to train). ``sde_type`` default
+    ``flow_grpo`` with ``η = 0.7`` (the reference's ``--flow_grpo_sampling``).
+
+    Reference: Tencent-Hunyuan/MixGRPO ``fastvideo/train_grpo_flux.py`` and ``fastvideo/utils/grpo_states.py``
+    (``progressive`` with ``--roll_back``, ``random``), matched but for the roll-back point (see
+    :func:`~lightning_vidalign.sampling.mix_grpo_window`). Not implemented: MixGRPO-Flash (DPM-Solver++ 2nd order on a
+    compressed schedule after the window), the ``decay``/``exp_decay`` shift intervals, ``--init_same_noise``.
+
+    Args:
+        window_size: ``w`` (reference: 4).
+        shift_interval: rounds per window position ``τ`` (reference: 25).
+        window_stride: steps per shift (reference: 1).
+        window_strategy: ``"progressive"`` | ``"random"`` (a position drawn per round from the run's seed and the round).
+        **kwargs: :class:`GRPO` arguments; ``sde_window`` is set by the schedule and must not be given.
+
+    Raises:
+        ValueError: on an unknown strategy, ``sde_window`` given, or a schedule too short for a window.
+    """
+
+    def __init__(self, *args, sde_type: str = "flow_grpo", timestep_fraction: float = 1.0, window_size: int = 4, shift_interval: int = 25,
+                 window_stride: int = 1, window_strategy: str = "progressive", **kwargs):
+        if kwargs.get("sde_window") is not None:
+            raise ValueError("MixGRPO: sde_window is set by the sliding window each round; give window_size/shift_interval/window_stride instead")
+        super().__init__(*args, sde_type=sde_type, timestep_fraction=timestep_fraction, **kwargs)
+        if window_strategy not in WINDOW_STRATEGIES:
+            raise ValueError(f"MixGRPO: window_strategy must be one of {WINDOW_STRATEGIES}, got {window_strategy!r}")
+        self.window_size, self.shift_interval, self.window_stride, self.window_strategy = window_size, shift_interval, window_stride, window_strategy
+        self.window(0)  # validates the settings against the schedule
+
+    def window(self, iteration: int) -> list[int]:
+        """The SDE (and trained) steps of round ``iteration`` (0-based)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        return mix_grpo_window(iteration, self.num_inference_steps, self.window_size, self.shift_interval, self.window_stride,
+                               self.window_strategy, generator)
+
+    def generate(self, batch: dict) -> Rollouts:
+        """The round's window (from the rounds done: resumes to the same window), then GRPO's rollouts with it."""
+        self.sde_window = self.window(self.batches_seen - 1)  # batches_seen counts this round already
+        self.log_dict({"mix/window_start": float(self.sde_window[0]), "mix/window_size": float(len(self.sde_window))}, batch_size=1)
+        return super().generate(batch)
