@@ -2,7 +2,7 @@
 adapter weights and logged metrics. Run by tests/test_distributed.py as
 ``python strategy_job.py STRATEGY ALGORITHM OUT_DIR`` with STRATEGY ``ddp | fsdp2 | fsdp2_bf16 | fsdp2_ac`` (``_ac``: FSDP2 with
 the backbone's activation checkpointing) and
-ALGORITHM ``sft | shift | grpo | grpo_experts | dpo | bpgo``.
+ALGORITHM ``sft | shift | grpo | grpo_experts | dpo | bpgo | diffusion_nft | awm | mix_grpo | grpo_guard | flow_dppo``.
 
 The GRPO and BPGO jobs are compared across strategies (FSDP2 vs DDP) over several rounds, so their reward
 must be smooth in the video: after the first update the two adapters differ by fp32 reduction order
@@ -61,6 +61,15 @@ if __name__ == "__main__":
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
         module = BPGO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=3,
                       rollouts_per_condition=2, prior_rollouts=1, val_num_videos=0, crt_shift=2.0)  # raw flicker in [-1, 0]: shift >= p_max - 2 r_min
+        callbacks.append(FlickerReward(name="smooth", kind="raw"))
+    elif algo in ("diffusion_nft", "awm", "mix_grpo", "grpo_guard", "flow_dppo"):  # the issue-34 methods, GRPO's job settings
+        from lightning_vidalign.algorithms import AWM, DiffusionNFT, FlowDPPO, GRPOGuard, MixGRPO
+
+        dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
+        cls, extra = {"diffusion_nft": (DiffusionNFT, {}), "awm": (AWM, {"num_train_levels": 2}), "mix_grpo": (MixGRPO, {"window_size": 2, "shift_interval": 1}),
+                      "grpo_guard": (GRPOGuard, {}), "flow_dppo": (FlowDPPO, {})}[algo]
+        module = cls(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=4, guidance=2.0,
+                     rollouts_per_condition=2, minibatches_per_round=2, val_num_videos=0, **extra)
         callbacks.append(FlickerReward(name="smooth", kind="raw"))
     elif algo == "grpo_experts":  # Wan 2.2 A14B-style two experts; each rank's samples train different steps (per_sample)
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)

@@ -137,6 +137,15 @@ def test_dpo_and_bpgo_under_fsdp2_match_ddp(tmp_path, algo):
     _assert_same_adapters(fsdp, ddp)
 
 
+@pytest.mark.parametrize("algo", ["diffusion_nft", "awm", "mix_grpo", "grpo_guard", "flow_dppo"])
+def test_new_methods_under_fsdp2_match_ddp(tmp_path, algo):
+    """The issue-34 methods, 3 rounds of 2 optimizer steps on 2 processes: ranks identical under each strategy, and FSDP2's
+    adapters equal DDP's up to fp32 reduction order (DiffusionNFT and AWM also load the old policy's adapters into the
+    sharded model for their extra forwards)."""
+    fsdp, ddp = _strategy_run(tmp_path, "fsdp2", algo), _strategy_run(tmp_path, "ddp", algo)
+    _assert_same_adapters(fsdp, ddp)
+
+
 @pytest.mark.slow  # ~65 s on 2 shared cores
 def test_two_expert_grpo_under_fsdp2_matches_ddp(tmp_path):
     """Wan 2.2 A14B-style two experts under FSDP2: each rank's rollouts train their own random steps, so the

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_vidalign.algorithms import BPGO, GRPO, SFT, RewardPretrain, SelfPacedGRPO, ViPO
+from lightning_vidalign.algorithms import AWM, BPGO, GRPO, SFT, DiffusionNFT, FlowDPPO, GRPOGuard, MixGRPO, RewardPretrain, SelfPacedGRPO, ViPO
 from lightning_vidalign.backbones import SVDBackbone, WanBackbone
 from lightning_vidalign.datamodules import VideoClipDataModule
 from lightning_vidalign.preemption import PreemptionCheckpoint
@@ -35,11 +35,17 @@ def _setup(name):
         "bpgo": lambda: BPGO(backbone=backbone, prior_rollouts=1, crt_shift=20.0, **WAN),
         "vipo": lambda: ViPO(backbone=backbone, log_map_every=0, **WAN),
         "self_paced": lambda: SelfPacedGRPO(backbone=backbone, components=["flicker", "motion"], tau=[-0.03, -0.7], **WAN),
+        # issue 34: the old policy's adapters (NFT, AWM) and the window's position (MixGRPO) come back from the checkpoint
+        "diffusion_nft": lambda: DiffusionNFT(backbone=backbone, **{**WAN, "sde_type": "ode"}),
+        "awm": lambda: AWM(backbone=backbone, num_train_levels=2, **{**WAN, "sde_type": "ode"}),
+        "mix_grpo": lambda: MixGRPO(backbone=backbone, window_size=2, shift_interval=1, **{**WAN, "sde_type": "flow_grpo"}),
+        "grpo_guard": lambda: GRPOGuard(backbone=backbone, **{**WAN, "sde_type": "flow_grpo"}),
+        "flow_dppo": lambda: FlowDPPO(backbone=backbone, **WAN),
     }[name]()
     return module, dm, rewards
 
 
-@pytest.mark.parametrize("name", ["sft", "reward_pretrain", "grpo_min_norm", "bpgo", "vipo", "self_paced"])
+@pytest.mark.parametrize("name", ["sft", "reward_pretrain", "grpo_min_norm", "bpgo", "vipo", "self_paced", "diffusion_nft", "awm", "mix_grpo", "grpo_guard", "flow_dppo"])
 def test_resume_is_bitwise_identical(tmp_path, name):
     preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "ck"), requeue="never")
 
