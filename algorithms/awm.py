@@ -1,4 +1,4 @@
-"""AWM: Advantage Weighted Matching (Xue et al. 2025; scxue/advantage_weighted_matching; DESIGN §3)."""
+"""AWM: Advantage Weighted Matching (Xue et al. 2025; scxue/advantage_weighted_matching)."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """DiffusionNFT: online RL on the forward process with implicit positive and negative policies (Zheng et al. 2025,
-"DiffusionNFT: Online Diffusion Reinforcement with Forward Process"; DESIGN §3)."""
+"DiffusionNFT: Online Diffusion Reinforcement with Forward Process")."""
 from __future__ import annotations
 
 from torch import Tensor

@@ -1,4 +1,4 @@
-"""Flow-DPPO: divergence-masked policy optimization for flow models (UniRL ``unirl/algorithms/flowdppo.py``; DESIGN §3)."""
+"""Flow-DPPO: divergence-masked policy optimization for flow models (UniRL ``unirl/algorithms/flowdppo.py``)."""
 from __future__ import annotations
 
 from torch import Tensor

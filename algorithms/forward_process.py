@@ -1,4 +1,4 @@
-"""Policy optimization on the forward process: what DiffusionNFT and AWM share (DESIGN §3).
+"""Policy optimization on the forward process: what DiffusionNFT and AWM share.
 
 Likelihood-free methods train on noised copies of the model's own clean samples, ``x_s = (1-s)·x0 + s·ε``, with a
 flow-matching style loss weighted by the rollouts' advantages — no trajectory, no per-step log-probs, any sampler

@@ -1,4 +1,4 @@
-"""GRPO-Guard: regulated clipping for flow-matching GRPO (Wang et al. 2025, arXiv 2510.22319; DESIGN §3)."""
+"""GRPO-Guard: regulated clipping for flow-matching GRPO (Wang et al. 2025, arXiv 2510.22319)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""MixGRPO: mixed ODE-SDE sampling with a sliding window (Li et al. 2025, arXiv 2507.21802; DESIGN §3)."""
+"""MixGRPO: mixed ODE-SDE sampling with a sliding window (Li et al. 2025, arXiv 2507.21802)."""
 from __future__ import annotations
 
 import torch

@@ -442,14 +442,16 @@ def claim_table(name: str, claim: dict, results: list[dict]) -> str:
 
     metric = claim.get("metric", "heldout/reward")
     also = claim.get("also", [])  # more held-out series: "step 0 → final" (means over seeds)
+    rollouts = claim.get("rollouts")  # the variants' common rollout budget: adds the change per 1,000 rollouts
+    per_k = " change per 1,000 rollouts |" if rollouts else ""
     lines = [f"**{claim['title']}** ({claim.get('source', '')}; compared: `{metric}`; seeds {', '.join(map(str, claim['seeds']))})", "",
-             "| variant | seeds | step 0 | final (mean ± sd over seeds) | change | z per seed (total reward) | drift from base | KL (last 5) | min/run |"
+             f"| variant | seeds | step 0 | final (mean ± sd over seeds) | change |{per_k} z per seed (total reward) | drift from base | KL (last 5) | min/run |"
              + "".join(f" `{m}` step 0 → final |" for m in also),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(also)]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (len(also) + bool(rollouts))]
     for v in claim["variants"]:
         rs = sorted((r for r in results if r["variant"] == v["name"]), key=lambda r: r["seed"])
         if not rs:
-            lines.append(f"| {v['name']} | – | not run | | | | | | |" + " |" * len(also))
+            lines.append(f"| {v['name']} | – | not run | | | | | | |" + " |" * (len(also) + bool(rollouts)))
             continue
         extra = ""
         for m in also:
@@ -461,7 +463,7 @@ def claim_table(name: str, claim: dict, results: list[dict]) -> str:
         change = statistics.mean(e[1] - e[0] for e in ends)
         lines.append(
             f"| {v['name']} | {len(rs)} | {fmt(statistics.mean(e[0] for e in ends))} | {fmt(statistics.mean(finals))} ± {fmt(sd)} "
-            f"| {change:+.4f} | {' / '.join(fmt(r['improvement_z'], 1) for r in rs)} | {fmt(statistics.mean(r['drift_from_base'] for r in rs), 4)} "
+            f"| {change:+.4f} |{f' {change * 1000 / rollouts:+.4f} |' if rollouts else ''} {' / '.join(fmt(r['improvement_z'], 1) for r in rs)} | {fmt(statistics.mean(r['drift_from_base'] for r in rs), 4)} "
             f"| {fmt(statistics.mean(r['kl_last5_mean'] for r in rs), 5) if rs[0]['kl_tag'] else '–'} | {fmt(statistics.mean(r['minutes'] for r in rs), 1)} |" + extra)
     return "\n".join(lines)
 
