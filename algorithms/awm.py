@@ -44,7 +44,8 @@ class AWM(ForwardProcessGRPO):
         **kwargs: :class:`~lightning_vidalign.algorithms.forward_process.ForwardProcessGRPO` / :class:`GRPO` arguments.
 
     Raises:
-        ValueError: on an unknown ``weighting`` or ``num_train_levels < 1``.
+        ValueError: on an unknown ``weighting``, ``num_train_levels < 1`` or more levels than the schedule's bins
+            (``num_train_levels <= int(0.9·num_inference_steps) - 1``).
     """
 
     def __init__(self, *args, weighting: str = "ghuber", power: float = 0.25, num_train_levels: int = 6, kl_coef: float = 0.001,
@@ -52,6 +53,9 @@ class AWM(ForwardProcessGRPO):
         super().__init__(*args, kl_coef=kl_coef, old_policy_decay=old_policy_decay, **kwargs)
         if weighting not in AWM_WEIGHTINGS or num_train_levels < 1:
             raise ValueError(f"AWM: weighting must be one of {AWM_WEIGHTINGS} and num_train_levels >= 1, got {weighting!r}, {num_train_levels}")
+        if num_train_levels > int(0.9 * self.num_inference_steps) - 1:
+            raise ValueError(f"AWM: num_train_levels={num_train_levels} needs num_inference_steps >= {int((num_train_levels + 1) / 0.9) + 1} "
+                             f"(the levels are drawn from the indices 1..int(0.9·S) = 1..{int(0.9 * self.num_inference_steps)}, one per bin), got {self.num_inference_steps}")
         self.weighting, self.power, self.num_train_levels, self.ema_kl_coef = weighting, power, num_train_levels, ema_kl_coef
         self.uses_old_velocity = ema_kl_coef > 0
 

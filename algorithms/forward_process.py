@@ -42,7 +42,8 @@ class ForwardProcessGRPO(GRPO):
     - Update: per minibatch, for each of the ``k`` trained levels of each rollout (:meth:`train_steps`, indices into the
       sampling schedule), fresh ``ε`` from the round's generator, ``x_s = (1-s)·x0 + s·ε`` over the generated frames,
       the velocities ``v_θ`` (with grad), ``v_old`` (old policy, :attr:`uses_old_velocity`) and ``v_ref`` (adapters off,
-      when ``kl_coef > 0``), all conditional (no CFG in training, as both references); the loss per sample is
+      when ``kl_coef > 0``), each with the module's ``guidance`` (UniRL's form: the trained policy is the sampled one;
+      at ``guidance: 1``, the recipes' and NVlabs'/scxue's setting, conditional only: CFG-free); the loss per sample is
       :meth:`forward_loss` ``+ kl_coef·mean((v_θ - v_ref)²)`` (NVlabs ``train.beta``, AWM ``beta``).
     - Old policy: the adapters' copy :attr:`anchor`, set to the current policy at the first round and soft-updated after
       every round, ``θ_old ← d·θ_old + (1-d)·θ`` with ``d`` = :func:`old_policy_decay` of the optimizer steps
@@ -55,10 +56,15 @@ class ForwardProcessGRPO(GRPO):
         old_policy_decay: ``(flat, uprate, uphold)`` of the soft update.
         kl_coef: weight of the velocity KL to the base model (``kl_type`` must stay ``"none"``).
         **kwargs: :class:`GRPO` arguments (``rollouts_per_condition``, ``timestep_fraction``, ``minibatches_per_round``,
-            ``advantage_clip``, ``train_batch_size``, ...; ``clip_range`` and the SDE log-prob options are unused).
+            ``advantage_clip``, ``train_batch_size``, ...; ``clip_range``, ``timestep_selection`` and the SDE log-prob
+            options are unused).
+
+    Each chunk of ``train_batch_size`` samples draws its noise from the round's generator in turn: deterministic (resume,
+    DDP and FSDP2 agree), but a different ``train_batch_size`` draws other noise.
 
     Raises:
-        ValueError: on an unknown ``advantage_std`` or a ``kl_type`` other than ``"none"``.
+        ValueError: on an unknown ``advantage_std``, a ``kl_type`` other than ``"none"``, or GRPO settings that act on the
+            SDE-likelihood loss only (``sde_window``, ``kl_controller``, ``equalizer``, ``reward_combination="min_norm"``).
     """
 
     rollout_log_probs = False
@@ -72,6 +78,11 @@ class ForwardProcessGRPO(GRPO):
             raise ValueError(f"{type(self).__name__}: advantage_std must be 'global' or 'group', got {advantage_std!r}")
         if self.kl_type != "none":
             raise ValueError(f"{type(self).__name__}: kl_type must be 'none' (the KL to the base model is the velocity term of kl_coef), got {self.kl_type!r}")
+        ignored = {"sde_window": self.sde_window is not None, "kl_controller": self.kl_controller is not None, "equalizer": self.equalizer,
+                   "reward_combination=min_norm": self.reward_combination != "sum"}
+        if any(ignored.values()):
+            raise ValueError(f"{type(self).__name__}: {[k for k, v in ignored.items() if v]} act on the SDE-likelihood loss of GRPO, "
+                             "which a forward-process method does not use: leave them at their defaults")
         self.advantage_std, self.sample_with_old_policy = advantage_std, sample_with_old_policy
         self.old_policy_decay = tuple(old_policy_decay)
         _check_decay(self.old_policy_decay)
@@ -113,11 +124,11 @@ class ForwardProcessGRPO(GRPO):
         with torch.no_grad():  # the other policies' forwards first: loading θ_old writes the adapters in place
             if self.uses_old_velocity:
                 with self.anchor_weights():
-                    old_velocity = self.backbone.guided_velocity(x_t, sigma, cond, 1.0).float()
+                    old_velocity = self.backbone.guided_velocity(x_t, sigma, cond, self.guidance).float()
             if self.kl_coef > 0:
                 with self.backbone.adapters_disabled():
-                    ref_velocity = self.backbone.guided_velocity(x_t, sigma, cond, 1.0).float()
-        velocity = self.backbone.guided_velocity(x_t, sigma, cond, 1.0).float()
+                    ref_velocity = self.backbone.guided_velocity(x_t, sigma, cond, self.guidance).float()
+        velocity = self.backbone.guided_velocity(x_t, sigma, cond, self.guidance).float()
         loss, metrics = self.forward_loss(velocity, old_velocity, x0, x_t, noise, sigma, rollouts.advantages[idx])
         if ref_velocity is not None:
             kl = ((velocity - ref_velocity) ** 2).flatten(1).mean(1)

@@ -318,9 +318,12 @@ class GRPO(VideoAlignModule):
         parameters train) failed here with "got mixed torch.Tensor and DTensor"."""
         from torch.distributed.fsdp import FSDPModule
 
-        for module in self.backbone.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        def reshard():
+            for module in self.backbone.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+        reshard()
         params = dict(self.backbone.named_parameters())
         current = {k: params[k].detach().clone() for k in self.anchor}
         with torch.no_grad():
@@ -329,6 +332,7 @@ class GRPO(VideoAlignModule):
         try:
             yield
         finally:
+            reshard()  # else the root keeps the anchor's all-gathered values for the next (current-policy) forward
             with torch.no_grad():
                 for k, v in current.items():
                     params[k].copy_(v)
@@ -566,11 +570,32 @@ class GRPO(VideoAlignModule):
         return out
 
     # ----------------------------------------------------------- checkpoint
+    def _place_like_parameters(self, weights: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """Saved full adapter weights onto this rank's parameters' devices (a checkpoint's tensors load on the device
+        they were saved from) and, under FSDP2, sharded as them (``distribute_tensor`` with their mesh and placements)."""
+        if weights is None:
+            return None
+        params = dict(self.backbone.named_parameters())
+        out = {}
+        for k, v in weights.items():
+            p = params.get(k)
+            if p is None:
+                out[k] = v
+            elif hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                out[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+            else:
+                out[k] = v.to(p.device)
+        return out
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["grpo"] = {
             "updates": self.updates,
-            "anchor": self.anchor,
+            # full tensors: under FSDP2 the anchor holds this rank's shards (DTensors) and the file is rank 0's
+            # (full_tensor is collective: this hook runs on every rank)
+            "anchor": None if self.anchor is None else {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.anchor.items()},
             "kl_controller": self.kl_controller.state_dict() if self.kl_controller is not None else None,
         }
 
@@ -579,6 +604,6 @@ class GRPO(VideoAlignModule):
         state = checkpoint.get("grpo")
         if state is None:
             return
-        self.updates, self.anchor = int(state["updates"]), state["anchor"]
+        self.updates, self.anchor = int(state["updates"]), self._place_like_parameters(state["anchor"])
         if self.kl_controller is not None and state["kl_controller"] is not None:
             self.kl_controller.load_state_dict(state["kl_controller"])

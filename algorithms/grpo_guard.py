@@ -34,13 +34,17 @@ class GRPOGuard(GRPO):
         **kwargs: :class:`GRPO` arguments (``sde_type`` default ``flow_grpo``, ``clip_range`` 1e-4).
 
     Raises:
-        ValueError: for ``grad_reweight="auto"`` with an SDE other than ``flow_grpo``/``dance_grpo``, or an unknown form.
+        ValueError: for ``grad_reweight="auto"`` with an SDE other than ``flow_grpo``/``dance_grpo``, an unknown form,
+            RatioNorm on CPS's non-Gaussian reference log-prob, or a min-norm joint reward combined per loss.
     """
 
     keep_means = True  # the rollout's transition means μ_old
 
     def __init__(self, *args, ratio_norm: bool = True, grad_reweight: str | None = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        if self.reward_combination == "min_norm" and self.joint_combination == "loss":
+            raise ValueError("GRPOGuard: a min-norm joint reward combined per loss (joint_combination='loss') needs GRPO's own policy_loss; "
+                             "use joint_combination: advantage")
         if grad_reweight == "auto":
             if self.sde_type not in ("flow_grpo", "dance_grpo"):
                 raise ValueError(f"GRPOGuard: grad_reweight='auto' has a form for the flow_grpo and dance_grpo SDEs only, got sde_type={self.sde_type!r}; "
@@ -48,6 +52,8 @@ class GRPOGuard(GRPO):
             grad_reweight = self.sde_type
         if grad_reweight not in (None, "flow_grpo", "dance_grpo"):
             raise ValueError(f"GRPOGuard: grad_reweight must be 'auto', 'flow_grpo', 'dance_grpo' or null, got {grad_reweight!r}")
+        if ratio_norm and self.sde_type == "cps" and self.log_prob_form == "reference":
+            raise ValueError("GRPOGuard: RatioNorm assumes Gaussian step log-probs; with sde_type cps set log_prob_form: gaussian")
         self.ratio_norm, self.grad_reweight = ratio_norm, grad_reweight
 
     def policy_loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, x_next: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, dict]:

@@ -146,6 +146,22 @@ def test_new_methods_under_fsdp2_match_ddp(tmp_path, algo):
     _assert_same_adapters(fsdp, ddp)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_old_policy_resumes_on_every_rank(tmp_path, strategy):
+    """DiffusionNFT's old policy (sampled with, soft-updated, checkpointed) resumed on 2 ranks: adapters and old policy
+    bitwise those of an uninterrupted run on both ranks. Under FSDP2 each rank holds shards of it; a checkpoint of the
+    shards (rank 0's file) restored rank 0's shards on rank 1 as well, silently (review finding, issue 34)."""
+    _run("old_policy_resume_job.py", strategy, tmp_path, "full", cwd=tmp_path)
+    _run("old_policy_resume_job.py", strategy, tmp_path, "first", cwd=tmp_path)
+    _run("old_policy_resume_job.py", strategy, tmp_path, "resume", tmp_path / "ck" / "last.ckpt", cwd=tmp_path)
+    for rank in (0, 1):
+        a, b = torch.load(tmp_path / f"full_rank{rank}.pt"), torch.load(tmp_path / f"resume_rank{rank}.pt")
+        assert a["batches"] == b["batches"] == 4
+        for part in ("lora", "anchor"):
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), (rank, part)
+        assert any(not torch.equal(a["lora"][k], a["anchor"][k]) for k in a["lora"] if "lora_B" in k)  # the two differ
+
+
 @pytest.mark.slow  # ~65 s on 2 shared cores
 def test_two_expert_grpo_under_fsdp2_matches_ddp(tmp_path):
     """Wan 2.2 A14B-style two experts under FSDP2: each rank's rollouts train their own random steps, so the
