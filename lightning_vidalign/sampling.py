@@ -465,3 +465,72 @@ def mix_grpo_window(iteration: int, num_steps: int, window_size: int = 4, shift_
         positions = -(-last // stride)
         start = ((iteration // shift_interval) % positions) * stride
     return list(range(start, min(start + window_size, last)))
+
+
+def dpm_solver_pp_step(sample: Tensor, x0: Tensor, sigma: float, sigma_next: float, prev_x0: Tensor | None = None,
+                       prev_sigma: float | None = None) -> Tensor:
+    """One deterministic DPM-Solver++ step on a flow-matching path ``x_s = (1-s)·x0 + s·ε`` (``α = 1 - s``,
+    ``λ = log(α/s)``): 2nd-order multistep (``2M``, midpoint) with the previous step's data prediction, else (no
+    history, or the last step to ``s' = 0``: ``lower_order_final``) 1st order.
+
+    ``h = λ' - λ``; 1st order: ``x' = (s'/s)·x - α'·(e^{-h} - 1)·x̂0``; 2nd order with ``r = (λ - λ_prev)/h``,
+    ``D1 = (x̂0 - x̂0_prev)/r``: ``x' = (s'/s)·x - α'·(e^{-h} - 1)·x̂0 - ½·α'·(e^{-h} - 1)·D1``
+    (MixGRPO-Flash ``fastvideo/utils/sampling_utils.py`` ``dpm_step``; diffusers' ``DPMSolverMultistepScheduler`` with
+    ``prediction_type="flow_prediction"``, ``algorithm_type="dpmsolver++"``, ``solver_order=2``, the oracle of its test).
+
+    Args:
+        sample: ``x`` at level ``sigma``.
+        x0: the data prediction ``x̂0 = x - s·v`` at ``sigma``.
+        sigma: ``s`` in ``(0, 1)`` (``s = 1`` has ``λ = -∞``: take an Euler step there).
+        sigma_next: ``s'`` in ``[0, s)``.
+        prev_x0, prev_sigma: the previous step's data prediction and level (2nd order), or None.
+
+    Returns:
+        ``x'`` (fp32), shaped like ``sample``.
+
+    Raises:
+        ValueError: on levels outside ``0 <= s' < s < 1``.
+    """
+    if not 0 <= sigma_next < sigma < 1:
+        raise ValueError(f"dpm_solver_pp_step: need 0 <= sigma_next < sigma < 1, got {sigma}, {sigma_next}")
+    x, d0 = sample.float(), x0.float()
+    if sigma_next == 0:
+        return d0  # e^{-h} = 0, α' = 1: the data prediction itself
+    lam, lam_next = math.log((1 - sigma) / sigma), math.log((1 - sigma_next) / sigma_next)
+    h = lam_next - lam
+    alpha_next = 1 - sigma_next
+    out = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d0
+    if prev_x0 is not None and prev_sigma is not None and prev_sigma < 1:
+        r = (lam - math.log((1 - prev_sigma) / prev_sigma)) / h
+        out = out - 0.5 * alpha_next * math.expm1(-h) * (d0 - prev_x0.float()) / r
+    return out
+
+
+def compressed_schedule(sigmas: Tensor, last_window_step: int, ratio: float, shift: float) -> Tensor:
+    """MixGRPO-Flash's schedule: the steps up to the window's last one unchanged, the rest compressed to
+    ``P - 1`` steps, ``P = int((S - l)·ratio)`` levels (at least 2) from ``sigmas[l+1]`` to 0 equally spaced before the
+    shift ``s = k·u/(1 + (k-1)·u)`` (MixGRPO ``sampling_utils.py``, the ``post`` DPM path: 25 steps, window 0..3,
+    ratio 0.4 give 4 + 7 = 11 steps).
+
+    Args:
+        sigmas: the family's ``(S+1,)`` schedule, from 1 to 0.
+        last_window_step: ``l``, the last stochastic step.
+        ratio: compression (MixGRPO-Flash: 0.4; 0.2 for its fastest script).
+        shift: the family's flow shift ``k``.
+
+    Returns:
+        ``(l + 1 + P,)`` levels (``l + P`` steps).
+
+    Raises:
+        ValueError: on ``ratio`` outside ``(0, 1]`` or a window that ends the schedule.
+    """
+    n = len(sigmas) - 1
+    if not 0 < ratio <= 1 or not 0 <= last_window_step < n - 1:
+        raise ValueError(f"compressed_schedule: need 0 < ratio <= 1 and a window ending before the last step, got {ratio}, {last_window_step} of {n}")
+    start = float(sigmas[last_window_step + 1])
+    u0 = start / (shift - (shift - 1) * start)  # the unshifted level
+    points = max(int((n - last_window_step) * ratio), 2)
+    u = torch.linspace(u0, 0, points)
+    post = shift * u / (1 + (shift - 1) * u)
+    post[0] = start
+    return torch.cat([sigmas[: last_window_step + 1].float(), post.float()])

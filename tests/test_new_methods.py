@@ -110,3 +110,18 @@ def test_guard_and_dppo_read_the_rollouts_means_and_are_on_policy_at_the_first_m
         assert m["train/step_kl"].item() < 1e-10 and m["train/mask_frac"].item() == 0.0
     else:
         assert m["train/ratio_raw"].item() == pytest.approx(1.0, abs=1e-5) and m["train/step_weight"].item() > 1
+
+
+def test_mix_grpo_flash_compresses_the_steps_after_the_window(tmp_path):
+    """MixGRPO-Flash: the rollouts' schedule keeps the steps up to the window's end and compresses the rest (8 steps,
+    window [0, 1], ratio 0.5: int(6·0.5) = 3 levels after it, 2 steps: 4 network calls instead of 8), trained steps
+    inside the window."""
+    module = MixGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), window_size=2, shift_interval=5, flash_ratio=0.5, **{**WAN, "num_inference_steps": 8})
+    record = _Record()
+    _fit(module, 1, [record], tmp_path)
+    r = record.rounds[0]
+    assert r["window"] == [0, 1] and r["log_prob"].shape[1] == 4 and  # 4 steps recorded: 2 in the window, 2 compressed
+            set(r["steps"].flatten().tolist()) <= {0, 1}
+    assert bool((r["log_prob"][:, 2:] == 0).all()) and bool((r["log_prob"][:, :2] != 0).all())
+    with pytest.raises(ValueError, match="flash_ratio"):
+        MixGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), flash_ratio=1.5, **WAN)

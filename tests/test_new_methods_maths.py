@@ -16,7 +16,7 @@ from lightning_vidalign.algorithms.losses import (
     ppo_clip_loss,
     ratio_norm_log_ratio,
 )
-from lightning_vidalign.sampling import gaussian_kl, mix_grpo_window, sde_step_with_logprob
+from lightning_vidalign.sampling import dpm_solver_pp_step, gaussian_kl, mix_grpo_window, sde_step_with_logprob
 
 
 # ------------------------------------------------------------------------------------------------ DiffusionNFT
@@ -268,3 +268,40 @@ def test_global_std_advantages_and_old_policy_decay_hand_values():
     assert [old_policy_decay(s) for s in (0, 100, 2000)] == [0.0, pytest.approx(0.1), 0.5]
     assert old_policy_decay(80, flat=75, uprate=0.0075, uphold=0.999) == pytest.approx(5 * 0.0075)
     assert old_policy_decay(10, flat=75, uprate=0.0075, uphold=0.999) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ MixGRPO-Flash
+def test_dpm_solver_pp_steps_match_diffusers_dpm_solver_multistep_on_a_flow_path():
+    """Oracle: diffusers' DPMSolverMultistepScheduler (flow_prediction, dpmsolver++, order 2, midpoint) on its own
+    schedule, with a fixed velocity field; our step from the same state, data prediction and history, at every step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+                                        final_sigmas_type="zero")
+    sched.set_timesteps(8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    prev = (None, None)
+    for i, t in enumerate(sched.timesteps):
+        s, s_next = float(sched.sigmas[i]), float(sched.sigmas[i + 1])
+        v = a * (1 + s) - 0.3 * x  # a velocity field depending on the state and the level
+        ref = sched.step(v, t, x).prev_sample
+        x0 = x - s * v
+        if s < 1:
+            ours = dpm_solver_pp_step(x, x0, s, s_next, *prev)
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+        prev, x = (x0, s), ref
+
+
+def test_compressed_schedule_hand_case_and_flash_rollout_calls_the_network_fewer_times():
+    from lightning_vidalign.sampling import compressed_schedule, flow_schedule
+
+    sigmas, _ = flow_schedule(25, shift=3.0)
+    short = compressed_schedule(sigmas, 3, 0.4, 3.0)
+    assert len(short) - 1 == 4 + 7 and torch.equal(short[:5], sigmas[:5].float()) and short[-1] == 0  # the reference's 11 calls
+    u = float(sigmas[4]) / (3 - 2 * float(sigmas[4]))
+    torch.testing.assert_close(short[5], torch.tensor(3 * (u * 6 / 7) / (1 + 2 * (u * 6 / 7))))  # 8 levels: u·(1 - 1/7) next
+    with pytest.raises(ValueError, match="ratio"):
+        compressed_schedule(sigmas, 3, 0.0, 3.0)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_vidalign.backbones.base import VideoBackbone
-from lightning_vidalign.sampling import SDE_TYPES, Trajectory, flow_schedule, sde_step_with_logprob
+from lightning_vidalign.sampling import SDE_TYPES, Trajectory, compressed_schedule, dpm_solver_pp_step, flow_schedule, sde_step_with_logprob
 
 
 class FlowMatchingBackbone(VideoBackbone):
@@ -126,6 +126,7 @@ class FlowMatchingBackbone(VideoBackbone):
         sde_steps: list[int] | None = None,
         keep_means: bool = False,
         log_prob_form: str = "reference",
+        flash_ratio: float | None = None,
     ) -> Trajectory:
         """Sample on the family's schedule (:meth:`schedule`) with an SDE type per step.
 
@@ -148,6 +149,10 @@ class FlowMatchingBackbone(VideoBackbone):
             keep_means: record the per-step transition means and stds in ``extras``.
             log_prob_form: form of the recorded log-probs (``reference`` | ``gaussian``, see
                 :func:`~lightning_vidalign.sampling.step_log_density`).
+            flash_ratio: MixGRPO-Flash (needs ``sde_steps``): the steps after the last of ``sde_steps`` on a compressed
+                schedule (:func:`~lightning_vidalign.sampling.compressed_schedule`) with the deterministic 2nd-order
+                DPM-Solver++ (:func:`~lightning_vidalign.sampling.dpm_solver_pp_step`, the data predictions of every
+                earlier step as its history); the trajectory's ``sigmas`` are the compressed schedule.
 
         Returns:
             :class:`Trajectory` with full-clip ``latents (B, T', C, h, w)``.
@@ -157,6 +162,12 @@ class FlowMatchingBackbone(VideoBackbone):
         text = cond["prompt_embeds"]
         device, b = text.device, text.shape[0]
         sigmas, _ = self.schedule(num_steps)
+        last_window = None
+        if flash_ratio is not None:
+            if not sde_steps:
+                raise ValueError(f"{type(self).__name__}.rollout: flash_ratio needs the stochastic window sde_steps")
+            last_window = max(sde_steps)
+            sigmas = compressed_schedule(sigmas, last_window, flash_ratio, float(getattr(self, "flow_shift", 1.0)))
         t_lat = self.latent_frames(num_frames)
         shape = (b, self.latent_channels, t_lat, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
         if latents is None:
@@ -165,11 +176,19 @@ class FlowMatchingBackbone(VideoBackbone):
             x = latents.float().to(device)
         x = self.generated_part(x)
         xs, xn, lps, means, stds = [], [], [], [], []
-        for i in range(num_steps):
+        prev = (None, None)  # the previous step's data prediction and level (DPM-Solver++ history)
+        for i in range(len(sigmas) - 1):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             v = self.guided_velocity(x, torch.full((b,), s, device=device), cond, guidance, sigma_next=torch.full((b,), s_next, device=device))
-            kind = sampler if sde_steps is None or i in sde_steps else "ode"
-            x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
+            if last_window is not None and i > last_window:  # MixGRPO-Flash: deterministic 2nd order after the window
+                x0 = x.float() - s * v.float()
+                x_next = dpm_solver_pp_step(x, x0, s, s_next, *prev)
+                mean, std, lp, prev = x_next, 0.0, None, (x0, s)
+            else:
+                kind = sampler if sde_steps is None or i in sde_steps else "ode"
+                x_next, mean, std, lp = sde_step_with_logprob(v, x, s, s_next, kind, eta, generator=generator, log_prob_form=log_prob_form)
+                if last_window is not None:
+                    prev = (x.float() - s * v.float(), s)
             if keep_means:
                 means.append(mean)
                 stds.append(float(torch.as_tensor(std).max()))
