@@ -120,8 +120,8 @@ def test_mix_grpo_flash_compresses_the_steps_after_the_window(tmp_path):
     record = _Record()
     _fit(module, 1, [record], tmp_path)
     r = record.rounds[0]
-    assert r["window"] == [0, 1] and r["log_prob"].shape[1] == 4 and  # 4 steps recorded: 2 in the window, 2 compressed
-            set(r["steps"].flatten().tolist()) <= {0, 1}
+    assert r["window"] == [0, 1] and r["log_prob"].shape[1] == 4  # 4 steps recorded: 2 in the window, 2 compressed
+    assert set(r["steps"].flatten().tolist()) <= {0, 1}
     assert bool((r["log_prob"][:, 2:] == 0).all()) and bool((r["log_prob"][:, :2] != 0).all())
     with pytest.raises(ValueError, match="flash_ratio"):
         MixGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), flash_ratio=1.5, **WAN)
