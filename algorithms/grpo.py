@@ -80,6 +80,11 @@ class GRPO(VideoAlignModule):
             :func:`~lightning_vidalign.sampling.step_log_density` (differs for ``cps`` only).
         kl_form: ``"reference"`` | ``"exact"``: the KL normaliser, see
             :func:`~lightning_vidalign.sampling.kl_std` (differs for ``flow_grpo`` only).
+        ratio_stats: log, per denoising step, the importance log-ratio ``log ρ = log π_θ - log π_old`` of the round's
+            off-policy minibatches (every one after the first): ``ratio/step<t>/abs_log`` (mean ``|log ρ|``),
+            ``ratio/step<t>/mean_log`` and ``ratio/step<t>/clip_frac`` (share with ``|ρ - 1| > clip_range``). A
+            diagnostic of how far each step's policy moves within a round (the over-optimisation GRPO-Guard and
+            Flow-DPPO target); the training is unchanged.
         clip_range: PPO ``ε`` (Flow-GRPO: 1e-4).
         advantage_clip: ``|A|`` bound (DESIGN: 5).
         advantage_eps: std stabiliser ``ε`` of the advantage.
@@ -141,6 +146,7 @@ class GRPO(VideoAlignModule):
         joint_combination: str = "loss",
         log_prob_form: str = "reference",
         kl_form: str = "reference",
+        ratio_stats: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -182,6 +188,9 @@ class GRPO(VideoAlignModule):
             raise ValueError(f"GRPO: reward_combination must be 'sum' or 'min_norm', got {reward_combination!r}")
         self.reward_combination, self.joint_combination = reward_combination, joint_combination
         self.log_prob_form, self.kl_form = log_prob_form, kl_form
+        self.ratio_stats = ratio_stats
+        self._step_log_ratios: dict[int, list[float]] = {}  # (ratio_stats) this round's off-policy log-ratios per step
+        self._minibatch = 0  # index of the minibatch being accumulated in the round
         #: joint reward combined per loss: ``(c (K,), A (K, B·G))`` of this rank's rollouts, else None
         self.round_joint: tuple[Tensor, Tensor] | None = None
         self.optimizer_steps_per_batch = minibatches_per_round  # trainer.max_steps counts rounds
@@ -381,6 +390,9 @@ class GRPO(VideoAlignModule):
             ref["moving"] = self.reference_mean(x_t, s, s_next, cond, "moving")
         v = self.backbone.guided_velocity(x_t, s.to(x_t.device), cond, self.guidance, sigma_next=s_next.to(x_t.device))
         _, mean, std, log_prob = sde_step_with_logprob(v, x_t, s, s_next, self.sde_type, self.eta, prev_sample=x_next, log_prob_form=self.log_prob_form)
+        if self.ratio_stats and self._minibatch > 0:
+            for t, d in zip(self.current_step.tolist(), (log_prob - old_log_prob).detach().float().cpu().tolist()):
+                self._step_log_ratios.setdefault(int(t), []).append(d)
         policy, metrics = self.policy_loss(log_prob, old_log_prob, advantages, x_next, mean, std)
         if ref:
             ref_std = kl_std(_as_level(s, x_t), _as_level(s_next, x_t), self.sde_type, self.eta, self.kl_form)
@@ -464,7 +476,7 @@ class GRPO(VideoAlignModule):
         sums: dict[str, float] = {}
         stats: dict[str, float] = {}
         with self.timer("update"):
-            for minibatch in minibatches:
+            for self._minibatch, minibatch in enumerate(minibatches):
                 finite, kl = self.minibatch_step(rollouts, minibatch, steps, scales, sums)
                 if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
                     self.optimizers().zero_grad(set_to_none=True)
@@ -528,6 +540,11 @@ class GRPO(VideoAlignModule):
             "train/optimizer_steps": float(self.updates),
             "train/equalizer_max_over_min": float(scales[trained].max() / scales[trained].min().clamp(min=1e-12)),
         }
+        for t, values in sorted(self._step_log_ratios.items()):
+            d = torch.tensor(values, dtype=torch.float64)
+            logs.update({f"ratio/step{t}/abs_log": float(d.abs().mean()), f"ratio/step{t}/mean_log": float(d.mean()),
+                         f"ratio/step{t}/clip_frac": float(((d.exp() - 1).abs() > self.clip_range).double().mean())})
+        self._step_log_ratios = {}
         on_bar = ("reward/total/mean", "train/loss", "train/ratio")
         self.log_dict({k: v for k, v in logs.items() if k in on_bar}, prog_bar=True, batch_size=len(rollouts))
         self.log_dict({k: v for k, v in logs.items() if k not in on_bar}, prog_bar=False, batch_size=len(rollouts))

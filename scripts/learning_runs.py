@@ -152,6 +152,8 @@ def summarize(run_dir: str, minutes: float, criterion: str = "heldout/reward") -
         "curve_kl": sc[kl_tag] if kl_tag else [],
         # every held-out series (reward components, metrics) as a curve, for the claims' comparisons
         "curves": {tag: curve(sc, tag) for tag in sc if tag.startswith("heldout/") and tag != "heldout/batches_seen"},
+        # GRPO's ratio_stats: each step's off-policy log-ratio statistics, averaged over the run's rounds
+        "ratio_steps": {tag: sum(v for _, v in sc[tag]) / len(sc[tag]) for tag in sc if tag.startswith("ratio/step") and sc[tag]},
     }
 
 
@@ -465,7 +467,29 @@ def claim_table(name: str, claim: dict, results: list[dict]) -> str:
             f"| {v['name']} | {len(rs)} | {fmt(statistics.mean(e[0] for e in ends))} | {fmt(statistics.mean(finals))} ± {fmt(sd)} "
             f"| {change:+.4f} |{f' {change * 1000 / rollouts:+.4f} |' if rollouts else ''} {' / '.join(fmt(r['improvement_z'], 1) for r in rs)} | {fmt(statistics.mean(r['drift_from_base'] for r in rs), 4)} "
             f"| {fmt(statistics.mean(r['kl_last5_mean'] for r in rs), 5) if rs[0]['kl_tag'] else '–'} | {fmt(statistics.mean(r['minutes'] for r in rs), 1)} |" + extra)
+    if claim.get("ratio_steps"):
+        lines += ["", ratio_steps_table(claim, results)]
     return "\n".join(lines)
+
+
+def ratio_steps_table(claim: dict, results: list[dict]) -> str:
+    """Markdown: per variant and denoising step, the off-policy ``mean |log ρ|`` and the share of ratios beyond the clip
+    range (GRPO's ``ratio_stats``), averaged over rounds and seeds; "–" where a run logged none."""
+    import statistics
+
+    steps = sorted({int(k.split("/")[1][4:]) for r in results for k in r.get("ratio_steps", {})})
+    head = ["", "*Per denoising step (0 = highest noise): off-policy mean |log ρ| / share with |ρ − 1| > clip range, "
+            "averaged over rounds and seeds (the minibatches after the first of each round).*", "",
+            "| variant |" + "".join(f" step {t} |" for t in steps), "| --- |" + " --- |" * len(steps)]
+    for v in claim["variants"]:
+        rs = [r for r in results if r["variant"] == v["name"]]
+        cells = []
+        for t in steps:
+            a = [r["ratio_steps"][f"ratio/step{t}/abs_log"] for r in rs if f"ratio/step{t}/abs_log" in r.get("ratio_steps", {})]
+            c = [r["ratio_steps"][f"ratio/step{t}/clip_frac"] for r in rs if f"ratio/step{t}/clip_frac" in r.get("ratio_steps", {})]
+            cells.append(f" {statistics.mean(a):.2e} / {statistics.mean(c):.2f} |" if a else " – |")
+        head.append(f"| {v['name']} |" + "".join(cells))
+    return "\n".join(head[1:])
 
 
 def _text_width(fig, text: str, fontsize: float) -> float:

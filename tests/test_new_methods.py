@@ -125,3 +125,17 @@ def test_mix_grpo_flash_compresses_the_steps_after_the_window(tmp_path):
     assert bool((r["log_prob"][:, 2:] == 0).all()) and bool((r["log_prob"][:, :2] != 0).all())
     with pytest.raises(ValueError, match="flash_ratio"):
         MixGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), flash_ratio=1.5, **WAN)
+
+
+def test_ratio_stats_log_each_trained_steps_off_policy_ratio(tmp_path):
+    """GRPO's ratio_stats (the Guard/DPPO claim's diagnostic): per trained step, the log-ratio of the minibatches after
+    the first; the first minibatch (on-policy) is left out, so one minibatch per round logs nothing."""
+    module = GRPOGuard(backbone=WanBackbone(lora_rank=4, lora_alpha=4), sde_type="flow_grpo", ratio_stats=True, **WAN)
+    m = _fit(module, 1, root=tmp_path).callback_metrics
+    steps = sorted({k.split("/")[1] for k in m if k.startswith("ratio/step")})
+    assert steps and all(0 <= int(s[4:]) < 6 for s in steps)
+    for s in steps:
+        assert 0 < m[f"ratio/{s}/abs_log"].item() < 1 and 0 <= m[f"ratio/{s}/clip_frac"].item() <= 1
+    one = _fit(GRPOGuard(backbone=WanBackbone(lora_rank=4, lora_alpha=4), sde_type="flow_grpo", ratio_stats=True,
+                         **{**WAN, "minibatches_per_round": 1}), 1, root=tmp_path / "one").callback_metrics
+    assert not any(k.startswith("ratio/") for k in one)
