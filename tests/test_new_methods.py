@@ -139,3 +139,18 @@ def test_ratio_stats_log_each_trained_steps_off_policy_ratio(tmp_path):
     one = _fit(GRPOGuard(backbone=WanBackbone(lora_rank=4, lora_alpha=4), sde_type="flow_grpo", ratio_stats=True,
                          **{**WAN, "minibatches_per_round": 1}), 1, root=tmp_path / "one").callback_metrics
     assert not any(k.startswith("ratio/") for k in one)
+
+
+def test_reward_fragments_replace_the_recipes_reward_with_their_own_settings(tmp_path, monkeypatch):
+    """The claims' reward fragments, launched after a recipe: the recipe's reward is gone and the fragment's has its own
+    settings (jsonargparse keeps an earlier item's init_args for an item of the same class: SHIFT's darkness, a
+    LuminanceReward with scale -10, survived a fragment that named only ``name: luminance``)."""
+    from lightning_vidalign.cli import VidAlignCLI
+
+    monkeypatch.chdir(tmp_path)
+    for recipe, fragment, expected in [("shift", "luminance_reward_callbacks", ("LuminanceReward", "luminance", 10.0)),
+                                       ("flow_grpo", "compressibility_reward_callbacks", ("CompressibilityReward", "compressibility", None))]:
+        cli = VidAlignCLI(args=["--config", os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml"),
+                                "--config", os.path.join(ROOT, "configs", "experiments", f"{fragment}.yaml")], run=False)
+        rewards = [(type(c).__name__, c.name, getattr(c, "scale", None)) for c in cli.trainer.callbacks if "Reward" in type(c).__name__]
+        assert rewards == [expected], (recipe, rewards)
