@@ -137,7 +137,10 @@ def test_dpo_and_bpgo_under_fsdp2_match_ddp(tmp_path, algo):
     _assert_same_adapters(fsdp, ddp)
 
 
-@pytest.mark.parametrize("algo", ["diffusion_nft", "awm", "mix_grpo", "grpo_guard", "flow_dppo"])
+# DiffusionNFT (the forward-process update and the old policy's extra forwards on the sharded model) and Flow-DPPO (the
+# rollout means) in the default run; AWM (the same base as DiffusionNFT), MixGRPO and GRPO-Guard (GRPO's path with a
+# window / another loss) under -m slow (~1 min each on 2 shared cores)
+@pytest.mark.parametrize("algo", ["diffusion_nft", "flow_dppo", *(pytest.param(a, marks=pytest.mark.slow) for a in ("awm", "mix_grpo", "grpo_guard"))])
 def test_new_methods_under_fsdp2_match_ddp(tmp_path, algo):
     """The issue-34 methods, 3 rounds of 2 optimizer steps on 2 processes: ranks identical under each strategy, and FSDP2's
     adapters equal DDP's up to fp32 reduction order (DiffusionNFT and AWM also load the old policy's adapters into the
@@ -146,7 +149,7 @@ def test_new_methods_under_fsdp2_match_ddp(tmp_path, algo):
     _assert_same_adapters(fsdp, ddp)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])  # (ddp on CPU: one device, no shards)
 def test_old_policy_resumes_on_every_rank(tmp_path, strategy):
     """DiffusionNFT's old policy (sampled with, soft-updated, checkpointed) resumed on 2 ranks: adapters and old policy
     bitwise those of an uninterrupted run on both ranks. Under FSDP2 each rank holds shards of it; a checkpoint of the
