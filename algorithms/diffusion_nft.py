@@ -30,7 +30,7 @@ class DiffusionNFT(ForwardProcessGRPO):
     more, every later minibatch's loss holds ``v_θ`` to the round's ``v_old`` (at ``r = 0.5`` its gradient in ``v_θ`` is
     ``2·Z·β·s·(v_θ - v_old)/w`` per element: the implicit policies' trust region) and under Adam
     undoes much of the step before it — measured on the recipe: 2 steps per round +0.022 to +0.033 held-out
-    luminance in 20 rounds, 1 step +0.20 to +0.24 (seeds 0–2).
+    luminance in 20 rounds, 1 step +0.19 to +0.24 (seeds 0–2).
 
     Args:
         beta: ``β > 0``, the strength of the implicit policies (NVlabs: 1.0; 0.1 for OCR).
