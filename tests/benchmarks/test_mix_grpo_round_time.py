@@ -2,7 +2,7 @@
 training in a 3-step window of 8), MixGRPO-Flash (the same, steps after the window compressed and taken with
 DPM-Solver++ 2M, ratio 0.4), Flow-GRPO and DanceGRPO (half of the 8 steps trained) — built from
 ``configs/recipes/<name>.yaml`` as ``vidalign fit`` builds them (held-out evaluation off), one after the other and
-interleaved, 2 rounds each, 2 repeats; the rollout and update phases from the module's stage timer.
+interleaved, 3 rounds each, 3 repeats; the rollout and update phases from the module's stage timer.
 
 Run: ``python -m pytest -m bench tests/benchmarks/test_mix_grpo_round_time.py -s`` (alone on the machine). Writes
 ``runs/bench/mix_grpo_round_time.json``. The held-out reward at equal rounds is the claims table's
@@ -33,7 +33,7 @@ def _build(recipe, args):
 
 def test_mix_grpo_round_time_against_flow_grpo_and_dance_grpo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rounds, repeats = 2, 2
+    rounds, repeats = 3, 3
     timed_fit(*_build("flow_grpo", []), 1, callbacks=[LuminanceReward()])  # warm-up
     samples = {name: [] for name in VARIANTS}
     for _ in range(repeats):
