@@ -286,8 +286,10 @@ def run_one(recipe: str, seed: int, out: str, extra: list[str], run_dir: str | N
     max_steps = configured_max_steps(run_dir)
     done = read_scalars(run_dir).get("heldout/batches_seen", [])
     if max_steps and (not done or done[-1][1] < max_steps):
-        cmd = cmd[cmd.index(vidalign):]
-        val = [vidalign, "validate", *cmd[2:cmd.index("--seed_everything")], "--trainer.default_root_dir", run_dir, "--ckpt_path", "last"]
+        # with the variant's own arguments (its reward fragment): without them a claim variant's last evaluation scored
+        # the recipe's reward (seen: a compressibility run's final held-out "reward" was its luminance)
+        val = [vidalign, "validate", "--config", os.path.join(ROOT, "configs", "recipes", f"{recipe}.yaml"), *extra,
+               "--trainer.default_root_dir", run_dir, "--ckpt_path", "last"]
         with open(os.path.join(run_dir, "console.log"), "a") as log:
             if subprocess.call(val, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env) != 0:
                 raise RuntimeError(f"{recipe} seed {seed}: the final held-out evaluation failed; see {os.path.join(run_dir, 'console.log')}")

@@ -111,3 +111,20 @@ def test_differences_from_kept_to_the_last_digit_and_the_compare_command(tmp_pat
     json.dump(off, open(run / "result.json", "w"))
     assert learning_runs.main(["--compare-kept", "--out", str(tmp_path / "out"), "--report", str(tmp_path / "report")]) == 1
     assert "DIFFERS in ['curves/heldout/reward']" in capsys.readouterr().out
+
+
+def test_a_variants_final_evaluation_after_a_stop_keeps_its_arguments(tmp_path, monkeypatch):
+    """A run stopped during its last held-out evaluation is evaluated again from its last checkpoint by ``vidalign
+    validate``: with the variant's own arguments (its reward fragment). Without them a compressibility variant's final
+    "reward" was the recipe's luminance (issue 34, seen)."""
+    calls = []
+    monkeypatch.setattr(learning_runs.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    monkeypatch.setattr(learning_runs, "configured_max_steps", lambda run_dir: 20)
+    monkeypatch.setattr(learning_runs, "read_scalars", lambda run_dir: {"heldout/batches_seen": [(15, 15.0)]})
+    monkeypatch.setattr(learning_runs, "summarize", lambda run_dir, minutes, criterion: {"improvement": 0.0})
+    extra = ["--config", "configs/experiments/compressibility_reward_callbacks.yaml", "--trainer.max_steps", "100"]
+    learning_runs.run_one("flow_grpo", 0, str(tmp_path), extra, run_dir=str(tmp_path / "run"))
+    fit, validate = calls
+    assert fit[1] == "fit" and validate[1] == "validate"
+    assert validate[2:4] == ["--config", os.path.join(ROOT, "configs", "recipes", "flow_grpo.yaml")] and validate[4:4 + len(extra)] == extra
+    assert validate[-2:] == ["--ckpt_path", "last"]
