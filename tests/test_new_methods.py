@@ -154,3 +154,24 @@ def test_reward_fragments_replace_the_recipes_reward_with_their_own_settings(tmp
                                 "--config", os.path.join(ROOT, "configs", "experiments", f"{fragment}.yaml")], run=False)
         rewards = [(type(c).__name__, c.name, getattr(c, "scale", None)) for c in cli.trainer.callbacks if "Reward" in type(c).__name__]
         assert rewards == [expected], (recipe, rewards)
+
+
+def test_imr_real_side_from_its_own_data_resumes_to_the_same_clips(tmp_path):
+    """The adversarial IMR reward with ``real_data`` (the 8 fps clips while the method trains on 16 fps ones): each
+    discriminator step draws the next batch of its own loader; a reward restored from a checkpoint's state draws what the
+    uninterrupted one draws next."""
+    from lightning_vidalign.rewards import IMRReward
+
+    def data():
+        return VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=os.path.join(ROOT, "configs/data/skvideo_captions.jsonl"))
+
+    fallback = torch.zeros(2, 9, 3, 64, 64)
+    full = IMRReward(real_data=data())
+    draws = [full.real_clips(fallback) for _ in range(3)]
+    assert all(d.shape == (2, 9, 3, 64, 64) and not torch.equal(d, fallback) for d in draws) and not torch.equal(draws[0], draws[1])
+    first = IMRReward(real_data=data())
+    first.real_clips(fallback), first.real_clips(fallback)
+    resumed = IMRReward(real_data=data())
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.real_drawn == 2 and torch.equal(resumed.real_clips(fallback), draws[2])
+    assert torch.equal(IMRReward().real_clips(fallback), fallback)  # without real_data: the training batch's clips

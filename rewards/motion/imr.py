@@ -97,6 +97,12 @@ class AdversarialDiscriminatorReward(RewardCallback):
             holding this callback's state) to start from; a missing file raises ``FileNotFoundError``.
         save_to: write the discriminator here at the end of ``fit`` (for reward pretraining).
         seed: initialisation seed.
+        real_data: a data module whose training clips are the discriminator's real side instead of the training batch's
+            (``outputs["real"]``): e.g. the same sources at the base's frame rate while the method trains on other data
+            (SHIFT Table 1: the real side is ordinary moving clips, the fine-tuning data motion-poor). Its loader is
+            cycled in its own order (epoch 0's order each pass), the same clips on every rank; the number of batches
+            drawn is checkpointed and a resumed run skips as many, so it draws the same clips as an uninterrupted one.
+            Our choice: SHIFT's code is not public.
     """
 
     def __init__(
@@ -113,8 +119,10 @@ class AdversarialDiscriminatorReward(RewardCallback):
         pretrained: str | None = None,
         save_to: str | None = None,
         seed: int = 0,
+        real_data: L.LightningDataModule | None = None,
     ):
         super().__init__(name=name, weight=weight)
+        self.real_data, self.real_drawn, self._real_iter = real_data, 0, None
         if r_min >= r_max:
             raise ValueError(f"r_min ({r_min}) must be < r_max ({r_max})")
         self.r_min, self.r_max = r_min, r_max
@@ -156,6 +164,7 @@ class AdversarialDiscriminatorReward(RewardCallback):
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "num_updates": self.num_updates,
+            "real_drawn": self.real_drawn,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -164,6 +173,7 @@ class AdversarialDiscriminatorReward(RewardCallback):
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         self.num_updates = int(state.get("num_updates", 0))
+        self.real_drawn, self._real_iter = int(state.get("real_drawn", 0)), None  # (the next draw skips as many)
         self.to(self.device)
 
     def save_pretrained(self, path: str) -> None:
@@ -270,10 +280,31 @@ class AdversarialDiscriminatorReward(RewardCallback):
         for be, b in zip(self.ema.buffers(), self.disc.buffers()):
             be.copy_(b)
 
+    def real_clips(self, fallback: Tensor | None) -> Tensor | None:
+        """The discriminator's real side for this step: the next batch of ``real_data`` (cycled; after a resume the
+        first draw skips the batches drawn before it), else ``fallback`` (the training batch's clips)."""
+        if self.real_data is None:
+            return fallback
+
+        def cycle():
+            while True:
+                yield from self.real_data.train_dataloader()
+
+        if self._real_iter is None:
+            self.real_data.setup("fit")
+            self._real_iter = cycle()
+            for _ in range(self.real_drawn):
+                next(self._real_iter)
+        self.real_drawn += 1
+        return next(self._real_iter)["video"]
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if not self.adversarial or not isinstance(outputs, dict) or outputs.get("fake") is None or outputs.get("real") is None:
+        if not self.adversarial or not isinstance(outputs, dict) or outputs.get("fake") is None:
             return
-        metrics = self.discriminator_step(outputs["real"], outputs["fake"])
+        real = self.real_clips(outputs.get("real"))
+        if real is None:
+            return
+        metrics = self.discriminator_step(real, outputs["fake"])
         pl_module.log_dict({f"reward/{self.name}/disc_{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
