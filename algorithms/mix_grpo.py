@@ -62,5 +62,7 @@ class MixGRPO(GRPO):
     def generate(self, batch: dict) -> Rollouts:
         """The round's window (from the rounds done: resumes to the same window), then GRPO's rollouts with it."""
         self.sde_window = self.window(self.batches_seen - 1)  # batches_seen counts this round already
-        self.log_dict({"mix/window_start": float(self.sde_window[0]), "mix/window_size": float(len(self.sde_window))}, batch_size=1)
-        return super().generate(batch)
+        rollouts = super().generate(batch)
+        self.log_dict({"mix/window_start": float(self.sde_window[0]), "mix/window_size": float(len(self.sde_window)),
+                       "mix/steps": float(len(rollouts.sigmas) - 1)}, batch_size=1)  # (Flash: fewer)
+        return rollouts

@@ -128,3 +128,16 @@ def test_a_variants_final_evaluation_after_a_stop_keeps_its_arguments(tmp_path, 
     assert fit[1] == "fit" and validate[1] == "validate"
     assert validate[2:4] == ["--config", os.path.join(ROOT, "configs", "recipes", "flow_grpo.yaml")] and validate[4:4 + len(extra)] == extra
     assert validate[-2:] == ["--ckpt_path", "last"]
+
+
+def test_claims_md_covers_every_claim_when_some_are_run(tmp_path, monkeypatch):
+    """``--claims a`` trains claim a and still writes every claim's table (the others from finished and kept runs): a
+    run of one claim had left docs/claims.md with that claim alone (issue 34, seen)."""
+    claims = {n: {"title": f"claim {n}", "seeds": [0], "variants": [{"name": "v", "recipe": "flow_grpo", "args": ["--trainer.max_steps", "1"]}]}
+              for n in ("a", "b")}
+    monkeypatch.setattr(learning_runs, "load_claims", lambda: claims)
+    trained = []
+    monkeypatch.setattr(learning_runs, "run_claim", lambda name, claim, out, report, run=True, collect=None: trained.append((name, run)) or [])
+    learning_runs.claims_report(["a"], str(tmp_path / "out"), str(tmp_path), run=True)
+    text = (tmp_path / "claims.md").read_text()
+    assert "**claim a**" in text and "**claim b**" in text and trained == [("a", True), ("b", False)]

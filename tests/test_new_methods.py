@@ -118,8 +118,9 @@ def test_mix_grpo_flash_compresses_the_steps_after_the_window(tmp_path):
     inside the window."""
     module = MixGRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), window_size=2, shift_interval=5, flash_ratio=0.5, **{**WAN, "num_inference_steps": 8})
     record = _Record()
-    _fit(module, 1, [record], tmp_path)
+    metrics = _fit(module, 1, [record], tmp_path).callback_metrics
     r = record.rounds[0]
+    assert metrics["mix/steps"].item() == 4 and metrics["mix/window_size"].item() == 2
     assert r["window"] == [0, 1] and r["log_prob"].shape[1] == 4  # 4 steps recorded: 2 in the window, 2 compressed
     assert set(r["steps"].flatten().tolist()) <= {0, 1}
     assert bool((r["log_prob"][:, 2:] == 0).all()) and bool((r["log_prob"][:, :2] != 0).all())
