@@ -68,8 +68,13 @@ if __name__ == "__main__":
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
         cls, extra = {"diffusion_nft": (DiffusionNFT, {}), "awm": (AWM, {"num_train_levels": 2}), "mix_grpo": (MixGRPO, {"window_size": 2, "shift_interval": 1}),
                       "grpo_guard": (GRPOGuard, {}), "flow_dppo": (FlowDPPO, {})}[algo]
-        module = cls(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=opt, sampler="ode", num_inference_steps=4, guidance=2.0 if algo not in ("diffusion_nft", "awm") else 1.0,
-                     rollouts_per_condition=2, minibatches_per_round=2, val_num_videos=0, **extra)
+        forward = algo in ("diffusion_nft", "awm")
+        # the forward-process losses' gradients are small differences of large terms (NFT's implicit policies at
+        # r ~ 0.5): as for DPO, SGD keeps the comparison linear in the gradients (Adam turned fp32 rounding into
+        # lr-sized updates: 1.8e-4 apart with AdamW, seen); one optimizer step per round, as DiffusionNFT's recipe
+        module = cls(backbone=WanBackbone(lora_rank=4, lora_alpha=4), optimizer=(lambda p: torch.optim.SGD(p, lr=0.5)) if forward else opt, sampler="ode",
+                     num_inference_steps=4, guidance=1.0 if forward else 2.0, rollouts_per_condition=2, minibatches_per_round=1 if forward else 2,
+                     val_num_videos=0, **extra)
         callbacks.append(FlickerReward(name="smooth", kind="raw"))
     elif algo == "grpo_experts":  # Wan 2.2 A14B-style two experts; each rank's samples train different steps (per_sample)
         dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, shot_detector="histogram", captions=CAPTIONS)
