@@ -37,9 +37,6 @@ class FlowDPPO(GRPO):
 
     def __init__(self, *args, kl_mask_threshold: float = 1e-5, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.reward_combination == "min_norm" and self.joint_combination == "loss":
-            raise ValueError("FlowDPPO: a min-norm joint reward combined per loss (joint_combination='loss') needs GRPO's own policy_loss; "
-                             "use joint_combination: advantage")
         if kl_mask_threshold < 0:
             raise ValueError(f"FlowDPPO: kl_mask_threshold must be >= 0, got {kl_mask_threshold}")
         self.kl_mask_threshold = kl_mask_threshold

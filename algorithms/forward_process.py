@@ -13,7 +13,6 @@ import contextlib
 import torch
 from torch import Tensor
 
-from lightning_vidalign.algorithms.advantages import grpo_advantages
 from lightning_vidalign.algorithms.grpo import GRPO
 from lightning_vidalign.rollouts import Rollouts
 
@@ -95,12 +94,6 @@ class ForwardProcessGRPO(GRPO):
         if self.anchor is None:
             self.refresh_anchor()  # θ_old = θ at the first round
         return self.anchor_weights() if self.sample_with_old_policy else contextlib.nullcontext()
-
-    def compute_advantages(self, everyone: Rollouts, batch: dict) -> Tensor:
-        adv, zero_frac = grpo_advantages(everyone.rewards, everyone.group_ids, self.advantage_eps, self.advantage_clip,
-                                         global_std=self.advantage_std == "global")
-        self.log("train/zero_std_groups", zero_frac, batch_size=everyone.rewards.numel())
-        return adv
 
     def update(self, rollouts: Rollouts) -> dict:
         """GRPO's update on the forward process, then the old policy's soft update."""

@@ -117,7 +117,9 @@ class GRPO(VideoAlignModule):
 
     Raises:
         ValueError: on an unknown ``sde_type``/``kl_type``, a deterministic ``sde_type``, a
-            backbone that is not flow matching, or a non-zero ``kl_coef`` beside a ``kl_controller``.
+            backbone that is not flow matching, a non-zero ``kl_coef`` beside a ``kl_controller``, or a min-norm joint
+            reward combined per loss (``joint_combination="loss"``) in a variant that overrides :meth:`policy_loss`
+            (ViPO, GRPO-Guard, Flow-DPPO: their losses take one advantage).
     """
 
     def __init__(
@@ -187,6 +189,11 @@ class GRPO(VideoAlignModule):
         if reward_combination not in ("sum", "min_norm"):
             raise ValueError(f"GRPO: reward_combination must be 'sum' or 'min_norm', got {reward_combination!r}")
         self.reward_combination, self.joint_combination = reward_combination, joint_combination
+        if reward_combination == "min_norm" and joint_combination == "loss" and type(self).policy_loss is not GRPO.policy_loss:
+            raise ValueError(f"{type(self).__name__}: its policy_loss does not combine the per-reward losses of a min-norm joint reward "
+                             "(GRPO's own policy_loss does): use joint_combination: advantage")
+        #: ``"group"`` (each group's std, GRPO) or ``"global"`` (the std of all the round's rewards): see :meth:`group_advantages`
+        self.advantage_std = "group"
         self.log_prob_form, self.kl_form = log_prob_form, kl_form
         self.ratio_stats = ratio_stats
         self._step_log_ratios: dict[int, list[float]] = {}  # (ratio_stats) this round's off-policy log-ratios per step
@@ -221,9 +228,10 @@ class GRPO(VideoAlignModule):
         """Group-normalised advantages of the summed reward, or, with ``reward_combination="min_norm"``
         and several reward callbacks, ``Σ_i c_i·A_i`` over the per-reward advantages with the min-norm
         weights ``c`` (TeleBoost §3.5, :func:`min_norm_weights`; logged as ``joint/c_<name>``).
+        The std is the group's, or with :attr:`advantage_std` ``"global"`` that of all the rewards.
         Logs the fraction of zero-variance groups of the summed reward. ``components``: each reward's
         ``(N_all,)`` scores (the round's, gathered)."""
-        adv, zero_frac = grpo_advantages(rewards, group_ids, self.advantage_eps, self.advantage_clip)
+        adv, zero_frac = grpo_advantages(rewards, group_ids, self.advantage_eps, self.advantage_clip, global_std=self.advantage_std == "global")
         self.log("train/zero_std_groups", zero_frac, batch_size=rewards.numel())
         components = components or {}
         if self.reward_combination != "min_norm" or len(components) < 2:

@@ -42,9 +42,6 @@ class GRPOGuard(GRPO):
 
     def __init__(self, *args, ratio_norm: bool = True, grad_reweight: str | None = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        if self.reward_combination == "min_norm" and self.joint_combination == "loss":
-            raise ValueError("GRPOGuard: a min-norm joint reward combined per loss (joint_combination='loss') needs GRPO's own policy_loss; "
-                             "use joint_combination: advantage")
         if grad_reweight == "auto":
             if self.sde_type not in ("flow_grpo", "dance_grpo"):
                 raise ValueError(f"GRPOGuard: grad_reweight='auto' has a form for the flow_grpo and dance_grpo SDEs only, got sde_type={self.sde_type!r}; "

@@ -150,8 +150,6 @@ class ViPO(GRPO):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if self.reward_combination == "min_norm" and self.joint_combination == "loss":
-            raise ValueError("ViPO: its dense policy loss does not combine per-reward losses; use joint_combination='advantage'")
         if ratio_mode not in ("weighted", "per_position"):
             raise ValueError(f"ViPO: ratio_mode must be 'weighted' or 'per_position', got {ratio_mode!r}")
         self.perceptual_backbone = perceptual_backbone if perceptual_backbone is not None else TransNetV2Features()

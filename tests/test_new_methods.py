@@ -176,3 +176,16 @@ def test_imr_real_side_from_its_own_data_resumes_to_the_same_clips(tmp_path):
     resumed.load_state_dict(first.state_dict())
     assert resumed.real_drawn == 2 and torch.equal(resumed.real_clips(fallback), draws[2])
     assert torch.equal(IMRReward().real_clips(fallback), fallback)  # without real_data: the training batch's clips
+
+
+def test_a_per_loss_joint_reward_is_refused_by_every_variant_with_its_own_policy_loss():
+    """GRPO combines a min-norm joint reward per loss in its own ``policy_loss``; a variant that overrides it (ViPO,
+    GRPO-Guard, Flow-DPPO) is refused that combination by GRPO itself, and accepts it combined in advantage space."""
+    from lightning_vidalign.algorithms import GRPO, ViPO
+
+    joint = dict(reward_combination="min_norm", joint_combination="loss")
+    GRPO(backbone=WanBackbone(lora_rank=4, lora_alpha=4), **joint, **WAN)
+    for cls in (ViPO, GRPOGuard, FlowDPPO):
+        with pytest.raises(ValueError, match="joint_combination: advantage"):
+            cls(backbone=WanBackbone(lora_rank=4, lora_alpha=4), **{**WAN, "sde_type": "flow_grpo"}, **joint)
+        cls(backbone=WanBackbone(lora_rank=4, lora_alpha=4), **{**WAN, "sde_type": "flow_grpo"}, reward_combination="min_norm", joint_combination="advantage")
