@@ -345,14 +345,23 @@ def refuse_zoo_config_first(argv: list[str]) -> None:
 
 
 def close_process_group() -> None:
-    """Destroy the default process group at the end of a command (Lightning keeps it for a later fit), so its
-    communication threads are joined here rather than torn down at interpreter exit: FSDP2 processes on 2 CPU
-    cores under load sometimes aborted there (``terminate called without an active exception``, exit -6) after the
-    run had finished. No-op without ``torch.distributed``. Our choice."""
+    """Drain and destroy the process groups at the end of a successful command (Lightning keeps them for a later fit).
+
+    FSDP2 processes on 2 CPU cores under load sometimes aborted at interpreter exit after the run had finished
+    (``terminate called without an active exception``, exit -6; seen in CI after ``destroy_process_group`` alone).
+    Gloo's worker threads outlive ``destroy_process_group`` (the C++ groups stay referenced; measured: the
+    ``pt_gloo_runloop`` threads are still there after it), and an asynchronous work still queued on them holds
+    tensors whose release at interpreter finalization aborts (pytorch/pytorch#179291 describes this). A barrier
+    first: on gloo it waits for every earlier work of the group, so nothing is in flight at exit. Called on every
+    rank only when the command succeeded (every rank reaches it). No-op without ``torch.distributed``. Our choice."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _message(error: BaseException) -> str:
