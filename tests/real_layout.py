@@ -107,9 +107,9 @@ def _save_model(model, folder: str, shard: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ Wan
-def _wan_transformer_config(model: str, scale: str) -> dict[str, Any]:
+def _wan_transformer_config(model: str, scale: str, num_layers: int = 1) -> dict[str, Any]:
     common = dict(patch_size=(1, 2, 2), attention_head_dim=128, freq_dim=256, text_dim=4096, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                  eps=1e-6, rope_max_seq_len=1024, num_layers=1)
+                  eps=1e-6, rope_max_seq_len=1024, num_layers=num_layers)
     real = {"wan2.1_t2v_1.3b": dict(num_attention_heads=12, ffn_dim=8960, in_channels=16, out_channels=16),
             "wan2.1_t2v_14b": dict(num_attention_heads=40, ffn_dim=13824, in_channels=16, out_channels=16),
             "wan2.2_ti2v_5b": dict(num_attention_heads=24, ffn_dim=14336, in_channels=48, out_channels=48),
@@ -135,18 +135,21 @@ def _wan_vae(model: str, scale: str):
                                          2.8251, 1.9160])
 
 
-def write_wan(path: str, model: str, scale: str = "small", seed: int = 0) -> str:
-    """A Wan 2.1 / 2.2 folder as the Hub's ``Wan-AI/<model>-Diffusers`` (module docstring)."""
+def write_wan(path: str, model: str, scale: str = "small", seed: int = 0, num_layers: int = 1, dtype: torch.dtype | None = None) -> str:
+    """A Wan 2.1 / 2.2 folder as the Hub's ``Wan-AI/<model>-Diffusers`` (module docstring).
+
+    ``num_layers``: transformer blocks per expert (1 here; the real count, e.g. 30 for Wan 2.1 1.3B, for the GPU kit
+    ``scripts/gpu_check.py``); ``dtype``: the dtype the transformers are stored in (None: float32)."""
     from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     os.makedirs(path, exist_ok=True)
     fork = _seeded(seed)
     try:
-        cfg = _wan_transformer_config(model, scale)
-        _save_model(WanTransformer3DModel(**cfg), os.path.join(path, "transformer"))
+        cfg = _wan_transformer_config(model, scale, num_layers)
+        _save_model(WanTransformer3DModel(**cfg).to(dtype or torch.float32), os.path.join(path, "transformer"))
         if model == "wan2.2_t2v_a14b":
-            _save_model(WanTransformer3DModel(**cfg), os.path.join(path, "transformer_2"))
+            _save_model(WanTransformer3DModel(**cfg).to(dtype or torch.float32), os.path.join(path, "transformer_2"))
         _save_model(_wan_vae(model, scale), os.path.join(path, "vae"), shard=False)
         tok = umt5_tokenizer()
         tok.save_pretrained(os.path.join(path, "tokenizer"))
