@@ -422,7 +422,6 @@ def part_real_size(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
             out[f"{kind}_step_{key}"] = rec
     bb.set_activation_checkpointing(True)  # (the zoo config's setting, as built)
     opt.zero_grad(set_to_none=True)
-    del opt
     return out
 
 

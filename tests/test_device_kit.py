@@ -39,7 +39,7 @@ def test_pack_splits_into_parts_under_the_limit_with_one_manifest(packed):
     jsonarg = next(f for f in manifests[0]["files"] if f["name"].startswith("jsonargparse-"))
     assert len(jsonarg["chunks"]) == 2 and sum(size for _, _, size in jsonarg["chunks"]) == jsonarg["size"]
     commands = (packed / "COMMANDS.md").read_text()
-    assert all(f"install.py receive" in commands and f"/{p}" in commands for p in parts)
+    assert all("install.py receive" in commands and f"/{p}" in commands for p in parts)
     assert commands.count("install.py install") == 1 and "scripts/gpu_check.py --out $OUT/gpu" in commands
 
 
