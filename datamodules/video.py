@@ -149,8 +149,16 @@ def load_captions(path: str) -> dict[str, list[CaptionSpan]]:
     else:
         with open(path) as f:
             for n, line in enumerate(f, start=1):
-                if line.strip():
-                    rows.append((n, json.loads(line)))
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:  # err's own line/column count inside this row's text: name the file's line
+                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno} of this line); each line must be "
+                                     "one JSON object such as {\"video\": \"clip.mp4\", \"caption\": \"...\"}") from err
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object with keys 'video' and 'caption', got {type(row).__name__}")
+                rows.append((n, row))
     out: dict[str, list[CaptionSpan]] = {}
     for n, row in rows:
         where = f"{path}:{n}"

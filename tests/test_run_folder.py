@@ -108,6 +108,11 @@ def test_bad_input_is_one_line_and_leaves_no_log_folder(tmp_path):
     assert "vidalign: ValueError: data.captions" in unmatched.stderr and "none of its 1 video name(s)" in unmatched.stderr
     assert "Traceback" not in unmatched.stderr
     assert not run.exists()  # the run folder this failed start made is gone too
+    # a malformed captions row (issue 36): the file and its line, not json's count inside the row's text
+    captions.write_text(json.dumps({"video": "a.mp4", "caption": "a cat"}) + '\n{"video": "b.mp4", "caption": "a dog"\n')
+    malformed = _vidalign(*base, "--data.init_args.captions", str(captions), cwd=tmp_path)
+    assert malformed.returncode == 2 and f"vidalign: ValueError: {captions}:2: not valid JSON" in malformed.stderr, malformed.stderr[-3000:]
+    assert "Traceback" not in malformed.stderr and malformed.stderr.splitlines()[-2].startswith(f"vidalign: ValueError: {captions}:2:")
     # a folder without videos: what a source may be, and the option to set
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no video here")
