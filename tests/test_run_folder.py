@@ -29,7 +29,10 @@ def test_a_used_run_folder_is_refused_last_resumes_and_the_checkpoint_loads_alon
     first = _vidalign(*sft, "--trainer.max_steps", "1", "--ckpt_path", "last", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"--ckpt_path last: no last.ckpt in {run / 'checkpoints'} yet, so a new run starts there" in first.stdout + first.stderr
-    assert "HINT" not in first.stdout + first.stderr
+    # Lightning's hint to set save_last is moot here (we say a new run starts). Its other hint, that `srun` is available
+    # and unused, is printed on a machine with SLURM installed (a login node) and is right there: it is left as is, and
+    # this test does not depend on whether SLURM is installed (issue 36)
+    assert "save_last=True" not in first.stdout + first.stderr
     # the model summary: no FLOPs column (always 0 here), the Fréchet metric under its own name
     assert "FLOPs" not in first.stdout and "TransNetV2FrechetDistance" in first.stdout and "FrechetInceptionDistance" not in first.stdout
     assert (run / "checkpoints" / "last.ckpt").is_file() and sorted(os.listdir(run / "tb")) == ["version_0"]
