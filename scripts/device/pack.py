@@ -172,23 +172,50 @@ def split_into_parts(files: list[str], out: str, part_bytes: int) -> dict:
     return manifest
 
 
-def commands(out_rel: str, n_parts: int, then: str) -> str:
+def check_out_folder(out: str, root: str = ROOT) -> None:
+    """Refuse an output folder a device command could not carry: outside the repository, or not ignored by git (its
+    files would then count as work tree too).
+
+    Raises:
+        ValueError: naming the folder and what to use instead.
+    """
+    rel = os.path.relpath(os.path.abspath(out), root)
+    if rel.startswith(os.pardir) or os.path.isabs(rel):
+        raise ValueError(f"pack: --out {out} is outside the repository {root}: a device command carries only paths inside it "
+                         "(use a git-ignored folder there, e.g. the default .device)")
+    ignored = subprocess.run(["git", "-C", root, "check-ignore", "-q", rel + "/"], capture_output=True)
+    if ignored.returncode != 0:
+        raise ValueError(f"pack: --out {rel} is not ignored by git: its files would travel with every command as work tree "
+                         "(use the default .device, or add the folder to .gitignore)")
+
+
+def head_commit(root: str = ROOT) -> str:
+    """The repository's HEAD (``+dirty`` with uncommitted changes to tracked files), recorded for the device run, whose
+    copy of the work tree has no git."""
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
+def commands(out_rel: str, n_parts: int, then: str, commit: str = "unknown") -> str:
     """The device commands (markdown): one per part, each carrying its part folder, the last one installing and
-    running ``then``."""
+    running ``then`` with ``VIDALIGN_COMMIT`` set to the commit packed (the device's copy has no git)."""
     lines = ["# Device commands (written by scripts/device/pack.py)", "",
              "One command per part, in order, each within the machine's warm window after the previous one (the parts wait",
-             "in /tmp/vidalign-device on the machine; a fresh machine starts bare: then start again from part 1).", ""]
+             "in /tmp/vidalign-device on the machine; a fresh machine starts bare: then start again from part 1).",
+             f"Packed at commit {commit}: commit what you run first, and pack again if HEAD moved (the results name it).", ""]
     for i in range(1, n_parts + 1):
         cmd = f"python3 scripts/device/install.py receive {out_rel}/part{i}"
         if i == n_parts:
-            cmd += f" && python3 scripts/device/install.py install && export PYTHONPATH=/tmp/vidalign-site && {then}"
+            cmd += (f" && python3 scripts/device/install.py install && export PYTHONPATH=/tmp/vidalign-site VIDALIGN_COMMIT={commit}"
+                    f" && {then}")
         lines += [f"{i}. carry `[\"{out_rel}/part{i}\"]`, command:", "", "   ```", f"   {cmd}", "   ```", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Pack the wheels a bare GPU machine lacks into parts that fit the device copy limit.")
-    parser.add_argument("--out", default=os.path.join(ROOT, ".device"), help="output folder (default .device, ignored by git)")
+    parser.add_argument("--out", default=os.path.join(ROOT, ".device"), help="output folder inside the repository, ignored by git (default .device)")
     parser.add_argument("--limit-mib", type=float, default=64.0, help="copy limit of one device command in MiB (default 64)")
     parser.add_argument("--margin-mib", type=float, default=1.0, help="room kept free under the limit (default 1)")
     parser.add_argument("--tree-bytes", type=int, default=None, help="bytes of the work tree (default: measured with git)")
@@ -197,30 +224,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--with-deepspeed", action="store_true", help=f"also {' '.join(DEEPSPEED_PACKAGES)}")
     parser.add_argument("--wheel-dir", default=None, help="pack the wheels of this folder instead of downloading")
     parser.add_argument("--then", default="python3 scripts/gpu_check.py --out $OUT/gpu", help="what the last command runs after installing")
+    parser.add_argument("--any-out", action="store_true", help=argparse.SUPPRESS)  # (tests: a folder outside the repository)
     args = parser.parse_args(argv)
+    if not args.any_out:
+        try:
+            check_out_folder(args.out)
+        except ValueError as e:
+            parser.error(str(e))
     here = args.python_version == "here"
     names = (args.packages or list(DEFAULT_PACKAGES)) + (DEEPSPEED_PACKAGES if args.with_deepspeed else [])
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out)
-    wheels = os.path.join(args.out, "wheels")
-    if args.wheel_dir:
-        shutil.copytree(args.wheel_dir, wheels)
-    else:
-        os.makedirs(wheels)
-        pinned = pins()
-        download([requirement(n, pinned) for n in names], wheels, None if here else args.python_version, None if here else GPU_PLATFORMS)
-    files = sorted(os.path.join(wheels, f) for f in os.listdir(wheels))
-    tree = work_tree_bytes() if args.tree_bytes is None else args.tree_bytes
-    part_bytes = int((args.limit_mib - args.margin_mib) * MIB) - tree
-    manifest = split_into_parts(files, args.out, part_bytes)
-    shutil.rmtree(wheels)
+    with tempfile.TemporaryDirectory() as wheels:  # (outside the work tree: not counted in it)
+        if args.wheel_dir:
+            for f in os.listdir(args.wheel_dir):
+                shutil.copyfile(os.path.join(args.wheel_dir, f), os.path.join(wheels, f))
+        else:
+            pinned = pins()
+            download([requirement(n, pinned) for n in names], wheels, None if here else args.python_version, None if here else GPU_PLATFORMS)
+        files = sorted(os.path.join(wheels, f) for f in os.listdir(wheels))
+        tree = work_tree_bytes() if args.tree_bytes is None else args.tree_bytes
+        part_bytes = int((args.limit_mib - args.margin_mib) * MIB) - tree
+        manifest = split_into_parts(files, args.out, part_bytes)
     out_rel = os.path.relpath(args.out, ROOT)
+    commit = head_commit()
     with open(os.path.join(args.out, "COMMANDS.md"), "w") as f:
-        f.write(commands(out_rel, manifest["parts"], args.then))
+        f.write(commands(out_rel, manifest["parts"], args.then, commit))
     total = sum(x["size"] for x in manifest["files"])
     print(f"pack: {len(files)} wheels, {total / MIB:.1f} MiB, in {manifest['parts']} part(s) of <= {part_bytes / MIB:.1f} MiB "
           f"(work tree {tree / MIB:.1f} MiB, limit {args.limit_mib:g} MiB); commands: {os.path.join(args.out, 'COMMANDS.md')}")
+    if commit.endswith("+dirty"):
+        print("pack: the work tree has uncommitted changes: commit them, so that the results name the code that ran", file=sys.stderr)
     return manifest
 
 
