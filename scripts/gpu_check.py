@@ -36,18 +36,22 @@ the JSON is rewritten after each part, so a run stopped from outside keeps what 
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime
-import json
-import math
-import os
-import subprocess
-import sys
-import tempfile
 import time
-import traceback
-from typing import Any, Callable
+
+T0 = time.monotonic()  # the budget counts from here, before the heavy imports
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "tests") not in sys.path:  # the real-layout writer (random-weight folders laid out as the Hub's)
@@ -86,8 +90,8 @@ SIZES: dict[str, dict[str, Any]] = {
 class Budget:
     """Wall-clock budget of the whole command (seconds from construction)."""
 
-    def __init__(self, seconds: float):
-        self.start = time.monotonic()
+    def __init__(self, seconds: float, start: float | None = None):
+        self.start = time.monotonic() if start is None else start
         self.seconds = float(seconds)
 
     def left(self) -> float:
@@ -290,7 +294,11 @@ def part_ratio_drift(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
         if reason:
             out["models"][name] = {"skipped": reason}
             continue
-        bb = build()
+        try:
+            bb = build()
+        except Exception as e:  # noqa: BLE001 - recorded; the other model's results stay
+            out["models"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            continue
         res: dict[str, Any] = {}
         for label, config in SDE_CONFIGS.items():
             reason = budget.skip_reason(per_sde_s[name], f"{name}/{label}")
@@ -298,8 +306,12 @@ def part_ratio_drift(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
                 res[label] = {"skipped": reason}
                 continue
             sde = shipped_settings(config)
-            (result, seconds) = timed(lambda: drift_of(bb, settings, sde, models.device), models.device)
-            res[label] = {**result, "seconds": seconds, "config": f"configs/{config}.yaml"}
+
+            def one(sde=sde, config=config):
+                result, seconds = timed(lambda: drift_of(bb, settings, sde, models.device), models.device)
+                return {**result, "seconds": seconds, "config": f"configs/{config}.yaml"}
+
+            guarded(res, label, models.device, one)
         out["models"][name] = res
         if name == "tiny_wan":
             del bb
@@ -307,34 +319,48 @@ def part_ratio_drift(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- part b
+def guarded(out: dict[str, Any], key: str, device: torch.device, fn: Callable[[], dict[str, Any]]) -> None:
+    """``out[key] = fn()``; an exception (a CUDA out-of-memory included) is recorded as ``{"error", "peak_GB_at_failure"}``
+    instead, its memory released, and the part goes on with its other measurements."""
+    try:
+        out[key] = fn()
+    except Exception as e:  # noqa: BLE001 - recorded; one measurement must not lose the others
+        out[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}",
+                    "peak_GB_at_failure": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+        del e
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def part_real_size(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     from lightning_vidalign.algorithms.losses import ppo_clip_loss
-    from lightning_vidalign.memory import REAL_MODELS, estimate_setting
+    from lightning_vidalign.memory import REAL_MODELS, build_on_meta, estimate_setting, shapes_of
     from lightning_vidalign.sampling import sde_step_with_logprob
 
     models: Models = ctx["models"]
-    device, cfg = models.device, SIZES[ctx["size"]]["real"]
+    device, cfg, real = models.device, SIZES[ctx["size"]]["real"], ctx["size"] == "real"
+    built = models._real is not None
     (bb, build_s) = timed(models.real, device)
     frames, height, width, steps, guidance = cfg["frames"], cfg["height"], cfg["width"], cfg["steps"], cfg["guidance"]
     out: dict[str, Any] = {"setting": {"model": "Wan 2.1 T2V 1.3B, random weights" + ("" if cfg["layout"] == "real" else f" ({cfg['layout']} widths)"),
                                        "layers": cfg["layers"], "frames": frames, "height": height, "width": width, "steps": steps, "guidance": guidance,
                                        "lora_rank": cfg["lora_rank"], "dtype": models.dtype,
                                        "params_B": sum(p.numel() for p in bb.transformer.parameters()) / 1e9, "text_tokens": None},
-                           "build_s": build_s}
+                           "build_s": None if built else build_s}
     bb.eval()
     with torch.no_grad():
         cond = bb.encode_condition({"caption": PROMPTS[:1]})
     out["setting"]["text_tokens"] = int(cond["prompt_embeds"].shape[1])
     frozen_gb = sum(p.numel() * p.element_size() for m in (bb.vae, bb.text_encoder) for p in m.parameters()) / 1e9
     out["frozen_resident_GB"] = frozen_gb
+    state: dict[str, Any] = {}
 
-    # rollout: ours vs WanPipeline from the same noise (ODE, CFG)
-    reason = budget.skip_reason(30 if ctx["size"] == "real" else 3, "rollout vs WanPipeline")
-    if reason:
-        out["rollout"] = {"skipped": reason}
-    else:
+    # rollout: ours vs WanPipeline from the same noise (ODE, CFG). Ours batches the conditional and unconditional rows
+    # (one call of 2), the pipeline calls twice: in bf16 the two differ by more than fp32 rounding (expected)
+    def rollout() -> dict[str, Any]:
         pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=bb.transformer, vae=bb.vae,
                            scheduler=FlowMatchEulerDiscreteScheduler(shift=bb.flow_shift))
         pipe.set_progress_bar_config(disable=True)
@@ -360,72 +386,87 @@ def part_real_size(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
         rec["ratio_ours_over_pipeline"] = rec["ours_s"] / rec["pipeline_s"]
         rec["max_abs_diff"] = float((a.float() - b.float()).abs().max())
         rec["latent_abs_mean"] = float(b.float().abs().mean())
-        out["rollout"] = rec
-        latents = a.permute(0, 2, 1, 3, 4).contiguous()
-        del pipe
+        state["latents"] = a.permute(0, 2, 1, 3, 4).contiguous()
+        return rec
 
-    # VAE decode
-    reason = budget.skip_reason(20 if ctx["size"] == "real" else 2, "VAE decode")
-    if reason or "rollout" not in out or "skipped" in out["rollout"]:
-        out["vae_decode"] = {"skipped": reason or "no rollout latents (rollout skipped)"}
-    else:
-        rec = {}
+    reason = budget.skip_reason(30 if real else 3, "rollout vs WanPipeline")
+    out["rollout"] = {"skipped": reason} if reason else {}
+    if not reason:
+        guarded(out, "rollout", device, rollout)
+
+    def vae_decode() -> dict[str, Any]:
+        rec: dict[str, Any] = {}
         with torch.no_grad(), peak_memory(device, rec, "peak_GB"):
-            video, rec["seconds"] = timed(lambda: bb.decode(latents), device)
+            video, rec["seconds"] = timed(lambda: bb.decode(state["latents"]), device)
         rec["video_shape"] = list(video.shape)
-        out["vae_decode"] = rec
-        del video
+        return rec
 
-    # one GRPO step and one SFT step, activation checkpointing on and off, against vidalign estimate
+    reason = budget.skip_reason(20 if real else 2, "VAE decode") or (None if "latents" in state else "no rollout latents (the rollout did not run)")
+    out["vae_decode"] = {"skipped": reason} if reason else {}
+    if not reason:
+        guarded(out, "vae_decode", device, vae_decode)
+    state.pop("latents", None)
+
+    # one GRPO step and one SFT step, activation checkpointing on and off, against vidalign estimate's model. The
+    # estimate counts one clip's transformer blocks, FSDP2's two gathered blocks (none on one GPU without FSDP: taken
+    # off here) and LoRA's AdamW; GRPO re-scores with CFG, two rows per clip: its activations counted twice
     spec = REAL_MODELS["wan2.1-1.3b"]
     gpu_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 80.0
+    block_gb = 4 * shapes_of(build_on_meta(spec), spec).block_params / 1e9
     t_lat = bb.latent_frames(frames)
     shape = (1, t_lat, bb.latent_channels, height // bb.vae_scale_factor_spatial, width // bb.vae_scale_factor_spatial)
     sigmas = bb.schedule(steps)[0]
     opt = torch.optim.AdamW(bb.trainable_parameters(), lr=1e-6)
-    for ac in (True, False):
+
+    def train_step(kind: str, ac: bool) -> dict[str, Any]:
         bb.set_activation_checkpointing(ac)
-        key = "ac_on" if ac else "ac_off"
-        for kind in ("grpo", "sft"):
-            reason = budget.skip_reason(20 if ctx["size"] == "real" else 2, f"{kind} step ({key})")
-            if reason:
-                out[f"{kind}_step_{key}"] = {"skipped": reason}
-                continue
-            gen = torch.Generator().manual_seed(2)
-            x_t = torch.randn(shape, generator=gen).to(device)
-            rec = {}
+        gen = torch.Generator().manual_seed(2)
+        x_t = torch.randn(shape, generator=gen).to(device)
+        noise = torch.randn(shape, generator=gen).to(device)
+        rec: dict[str, Any] = {}
 
-            def step():
-                bb.train()
-                opt.zero_grad(set_to_none=True)
-                if kind == "grpo":  # one re-scored transition at step 2 with CFG, PPO-clip on a unit advantage
-                    s, s_next = sigmas[2].view(1).to(device), sigmas[3].view(1).to(device)
-                    with torch.no_grad():
-                        x_next, _, _, old = sde_step_with_logprob(bb.guided_velocity(x_t, s, cond, guidance), x_t, s, s_next, "flow_grpo", 0.7,
-                                                                  generator=torch.Generator().manual_seed(3))
-                    v = bb.guided_velocity(x_t, s, cond, guidance)
-                    _, _, _, lp = sde_step_with_logprob(v, x_t, s, s_next, "flow_grpo", 0.7, prev_sample=x_next)
-                    loss = ppo_clip_loss(lp, old, torch.ones(1, device=device), 1e-4)[0].mean()
-                else:  # flow matching on clean latents (no CFG: one clip, as the estimate)
-                    loss = bb.training_loss(x_t, cond, torch.full((1,), 0.5, device=device), torch.randn(shape, generator=gen).to(device)).mean()
-                loss.backward()
-                opt.step()
-                return float(loss.detach())
+        def step():
+            bb.train()
+            opt.zero_grad(set_to_none=True)
+            if kind == "grpo":  # one re-scored transition at step 2 with CFG, PPO-clip on a unit advantage
+                s, s_next = sigmas[2].view(1).to(device), sigmas[3].view(1).to(device)
+                with torch.no_grad():
+                    x_next, _, _, old = sde_step_with_logprob(bb.guided_velocity(x_t, s, cond, guidance), x_t, s, s_next, "flow_grpo", 0.7,
+                                                              generator=torch.Generator().manual_seed(3))
+                v = bb.guided_velocity(x_t, s, cond, guidance)
+                _, _, _, lp = sde_step_with_logprob(v, x_t, s, s_next, "flow_grpo", 0.7, prev_sample=x_next)
+                loss = ppo_clip_loss(lp, old, torch.ones(1, device=device), 1e-4)[0].mean()
+            else:  # flow matching on clean latents (no CFG: one clip, as the estimate)
+                loss = bb.training_loss(x_t, cond, torch.full((1,), 0.5, device=device), noise).mean()
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
 
+        try:
             timed(step, device)  # warm-up (allocator, kernels' selection)
             with peak_memory(device, rec, "peak_GB"):
                 rec["loss"], rec["s_per_step"] = timed(step, device)
-            if rec["peak_GB"] is not None:
-                rec["peak_minus_frozen_GB"] = rec["peak_GB"] - frozen_gb
-            if cfg["layout"] == "real" and cfg["layers"] == 30:
-                est = estimate_setting(spec, height, width, frames, gpus=1, gpu_gb=gpu_gb, lora_rank=cfg["lora_rank"], ac=ac)
-                rec["estimate_GB"] = est["total_GB"]
-                rec["estimate_note"] = "vidalign estimate: one clip (SFT); GRPO re-scores with CFG (two rows per clip)"
-                if rec.get("peak_minus_frozen_GB"):
-                    rec["measured_over_estimate"] = rec["peak_minus_frozen_GB"] / est["total_GB"]
-            out[f"{kind}_step_{key}"] = rec
-    bb.set_activation_checkpointing(True)  # (the zoo config's setting, as built)
-    opt.zero_grad(set_to_none=True)
+        finally:
+            opt.zero_grad(set_to_none=True)
+            bb.set_activation_checkpointing(True)  # (the zoo config's setting, as built)
+        if rec["peak_GB"] is not None:
+            rec["peak_minus_frozen_GB"] = rec["peak_GB"] - frozen_gb
+        if cfg["layout"] == "real" and cfg["layers"] == 30:
+            est = estimate_setting(spec, height, width, frames, gpus=1, gpu_gb=gpu_gb, lora_rank=cfg["lora_rank"], ac=ac)
+            rows = 2 if kind == "grpo" else 1
+            rec["estimate"] = {"params_GB": est["params_GB"] - block_gb, "optim_GB": est["optim_GB"], "act_GB": rows * est["act_GB"], "rows": rows}
+            rec["estimate_GB"] = sum(v for k, v in rec["estimate"].items() if k.endswith("_GB"))
+            if rec.get("peak_minus_frozen_GB"):
+                rec["measured_over_estimate"] = rec["peak_minus_frozen_GB"] / rec["estimate_GB"]
+        return rec
+
+    # the AC-off GRPO step last: two rows of 14,040 tokens without checkpointing may not fit (then its error is the result)
+    for kind, ac in (("grpo", True), ("sft", True), ("sft", False), ("grpo", False)):
+        key = f"{kind}_step_{'ac_on' if ac else 'ac_off'}"
+        reason = budget.skip_reason(20 if real else 2, key)
+        out[key] = {"skipped": reason} if reason else {}
+        if not reason:
+            guarded(out, key, device, lambda: train_step(kind, ac))
     return out
 
 
@@ -452,6 +493,9 @@ def part_compile(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
 
     eager, _ = timed(velocity, device)
     eager_s = sorted(timed(velocity, device)[1] for _ in range(5))[2]
+    reason = budget.skip_reason(SIZES[ctx["size"]]["estimate_s"]["compile"], "compiling the blocks")
+    if reason:
+        return {"skipped": reason, "eager_s_measured": eager_s}
     bb.transformer.compile_repeated_blocks(fullgraph=False)
     compiled, compile_s = timed(velocity, device)
     warm_s = timed(velocity, device)[1]  # a guard that fails on the second call (a recompile) shows here, not in the median
@@ -484,10 +528,13 @@ def part_strategies(ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(budget.left() - 5, 10), env=env)
+            # each fragment gets at most half of what is left (and 150 s), so the second one runs too
+            limit = max(min(budget.left() / (2 if name == next(iter(FRAGMENTS)) else 1) - 5, 150), 10)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit, env=env)
             rc, log = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
-            rc, log = "timeout", ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + "\n[timed out]"
+            text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+            rc, log = "timeout", text(e.stdout) + text(e.stderr) + "\n[timed out]"
         out[name] = {"command": " ".join(cmd[1:]).replace(sys.executable, "python"), "returncode": rc, "seconds": time.perf_counter() - t0,
                      "log_tail": log[-2500:]}
     return out
@@ -513,8 +560,16 @@ def _not_run(part: dict[str, Any]) -> str | None:
     return None
 
 
+def _row_not_run(label: str, r: dict[str, Any]) -> str | None:
+    for key in ("skipped", "error"):
+        if key in r:
+            return f"| {label} | {key}: {str(r[key])[:200]} | | | |"
+    return None
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The tables of ``gpu_check.md`` (the README's GPU section shows the latest)."""
+    """The tables of ``gpu_check.md`` (the README's GPU section shows the latest). Skipped and failed measurements
+    are rows saying so."""
     lines = [f"# GPU check — {report['device']}", "", f"commit `{report['commit']}`, {report['date']}, size `{report['size']}`, "
              f"budget {report['budget_s']:.0f} s, took {report['seconds']:.0f} s", ""]
     rd = report["ratio_drift"]
@@ -525,12 +580,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["| model | SDE | clip range | fp32 maths: median / p99 / max | clipped | bf16 maths: median / p99 / max | clipped |",
                   "|---|---|---|---|---|---|---|"]
         for model, per in rd["models"].items():
-            if "skipped" in per:
-                lines.append(f"| {model} | – | – | skipped: {per['skipped']} | | | |")
+            if "skipped" in per or "error" in per:
+                lines.append(f"| {model} | – | – | {'skipped' if 'skipped' in per else 'error'}: {per.get('skipped', per.get('error'))} | | | |")
                 continue
             for sde, r in per.items():
-                if "skipped" in r:
-                    lines.append(f"| {model} | {sde} | – | skipped: {r['skipped']} | | | |")
+                if "fp32_maths" not in r:
+                    lines.append(f"| {model} | {sde} | – | {'skipped' if 'skipped' in r else 'error'}: {r.get('skipped', r.get('error'))} | | | |")
                     continue
                 a, b = r["fp32_maths"]["all"], r["bf16_maths"]["all"]
                 lines.append(f"| {model} | {sde} | {_fmt(r['setting']['clip_range'])} | {_fmt(a['median'])} / {_fmt(a['p99'])} / {_fmt(a['max'])} | "
@@ -545,27 +600,30 @@ def markdown(report: dict[str, Any]) -> str:
                   f"text tokens {st['text_tokens']}, LoRA rank {st['lora_rank']}, {st['dtype']}", "",
                   "| measurement | seconds | peak GB | vs estimate | note |", "|---|---|---|---|---|"]
         ro = rs.get("rollout", {})
-        if "skipped" in ro:
-            lines.append(f"| rollout vs WanPipeline | skipped: {ro['skipped']} | | | |")
-        elif ro:
-            lines.append(f"| rollout (ours / WanPipeline) | {ro['ours_s']:.2f} / {ro['pipeline_s']:.2f} (×{ro['ratio_ours_over_pipeline']:.3f}) | "
+        if ro:
+            lines.append(_row_not_run("rollout vs WanPipeline", ro) or
+                         f"| rollout (ours / WanPipeline) | {ro['ours_s']:.2f} / {ro['pipeline_s']:.2f} (×{ro['ratio_ours_over_pipeline']:.3f}) | "
                          f"{_fmt(ro['ours_peak_GB'])} / {_fmt(ro['pipeline_peak_GB'])} | | max diff {ro['max_abs_diff']:.2e} (latents ~{ro['latent_abs_mean']:.2f}) |")
         vd = rs.get("vae_decode", {})
-        lines.append(f"| VAE decode | skipped: {vd['skipped']} | | | |" if "skipped" in vd else
-                     f"| VAE decode | {vd['seconds']:.2f} | {_fmt(vd['peak_GB'])} | | video {vd['video_shape']} |")
-        for kind in ("grpo", "sft"):
-            for key in ("ac_on", "ac_off"):
-                r = rs.get(f"{kind}_step_{key}", {})
-                if "skipped" in r:
-                    lines.append(f"| {kind.upper()} step, {key.replace('_', ' ')} | skipped: {r['skipped']} | | | |")
-                elif r:
-                    vs = (f"{_fmt(r.get('estimate_GB'))} GB (×{r['measured_over_estimate']:.2f})" if r.get("measured_over_estimate") else
-                          "– (CUDA, real layout only)")
-                    lines.append(f"| {kind.upper()} step, {key.replace('_', ' ')} | {r['s_per_step']:.2f} | {_fmt(r['peak_GB'])} | {vs} | "
-                                 f"peak − frozen VAE/text encoder {_fmt(r.get('peak_minus_frozen_GB'))} GB |")
+        if vd:
+            lines.append(_row_not_run("VAE decode", vd) or f"| VAE decode | {vd['seconds']:.2f} | {_fmt(vd['peak_GB'])} | | video {vd['video_shape']} |")
+        for key in ("grpo_step_ac_on", "sft_step_ac_on", "sft_step_ac_off", "grpo_step_ac_off"):
+            r = rs.get(key, {})
+            label = f"{key.split('_')[0].upper()} step, AC {key.rsplit('_', 1)[1]}"
+            if not r:
+                continue
+            row = _row_not_run(label, r)
+            if row:
+                if r.get("peak_GB_at_failure"):
+                    row = row[: -len("| | | |")] + f"| {r['peak_GB_at_failure']:.1f} at failure | | |"
+                lines.append(row)
+                continue
+            vs = (f"{_fmt(r.get('estimate_GB'))} GB (×{r['measured_over_estimate']:.2f})" if r.get("measured_over_estimate") else
+                  "– (CUDA, real layout only)")
+            lines.append(f"| {label} | {r['s_per_step']:.2f} | {_fmt(r['peak_GB'])} | {vs} | peak − frozen VAE/text encoder {_fmt(r.get('peak_minus_frozen_GB'))} GB |")
     co = report["compile"]
     lines += ["", "## torch.compile", ""]
-    lines.append((_not_run(co) or f"_{co}_") if "eager_s" not in co else
+    lines.append((_not_run(co) or f"_{co}_") if "compiled_s" not in co else
                  f"compile {co['first_call_s (compile)']:.1f} s (second call {co['second_call_s']:.3f} s); eager {co['eager_s']:.3f} s, compiled {co['compiled_s']:.3f} s "
                  f"(×{co['compiled_over_eager']:.3f}); max velocity diff {co['max_abs_diff']:.2e} (|v| ~{co['velocity_abs_mean']:.2f})")
     sg = report["strategies"]
@@ -578,10 +636,10 @@ def markdown(report: dict[str, Any]) -> str:
             if "skipped" in r:
                 lines.append(f"| {name} | skipped: {r['skipped']} | | |")
                 continue
-            log = [ln for ln in r["log_tail"].splitlines() if ln.strip()]
-            errors = [ln for ln in log if "Error" in ln or "error:" in ln] if r["returncode"] != 0 else []
+            log = [ln for ln in r.get("log_tail", "").splitlines() if ln.strip()]
+            errors = [ln for ln in log if "Error" in ln or "error:" in ln] if r.get("returncode") != 0 else []
             last = (errors or log)[-1:] or [""]
-            lines.append(f"| {name} | {r['returncode']} | {r['seconds']:.0f} | `{last[0][:200].replace('|', '/')}` |")
+            lines.append(f"| {name} | {r.get('returncode')} | {r.get('seconds', 0):.0f} | `{last[0][:200].replace('|', '/')}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -596,7 +654,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--workdir", default=None, help="where the random-weight real-size folder is written (default: a temporary folder)")
     args = parser.parse_args(argv)
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, start=T0 if argv is None else None)  # (a command: from the process start)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     size = args.size or ("real" if cuda else "tiny")
@@ -610,11 +668,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ctx = {"models": Models(device, dtype, size, workdir), "size": size, "workdir": workdir}
 
     def write():
+        """The JSON first, atomically (a kill while writing leaves the previous one); then the table, whose failure
+        is recorded in it rather than ending the run."""
         report["seconds"] = time.monotonic() - budget.start
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        tmp = os.path.join(args.out, "gpu_check.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(report, f, indent=2)
+        os.replace(tmp, os.path.join(args.out, "gpu_check.json"))
+        try:
+            table = markdown(report)
+        except Exception as e:  # noqa: BLE001 - the measurements are in the JSON
+            table = f"# GPU check\n\nthe table could not be written ({type(e).__name__}: {e}); the measurements are in gpu_check.json\n"
         with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-            f.write(markdown(report))
+            f.write(table)
+        return table
 
     for part in PARTS:
         if part not in wanted:
@@ -633,8 +700,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write()
-    write()
-    print(markdown(report))
+    print(write())
     return report
 
 

@@ -98,3 +98,27 @@ def test_compile_and_strategy_parts_run_on_cpu_when_named(tmp_path):
     assert report["strategies"]["fsdp2"]["returncode"] == 0, report["strategies"]["fsdp2"]["log_tail"]
     assert isinstance(report["strategies"]["deepspeed_zero2"]["returncode"], int)
     assert "not asked for" in report["ratio_drift"]["skipped"]
+
+
+def test_a_failing_measurement_is_recorded_and_the_others_still_run(tmp_path):
+    """One measurement raising (a CUDA out-of-memory on the GPU; here the VAE decode) is recorded as its error, the
+    part's other measurements run, and the table says so."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import torch
+
+    import gpu_check
+
+    models = gpu_check.Models(torch.device("cpu"), "float32", "tiny", str(tmp_path))
+    bb = models.real()
+
+    def decode(latents):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    bb.decode = decode
+    out = gpu_check.part_real_size({"models": models, "size": "tiny", "workdir": str(tmp_path)}, gpu_check.Budget(300))
+    assert out["vae_decode"]["error"] == "RuntimeError: CUDA out of memory (simulated)" and out["vae_decode"]["peak_GB_at_failure"] is None
+    assert out["rollout"]["max_abs_diff"] < 1e-4 and all(out[k]["s_per_step"] > 0 for k in ("grpo_step_ac_on", "sft_step_ac_off", "grpo_step_ac_off"))
+    report = {"device": "CPU", "commit": "x", "date": "d", "size": "tiny", "budget_s": 1.0, "seconds": 1.0, "ratio_drift": {"skipped": "s"},
+              "real_size": out, "compile": {"error": "E", "traceback": "t"}, "strategies": {"skipped": "s"}}
+    table = gpu_check.markdown(report)
+    assert "| VAE decode | error: RuntimeError: CUDA out of memory (simulated) |" in table and "_error: E_" in table
