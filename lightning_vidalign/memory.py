@@ -23,12 +23,18 @@ Memory model of one step, one clip per sequence-parallel group, ``G`` GPUs of ``
   ``N`` tokens for ``H/s`` heads, the same bytes), text tokens replicated. The coefficients ``(a, b, c, d)`` are
   the bytes autograd saves per unit, fitted by least squares to :class:`~lightning_vidalign.utils.SavedActivationTracker`
   measurements of single diffusers blocks (bf16, flash-style attention that saves ``q, k, v, out`` and the
-  log-sum-exp, no ``N²`` term besides HunyuanVideo 1.5's mask) on tiny builds of each family at 6 shapes (rel.
-  residual <= 1.5 % for Wan, <= 0.4 % for HunyuanVideo 1.5); the tiny models are cast to bf16 whole (a checkpoint loaded with ``torch_dtype=bfloat16``
-  keeps Wan's norms, rope and time embedder in fp32; the block upcasts to fp32 around its norms either way); checked on held-out shapes by
-  ``tests/test_memory_estimate.py`` (relative error printed and bounded there). Interpretation for Wan with LoRA:
-  ``a ≈ 41`` is ~9 bf16 and ~6 fp32 copies of the hidden states (diffusers' Wan block runs its norms and residual
-  adds in fp32), ``b ≈ 2`` the GELU input in bf16; full fine-tuning also saves every frozen-in-LoRA linear's input.
+  log-sum-exp, no ``N²`` term besides HunyuanVideo 1.5's mask) on tiny builds of each family at 6 shapes
+  (``scripts/fit_memory_model.py`` measures and fits them), **in the dtypes our backbones train in**: the base bf16
+  with the class's ``_keep_in_fp32_modules`` float32 (as a checkpoint loaded with ``torch_dtype=bfloat16``) and the
+  LoRA weights float32 (the master copy ``set_compute_dtype`` keeps: peft runs each LoRA branch in fp32 and autograd
+  saves an fp32 copy of its input); full fine-tuning cast to bf16 whole. Checked on held-out shapes by
+  ``tests/test_memory_estimate.py`` (relative error printed and bounded there). Correction (2026-12-07): the first fit
+  (issue 24) cast the LoRA to bf16 too and gave Wan ``a ≈ 41``: 30 % fewer bytes than a block with float32 LoRA saves
+  (measured 1.43×; found by the review of the GPU kit). Interpretation for Wan with LoRA: ``a ≈ 60`` is ~9 bf16 and
+  ~6 fp32 copies of the hidden states (diffusers' Wan block runs its norms and residual adds in fp32) plus the fp32
+  copies of the LoRA branches' inputs (``d ≈ 19``: mostly the cross-attention key and value on the text), ``b ≈ 2``
+  the GELU input in bf16;
+  full fine-tuning also saves every frozen-in-LoRA linear's input.
 - **activation checkpointing**: per block only its inputs (``2·n·D`` bytes, plus ``2·L·D`` for the text stream)
   stay, and one block's full activations are live during its recomputation.
 
@@ -49,10 +55,10 @@ GB = 1e9
 #: bytes saved per (n·D, n·F, n·H, L·D, n_att²) in a bf16 training step, per family and fine-tuning mode (module
 #: docstring). HunyuanVideo 1.5 has F = 4D, so its MLP term is folded into ``a`` (b = 0).
 ACTIVATION_COEFFICIENTS: dict[tuple[str, str], tuple[float, float, float, float, float]] = {
-    ("wan", "lora"): (41.2, 1.8, 13.0, 10.0, 0.0),
-    ("wan", "full"): (68.6, 3.9, 14.2, 13.3, 0.0),
-    ("hunyuan15", "lora"): (34.8, 0.0, 11.0, 0.0, 1.96),
-    ("hunyuan15", "full"): (56.3, 0.0, 12.0, 0.0, 1.98),
+    ("wan", "lora"): (60.4, 2.3, 3.9, 19.3, 0.0),
+    ("wan", "full"): (68.3, 4.1, 8.5, 13.1, 0.0),
+    ("hunyuan15", "lora"): (46.9, 0.0, 18.6, 0.0, 2.15),
+    ("hunyuan15", "full"): (56.1, 0.0, 14.2, 0.0, 2.01),
 }
 
 
