@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--packages", nargs="+", default=None, help=f"packages to pack (default: {' '.join(DEFAULT_PACKAGES)})")
     parser.add_argument("--with-deepspeed", action="store_true", help=f"also {' '.join(DEEPSPEED_PACKAGES)}")
     parser.add_argument("--wheel-dir", default=None, help="pack the wheels of this folder instead of downloading")
-    parser.add_argument("--then", default="python3 scripts/gpu_check.py --out $OUT/gpu", help="what the last command runs after installing")
+    parser.add_argument("--then", default="python3 scripts/gpu_check.py --out $OUT/gpu --budget-s 420",
+                        help="what the last command runs after installing (default: the GPU check, 420 s: the command limit is 600 s, installing takes its share)")
     parser.add_argument("--any-out", action="store_true", help=argparse.SUPPRESS)  # (tests: a folder outside the repository)
     args = parser.parse_args(argv)
     if not args.any_out:
