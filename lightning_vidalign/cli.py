@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_vidalign.module import VideoAlignModule
+from lightning_vidalign.preemption import InterruptCheckpoint
 from lightning_vidalign.utils import INVOCATION
 
 # importing registers the classes so configs may use short names (SHIFT, IMRReward, ...)
@@ -93,7 +94,8 @@ class VidAlignCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """The trainer, with :class:`~lightning_vidalign.progress.VidAlignProgressBar` and
         :class:`~lightning_vidalign.progress.VidAlignModelSummary` in place of Lightning's default Rich bar and
-        summary (ones given in the config are kept)."""
+        summary (ones given in the config are kept), and for ``fit``
+        :class:`~lightning_vidalign.preemption.InterruptCheckpoint` (Ctrl-C and SIGTERM end at a saved batch)."""
         from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 
         from lightning_vidalign.progress import VidAlignModelSummary, VidAlignProgressBar
@@ -104,6 +106,8 @@ class VidAlignCLI(LightningCLI):
                 trainer.callbacks[i] = VidAlignProgressBar()
             elif type(cb) is RichModelSummary:  # Lightning's default: the same table without its FLOPs column of 0
                 trainer.callbacks[i] = VidAlignModelSummary(max_depth=cb._max_depth)
+        if self.subcommand == "fit" and not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
+            trainer.callbacks.append(InterruptCheckpoint())  # Ctrl-C / SIGTERM: finish the batch, save, say how to resume
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -318,8 +322,11 @@ def main(args: list[str] | None = None) -> None:
 
             estimate(argv[1:])
             return
-        VidAlignCLI(args=args)
+        cli = VidAlignCLI(args=args)
         close_process_group()
+        interrupted = [cb for cb in getattr(getattr(cli, "trainer", None), "callbacks", []) if isinstance(cb, InterruptCheckpoint) and cb.preempted]
+        if interrupted:  # saved at a batch end after Ctrl-C / SIGTERM: not a finished run (130 / 143, the shells' convention)
+            raise SystemExit(128 + int(interrupted[0].received))
     except Exception as e:  # noqa: BLE001 - re-raised unless it is a bad-input error with its own explanation
         cause = user_error(e)
         if cause is None or os.environ.get("VIDALIGN_TRACEBACK"):

@@ -398,9 +398,16 @@ class VideoAlignModule(DistributedMixin, GenerationMixin, HeldoutMixin, Evaluati
     _adapters_initialised: bool = False  # init_adapter_from loaded (once per module, whatever the number of fits)
 
     def on_fit_end(self) -> None:
-        """Write the trained LoRA under the run folder (``export_lora``; every rank gathers, rank 0 writes)."""
+        """Write the trained LoRA under the run folder (``export_lora``; every rank gathers, rank 0 writes); not when a
+        signal stopped the run (:class:`~lightning_vidalign.preemption.InterruptCheckpoint`, ``PreemptionCheckpoint``)."""
         if not self.export_lora or getattr(self.backbone, "lora_config", None) is None or self.trainer.global_step == 0:
             return  # (no optimizer step: nothing trained, nothing written)
+        if any(getattr(cb, "preempted", False) for cb in self.trainer.callbacks):  # stopped by a signal: not the run's result
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info("LoRA not exported: the run was stopped before its end (resume it; `vidalign export --ckpt_path last` "
+                           "writes the saved state's LoRA)")
+            return
         path = self.backbone.export_lora(os.path.join(self.trainer.default_root_dir, "lora"), write=self.trainer.is_global_zero)
         if self.trainer.is_global_zero:
             from lightning.pytorch.utilities import rank_zero_info

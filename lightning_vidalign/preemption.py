@@ -67,11 +67,25 @@ class PreemptionCheckpoint(L.Callback):
         dirpath = dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
         return os.path.join(dirpath, self.filename)
 
+    def save(self, trainer: L.Trainer) -> str:
+        """Save the run's state at this batch end on every rank; returns the file. With a ``ModelCheckpoint`` that keeps
+        ``last.ckpt`` (``save_last``) and no ``dirpath``/``filename`` of ours, that callback writes it (its own file,
+        ``last_model_path`` and bookkeeping: it then writes no ``last-v1.ckpt`` of the stopped state at the end of
+        training); otherwise :meth:`checkpoint_path`."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        keeper = trainer.checkpoint_callback
+        if isinstance(keeper, ModelCheckpoint) and keeper.save_last and self.dirpath is None and self.filename == "last.ckpt":
+            keeper._save_last_checkpoint(trainer, keeper._monitor_candidates(trainer))  # (Lightning's own last-checkpoint path)
+            return keeper.last_model_path
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        return path
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
-        path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        path = self.save(trainer)
         self.saved_path, self.preempted = path, True
         log.warning("PreemptionCheckpoint: %s received; checkpoint written to %s; stopping", self.signal_name, path)
         job = os.environ.get("SLURM_JOB_ID")
@@ -81,4 +95,105 @@ class PreemptionCheckpoint(L.Callback):
             else:
                 result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 log.warning("PreemptionCheckpoint: scontrol requeue %s -> rc %d %s", job, result.returncode, result.stderr.strip())
+        trainer.should_stop = True
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command that resumes this run: ``vidalign`` with this command's arguments, any ``--ckpt_path`` replaced by
+    ``--ckpt_path last`` (the file the interrupt wrote)."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if arg.startswith("--ckpt_path="):
+            continue
+        out.append(arg)
+    return "vidalign " + " ".join(shlex.quote(a) for a in out + ["--ckpt_path", "last"])
+
+
+class InterruptCheckpoint(PreemptionCheckpoint):
+    """Ctrl-C (SIGINT) and SIGTERM stop a run at a consistent point and keep it (issue 36).
+
+    The first signal only sets a flag and says what happens; the current batch finishes, all ranks agree at its end
+    (:class:`PreemptionCheckpoint`'s protocol: any rank flagged stops them all), save ``last.ckpt`` where
+    ``--ckpt_path last`` finds it, print the command that resumes the run, and stop; ``vidalign`` then exits with
+    ``128 + signal`` (130 for SIGINT, 143 for SIGTERM), so a script does not take the run for finished. A second
+    SIGINT stops at once, without saving (Lightning's ``KeyboardInterrupt`` path), a second SIGTERM too (the default
+    action). Without it, Lightning stops on Ctrl-C mid-batch and saves nothing: every batch since the last periodic
+    checkpoint was lost. ``vidalign fit`` adds it to every run. Our design, after the SLURM preemption path.
+
+    Args:
+        dirpath, filename: as :class:`PreemptionCheckpoint` (default: the ``ModelCheckpoint``'s ``last.ckpt``).
+        signals: the signal names handled.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt", signals: tuple[str, ...] = ("SIGINT", "SIGTERM")):
+        super().__init__(dirpath=dirpath, filename=filename, signal_name=signals[0], requeue="never")
+        for name in signals:
+            if not hasattr(signal, name):
+                raise ValueError(f"InterruptCheckpoint: unknown signal {name!r}")
+        self.signals = tuple(signals)
+        self.received: int | None = None  # the first signal's number
+        self._previous_handlers: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        import sys
+
+        if self.received is not None:  # a second signal: stop at once
+            self._restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received, self.requested = signum, True
+        name = signal.Signals(signum).name
+        print(f"\nvidalign: {name} received: the current batch finishes, then last.ckpt is saved and the run stops "
+              f"({'Ctrl-C' if signum == signal.SIGINT else name} again: stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass  # (handlers from on_train_start: after Lightning's own SIGTERM handler, which they replace during training)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("InterruptCheckpoint: not in the main thread, %s not handled", ", ".join(self.signals))
+            return
+        for name in self.signals:
+            num = getattr(signal, name)
+            self._previous_handlers[num] = signal.signal(num, self._handler)
+
+    def _restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for num, previous in self._previous_handlers.items():
+                signal.signal(num, previous)
+        self._previous_handlers = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        path = self.save(trainer)
+        self.saved_path, self.preempted = path, True
+        if self.received is None:  # another rank was signalled
+            self.received = int(signal.SIGINT if "SIGINT" in self.signals else getattr(signal, self.signals[0]))
+        if trainer.is_global_zero:
+            import sys
+
+            print(f"vidalign: stopped after batch {trainer.global_step} ({signal.Signals(self.received).name}); the run is saved in {path}\n"
+                  f"  resume: {resume_command()}", file=sys.stderr, flush=True)
         trainer.should_stop = True

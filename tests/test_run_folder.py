@@ -133,3 +133,65 @@ def test_top_level_optimizer_is_refused_naming_the_module_option(tmp_path):
     assert out.stderr.splitlines()[-1] == "(bad input: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)"
     assert "--model.init_args.optimizer" in out.stderr and "warm-up" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_ends_at_a_saved_batch_and_resuming_gives_the_uninterrupted_run(tmp_path):
+    """Issue 36: Ctrl-C (SIGINT) during `vidalign fit` finishes the current batch, saves last.ckpt, prints the resume
+    command and exits 130 (no LoRA exported: not the run's result); that command, run as printed, reaches the end with
+    the adapters of an uninterrupted run, bit for bit."""
+    import signal
+    import threading
+    import time
+
+    from safetensors.torch import load_file
+
+    def fit(run, *extra):
+        return ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--trainer.default_root_dir", str(run), "--trainer.max_steps", "12", *FAST, *extra]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([VIDALIGN, *fit(tmp_path / "run")], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while not any("Trainable params" in line for line in seen) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.5)  # into the training steps
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "vidalign: SIGINT received: the current batch finishes" in err and "Traceback" not in err
+    resume = next(line for line in err.splitlines() if line.strip().startswith("resume: vidalign fit"))
+    stopped = int(err.split("stopped after batch ")[1].split()[0])
+    assert 1 <= stopped < 12, err[-2000:]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["last.ckpt"] and not (tmp_path / "run" / "lora").exists()
+    # the printed command, as printed
+    import shlex
+
+    argv = shlex.split(resume.split("resume: ", 1)[1])
+    assert argv[0] == "vidalign" and argv[-2:] == ["--ckpt_path", "last"]
+    resumed = _vidalign(*argv[1:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = _vidalign(*fit(tmp_path / "full"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    a, b = load_file(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "full" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_are_restored():
+    import signal
+
+    from lightning_vidalign.preemption import InterruptCheckpoint, resume_command
+
+    cb = InterruptCheckpoint()
+    previous = signal.getsignal(signal.SIGINT)
+    cb.on_train_start(None, None)
+    assert signal.getsignal(signal.SIGINT) == cb._handler
+    cb._handler(signal.SIGINT, None)
+    assert cb.requested and cb.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        cb._handler(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) == previous  # restored before raising
+    assert resume_command(["fit", "--config", "a b.yaml", "--ckpt_path", "x.ckpt", "--trainer.max_steps=3"]) == \
+        "vidalign fit --config 'a b.yaml' --trainer.max_steps=3 --ckpt_path last"
