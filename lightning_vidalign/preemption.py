@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import lightning as L
 
@@ -87,14 +88,16 @@ class PreemptionCheckpoint(L.Callback):
             return
         path = self.save(trainer)
         self.saved_path, self.preempted = path, True
-        log.warning("PreemptionCheckpoint: %s received; checkpoint written to %s; stopping", self.signal_name, path)
+        log.warning("PreemptionCheckpoint [%s, rank %d]: %s received; checkpoint written to %s; stopping", time.strftime("%H:%M:%S"),
+                    trainer.global_rank, self.signal_name, path)
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and (self.requeue == "always" or (self.requeue == "auto" and job)):
             if not job:
                 log.error("PreemptionCheckpoint: requeue='always' but SLURM_JOB_ID is not set")
             else:
                 result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                log.warning("PreemptionCheckpoint: scontrol requeue %s -> rc %d %s", job, result.returncode, result.stderr.strip())
+                log.warning("PreemptionCheckpoint [%s]: scontrol requeue %s -> rc %d %s", time.strftime("%H:%M:%S"), job, result.returncode,
+                            result.stderr.strip())
         trainer.should_stop = True
 
 
@@ -143,10 +146,16 @@ class InterruptCheckpoint(PreemptionCheckpoint):
         self.signals = tuple(signals)
         self.received: int | None = None  # the first signal's number
         self._previous_handlers: dict[int, object] = {}
+        self._trainer: L.Trainer | None = None
 
     def _handler(self, signum, frame) -> None:
         import sys
 
+        if self.received is None and self._stopping():
+            # the run already stops at a saved batch (a SLURM preemption: `scontrol requeue` cancels the job, whose tasks
+            # then get SIGTERM): let every rank finish its shutdown together (a rank killed here would leave the others
+            # waiting in the last barrier until SLURM's SIGKILL)
+            return
         if self.received is not None:  # a second signal: stop at once
             self._restore()
             if signum == signal.SIGINT:
@@ -158,10 +167,16 @@ class InterruptCheckpoint(PreemptionCheckpoint):
         print(f"\nvidalign: {name} received: the current batch finishes, then last.ckpt is saved and the run stops "
               f"({'Ctrl-C' if signum == signal.SIGINT else name} again: stop at once, without saving)", file=sys.stderr, flush=True)
 
+    def _stopping(self) -> bool:
+        """Whether a callback of this run (a :class:`PreemptionCheckpoint`) already saved and stops it."""
+        trainer = self._trainer
+        return trainer is not None and any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pass  # (handlers from on_train_start: after Lightning's own SIGTERM handler, which they replace during training)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
         if threading.current_thread() is not threading.main_thread():
             log.warning("InterruptCheckpoint: not in the main thread, %s not handled", ", ".join(self.signals))
             return
@@ -174,9 +189,6 @@ class InterruptCheckpoint(PreemptionCheckpoint):
             for num, previous in self._previous_handlers.items():
                 signal.signal(num, previous)
         self._previous_handlers = {}
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
