@@ -331,8 +331,12 @@ def main(args: list[str] | None = None) -> None:
         cause = user_error(e)
         if cause is None or os.environ.get("VIDALIGN_TRACEBACK"):
             raise
+        from lightning_vidalign.rewards.remote import RemoteRewardError
+
         print(f"vidalign: {type(cause).__name__}: {_message(cause)}", file=sys.stderr)
-        print("(bad input: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)", file=sys.stderr)
+        # labelled by cause: a service that is down or failing is not the user's input
+        label = "a service the run uses failed" if isinstance(cause, RemoteRewardError) else "bad input"
+        print(f"({label}: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         INVOCATION.clear()  # a later use of the package from Python is not this command

@@ -122,8 +122,28 @@ def resume_command(argv: list[str] | None = None) -> str:
     return "vidalign " + " ".join(shlex.quote(a) for a in out + ["--ckpt_path", "last"])
 
 
+def _frozen_copy(value):
+    """A copy of a checkpoint dict that later training cannot change: tensors cloned to CPU, containers rebuilt,
+    other values deep-copied where they can be (kept as they are where they cannot, e.g. a lambda in the hyperparameters)."""
+    import copy
+
+    import torch
+
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if type(value) is dict:
+        return {k: _frozen_copy(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_frozen_copy(v) for v in value)
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - not copyable (a lambda, a lock): not changed by training either
+        return value
+
+
 class InterruptCheckpoint(PreemptionCheckpoint):
-    """Ctrl-C (SIGINT) and SIGTERM stop a run at a consistent point and keep it (issue 36).
+    """Ctrl-C (SIGINT) and SIGTERM stop a run at a consistent point and keep it, and so does an error inside a batch
+    (issue 36).
 
     The first signal only sets a flag and says what happens; the current batch finishes, all ranks agree at its end
     (:class:`PreemptionCheckpoint`'s protocol: any rank flagged stops them all), save ``last.ckpt`` where
@@ -133,13 +153,31 @@ class InterruptCheckpoint(PreemptionCheckpoint):
     action). Without it, Lightning stops on Ctrl-C mid-batch and saves nothing: every batch since the last periodic
     checkpoint was lost. ``vidalign fit`` adds it to every run. Our design, after the SLURM preemption path.
 
+    **An error inside a batch** (the reward service down after its retries, a non-finite loss with
+    ``on_nonfinite="raise"``, a video that does not decode): the state at the end of the last completed batch is
+    written to ``last.ckpt`` (nothing of the failed batch in it: an in-memory copy of the checkpoint taken at every
+    batch end, the content ``trainer.save_checkpoint`` writes there) and the resume command is printed; the error
+    then ends the run as before. The copy costs one checkpoint's size in CPU memory and a copy per batch: with
+    ``error_checkpoint="auto"`` it is kept when the trainable parameters take at most ``auto_limit_gb`` (fp32 with
+    AdamW's two moments: LoRA runs; full fine-tuning of a real model falls back to the last periodic checkpoint).
+    Written by global rank 0 when the error reaches it (a service down for every rank does; an error on another rank
+    alone ends the run as before). A second Ctrl-C (abort) saves nothing.
+
     Args:
         dirpath, filename: as :class:`PreemptionCheckpoint` (default: the ``ModelCheckpoint``'s ``last.ckpt``).
         signals: the signal names handled.
+        error_checkpoint: ``"auto"``, True or False (above).
+        auto_limit_gb: the ``"auto"`` bound in GB of ``3 × 4`` bytes per trainable parameter.
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt", signals: tuple[str, ...] = ("SIGINT", "SIGTERM")):
+    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt", signals: tuple[str, ...] = ("SIGINT", "SIGTERM"),
+                 error_checkpoint: bool | str = "auto", auto_limit_gb: float = 2.0):
         super().__init__(dirpath=dirpath, filename=filename, signal_name=signals[0], requeue="never")
+        if error_checkpoint not in (True, False, "auto"):
+            raise ValueError(f"InterruptCheckpoint: error_checkpoint must be True, False or 'auto', got {error_checkpoint!r}")
+        self.error_checkpoint, self.auto_limit_gb = error_checkpoint, float(auto_limit_gb)
+        self._snapshot: tuple[int, dict] | None = None  # (global step, checkpoint) at the last batch end
+        self.error_saved_path: str | None = None
         for name in signals:
             if not hasattr(signal, name):
                 raise ValueError(f"InterruptCheckpoint: unknown signal {name!r}")
@@ -190,14 +228,34 @@ class InterruptCheckpoint(PreemptionCheckpoint):
                 signal.signal(num, previous)
         self._previous_handlers = {}
 
+    def keeps_snapshots(self, pl_module: L.LightningModule) -> bool:
+        """Whether the batch-end copy is kept (``error_checkpoint``; ``"auto"``: trainable parameters within the bound)."""
+        if self.error_checkpoint != "auto":
+            return bool(self.error_checkpoint)
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        return 12 * trainable / 1e9 <= self.auto_limit_gb
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+        if self._snapshot is None or not isinstance(exception, Exception) or self.preempted:
+            return  # (no completed batch yet, an abort (KeyboardInterrupt), or already saved by a signal)
+        step, checkpoint = self._snapshot
+        path = self.checkpoint_path(trainer)
+        if trainer.is_global_zero:
+            import sys
+
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            self.error_saved_path = path
+            print(f"vidalign: the run stopped on an error in batch {step + 1}; the state after batch {step} is saved in {path}\n"
+                  f"  resume (once the cause is fixed): {resume_command()}", file=sys.stderr, flush=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            if self.keeps_snapshots(pl_module):  # every rank dumps (the dump gathers); rank 0's copy is the one written
+                self._snapshot = (trainer.global_step, _frozen_copy(trainer._checkpoint_connector.dump_checkpoint(weights_only=False)))
             return
         path = self.save(trainer)
         self.saved_path, self.preempted = path, True
