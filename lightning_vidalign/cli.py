@@ -136,6 +136,8 @@ class VidAlignCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.get("trainer", {}).get("default_root_dir") or os.getcwd()
         _fill_run_dir(config, str(run_dir))
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            self.continue_tracker_run(config, str(run_dir))
         if self.subcommand == "fit" and not config.get("ckpt_path"):
             refuse_used_run_folder(config, str(run_dir))
         elif self.subcommand == "fit" and config.get("ckpt_path") == "last":
@@ -146,6 +148,28 @@ class VidAlignCLI(LightningCLI):
 
                 rank_zero_info(f"--ckpt_path last: no last.ckpt in {folders[0] if len(folders) == 1 else folders} yet, "
                                "so a new run starts there")
+
+    @staticmethod
+    def continue_tracker_run(config, run_dir: str) -> str | None:
+        """A resumed ``fit`` (``--ckpt_path``) logging to Weights & Biases continues the W&B run of the run folder: the
+        ``WandbLogger``'s ``id`` (unless given) is read from ``<save_dir>/wandb/latest-run`` (W&B's link to the last
+        run folder, ``[offline-]run-<time>-<id>``); Lightning's logger resumes it (``resume="allow"``). Returns the
+        id, or None (another logger, an id given, or no earlier W&B run there). Our choice."""
+        logger = (config.get("trainer") or {}).get("logger")
+        if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("WandbLogger"):
+            return None
+        init = logger.get("init_args")
+        if init is None or init.get("id") or init.get("version"):
+            return None
+        latest = os.path.join(str(init.get("save_dir") or init.get("dir") or run_dir), "wandb", "latest-run")
+        if not os.path.exists(latest):
+            return None
+        run_id = os.path.basename(os.path.realpath(latest)).rsplit("-", 1)[-1]
+        init["id"] = run_id
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"W&B: the resumed run logs to the W&B run {run_id} of {os.path.dirname(latest)}")
+        return run_id
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Lightning's run of the subcommand; a ``fit`` that fails before its first training step removes the

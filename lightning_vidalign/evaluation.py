@@ -115,16 +115,18 @@ class EvaluationMixin:
         return labels
 
     def log_videos(self, tag: str, samples: list[tuple[Tensor, Tensor, list[str]]]) -> None:
-        """Log ``[real | generated]`` side by side as GIFs to every TensorBoard logger: tag ``<tag>/<k>_<clip name>``,
-        with a description (TensorBoard's card info) saying left = the real clip, right = the model's sample from its
-        condition, the clip, start and caption, and the fixed seed."""
+        """Log ``[real | generated]`` side by side as GIFs to every TensorBoard and Weights & Biases logger: tag
+        ``<tag>/<k>_<clip name>``, with a description (TensorBoard's card info, W&B's caption) saying left = the real
+        clip, right = the model's sample from its condition, the clip, start and caption, and the fixed seed."""
         import re
 
-        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+        from lightning_vidalign.utils import log_gif_to_wandb
 
         fps = float(getattr(self.backbone, "fps", 7))
         for logger in self.loggers:
-            if not isinstance(logger, TensorBoardLogger):
+            if not isinstance(logger, (TensorBoardLogger, WandbLogger)):
                 continue
             k = 0
             for real, fake, labels in samples:
@@ -132,6 +134,9 @@ class EvaluationMixin:
                     name = re.sub(r"[^-\w.]", "_", label.split(":")[0])[:48]
                     description = (f"left: the real clip ({label}); right: the model's sample at step {self.global_step} from the "
                                    f"same condition (first frame / caption), same noise at every evaluation (seed {self.seed})")
-                    add_gif_summary(logger.experiment, f"{tag}/{k}_{name}", torch.cat([r, f], dim=-1), self.global_step, fps,
-                                    description=description)
+                    if isinstance(logger, TensorBoardLogger):
+                        add_gif_summary(logger.experiment, f"{tag}/{k}_{name}", torch.cat([r, f], dim=-1), self.global_step, fps,
+                                        description=description)
+                    else:
+                        log_gif_to_wandb(logger, f"{tag}/{k}_{name}", torch.cat([r, f], dim=-1), self.global_step, fps, description=description)
                     k += 1

@@ -74,6 +74,23 @@ def add_gif_summary(writer, tag: str, video: Tensor, step: int, fps: float = 7.0
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)]), step)
 
 
+def log_gif_to_wandb(logger, tag: str, video: Tensor, step: int, fps: float = 7.0, description: str | None = None) -> None:
+    """Log a video to a Lightning ``WandbLogger`` as an animated GIF (``wandb.Video`` of a GIF file: no moviepy), with
+    ``description`` as its caption; under ``step`` (the trainer's global step, W&B's ``trainer/global_step`` axis).
+
+    Args:
+        logger: a ``lightning.pytorch.loggers.WandbLogger``.
+        tag, step, fps, description: as :func:`add_gif_summary`; video ``(T, 3, H, W)`` in ``[0, 1]``.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:  # wandb.Video copies the file into the run's media folder
+        path = os.path.join(folder, "sample.gif")
+        with open(path, "wb") as f:
+            f.write(video_to_gif(video, fps))
+        logger.log_video(key=tag, videos=[path], step=step, caption=[description or ""], format=["gif"])
+
+
 class SavedActivationTracker:
     """Peak bytes of the tensors the autograd graph keeps for backward ("activation memory").
 

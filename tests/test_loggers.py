@@ -1,0 +1,87 @@
+"""Experiment trackers besides TensorBoard (issue 36): `--config configs/loggers/wandb.yaml` as a user runs it, W&B
+offline (no account): the scalars, the sample videos (GIFs with their caption) reach the W&B run, read back from the
+offline run's own files; a resumed run (`--ckpt_path last`) continues the same W&B run. (MLflow: not yet, see
+docs/cli.md.)"""
+import glob
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIDALIGN = shutil.which("vidalign", path=os.path.dirname(sys.executable)) or shutil.which("vidalign")
+
+
+def wandb_records(path: str) -> list:
+    """The records of a W&B ``.wandb`` file (a LevelDB-style log of 32 KiB blocks after a 7-byte header, each record
+    a ``wandb_internal_pb2.Record``), in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and version == 0, (ident, magic, version)
+    pos, records, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:  # padding to the block's end
+            pos += left - 7
+            continue
+        chunk, pos = data[pos : pos + length], pos + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL / FIRST start a record, MIDDLE / LAST continue it
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+    return records
+
+
+def history(path: str) -> list[dict]:
+    rows = []
+    for rec in wandb_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
+    return rows
+
+
+def _fit(run, *extra):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    args = ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--config", f"{ROOT}/configs/loggers/wandb.yaml", "--trainer.default_root_dir", str(run),
+            "--data.init_args.shot_detector", "histogram", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--model.init_args.val_num_videos", "1", *extra]
+    return subprocess.run([VIDALIGN, *args], cwd=str(run.parent), env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_wandb_offline_receives_scalars_and_videos_and_a_resumed_run_continues_it(tmp_path):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    first = _fit(run, "--trainer.max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted(glob.glob(str(run / "wandb" / "offline-run-*")))
+    assert len(runs) == 1 and not (run / "tb").exists()  # W&B in place of TensorBoard
+    run_id = runs[0].rsplit("-", 1)[1]
+    rows = history(glob.glob(os.path.join(runs[0], "*.wandb"))[0])
+    keys = set().union(*rows)
+    assert {"train/loss", "trainer/global_step", "val/loss"} <= keys, sorted(keys)
+    videos = [(k, v) for row in rows for k, v in row.items() if k.startswith("val/samples/")]
+    assert videos, sorted(keys)
+    key, video = videos[0]
+    entry = video[0] if isinstance(video, list) else video
+    assert "left: the real clip" in json.dumps(video) and os.path.isfile(os.path.join(runs[0], "files", entry.get("path", "")) if isinstance(entry, dict) and "path" in entry else "")
+    assert glob.glob(os.path.join(runs[0], "files", "media", "videos", "**", "*.gif"), recursive=True)
+    # resume: the same W&B run goes on
+    second = _fit(run, "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"W&B: the resumed run logs to the W&B run {run_id}" in second.stdout + second.stderr
+    runs2 = sorted(glob.glob(str(run / "wandb" / "offline-run-*")))
+    assert len(runs2) == 2 and all(r.endswith(run_id) for r in runs2)
+    steps = [row["trainer/global_step"] for row in history(glob.glob(os.path.join(runs2[1], "*.wandb"))[0]) if "train/loss" in row]
+    assert steps and max(steps) == 2  # (the third batch: global step counted from 0 in the logged rows)
