@@ -172,7 +172,7 @@ class ViPO(GRPO):
         self.rounds += 1
         self.log("vipo/map_mean", self.round_maps.mean(), batch_size=videos.shape[0])
         if self.log_map_every and (self.rounds - 1) % self.log_map_every == 0 and self.global_rank == 0:
-            from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+            from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
             image = torch.cat(list(self.round_maps[0]), dim=-1).unsqueeze(0)  # (1, h, T'·w)
             for logger in self.loggers:
@@ -180,6 +180,8 @@ class ViPO(GRPO):
                     logger.experiment.add_image("vipo/map", image.cpu(), self.global_step)
                 elif isinstance(logger, WandbLogger):
                     logger.log_image(key="vipo/map", images=[image[0].float().cpu().numpy()], step=self.global_step)
+                elif isinstance(logger, MLFlowLogger):
+                    logger.experiment.log_image(logger.run_id, image[0].float().clamp(0, 1).cpu().numpy(), f"vipo/map_step{self.global_step}.png")
 
     def policy_loss(self, log_prob, old_log_prob, advantages, x_next, mean, std):
         maps = self.round_maps[self.current_index].unsqueeze(2)  # (n, T', 1, h, w), broadcast over channels

@@ -8,7 +8,7 @@ import os
 import sys
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_vidalign.module import VideoAlignModule
 from lightning_vidalign.preemption import InterruptCheckpoint
@@ -31,6 +31,31 @@ def _fill_run_dir(node, run_dir: str):
             node[key] = value.replace(RUN_DIR, run_dir)
         elif hasattr(value, "items") or isinstance(value, list):
             _fill_run_dir(value, run_dir)
+
+
+class RunFolderSaveConfig(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` writing ``config.yaml`` to the logger's folder as before (``tb/version_N``),
+    or to the run folder (``trainer.default_root_dir``) when the logger has no local folder: an MLflow server or
+    W&B; Lightning's asserts there. Our choice."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["save_to_log_dir"] = False  # (the folder is chosen in setup, on every rank: trainer.log_dir broadcasts)
+        super().__init__(*args, **kwargs)
+        self._folder: str | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved:
+            self._folder = trainer.log_dir or trainer.default_root_dir
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        os.makedirs(self._folder, exist_ok=True)
+        self.parser.save(self.config, os.path.join(self._folder, self.config_filename), skip_none=False, overwrite=self.overwrite,
+                         multifile=self.multifile)
+
+
+#: the file of the run folder that names its MLflow run (VidAlignCLI.before_fit)
+MLFLOW_RUN_FILE = "mlflow_run_id"
 
 
 class UsageError(ValueError):
@@ -84,6 +109,7 @@ class VidAlignCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunFolderSaveConfig)
         # the optimizer and its warm-up belong to the module (--model.init_args.optimizer / lr_scheduler): Lightning's
         # top-level --optimizer replaced configure_optimizers and silently dropped the module's schedule
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -151,11 +177,22 @@ class VidAlignCLI(LightningCLI):
 
     @staticmethod
     def continue_tracker_run(config, run_dir: str) -> str | None:
-        """A resumed ``fit`` (``--ckpt_path``) logging to Weights & Biases continues the W&B run of the run folder: the
+        """A resumed ``fit`` (``--ckpt_path``) continues the tracker run of the run folder: Weights & Biases — the
         ``WandbLogger``'s ``id`` (unless given) is read from ``<save_dir>/wandb/latest-run`` (W&B's link to the last
-        run folder, ``[offline-]run-<time>-<id>``); Lightning's logger resumes it (``resume="allow"``). Returns the
-        id, or None (another logger, an id given, or no earlier W&B run there). Our choice."""
+        run folder, ``[offline-]run-<time>-<id>``; Lightning's logger resumes it, ``resume="allow"``); MLflow — the
+        ``MLFlowLogger``'s ``run_id`` (unless given) from ``<run_dir>/mlflow_run_id``, written at the first start
+        (:meth:`before_fit`). Returns the id, or None (another logger, an id given, or no earlier run). Our choice."""
         logger = (config.get("trainer") or {}).get("logger")
+        if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("MLFlowLogger"):
+            init = logger.get("init_args")
+            path = os.path.join(run_dir, MLFLOW_RUN_FILE)
+            if init is None or init.get("run_id") or not os.path.isfile(path):
+                return None
+            init["run_id"] = open(path).read().strip()
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"MLflow: the resumed run logs to the MLflow run {init['run_id']} (from {path})")
+            return init["run_id"]
         if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("WandbLogger"):
             return None
         init = logger.get("init_args")
@@ -170,6 +207,17 @@ class VidAlignCLI(LightningCLI):
 
         rank_zero_info(f"W&B: the resumed run logs to the W&B run {run_id} of {os.path.dirname(latest)}")
         return run_id
+
+    def before_fit(self) -> None:
+        """Record the MLflow run's id in ``<run_dir>/mlflow_run_id`` (global rank 0), for a resumed fit to continue it
+        (:meth:`continue_tracker_run`)."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero and logger.run_id:
+                os.makedirs(self.trainer.default_root_dir, exist_ok=True)
+                with open(os.path.join(self.trainer.default_root_dir, MLFLOW_RUN_FILE), "w") as f:
+                    f.write(logger.run_id + "\n")
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Lightning's run of the subcommand; a ``fit`` that fails before its first training step removes the

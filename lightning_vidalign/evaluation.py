@@ -115,18 +115,19 @@ class EvaluationMixin:
         return labels
 
     def log_videos(self, tag: str, samples: list[tuple[Tensor, Tensor, list[str]]]) -> None:
-        """Log ``[real | generated]`` side by side as GIFs to every TensorBoard and Weights & Biases logger: tag
-        ``<tag>/<k>_<clip name>``, with a description (TensorBoard's card info, W&B's caption) saying left = the real
-        clip, right = the model's sample from its condition, the clip, start and caption, and the fixed seed."""
+        """Log ``[real | generated]`` side by side as GIFs to every TensorBoard, Weights & Biases and MLflow logger: tag
+        ``<tag>/<k>_<clip name>``, with a description (TensorBoard's card info, W&B's caption, a text artifact beside
+        MLflow's GIF artifact) saying left = the real clip, right = the model's sample from its condition, the clip,
+        start and caption, and the fixed seed."""
         import re
 
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
-        from lightning_vidalign.utils import log_gif_to_wandb
+        from lightning_vidalign.utils import log_gif_to_mlflow, log_gif_to_wandb
 
         fps = float(getattr(self.backbone, "fps", 7))
         for logger in self.loggers:
-            if not isinstance(logger, (TensorBoardLogger, WandbLogger)):
+            if not isinstance(logger, (TensorBoardLogger, WandbLogger, MLFlowLogger)):
                 continue
             k = 0
             for real, fake, labels in samples:
@@ -138,5 +139,6 @@ class EvaluationMixin:
                         add_gif_summary(logger.experiment, f"{tag}/{k}_{name}", torch.cat([r, f], dim=-1), self.global_step, fps,
                                         description=description)
                     else:
-                        log_gif_to_wandb(logger, f"{tag}/{k}_{name}", torch.cat([r, f], dim=-1), self.global_step, fps, description=description)
+                        log = log_gif_to_wandb if isinstance(logger, WandbLogger) else log_gif_to_mlflow
+                        log(logger, f"{tag}/{k}_{name}", torch.cat([r, f], dim=-1), self.global_step, fps, description=description)
                     k += 1

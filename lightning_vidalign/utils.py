@@ -91,6 +91,25 @@ def log_gif_to_wandb(logger, tag: str, video: Tensor, step: int, fps: float = 7.
         logger.log_video(key=tag, videos=[path], step=step, caption=[description or ""], format=["gif"])
 
 
+def log_gif_to_mlflow(logger, tag: str, video: Tensor, step: int, fps: float = 7.0, description: str | None = None) -> None:
+    """Log a video to a Lightning ``MLFlowLogger`` as run artifacts: ``<tag>/step<step>.gif`` and its description
+    ``<tag>/step<step>.txt`` (MLflow has no video type; its UI previews GIFs).
+
+    Args:
+        logger: a ``lightning.pytorch.loggers.MLFlowLogger``.
+        tag, step, fps, description: as :func:`add_gif_summary`; video ``(T, 3, H, W)`` in ``[0, 1]``.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"step{step}.gif")
+        with open(path, "wb") as f:
+            f.write(video_to_gif(video, fps))
+        logger.experiment.log_artifact(logger.run_id, path, artifact_path=tag)
+    if description:
+        logger.experiment.log_text(logger.run_id, description, f"{tag}/step{step}.txt")
+
+
 class SavedActivationTracker:
     """Peak bytes of the tensors the autograd graph keeps for backward ("activation memory").
 

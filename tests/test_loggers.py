@@ -71,7 +71,7 @@ def test_wandb_offline_receives_scalars_and_videos_and_a_resumed_run_continues_i
     rows = history(glob.glob(os.path.join(runs[0], "*.wandb"))[0])
     keys = set().union(*rows)
     assert {"train/loss", "trainer/global_step", "val/loss"} <= keys, sorted(keys)
-    videos = [(k, v) for row in rows for k, v in row.items() if k.startswith("val/samples/")]
+    videos = [(k, v) for row in rows for k, v in row.items() if k.startswith("val/samples/") and k.endswith("/videos")]
     assert videos, sorted(keys)
     key, video = videos[0]
     entry = video[0] if isinstance(video, list) else video
@@ -85,3 +85,73 @@ def test_wandb_offline_receives_scalars_and_videos_and_a_resumed_run_continues_i
     assert len(runs2) == 2 and all(r.endswith(run_id) for r in runs2)
     steps = [row["trainer/global_step"] for row in history(glob.glob(os.path.join(runs2[1], "*.wandb"))[0]) if "train/loss" in row]
     assert steps and max(steps) == 2  # (the third batch: global step counted from 0 in the logged rows)
+
+
+def _mlflow_server(folder, port):
+    exe = shutil.which("mlflow", path=os.path.dirname(sys.executable))
+    proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=str(folder), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    import time
+    import urllib.request
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+    raise AssertionError("mlflow server did not come up")
+
+
+def _rest(port, path, body=None):
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}", data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    return json.load(urllib.request.urlopen(req, timeout=30))
+
+
+def test_mlflow_server_receives_scalars_and_video_artifacts_and_a_resumed_run_continues_it(tmp_path):
+    """A local MLflow tracking server (SQLite store) started here; `--config configs/loggers/mlflow.yaml` with
+    MLFLOW_TRACKING_URI pointing at it; the metrics and artifacts read back through the server's REST API."""
+    pytest.importorskip("mlflow")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "server").mkdir()
+    server = _mlflow_server(tmp_path / "server", port)
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "1"}
+        run = tmp_path / "run"
+
+        def fit(*extra):
+            args = ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--config", f"{ROOT}/configs/loggers/mlflow.yaml", "--trainer.default_root_dir", str(run),
+                    "--data.init_args.shot_detector", "histogram", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                    "--model.init_args.val_num_videos", "1", *extra]
+            return subprocess.run([VIDALIGN, *args], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+
+        first = fit("--trainer.max_steps", "2")
+        assert first.returncode == 0, first.stderr[-3000:]
+        run_id = (run / "mlflow_run_id").read_text().strip()
+        got = _rest(port, f"runs/get?run_id={run_id}")["run"]
+        assert got["info"]["status"] == "FINISHED" and {m["key"] for m in got["data"]["metrics"]} >= {"train/loss", "val/loss"}
+        loss = _rest(port, f"metrics/get-history?run_id={run_id}&metric_key=train/loss")["metrics"]
+        assert sorted(m["step"] for m in loss) == [0, 1]
+        samples = _rest(port, f"artifacts/list?run_id={run_id}&path=val/samples")["files"]
+        assert samples, "no sample artifacts"
+        files = _rest(port, f"artifacts/list?run_id={run_id}&path={samples[0]['path']}")["files"]
+        assert {os.path.basename(f["path"]) for f in files} == {"step2.gif", "step2.txt"}
+        second = fit("--trainer.max_steps", "3", "--ckpt_path", "last")
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert f"MLflow: the resumed run logs to the MLflow run {run_id}" in second.stdout + second.stderr
+        loss = _rest(port, f"metrics/get-history?run_id={run_id}&metric_key=train/loss")["metrics"]
+        assert sorted(m["step"] for m in loss) == [0, 1, 2]  # the same run, continued
+        runs = _rest(port, "runs/search", {"experiment_ids": [got["info"]["experiment_id"]]})["runs"]
+        assert len(runs) == 1
+    finally:
+        server.kill()
