@@ -72,11 +72,12 @@ class PreemptionCheckpoint(L.Callback):
         """Save the run's state at this batch end on every rank; returns the file. With a ``ModelCheckpoint`` that keeps
         ``last.ckpt`` (``save_last``) and no ``dirpath``/``filename`` of ours, that callback writes it (its own file,
         ``last_model_path`` and bookkeeping: it then writes no ``last-v1.ckpt`` of the stopped state at the end of
-        training); otherwise :meth:`checkpoint_path`."""
+        training; ``save_last="link"`` is not handed over: it links to the last periodic file, an older state);
+        otherwise :meth:`checkpoint_path`."""
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         keeper = trainer.checkpoint_callback
-        if isinstance(keeper, ModelCheckpoint) and keeper.save_last and self.dirpath is None and self.filename == "last.ckpt":
+        if isinstance(keeper, ModelCheckpoint) and keeper.save_last is True and self.dirpath is None and self.filename == "last.ckpt":
             keeper._save_last_checkpoint(trainer, keeper._monitor_candidates(trainer))  # (Lightning's own last-checkpoint path)
             return keeper.last_model_path
         path = self.checkpoint_path(trainer)
@@ -98,12 +99,21 @@ class PreemptionCheckpoint(L.Callback):
                 result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 log.warning("PreemptionCheckpoint [%s]: scontrol requeue %s -> rc %d %s", time.strftime("%H:%M:%S"), job, result.returncode,
                             result.stderr.strip())
-        trainer.should_stop = True
+        stop_now(trainer)
 
 
-def resume_command(argv: list[str] | None = None) -> str:
+def stop_now(trainer: L.Trainer) -> None:
+    """Stop after this batch without the validation Lightning would still run at this step (sampling videos and the
+    held-out metrics can outlast a scheduler's grace period; the saved state does not include them either)."""
+    trainer.should_stop = True
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    if epoch_loop is not None and hasattr(epoch_loop, "_skip_next_val"):
+        epoch_loop._skip_next_val = True  # (Lightning 2.6's own flag for this)
+
+
+def resume_command(argv: list[str] | None = None, checkpoint: str = "last") -> str:
     """The command that resumes this run: ``vidalign`` with this command's arguments, any ``--ckpt_path`` replaced by
-    ``--ckpt_path last`` (the file the interrupt wrote)."""
+    ``--ckpt_path <checkpoint>`` (``last``, or the file the interrupt wrote when no ``ModelCheckpoint`` finds it)."""
     import shlex
     import sys
 
@@ -119,7 +129,7 @@ def resume_command(argv: list[str] | None = None) -> str:
         if arg.startswith("--ckpt_path="):
             continue
         out.append(arg)
-    return "vidalign " + " ".join(shlex.quote(a) for a in out + ["--ckpt_path", "last"])
+    return "vidalign " + " ".join(shlex.quote(a) for a in out + ["--ckpt_path", checkpoint])
 
 
 def _frozen_copy(value):
@@ -159,9 +169,11 @@ class InterruptCheckpoint(PreemptionCheckpoint):
     batch end, the content ``trainer.save_checkpoint`` writes there) and the resume command is printed; the error
     then ends the run as before. The copy costs one checkpoint's size in CPU memory and a copy per batch: with
     ``error_checkpoint="auto"`` it is kept when the trainable parameters take at most ``auto_limit_gb`` (fp32 with
-    AdamW's two moments: LoRA runs; full fine-tuning of a real model falls back to the last periodic checkpoint).
-    Written by global rank 0 when the error reaches it (a service down for every rank does; an error on another rank
-    alone ends the run as before). A second Ctrl-C (abort) saves nothing.
+    AdamW's two moments: LoRA runs; full fine-tuning of a real model falls back to the last periodic checkpoint), and
+    only on one device or under DDP (FSDP2's dump gathers every parameter; DeepSpeed and distributed checkpoints are
+    folders: there the last periodic checkpoint remains). Kept and written by global rank 0 when the error reaches it
+    (a service down for every rank does; an error on another rank alone ends the run as before). A second Ctrl-C
+    (abort) saves nothing. A stop skips the validation Lightning would still run at that step.
 
     Args:
         dirpath, filename: as :class:`PreemptionCheckpoint` (default: the ``ModelCheckpoint``'s ``last.ckpt``).
@@ -187,8 +199,6 @@ class InterruptCheckpoint(PreemptionCheckpoint):
         self._trainer: L.Trainer | None = None
 
     def _handler(self, signum, frame) -> None:
-        import sys
-
         if self.received is None and self._stopping():
             # the run already stops at a saved batch (a SLURM preemption: `scontrol requeue` cancels the job, whose tasks
             # then get SIGTERM): let every rank finish its shutdown together (a rank killed here would leave the others
@@ -198,12 +208,14 @@ class InterruptCheckpoint(PreemptionCheckpoint):
             self._restore()
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)  # (not Lightning's SIGTERM handler, which would go on to the batch end)
             os.kill(os.getpid(), signum)
             return
         self.received, self.requested = signum, True
         name = signal.Signals(signum).name
-        print(f"\nvidalign: {name} received: the current batch finishes, then last.ckpt is saved and the run stops "
-              f"({'Ctrl-C' if signum == signal.SIGINT else name} again: stop at once, without saving)", file=sys.stderr, flush=True)
+        # os.write: a print here could re-enter a write of the progress bar that the signal interrupted
+        os.write(2, (f"\nvidalign: {name} received: the current batch finishes, then last.ckpt is saved and the run stops "
+                     f"({'Ctrl-C' if signum == signal.SIGINT else name} again: stop at once, without saving)\n").encode())
 
     def _stopping(self) -> bool:
         """Whether a callback of this run (a :class:`PreemptionCheckpoint`) already saved and stops it."""
@@ -215,6 +227,8 @@ class InterruptCheckpoint(PreemptionCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer = trainer
+        self.requested, self.preempted, self.received, self._snapshot = False, False, None, None  # (each fit afresh)
+        self.saved_path = self.error_saved_path = None
         if threading.current_thread() is not threading.main_thread():
             log.warning("InterruptCheckpoint: not in the main thread, %s not handled", ", ".join(self.signals))
             return
@@ -228,10 +242,17 @@ class InterruptCheckpoint(PreemptionCheckpoint):
                 signal.signal(num, previous)
         self._previous_handlers = {}
 
-    def keeps_snapshots(self, pl_module: L.LightningModule) -> bool:
-        """Whether the batch-end copy is kept (``error_checkpoint``; ``"auto"``: trainable parameters within the bound)."""
-        if self.error_checkpoint != "auto":
-            return bool(self.error_checkpoint)
+    def keeps_snapshots(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Whether the batch-end copy is kept: only under a strategy that writes the checkpoint as one file through its
+        ``checkpoint_io`` and dumps it cheaply (one device, DDP): FSDP2's dump gathers every parameter, frozen ones
+        included, and DeepSpeed / distributed checkpoints are folders. Then ``error_checkpoint``; ``"auto"``:
+        trainable parameters within the bound."""
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        if not self.error_checkpoint or not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            return False
+        if self.error_checkpoint is True:
+            return True
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         return 12 * trainable / 1e9 <= self.auto_limit_gb
 
@@ -244,18 +265,35 @@ class InterruptCheckpoint(PreemptionCheckpoint):
         if trainer.is_global_zero:
             import sys
 
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            try:
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            except Exception as e:  # noqa: BLE001 - logged; the run's own error is the one to report
+                log.error("InterruptCheckpoint: the state after batch %d could not be written to %s: %s", step, path, e)
+                return
             self.error_saved_path = path
             print(f"vidalign: the run stopped on an error in batch {step + 1}; the state after batch {step} is saved in {path}\n"
-                  f"  resume (once the cause is fixed): {resume_command()}", file=sys.stderr, flush=True)
+                  f"  resume (once the cause is fixed): {resume_command(checkpoint=self.resume_argument(trainer, path))}",
+                  file=sys.stderr, flush=True)
+
+    @staticmethod
+    def resume_argument(trainer: L.Trainer, path: str) -> str:
+        """``last`` when the run's ``ModelCheckpoint`` keeps ``path`` (``--ckpt_path last`` finds it), else the file."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        keeper = trainer.checkpoint_callback
+        if isinstance(keeper, ModelCheckpoint) and keeper.dirpath and os.path.abspath(os.path.dirname(path)) == os.path.abspath(keeper.dirpath) \
+                and os.path.basename(path).startswith("last"):
+            return "last"
+        return path
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            if self.keeps_snapshots(pl_module):  # every rank dumps (the dump gathers); rank 0's copy is the one written
-                self._snapshot = (trainer.global_step, _frozen_copy(trainer._checkpoint_connector.dump_checkpoint(weights_only=False)))
+            if self.keeps_snapshots(trainer, pl_module):  # every rank dumps (the dump may gather); rank 0 keeps the copy it writes
+                dumped = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                self._snapshot = (trainer.global_step, _frozen_copy(dumped) if trainer.is_global_zero else {})
             return
         path = self.save(trainer)
         self.saved_path, self.preempted = path, True
@@ -265,5 +303,5 @@ class InterruptCheckpoint(PreemptionCheckpoint):
             import sys
 
             print(f"vidalign: stopped after batch {trainer.global_step} ({signal.Signals(self.received).name}); the run is saved in {path}\n"
-                  f"  resume: {resume_command()}", file=sys.stderr, flush=True)
-        trainer.should_stop = True
+                  f"  resume: {resume_command(checkpoint=self.resume_argument(trainer, path))}", file=sys.stderr, flush=True)
+        stop_now(trainer)

@@ -146,12 +146,17 @@ def test_mlflow_server_receives_scalars_and_video_artifacts_and_a_resumed_run_co
         assert samples, "no sample artifacts"
         files = _rest(port, f"artifacts/list?run_id={run_id}&path={samples[0]['path']}")["files"]
         assert {os.path.basename(f["path"]) for f in files} == {"step2.gif", "step2.txt"}
-        second = fit("--trainer.max_steps", "3", "--ckpt_path", "last")
+        # resumed with a changed setting (extending the schedule, as docs/resume.md says): MLflow refuses to change a
+        # parameter; the new value is logged beside the first
+        second = fit("--trainer.max_steps", "3", "--ckpt_path", "last", "--model.init_args.lr_scheduler.init_args.total_steps", "50")
         assert second.returncode == 0, second.stderr[-3000:]
         assert f"MLflow: the resumed run logs to the MLflow run {run_id}" in second.stdout + second.stderr
         loss = _rest(port, f"metrics/get-history?run_id={run_id}&metric_key=train/loss")["metrics"]
         assert sorted(m["step"] for m in loss) == [0, 1, 2]  # the same run, continued
         runs = _rest(port, "runs/search", {"experiment_ids": [got["info"]["experiment_id"]]})["runs"]
         assert len(runs) == 1
+        params = {p["key"]: p["value"] for p in _rest(port, f"runs/get?run_id={run_id}")["run"]["data"]["params"]}
+        changed = [k for k in params if k.endswith("total_steps:resume1")]
+        assert len(changed) == 1 and params[changed[0]] == "50" and params[changed[0].split(":")[0]] == "40", changed
     finally:
         server.kill()
