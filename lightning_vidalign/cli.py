@@ -35,8 +35,9 @@ def _fill_run_dir(node, run_dir: str):
 
 class RunFolderSaveConfig(SaveConfigCallback):
     """Lightning's ``SaveConfigCallback`` writing ``config.yaml`` to the logger's folder as before (``tb/version_N``),
-    or to the run folder (``trainer.default_root_dir``) when the logger has no local folder: an MLflow server or
-    W&B; Lightning's asserts there. Our choice."""
+    or to the run folder (``trainer.default_root_dir``) when the logger has no local folder (an MLflow server, W&B;
+    Lightning's asserts there): a resumed launch then writes ``config.1.yaml``, ``config.2.yaml``, ... beside the
+    first. Our choice."""
 
     def __init__(self, *args, **kwargs):
         kwargs["save_to_log_dir"] = False  # (the folder is chosen in setup, on every rank: trainer.log_dir broadcasts)
@@ -50,8 +51,13 @@ class RunFolderSaveConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         os.makedirs(self._folder, exist_ok=True)
-        self.parser.save(self.config, os.path.join(self._folder, self.config_filename), skip_none=False, overwrite=self.overwrite,
-                         multifile=self.multifile)
+        path = os.path.join(self._folder, self.config_filename)
+        if self._folder != trainer.log_dir:  # the run folder, shared by the run's launches: a resume keeps the first's config
+            stem, ext = os.path.splitext(path)
+            n = 1
+            while os.path.exists(path):
+                path, n = f"{stem}.{n}{ext}", n + 1
+        self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
 
 
 #: the file of the run folder that names its MLflow run (VidAlignCLI.before_fit)
@@ -394,7 +400,15 @@ def main(args: list[str] | None = None) -> None:
 
             estimate(argv[1:])
             return
-        cli = VidAlignCLI(args=args)
+        from lightning_vidalign.preemption import ABORTED
+
+        ABORTED.clear()
+        try:
+            cli = VidAlignCLI(args=args)
+        except (SystemExit, KeyboardInterrupt):
+            if ABORTED:  # a second Ctrl-C / SIGTERM (Lightning exits 1 after its graceful shutdown): the shells' code
+                raise SystemExit(128 + ABORTED[-1]) from None
+            raise
         close_process_group()
         interrupted = [cb for cb in getattr(getattr(cli, "trainer", None), "callbacks", []) if isinstance(cb, InterruptCheckpoint) and cb.preempted]
         if interrupted:  # saved at a batch end after Ctrl-C / SIGTERM: not a finished run (130 / 143, the shells' convention)

@@ -111,6 +111,10 @@ def stop_now(trainer: L.Trainer) -> None:
         epoch_loop._skip_next_val = True  # (Lightning 2.6's own flag for this)
 
 
+#: the signals that aborted a run at once (a second Ctrl-C / SIGTERM): ``vidalign`` exits with ``128 + signal``
+ABORTED: list[int] = []
+
+
 def resume_command(argv: list[str] | None = None, checkpoint: str = "last") -> str:
     """The command that resumes this run: ``vidalign`` with this command's arguments, any ``--ckpt_path`` replaced by
     ``--ckpt_path <checkpoint>`` (``last``, or the file the interrupt wrote when no ``ModelCheckpoint`` finds it)."""
@@ -206,6 +210,11 @@ class InterruptCheckpoint(PreemptionCheckpoint):
             return
         if self.received is not None:  # a second signal: stop at once
             self._restore()
+            ABORTED.append(int(signum))
+            trainer = self._trainer
+            path = self.checkpoint_path(trainer) if trainer is not None else None
+            left = (f"{path} holds the last periodic save" if path and os.path.isfile(path) else "no checkpoint of this run was saved")
+            os.write(2, f"\nvidalign: second {signal.Signals(signum).name}: stopping now, without saving; {left}\n".encode())
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)  # (not Lightning's SIGTERM handler, which would go on to the batch end)

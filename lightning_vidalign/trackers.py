@@ -21,6 +21,16 @@ class MLFlowLogger(_LightningMLFlowLogger):
     its key) and named in the log, new ones are logged as usual. Our choice. Arguments: Lightning's ``MLFlowLogger``'s.
     """
 
+    def __init__(self, *args, **kwargs):
+        import os
+
+        uri = kwargs.get("tracking_uri", os.environ.get("MLFLOW_TRACKING_URI"))
+        if not uri and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):  # (MLflow 3 would refuse the folder store deep in a traceback)
+            raise ValueError("MLFlowLogger: no tracking server or database: set MLFLOW_TRACKING_URI (a server, e.g. http://127.0.0.1:5000, "
+                             "or a local database, e.g. sqlite:///runs/mlflow.db) or --trainer.logger.init_args.tracking_uri; MLflow 3 "
+                             "refuses its plain-folder store unless MLFLOW_ALLOW_FILE_STORE=true")
+        super().__init__(*args, **kwargs)
+
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict

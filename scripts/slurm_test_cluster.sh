@@ -30,7 +30,7 @@ stop() {
   done
 }
 
-if [ "$cmd" = stop ]; then stop; exit 0; fi
+if [ "$cmd" = stop ]; then stop; echo "slurm_test_cluster: stopped (the daemons of $dir; $dir/slurm.conf stays, unused)"; exit 0; fi
 if [ "$cmd" != start ]; then echo "slurm_test_cluster.sh: unknown command $cmd (start|stop)" >&2; exit 2; fi
 if [ "$(id -u)" != 0 ]; then echo "slurm_test_cluster.sh: runs the daemons as root (this single-host recipe has no SlurmUser setup)" >&2; exit 1; fi
 

@@ -193,5 +193,23 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_restored():
     with pytest.raises(KeyboardInterrupt):
         cb._handler(signal.SIGINT, None)
     assert signal.getsignal(signal.SIGINT) == previous  # restored before raising
+    from lightning_vidalign import cli, preemption
+
+    assert preemption.ABORTED == [signal.SIGINT]
+    # `vidalign` exits with the shells' code for it, whatever Lightning's graceful shutdown raised (it exits 1)
+    class Aborted:
+        def __init__(self, args=None):
+            preemption.ABORTED.append(signal.SIGINT)
+            raise SystemExit(1)
+
+    real = cli.VidAlignCLI
+    cli.VidAlignCLI = Aborted
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["fit"])
+    finally:
+        cli.VidAlignCLI = real
+        preemption.ABORTED.clear()
+    assert exit_info.value.code == 130
     assert resume_command(["fit", "--config", "a b.yaml", "--ckpt_path", "x.ckpt", "--trainer.max_steps=3"]) == \
         "vidalign fit --config 'a b.yaml' --trainer.max_steps=3 --ckpt_path last"
