@@ -43,16 +43,18 @@ class RunFolderSaveConfig(SaveConfigCallback):
         kwargs["save_to_log_dir"] = False  # (the folder is chosen in setup, on every rank: trainer.log_dir broadcasts)
         super().__init__(*args, **kwargs)
         self._folder: str | None = None
+        self._shared = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.already_saved:
-            self._folder = trainer.log_dir or trainer.default_root_dir
+            log_dir = trainer.log_dir  # (a collective: on every rank, once; never again in save_config, rank 0 only)
+            self._folder, self._shared = log_dir or trainer.default_root_dir, log_dir is None
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         os.makedirs(self._folder, exist_ok=True)
         path = os.path.join(self._folder, self.config_filename)
-        if self._folder != trainer.log_dir:  # the run folder, shared by the run's launches: a resume keeps the first's config
+        if self._shared:  # the run folder, shared by the run's launches: a resume keeps the first's config
             stem, ext = os.path.splitext(path)
             n = 1
             while os.path.exists(path):

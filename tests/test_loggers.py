@@ -91,7 +91,7 @@ def _mlflow_server(folder, port):
     exe = shutil.which("mlflow", path=os.path.dirname(sys.executable))
     proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=str(folder), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # (its own process group: the uvicorn child too)
     import time
     import urllib.request
 
@@ -159,4 +159,7 @@ def test_mlflow_server_receives_scalars_and_video_artifacts_and_a_resumed_run_co
         changed = [k for k in params if k.endswith("total_steps:resume1")]
         assert len(changed) == 1 and params[changed[0]] == "50" and params[changed[0].split(":")[0]] == "40", changed
     finally:
-        server.kill()
+        import signal
+
+        os.killpg(server.pid, signal.SIGKILL)  # `mlflow server` and the uvicorn worker it starts
+        server.wait()
