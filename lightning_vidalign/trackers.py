@@ -24,7 +24,8 @@ class MLFlowLogger(_LightningMLFlowLogger):
     def __init__(self, *args, **kwargs):
         import os
 
-        uri = kwargs.get("tracking_uri", os.environ.get("MLFLOW_TRACKING_URI"))
+        # (Lightning's default is the variable at its import; a config's explicit null, or a variable set later, reads it now)
+        uri = kwargs["tracking_uri"] = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):  # (MLflow 3 would refuse the folder store deep in a traceback)
             raise ValueError("MLFlowLogger: no tracking server or database: set MLFLOW_TRACKING_URI (a server, e.g. http://127.0.0.1:5000, "
                              "or a local database, e.g. sqlite:///runs/mlflow.db) or --trainer.logger.init_args.tracking_uri; MLflow 3 "

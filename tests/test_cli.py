@@ -48,6 +48,7 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     from lightning_vidalign.cli import VidAlignCLI
 
     monkeypatch.chdir(tmp_path)  # relative runs/ paths (outputs, pretrained rewards) land here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # (configs/loggers/mlflow.yaml's store, as its launch line says)
     _pretrained_reward_files(path, str(tmp_path))
 
     # a fragment launched after another config (its launch line names both, in order) is built as launched

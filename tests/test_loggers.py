@@ -163,3 +163,15 @@ def test_mlflow_server_receives_scalars_and_video_artifacts_and_a_resumed_run_co
 
         os.killpg(server.pid, signal.SIGKILL)  # `mlflow server` and the uvicorn worker it starts
         server.wait()
+
+
+def test_mlflow_without_a_tracking_uri_is_one_clear_error(monkeypatch):
+    pytest.importorskip("mlflow")
+    from lightning_vidalign.trackers import MLFlowLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ValueError, match=r"set MLFLOW_TRACKING_URI .*sqlite:///runs/mlflow.db"):
+        MLFlowLogger(experiment_name="x", tracking_uri=None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/set-after-import.db")  # read at construction, not at import
+    assert MLFlowLogger(experiment_name="x", tracking_uri=None)._tracking_uri == "sqlite:////tmp/set-after-import.db"
