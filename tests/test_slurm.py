@@ -47,7 +47,13 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", SCRIPT, "stop", str(folder)], capture_output=True, text=True, timeout=60)
 
 
+#: variables of an earlier in-process distributed test (Lightning sets MASTER_PORT in this process): sbatch exports the
+#: submitting shell's environment, and a port this process still holds failed the job's rendezvous (EADDRINUSE, seen)
+_LAUNCH_VARS = ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+
+
 def _submit(env, name, run):
+    env = {k: v for k, v in env.items() if k not in _LAUNCH_VARS}  # (a login shell's environment)
     out = subprocess.run(["sbatch", "--parsable", "-J", name, *CPU, SBATCH, *_fit_args(run)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
@@ -98,6 +104,7 @@ def test_preemption_requeues_and_the_requeued_job_resumes_to_the_uninterrupted_a
     log = os.path.join(ROOT, f"vidalign-test-preempt-{job}.out")
     deadline = time.time() + 600
     while not (os.path.isfile(log) and "Trainable params" in open(log).read()) and time.time() < deadline:
+        assert _state(slurm, job), open(log).read()[-3000:] if os.path.isfile(log) else f"job {job} ended without a log"
         time.sleep(0.1)
     time.sleep(2.0)  # into the training steps
     signalled = time.strftime("%H:%M:%S")
