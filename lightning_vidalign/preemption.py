@@ -201,6 +201,7 @@ class InterruptCheckpoint(PreemptionCheckpoint):
         self.received: int | None = None  # the first signal's number
         self._previous_handlers: dict[int, object] = {}
         self._trainer: L.Trainer | None = None
+        self._keep_snapshots: bool | None = None
 
     def _handler(self, signum, frame) -> None:
         if self.received is None and self._stopping():
@@ -238,6 +239,7 @@ class InterruptCheckpoint(PreemptionCheckpoint):
         self._trainer = trainer
         self.requested, self.preempted, self.received, self._snapshot = False, False, None, None  # (each fit afresh)
         self.saved_path = self.error_saved_path = None
+        self._keep_snapshots: bool | None = None  # (decided at the first batch end of each fit: not a parameter count per batch)
         if threading.current_thread() is not threading.main_thread():
             log.warning("InterruptCheckpoint: not in the main thread, %s not handled", ", ".join(self.signals))
             return
@@ -300,7 +302,9 @@ class InterruptCheckpoint(PreemptionCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            if self.keeps_snapshots(trainer, pl_module):  # every rank dumps (the dump may gather); rank 0 keeps the copy it writes
+            if self._keep_snapshots is None:
+                self._keep_snapshots = self.keeps_snapshots(trainer, pl_module)
+            if self._keep_snapshots:  # every rank dumps (the dump may gather); rank 0 keeps the copy it writes
                 dumped = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
                 self._snapshot = (trainer.global_step, _frozen_copy(dumped) if trainer.is_global_zero else {})
             return
