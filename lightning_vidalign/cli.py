@@ -335,7 +335,8 @@ runs and data:
   export         a run's LoRA in diffusers format (--merged: a full folder)
   cache          precompute latents and conditions of a data set
   shard          write a data set as litdata shards for streaming
-  serve-reward   serve a reward model over HTTP (RemoteReward's server)
+  serve-reward   serve a reward model over HTTP on LitServe (RemoteReward's server)
+  serve-vlm      serve a vision-language chat model (OpenAI API) for VLMJudgeReward
 
 --config NAME also takes a shipped config when no such file exists here (`vidalign configs list`)."""
 
@@ -386,10 +387,15 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["export"]:
             export(argv[1:])
             return
-        if argv[:1] == ["serve-reward"]:
-            from lightning_vidalign.rewards.remote import serve_reward
-
-            serve_reward(argv[1:])
+        if argv[:1] in (["serve-reward"], ["serve-vlm"]):
+            try:
+                from lightning_vidalign.rewards import serving
+            except ModuleNotFoundError as e:
+                if e.name not in ("litserve", "fastapi", "starlette"):
+                    raise
+                raise UsageError(f"vidalign {argv[0]} runs on LitServe, which is not installed ({e.name} is missing): "
+                                 "pip install -c constraints.txt -e \".[serve]\"") from None
+            (serving.serve_reward if argv[0] == "serve-reward" else serving.serve_vlm)(argv[1:])
             return
         if argv[:1] == ["cache"]:
             cache_command(argv[1:])
@@ -419,11 +425,11 @@ def main(args: list[str] | None = None) -> None:
         cause = user_error(e)
         if cause is None or os.environ.get("VIDALIGN_TRACEBACK"):
             raise
-        from lightning_vidalign.rewards.remote import RemoteRewardError
+        from lightning_vidalign.rewards.remote import RemoteRewardError, ServiceStartError
 
         print(f"vidalign: {type(cause).__name__}: {_message(cause)}", file=sys.stderr)
         # labelled by cause: a service that is down or failing is not the user's input
-        label = "a service the run uses failed" if isinstance(cause, RemoteRewardError) else "bad input"
+        label = {RemoteRewardError: "a service the run uses failed", ServiceStartError: "the service did not start"}.get(type(cause), "bad input")
         print(f"({label}: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -487,14 +493,14 @@ def user_error(error: BaseException) -> BaseException | None:
     from lightning_vidalign.checkpointing import CheckpointMismatchError, CorruptCheckpointError
     from lightning_vidalign.datamodules.io import VideoDecodeError
     from lightning_vidalign.datamodules.streaming import ShardError
-    from lightning_vidalign.rewards.remote import RemoteRewardError
+    from lightning_vidalign.rewards.remote import RemoteRewardError, ServiceStartError
 
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 20:
         chain.append(chain[-1].__cause__)
     for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
         if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError,
-                            RemoteRewardError, StaleCacheError, ShardError, CheckpointLoadError)):
+                            RemoteRewardError, ServiceStartError, StaleCacheError, ShardError, CheckpointLoadError)):
             return exc
         if isinstance(exc, (ValueError, KeyError)) and exc.__traceback__ is not None:
             tb = exc.__traceback__

@@ -14,6 +14,6 @@ from lightning_vidalign.rewards.models import (
     VLMJudgeReward,
 )
 from lightning_vidalign.rewards.motion import IMRReward, LMRReward
-from lightning_vidalign.rewards.remote import RemoteReward, RemoteRewardError, RewardServer
+from lightning_vidalign.rewards.remote import RemoteReward, RemoteRewardError, RewardServer, ServiceStartError
 
-__all__ = ["RewardCallback", "find_rewards", "repeat_batch", "batch_captions", "IMRReward", "LMRReward", "MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "LuminanceReward", "h264_bytes", "CLIPScoreReward", "PickScoreReward", "HPSReward", "MissingRewardFileError", "RewardInputError", "NonFiniteRewardError", "VideoAlignReward", "VLMJudgeReward", "VLMJudgeParseError", "VLMJudgeRequestError", "RemoteReward", "RemoteRewardError", "RewardServer"]
+__all__ = ["RewardCallback", "find_rewards", "repeat_batch", "batch_captions", "IMRReward", "LMRReward", "MotionMagnitudeReward", "FlickerReward", "CompressibilityReward", "LuminanceReward", "h264_bytes", "CLIPScoreReward", "PickScoreReward", "HPSReward", "MissingRewardFileError", "RewardInputError", "NonFiniteRewardError", "VideoAlignReward", "VLMJudgeReward", "VLMJudgeParseError", "VLMJudgeRequestError", "RemoteReward", "RemoteRewardError", "RewardServer", "ServiceStartError"]

@@ -1,15 +1,12 @@
-"""Rewards as a service (issue 22, item 2): :class:`RewardServer` serves any :class:`RewardCallback`'s
-``score`` over HTTP with dynamic batching (``vidalign serve-reward``), and :class:`RemoteReward` is the
-reward callback that scores through it.
-
-Server choice: the standard library's ``ThreadingHTTPServer`` and one model thread, not LitServe: no new
-dependencies in the training environment (LitServe brings FastAPI, uvicorn and their pins), and the
-batching needed here — concatenate requests of equally shaped videos for up to ``batch_timeout`` seconds
-— is a few lines. Put the server behind a reverse proxy for TLS or several replicas.
+"""Rewards as a service (issue 22, item 2; on LitServe since issue 36): :class:`RemoteReward` is the reward
+callback that scores through ``vidalign serve-reward`` (:mod:`~lightning_vidalign.rewards.serving`, LitServe: batching,
+workers per device, health, graceful shutdown), the wire format both speak, and :class:`RewardServer`, a handle that
+runs the service as a child process. This module needs no LitServe: a training environment without the ``serve``
+extra scores through a service that runs elsewhere.
 
 Wire format (our choice): ``POST /score`` with body ``len(header) (4 bytes, big-endian) + header (JSON:
 shape, dtype, batch) + videos (raw little-endian array, (B, T, 3, H, W))``; reply ``{"scores": [...],
-"components": {name: [...]}}`` (JSON). ``dtype`` ``"uint8"`` (default: 1 byte per value, 4x less than
+"components": {name: [...]}, "batch": {"requests": k, "videos": n}}`` (JSON). ``dtype`` ``"uint8"`` (default: 1 byte per value, 4x less than
 fp32, 3·T·H·W bytes per video — 110 kB for 9 frames of 64x64, 97 MB for 81 frames of 480x832;
 exact for every reward of :mod:`~lightning_vidalign.rewards.models`, which quantise frames to uint8
 themselves) or ``"float16"`` / ``"float32"`` (exact for any reward, 2x / 4x the bytes). No video codec:
@@ -17,11 +14,14 @@ H.264 would be ~50-100x smaller but lossy and costs an encode per rollout.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
-import queue
+import os
+import signal
 import struct
-import threading
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -72,162 +72,118 @@ def decode_request(body: bytes) -> tuple[Tensor, dict]:
     return videos, header.get("batch") or {}
 
 
-class _Job:
-    def __init__(self, videos: Tensor, batch: dict):
-        self.videos, self.batch, self.done = videos, batch, threading.Event()
-        self.scores: Tensor | None = None
-        self.components: dict[str, Tensor] = {}
-        self.error: BaseException | None = None
+class ServiceStartError(RuntimeError):
+    """A reward or judge service that could not start: its port taken, a host LitServe refuses, no worker could build
+    its model (the worker's error is printed first), or (:class:`RewardServer`) the child exited or did not answer."""
 
 
 class RewardServer:
-    """Serve ``reward.score`` over HTTP on ``host:port`` with dynamic batching.
+    """A ``vidalign serve-reward`` service (LitServe, :mod:`~lightning_vidalign.rewards.serving`) run as a child
+    process, from Python: what the tests and benchmarks use, and a way to start a service next to a script.
 
-    Requests wait in a queue; one model thread takes the first and, for up to ``batch_timeout`` seconds,
-    adds queued requests whose videos have the same ``(T, 3, H, W)`` while the total stays within
-    ``max_batch_size`` videos; it scores the concatenation once (``batch`` entries that are lists of one
-    item per video are concatenated; other entries must agree) and answers each request with its slice.
-    ``GET /health`` answers ``{"reward": class, "name": ..., "batches": n}``. A reward error is answered
-    ``422`` for bad input (:class:`RewardInputError`, ``KeyError``, ``ValueError``) and ``500`` otherwise,
-    with the error's type and message. ``batch_sizes`` keeps the size of every scored batch.
+    ``start()`` launches ``vidalign serve-reward ...`` (through this Python) in its own process group (its workers
+    and front ends with it), its output in ``log_path``, and waits until ``GET /health`` answers 200. ``stop()`` sends
+    SIGTERM (LitServe's graceful shutdown) and kills the group after ``grace`` seconds; ``kill()`` kills the group
+    at once (a crash). A context manager: ``with RewardServer("pkg.MyReward") as s: s.url``.
 
     Args:
-        reward: the reward callback to serve (moved to ``device``).
-        host, port: where to listen (port 0: a free port; see :attr:`url`).
-        max_batch_size: most videos per ``score`` call (a larger request is scored alone).
-        batch_timeout: seconds the first request waits for others.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        reward: the reward's class path, or ``{"class_path": ..., "init_args": {...}}``; the class must be importable
+            in the child (``env["PYTHONPATH"]`` for a class outside the package).
+        host, port: where to listen (port 0: a free port, see :attr:`url`).
+        max_batch_size, batch_timeout, max_batch_videos: see :class:`~lightning_vidalign.rewards.serving.RewardAPI`.
+        accelerator, devices, workers_per_device: LitServe's placement options.
+        env: the child's environment (default: this process's).
+        startup_timeout: seconds to wait for ``/health``.
+        log_path: the child's stdout and stderr (default: a temporary file).
+
+    Raises:
+        ServiceStartError: (``start``) the child exited or did not answer in time; the message holds its log's tail.
     """
 
-    def __init__(self, reward: RewardCallback, host: str = "127.0.0.1", port: int = 0, max_batch_size: int = 16, batch_timeout: float = 0.01, device: str = "cpu"):
-        import http.server
+    def __init__(self, reward: str | dict, host: str = "127.0.0.1", port: int = 0, max_batch_size: int = 8, batch_timeout: float = 0.01,
+                 max_batch_videos: int = 64, accelerator: str = "cpu", devices: int | str = 1, workers_per_device: int = 1,
+                 env: dict | None = None, startup_timeout: float = 180.0, log_path: str | None = None):
+        import tempfile
 
-        self.reward = reward.to(torch.device(device))
-        self.max_batch_size, self.batch_timeout = max(1, int(max_batch_size)), float(batch_timeout)
-        self.queue: queue.Queue[_Job] = queue.Queue()
-        self.batch_sizes: list[int] = []
-        self._stop = threading.Event()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, code: int, payload: dict) -> None:
-                out = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                try:
-                    self.wfile.write(out)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up
-
-            def do_GET(self):
-                if self.path.rstrip("/") != "/health":
-                    return self._reply(404, {"error": f"no {self.path}: GET /health, POST /score"})
-                self._reply(200, {"reward": type(server.reward).__name__, "name": server.reward.name, "batches": len(server.batch_sizes)})
-
-            def do_POST(self):
-                if self.path.rstrip("/") != "/score":
-                    return self._reply(404, {"error": f"no {self.path}: POST /score"})
-                try:
-                    videos, batch = decode_request(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                except RewardInputError as e:
-                    return self._reply(422, {"error": "RewardInputError", "message": str(e)})
-                job = _Job(videos, batch)
-                server.queue.put(job)
-                job.done.wait()
-                if job.error is not None:
-                    bad_input = isinstance(job.error, (RewardInputError, KeyError, ValueError))
-                    return self._reply(422 if bad_input else 500, {"error": type(job.error).__name__, "message": str(job.error)})
-                self._reply(200, {"scores": job.scores.tolist(), "components": {k: v.tolist() for k, v in job.components.items()}})
-
-        try:
-            self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
-        except OSError as e:  # e.g. the port is taken by another server
-            raise RemoteRewardError(f"RewardServer: cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or 0 for a free one)") from e
-        self.httpd.daemon_threads = True
-        self.host, self.port = self.httpd.server_address[:2]
-        self._threads = [threading.Thread(target=self.httpd.serve_forever, daemon=True), threading.Thread(target=self._work, daemon=True)]
+        self.reward = {"class_path": reward} if isinstance(reward, str) else dict(reward)
+        self.host, self.port = host, int(port)
+        self.options = ["--max_batch_size", str(max_batch_size), "--batch_timeout", str(batch_timeout), "--max_batch_videos", str(max_batch_videos),
+                        "--accelerator", accelerator, "--devices", str(devices), "--workers_per_device", str(workers_per_device)]
+        self.env, self.startup_timeout = env, float(startup_timeout)
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="serve-reward-", suffix=".log")
+            os.close(fd)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def log(self) -> str:
+        """The child's output so far."""
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
     def start(self) -> "RewardServer":
-        for t in self._threads:
-            t.start()
-        return self
+        import socket
+        import urllib.request
 
-    def serve_forever(self) -> None:
-        self.start()
+        if self.port == 0:
+            with socket.socket() as s:
+                s.bind((self.host, 0))
+                self.port = s.getsockname()[1]
+        argv = [sys.executable, "-c", "import sys; from lightning_vidalign.cli import main; sys.argv[0] = 'vidalign'; main()", "serve-reward",
+                "--reward", json.dumps(self.reward), "--host", self.host, "--port", str(self.port), *self.options]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env if self.env is not None else dict(os.environ),
+                                         start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.kill()
+                raise ServiceStartError(f"RewardServer: vidalign serve-reward exited with {self.proc.returncode} before answering; "
+                                        f"its log ({self.log_path}):\n{self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise ServiceStartError(f"RewardServer: no answer from {self.url}/health within {self.startup_timeout} s; its log ({self.log_path}):\n{self.log()[-3000:]}")
+
+    def _signal_group(self, sig: int) -> None:
         try:
-            while not self._stop.is_set():
-                time.sleep(0.5)
-        finally:
-            self.stop()
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM (graceful), then SIGKILL to the whole group after ``grace`` seconds."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal_group(signal.SIGKILL)  # workers or front ends left behind, if any
+        self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group at once: the service crashes."""
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait()
 
     def __enter__(self) -> "RewardServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    # ------------------------------------------------------------ the model thread
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            jobs, n = [first], first.videos.shape[0]
-            deadline = time.monotonic() + self.batch_timeout
-            while n < self.max_batch_size:
-                left = deadline - time.monotonic()
-                try:
-                    job = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job.videos.shape[1:] != first.videos.shape[1:] or n + job.videos.shape[0] > self.max_batch_size or not _mergeable(first.batch, job.batch):
-                    self._run([job])  # does not fit this batch: scored on its own
-                    continue
-                jobs.append(job)
-                n += job.videos.shape[0]
-            self._run(jobs)
-
-    def _run(self, jobs: list[_Job]) -> None:
-        try:
-            videos = torch.cat([j.videos for j in jobs])
-            batch = _merge([j.batch for j in jobs], [j.videos.shape[0] for j in jobs])
-            scores = self.reward.score(videos.to(self.reward.device), batch).detach().float().cpu()
-            if scores.shape != (videos.shape[0],):
-                raise RewardInputError(f"{type(self.reward).__name__}.score returned shape {tuple(scores.shape)} for {videos.shape[0]} videos")
-            parts = {k: v.detach().float().cpu() for k, v in self.reward.score_components().items() if torch.is_tensor(v) and v.shape == scores.shape}
-            self.batch_sizes.append(int(videos.shape[0]))
-            start = 0
-            for j in jobs:
-                m = j.videos.shape[0]
-                j.scores, j.components = scores[start : start + m], {k: v[start : start + m] for k, v in parts.items()}
-                start += m
-        except Exception as e:  # noqa: BLE001 - answered to every waiting client, named
-            for j in jobs:
-                j.error = e
-        finally:
-            for j in jobs:
-                j.done.set()
-
-
-def _mergeable(a: dict, b: dict) -> bool:
-    return set(a) == set(b)
 
 
 def _merge(batches: list[dict], sizes: list[int]) -> dict:
@@ -276,6 +232,8 @@ class RemoteReward(RewardCallback):
         self.url, self.encoding, self.batch_keys = url.rstrip("/") + "/score", encoding, tuple(batch_keys)
         self.timeout, self.max_retries, self.retry_backoff = float(timeout), int(max_retries), float(retry_backoff)
         self._last: dict[str, Tensor] = {}
+        #: the last 64 calls: ``{"videos": B, "batch": the reply's batch}`` (how many requests and videos shared the server's score call)
+        self.recent_calls: collections.deque = collections.deque(maxlen=64)
 
     def _batch_payload(self, batch: dict | None) -> dict:
         out = {}
@@ -332,33 +290,10 @@ class RemoteReward(RewardCallback):
             raise RemoteRewardError(f"RemoteReward: {self.url} answered scores that are not numbers: {scores[:8]}") from e
         if not torch.isfinite(r).all():
             raise NonFiniteRewardError(f"RemoteReward: {self.url} answered non-finite scores {scores}")
+        self.recent_calls.append({"videos": int(v.shape[0]), "batch": reply.get("batch")})
         comps = reply.get("components") or {}
         self._last = {k: torch.tensor(c, dtype=torch.float32) for k, c in comps.items() if isinstance(c, list) and len(c) == v.shape[0]}
         return r.to(videos.device)
 
     def score_components(self) -> dict[str, Tensor]:
         return dict(self._last)
-
-
-def serve_reward(args: list[str]) -> None:
-    """``vidalign serve-reward --reward CLASS_PATH [--reward.<init arg> VALUE ...] [--config YAML] [--host H]
-    [--port P] [--max_batch_size N] [--batch_timeout S] [--device D]``: serve a reward callback until
-    interrupted. Prints one line ``serving <Class> [<name>] on http://H:P`` once listening."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="vidalign serve-reward", description=serve_reward.__doc__)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_subclass_arguments(RewardCallback, "reward", required=True)
-    parser.add_argument("--host", type=str, default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
-    parser.add_argument("--max_batch_size", type=int, default=16)
-    parser.add_argument("--batch_timeout", type=float, default=0.01)
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-    cfg = parser.parse_args(args)
-    reward = parser.instantiate_classes(cfg).reward
-    server = RewardServer(reward, host=cfg.host, port=cfg.port, max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout, device=cfg.device)
-    print(f"serving {type(reward).__name__} [{reward.name}] on {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass

@@ -626,10 +626,10 @@ def test_reward_fragment_trains_one_grpo_round(fragment, request, tmp_path, monk
     elif name == "vlm_judge":
         server = _JudgeServer()
         extra = [f"--trainer.callbacks.base_url={server.url}", "--trainer.callbacks.model=tiny-judge"]
-    elif name == "remote":  # a served reward end to end: the tiny CLIP score behind a RewardServer on loopback
-        from lightning_vidalign.rewards import CLIPScoreReward, RewardServer
+    elif name == "remote":  # a served reward end to end: the tiny CLIP score behind `vidalign serve-reward` (LitServe) on loopback
+        from lightning_vidalign.rewards import RewardServer
 
-        server = RewardServer(CLIPScoreReward(request.getfixturevalue("tiny_clip")), max_batch_size=8).start()
+        server = RewardServer({"class_path": "lightning_vidalign.rewards.CLIPScoreReward", "init_args": {"path": request.getfixturevalue("tiny_clip")}}).start()
         server.close = server.stop
         extra = [f"--trainer.callbacks.url={server.url}"]
     else:
@@ -651,7 +651,8 @@ def test_reward_fragment_trains_one_grpo_round(fragment, request, tmp_path, monk
     assert "reward/motion/mean" not in metrics  # the config's own rewards are not scored
     if name == "vlm_judge":
         assert len(server.requests) == 8  # 2 conditions x 4 rollouts, one request each
-    if name == "remote":
-        assert server.batch_sizes == [4, 4]  # the round's 2 x 4 rollouts, in two chunks scored while generating (overlap_rewards)
+    if name == "remote":  # the round's 2 x 4 rollouts, in two chunks scored while generating (overlap_rewards)
+        remote = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "RemoteReward")
+        assert [c["videos"] for c in remote.recent_calls] == [4, 4] and all(c["batch"]["videos"] == 4 for c in remote.recent_calls)
     if name in ("remote", "vlm_judge"):
         assert cli.model.overlap_rewards

@@ -1,5 +1,6 @@
-"""Issue 22 item 2: any reward callback served over HTTP with dynamic batching (RewardServer, `vidalign
-serve-reward`) and scored through RemoteReward; same scores as in-process; named errors, never a zero."""
+"""Issue 22 item 2, on LitServe since issue 36 item 4: any reward callback served by `vidalign serve-reward`
+(LitServe: batching, workers per device, health, graceful stop) and scored through RemoteReward; same scores as
+in-process; per-request errors named; down / slow / refusing / miscounting servers named, never a zero."""
 import os
 import subprocess
 import sys
@@ -13,7 +14,11 @@ from lightning_vidalign.rewards import LuminanceReward, RemoteReward, RemoteRewa
 from lightning_vidalign.rewards.base import batch_captions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+VIDALIGN = os.path.join(os.path.dirname(sys.executable), "vidalign")
 CAPTIONS = ["a cyclist rides along a street", "a rabbit in a meadow"]
+# the served classes below are imported by the service's worker: this folder on its path
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 
 
 def _videos(b=2, t=3, h=16, w=16, seed=0):
@@ -21,37 +26,88 @@ def _videos(b=2, t=3, h=16, w=16, seed=0):
 
 
 class CaptionLength(RewardCallback):
-    """Mean pixel + caption length / 100 (needs the captions), optionally slow."""
+    """Mean pixel + caption length / 100 (needs the captions). Sleeps ``batch["delay"]`` seconds when sent; its
+    components: each video's place in the score call and the worker's process id."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self):
         super().__init__(name="caplen")
-        self.delay, self.n = delay, 0
+        self.n = 0
 
     def score(self, videos, batch=None):
         caps = batch_captions(batch, videos.shape[0], "CaptionLength")
         self.n = len(caps)
-        time.sleep(self.delay)
+        time.sleep(float((batch or {}).get("delay", 0.0)))
         return videos.float().mean(dim=(1, 2, 3, 4)) + torch.tensor([len(c) / 100 for c in caps])
 
     def score_components(self):
-        return {"part": torch.arange(self.n, dtype=torch.float32)}  # one value per video of the last call
+        return {"place": torch.arange(self.n, dtype=torch.float32), "pid": torch.full((self.n,), float(os.getpid()))}
 
 
-def test_served_scores_equal_in_process_scores():
+def _concurrently(calls):
+    """Run the callables at once; their results (or errors) in order."""
+    out = [None] * len(calls)
+
+    def run(i):
+        try:
+            out[i] = calls[i]()
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_served_scores_equal_in_process_and_concurrent_requests_share_score_calls():
     videos = _videos()
-    lum = LuminanceReward()
-    with RewardServer(LuminanceReward()) as server:
-        exact = RemoteReward(server.url, encoding="float32").score(videos, {"caption": CAPTIONS})
+    with RewardServer("test_reward_service.CaptionLength", max_batch_size=8, batch_timeout=0.5, env=ENV) as server:
+        exact = RemoteReward(server.url, encoding="float32")
+        got = exact.score(videos, {"caption": CAPTIONS, "index": torch.tensor([3, 4]), "video": videos})
+        assert exact.score_components()["place"].tolist() == [0.0, 1.0]  # the served reward's parts come back
+        torch.testing.assert_close(got, CaptionLength().score(videos, {"caption": CAPTIONS}), rtol=0, atol=1e-6)  # float32: the same floats
         u8 = RemoteReward(server.url).score(videos, {"caption": CAPTIONS})
-    want = lum.score(videos)
-    torch.testing.assert_close(exact, want, rtol=0, atol=1e-6)  # float32 on the wire: the same floats
-    torch.testing.assert_close(u8, lum.score((videos * 255).round() / 255), rtol=0, atol=1e-5)  # uint8: the quantised video
-    cap = CaptionLength()
-    with RewardServer(cap) as server:
-        remote = RemoteReward(server.url, encoding="float32")
-        got = remote.score(videos, {"caption": CAPTIONS, "index": torch.tensor([3, 4]), "video": videos})
-        assert remote.score_components()["part"].tolist() == [0.0, 1.0]  # the served reward's parts come back
-    torch.testing.assert_close(got, CaptionLength().score(videos, {"caption": CAPTIONS}), rtol=0, atol=1e-6)
+        torch.testing.assert_close(u8, CaptionLength().score((videos * 255).round() / 255, {"caption": CAPTIONS}), rtol=0, atol=1e-5)
+
+        # concurrent requests: batched by LitServe, concatenated into one score call, each answered with its own slice;
+        # one without captions (the reward's KeyError) is answered 422 alone, the others are scored
+        vids = [_videos(b=1, seed=i) for i in range(3)] + [_videos(b=2, seed=9), _videos(b=1, seed=7)]
+        batches = [{"caption": [f"clip {i}"]} for i in range(3)] + [{"caption": CAPTIONS}, {"index": [0]}]
+        clients = [RemoteReward(server.url, encoding="float32", batch_keys=("caption", "index")) for _ in vids]
+        results = _concurrently([lambda i=i: clients[i].score(vids[i], batches[i]) for i in range(5)])
+    for i in range(4):
+        torch.testing.assert_close(results[i], CaptionLength().score(vids[i], batches[i]), rtol=0, atol=1e-6)
+    assert isinstance(results[4], RemoteRewardError) and "HTTP 422" in str(results[4]) and "KeyError" in str(results[4])
+    shared = [c.recent_calls[-1]["batch"] for c in clients[:4]]
+    assert max(b["requests"] for b in shared) >= 2, shared  # requests shared score calls
+    assert all(b["videos"] <= 8 for b in shared)
+    assert "Traceback" not in server.log() or "KeyError" in server.log()  # nothing but the refused request went wrong
+
+
+def test_several_workers_score_at_once_and_large_requests_are_split_by_videos():
+    """Two workers on the CPU (LitServe's workers_per_device): two slow requests are scored by two processes at once;
+    ``max_batch_videos`` bounds the videos of a score call; a timeout and a refused input are named."""
+    with RewardServer("test_reward_service.CaptionLength", max_batch_size=4, batch_timeout=0.2, max_batch_videos=2, workers_per_device=2, env=ENV) as server:
+        slow = [RemoteReward(server.url, batch_keys=("caption", "delay")) for _ in range(2)]
+        t = time.perf_counter()
+        _concurrently([lambda i=i: slow[i].score(_videos(b=1, seed=i), {"caption": ["x"], "delay": 1.5}) for i in range(2)])
+        both = time.perf_counter() - t
+        pids = {float(c.score_components()["pid"][0]) for c in slow}
+        assert len(pids) == 2, pids  # two worker processes
+        assert both < 2.9, both  # at once: 1.5 s each, not 3 s in a row
+        big = RemoteReward(server.url)
+        big.score(_videos(b=3), {"caption": ["a", "b", "c"]})  # more videos than max_batch_videos: scored alone
+        assert big.recent_calls[-1]["batch"] == {"requests": 1, "videos": 3}
+        pair = [RemoteReward(server.url) for _ in range(2)]
+        _concurrently([lambda i=i: pair[i].score(_videos(b=2, seed=i), {"caption": CAPTIONS}) for i in range(2)])
+        assert all(c.recent_calls[-1]["batch"]["videos"] == 2 for c in pair)  # 2 + 2 > 2: not concatenated
+        with pytest.raises(RemoteRewardError, match=r"failed 2 times.*timeout"):
+            RemoteReward(server.url, timeout=0.3, max_retries=1, retry_backoff=0.01, batch_keys=("caption", "delay")).score(
+                _videos(), {"caption": CAPTIONS, "delay": 1.0})
+        with pytest.raises(RemoteRewardError, match=r"HTTP 422.*KeyError.*captions"):  # the reward's own error, named, no retry
+            RemoteReward(server.url).score(_videos(), {"index": [0, 1]})
 
 
 def test_frame_reward_model_served_scores_equal_in_process(tmp_path):
@@ -63,34 +119,13 @@ def test_frame_reward_model_served_scores_equal_in_process(tmp_path):
     folder = make_tiny_clip(str(tmp_path))
     videos = _videos(t=4, h=24, w=24)
     local = CLIPScoreReward(folder, num_frames=2).score(videos, {"caption": CAPTIONS})
-    with RewardServer(CLIPScoreReward(folder, num_frames=2)) as server:
+    config = {"class_path": "lightning_vidalign.rewards.CLIPScoreReward", "init_args": {"path": folder, "num_frames": 2}}
+    with RewardServer(config, env=ENV) as server:
         served = RemoteReward(server.url).score(videos, {"caption": CAPTIONS})
     torch.testing.assert_close(served, local, rtol=0, atol=1e-5)
 
 
-def test_concurrent_requests_are_batched_and_answered_in_their_own_order():
-    cap = CaptionLength()
-    videos = [_videos(b=1, seed=i) for i in range(3)] + [_videos(b=2, seed=9)]
-    batches = [{"caption": [f"clip {i}"]} for i in range(3)] + [{"caption": CAPTIONS}]
-    results = [None] * 4
-    with RewardServer(cap, max_batch_size=8, batch_timeout=0.5) as server:
-        def run(i):
-            results[i] = RemoteReward(server.url, encoding="float32").score(videos[i], batches[i])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert sum(server.batch_sizes) == 5 and len(server.batch_sizes) < 4  # requests shared score calls
-    for i in range(4):
-        torch.testing.assert_close(results[i], CaptionLength().score(videos[i], batches[i]), rtol=0, atol=1e-6)
-    with RewardServer(CaptionLength(), max_batch_size=2, batch_timeout=0.0) as server:
-        RemoteReward(server.url).score(_videos(b=3), {"caption": ["a", "b", "c"]})  # larger than max: scored alone
-        assert server.batch_sizes == [3]
-
-
-def test_down_slow_refusing_and_miscounting_servers_raise_named_errors():
+def test_down_and_miscounting_servers_raise_named_errors():
     import http.server
     import json
     import socket
@@ -103,17 +138,8 @@ def test_down_slow_refusing_and_miscounting_servers_raise_named_errors():
     with pytest.raises(RemoteRewardError, match=r"failed 3 times.*vidalign serve-reward .*--trainer.callbacks.url"):
         RemoteReward(dead, max_retries=2, retry_backoff=0.01).score(videos, batch)
     assert time.perf_counter() - t < 5
-    with RewardServer(CaptionLength()) as server:  # a port in use: named, with the option to change
-        with pytest.raises(RemoteRewardError, match=rf"cannot listen on 127.0.0.1:{server.port}: .*choose another --port"):
-            RewardServer(CaptionLength(), port=server.port)
-    with RewardServer(CaptionLength(delay=1.0)) as server:
-        with pytest.raises(RemoteRewardError, match=r"failed 2 times.*timeout"):
-            RemoteReward(server.url, timeout=0.2, max_retries=1, retry_backoff=0.01).score(videos, batch)
-    with RewardServer(CaptionLength()) as server:  # the reward's own error, named, no retry
-        with pytest.raises(RemoteRewardError, match=r"HTTP 422.*KeyError.*captions"):
-            RemoteReward(server.url).score(videos, {"index": [0, 1]})
 
-    class OneScore(http.server.BaseHTTPRequestHandler):
+    class OneScore(http.server.BaseHTTPRequestHandler):  # a broken service (a stand-in: LitServe's own never miscounts)
         def log_message(self, *a):
             pass
 
@@ -135,18 +161,27 @@ def test_down_slow_refusing_and_miscounting_servers_raise_named_errors():
         httpd.server_close()
 
 
-def test_vidalign_serve_reward_command_serves_a_reward_class():
-    exe = os.path.join(os.path.dirname(sys.executable), "vidalign")
-    proc = subprocess.Popen([exe, "serve-reward", "--reward", "lightning_vidalign.rewards.LuminanceReward", "--reward.scale", "2.0",
-                             "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+def test_vidalign_serve_reward_command_serves_refuses_a_taken_port_and_names_a_reward_that_cannot_be_built(tmp_path):
+    proc = subprocess.Popen([VIDALIGN, "serve-reward", "--reward", "lightning_vidalign.rewards.LuminanceReward", "--reward.scale", "2.0",
+                             "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving LuminanceReward [luminance] on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
-        url = line.split(" on ")[1].strip()
+        assert line.startswith("serving LuminanceReward on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" on ")[1].split()[0]
         videos = _videos()
         got = RemoteReward(url, encoding="float32").score(videos, {"caption": CAPTIONS})
         torch.testing.assert_close(got, LuminanceReward(scale=2.0).score(videos), rtol=0, atol=1e-6)
+        port = url.rsplit(":", 1)[1]
+        taken = subprocess.run([VIDALIGN, "serve-reward", "--reward", "lightning_vidalign.rewards.LuminanceReward", "--port", port],
+                               capture_output=True, text=True, env=ENV, timeout=120)
+        assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr and "choose another --port" in taken.stderr, taken.stderr
+        assert "(the service did not start" in taken.stderr
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.terminate()  # SIGTERM: LitServe's graceful stop, its workers with it
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+    missing = str(tmp_path / "no_clip")
+    bad = subprocess.run([VIDALIGN, "serve-reward", "--reward", "lightning_vidalign.rewards.CLIPScoreReward", "--reward.path", missing, "--port", "0"],
+                         capture_output=True, text=True, env=ENV, timeout=180)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "could not be built on cpu" in bad.stderr and missing in bad.stderr, bad.stderr[-3000:]
+    assert "vidalign: ServiceStartError: no worker started" in bad.stderr
