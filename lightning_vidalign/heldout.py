@@ -190,6 +190,8 @@ class HeldoutMixin:
                 out["heldout/frechet_transnetv2"] = float(value)
         if table.shape[0] == 0:
             return out
+        columns = ["condition", "reward", "drift_from_base", "denoising_loss", *extra, *[f"reward/{n}" for n in names]]
+        self.log_heldout_table(columns, table)
         if self.heldout_drift:
             out["heldout/drift_from_base"] = float(table[:, 2].mean())
         for j, key in enumerate(extra):
@@ -226,6 +228,31 @@ class HeldoutMixin:
                     se = out["heldout/improvement_se"]
                     out["heldout/improvement_z"] = out["heldout/improvement"] / se if se > 0 else float("nan")
         return out
+
+    def log_heldout_table(self, columns: list[str], table: torch.Tensor) -> None:
+        """Log this evaluation's per-condition rows (one per held-out condition: its dataset index, total reward, drift
+        from the base, denoising loss, the method's extra keys, each reward) to every logger, on rank 0, at the global
+        step: W&B as a table ``heldout/conditions`` (``wandb.Table``), MLflow as the artifact
+        ``heldout/conditions_step<N>.json`` (``log_table``), TensorBoard as a Markdown text ``heldout/conditions``.
+        Columns that are all NaN (no reward callback, drift off) are left out. Our choice."""
+        if self._trainer is None or not self.trainer.is_global_zero or not self.loggers:
+            return
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+        keep = [j for j in range(table.shape[1]) if not torch.isnan(table[:, j]).all()]
+        cols = [columns[j] for j in keep]
+        rows = [[int(r[0])] + [float(r[j]) for j in keep[1:]] for r in table]
+        step = self.global_step
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="heldout/conditions", columns=cols, data=rows, step=step)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_table(logger.run_id, data={c: [row[i] for row in rows] for i, c in enumerate(cols)},
+                                            artifact_file=f"heldout/conditions_step{step}.json")
+            elif isinstance(logger, TensorBoardLogger):
+                text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+                text += "\n".join("| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows)
+                logger.experiment.add_text("heldout/conditions", text, step)
 
     _heldout_is_step0: bool = False
 

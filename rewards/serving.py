@@ -241,7 +241,11 @@ class VLMChatAPI(ls.LitAPI):
             best, best_lp, best_n = None, -float("inf"), 0
             for choice in self.choices:
                 ids = torch.tensor([tok.encode(choice, add_special_tokens=False)], device=self.device)
-                full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], ids], 1), "attention_mask": torch.ones(1, prompt_len + ids.shape[1], dtype=torch.long, device=self.device)}
+                full = dict(inputs)
+                for key, value in inputs.items():  # the per-token inputs grow by the choice's tokens (text tokens: type 0, attended)
+                    if torch.is_tensor(value) and value.shape == (1, prompt_len):
+                        grow = ids if key == "input_ids" else torch.ones_like(ids) if key == "attention_mask" else torch.zeros_like(ids)
+                        full[key] = torch.cat([value, grow.to(value.dtype)], 1)
                 logits = self.model(**full).logits[0, prompt_len - 1 : -1].float()
                 lp = float(torch.log_softmax(logits, -1).gather(1, ids[0, :, None]).sum())
                 if lp > best_lp:

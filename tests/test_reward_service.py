@@ -185,3 +185,60 @@ def test_vidalign_serve_reward_command_serves_refuses_a_taken_port_and_names_a_r
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "could not be built on cpu" in bad.stderr and missing in bad.stderr, bad.stderr[-3000:]
     assert "vidalign: ServiceStartError: no worker started" in bad.stderr
+
+
+def test_vlm_judge_scores_through_a_tiny_qwen2vl_served_on_litserves_openai_spec(tmp_path):
+    """VLMJudgeReward → `vidalign serve-vlm` (LitServe's OpenAISpec, /v1/chat/completions) → a tiny random-weight Qwen2-VL
+    that sees the frames: the served replies are the most likely of the allowed choices under that model given the
+    frames and the caption, as computed here directly with transformers."""
+    import json
+
+    from test_reward_models import write_tiny_qwen2vl
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lightning_vidalign.rewards import VLMJudgeReward
+    from lightning_vidalign.rewards.models import frame_indices, to_uint8
+
+    folder = str(tmp_path / "qwen2vl")
+    write_tiny_qwen2vl(folder)
+    choices = [f"Score: {i}" for i in range(1, 11)]
+    proc = subprocess.Popen([VIDALIGN, "serve-vlm", "--model", folder, "--choices", json.dumps(choices), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving ") and "/v1" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        base_url = line.split(" on ")[1].split()[0]
+        judge = VLMJudgeReward(base_url, model="tiny-qwen2vl", num_frames=2, concurrency=2)
+        videos = _videos(b=2, t=4, h=28, w=28)
+        videos[1] = 1 - videos[1]
+        scores = judge.score(videos, {"caption": CAPTIONS})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert all(r in choices for r in judge.last_replies), judge.last_replies
+
+    # the oracle: each choice's log-likelihood under the model, given the prompt VLMJudgeReward sent (its frames as PIL images)
+    processor, model = AutoProcessor.from_pretrained(folder), AutoModelForImageTextToText.from_pretrained(folder).eval()
+    frames = to_uint8(videos[:, frame_indices(videos.shape[1], 2)])
+    likelihoods = []
+    for b in range(2):
+        from PIL import Image
+
+        text = judge.prompt_template.format(caption=CAPTIONS[b], num_frames=2)
+        conversation = [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image"}, {"type": "image"}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], images=[Image.fromarray(f) for f in frames[b]], return_tensors="pt")
+        n = inputs["input_ids"].shape[1]
+        lps = []
+        for c in choices:
+            ids = torch.tensor([processor.tokenizer.encode(c, add_special_tokens=False)])
+            full = processor(text=[prompt + c], images=[Image.fromarray(f) for f in frames[b]], return_tensors="pt")  # prompt and reply, tokenized together
+            assert torch.equal(full["input_ids"][0, n:], ids[0]) and torch.equal(full["input_ids"][0, :n], inputs["input_ids"][0])
+            with torch.no_grad():
+                logits = model(**full).logits
+            lps.append(float(torch.log_softmax(logits[0, n - 1 : -1].float(), -1).gather(1, ids[0, :, None]).sum()))
+        likelihoods.append(lps)
+        served = choices.index(judge.last_replies[b])
+        assert lps[served] >= max(lps) - 1e-4, (b, judge.last_replies[b], lps)  # the served reply is the most likely choice
+        assert float(scores[b]) == served + 1  # and VLMJudgeReward parsed its score
+    assert likelihoods[0] != likelihoods[1]  # the frames (and captions) reach the model

