@@ -230,11 +230,17 @@ class HeldoutMixin:
         return out
 
     def log_heldout_table(self, columns: list[str], table: torch.Tensor) -> None:
-        """Log this evaluation's per-condition rows (one per held-out condition: its dataset index, total reward, drift
-        from the base, denoising loss, the method's extra keys, each reward) to every logger, on rank 0, at the global
-        step: W&B as a table ``heldout/conditions`` (``wandb.Table``), MLflow as the artifact
-        ``heldout/conditions_step<N>.json`` (``log_table``), TensorBoard as a Markdown text ``heldout/conditions``.
-        Columns that are all NaN (no reward callback, drift off) are left out. Our choice."""
+        """Log this evaluation's per-condition rows to the W&B, MLflow and TensorBoard loggers (others have no table: skipped),
+        on rank 0 (no collective: the rows are gathered before), at the global step: W&B as a table ``heldout/conditions``
+        (``wandb.Table``), MLflow as the artifact ``heldout/conditions_step<N>.json`` (``log_table``), TensorBoard as a
+        Markdown text ``heldout/conditions``. Columns that are all NaN (no reward callback, drift off) are left out. A
+        logger that fails here is named in a warning, not raised (the other ranks would wait at their next collective).
+        Our choice.
+
+        Args:
+            columns: the names of ``table``'s columns, the first ``"condition"`` (the dataset index).
+            table: ``(conditions, len(columns))`` float64, one row per held-out condition, sorted by index.
+        """
         if self._trainer is None or not self.trainer.is_global_zero or not self.loggers:
             return
         from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
@@ -244,15 +250,20 @@ class HeldoutMixin:
         rows = [[int(r[0])] + [float(r[j]) for j in keep[1:]] for r in table]
         step = self.global_step
         for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key="heldout/conditions", columns=cols, data=rows, step=step)
-            elif isinstance(logger, MLFlowLogger):
-                logger.experiment.log_table(logger.run_id, data={c: [row[i] for row in rows] for i, c in enumerate(cols)},
-                                            artifact_file=f"heldout/conditions_step{step}.json")
-            elif isinstance(logger, TensorBoardLogger):
-                text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-                text += "\n".join("| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows)
-                logger.experiment.add_text("heldout/conditions", text, step)
+            try:
+                if isinstance(logger, WandbLogger):
+                    logger.log_table(key="heldout/conditions", columns=cols, data=rows, step=step)
+                elif isinstance(logger, MLFlowLogger):
+                    logger.experiment.log_table(logger.run_id, data={c: [row[i] for row in rows] for i, c in enumerate(cols)},
+                                                artifact_file=f"heldout/conditions_step{step}.json")
+                elif isinstance(logger, TensorBoardLogger):
+                    text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+                    text += "\n".join("| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows)
+                    logger.experiment.add_text("heldout/conditions", text, step)
+            except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop rank 0 alone
+                import logging
+
+                logging.getLogger(__name__).warning("held-out table not logged to %s at step %d: %s: %s", type(logger).__name__, step, type(e).__name__, e)
 
     _heldout_is_step0: bool = False
 

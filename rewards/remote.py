@@ -53,7 +53,8 @@ def decode_request(body: bytes) -> tuple[Tensor, dict]:
     """The request body → ``(videos (B, T, 3, H, W) float32 in [0, 1], batch)``.
 
     Raises:
-        RewardInputError: a malformed body (header, dtype, or a byte count that does not fit the shape).
+        RewardInputError: a malformed body (header, dtype, a ``batch`` that is not a JSON object, a shape that is not
+            5 non-negative sizes, or a byte count that does not fit the shape).
     """
     try:
         n = struct.unpack(">I", body[:4])[0]
@@ -62,14 +63,17 @@ def decode_request(body: bytes) -> tuple[Tensor, dict]:
         np_dtype = np.dtype(_DTYPES[dtype]).newbyteorder("<")
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise RewardInputError(f"malformed request header: {type(e).__name__}: {e}") from e
+    batch = header.get("batch") or {}
+    if not isinstance(batch, dict):
+        raise RewardInputError(f"request header: batch must be a JSON object of entries, got {type(batch).__name__}")
     data = body[4 + n :]
-    if len(shape) != 5 or math.prod(shape) * np_dtype.itemsize != len(data):
+    if len(shape) != 5 or min(shape) < 0 or math.prod(shape) * np_dtype.itemsize != len(data):
         raise RewardInputError(f"request data of {len(data)} bytes does not fit shape {shape} of {dtype}")
     arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     videos = torch.from_numpy(arr.astype(np.float32))
     if dtype == "uint8":
         videos = videos / 255
-    return videos, header.get("batch") or {}
+    return videos, batch
 
 
 class ServiceStartError(RuntimeError):
@@ -118,7 +122,9 @@ class RewardServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where clients reach it: ``http://127.0.0.1:P`` when it listens on every interface (``0.0.0.0`` / ``::``)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.host, f"[{self.host}]" if ":" in self.host else self.host)
+        return f"http://{host}:{self.port}"
 
     def log(self) -> str:
         """The child's output so far."""
@@ -130,7 +136,7 @@ class RewardServer:
         import urllib.request
 
         if self.port == 0:
-            with socket.socket() as s:
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:
                 s.bind((self.host, 0))
                 self.port = s.getsockname()[1]
         argv = [sys.executable, "-c", "import sys; from lightning_vidalign.cli import main; sys.argv[0] = 'vidalign'; main()", "serve-reward",
@@ -267,6 +273,8 @@ class RemoteReward(RewardCallback):
             except urllib.error.HTTPError as e:
                 detail = e.read()[:500].decode(errors="replace")
                 if e.code < 500:
+                    if '"error":"NonFiniteRewardError"' in detail.replace(" ", ""):  # the served reward's non-finite scores: as in-process
+                        raise NonFiniteRewardError(f"RemoteReward: {self.url}: {detail}") from e
                     raise RemoteRewardError(f"RemoteReward: {self.url} refused the request (HTTP {e.code}): {detail}") from e
                 errors.append(f"HTTP {e.code}: {detail[:200]}")
             except (TimeoutError, OSError) as e:

@@ -5,7 +5,7 @@ OpenAI chat-completions spec for :class:`~lightning_vidalign.rewards.VLMJudgeRew
 
 LitServe (Lightning's serving library) does what a service needs and this project does not exist for: batching
 of concurrent requests, several worker processes per device, device placement (``cpu``, ``cuda:0``...),
-``GET /health`` (200 ``ok`` once a worker is ready, 503 before), ``GET /info``, graceful shutdown on Ctrl-C /
+``GET /health`` (200 ``ok`` once every worker is ready, 503 before), ``GET /info``, graceful shutdown on Ctrl-C /
 SIGTERM, and the OpenAI spec. The wire format of ``/score`` is the one :mod:`~lightning_vidalign.rewards.remote`
 defines (raw ``application/octet-stream`` body: header + uint8/float16/float32 videos; JSON reply), so the client
 is unchanged and needs no LitServe. Installed with the ``serve`` extra (``pip install -c constraints.txt -e
@@ -17,6 +17,7 @@ model per worker: ``--devices 2 --workers_per_device 2`` loads four); the HTTP f
 service with Ctrl-C or SIGTERM to the command's process (it stops its workers), or signal its process group.
 """
 
+import logging
 import os  # (no "from __future__ import annotations": FastAPI reads decode_request's annotation as a type)
 import signal
 import socket
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import litserve as ls
 import torch
@@ -32,8 +33,10 @@ from fastapi import Body
 from starlette.responses import JSONResponse
 
 from lightning_vidalign.rewards.base import RewardCallback
-from lightning_vidalign.rewards.models import RewardInputError
+from lightning_vidalign.rewards.models import NonFiniteRewardError, RewardInputError
 from lightning_vidalign.rewards.remote import ServiceStartError, _merge, decode_request
+
+log = logging.getLogger(__name__)
 
 #: errors of a reward that mean the request was wrong (answered 422); any other is the server's (500)
 BAD_INPUT = (RewardInputError, KeyError, ValueError)
@@ -43,7 +46,7 @@ class _Failed:
     """A request's failure, carried from ``predict`` to ``encode_response`` (answered with its own status)."""
 
     def __init__(self, error: BaseException):
-        self.status = 422 if isinstance(error, BAD_INPUT) else 500
+        self.status = 422 if isinstance(error, (*BAD_INPUT, NonFiniteRewardError)) else 500
         self.error, self.message = type(error).__name__, str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
@@ -60,22 +63,37 @@ def build_reward(config: dict) -> RewardCallback:
     return parser.instantiate_classes(parser.parse_object({"reward": config})).reward
 
 
+def _own_cause(error: BaseException) -> BaseException:
+    """The first error in ``error``'s ``__cause__`` chain (outermost first) that is this package's own or a missing file;
+    ``error`` itself when there is none (jsonargparse wraps a reward's refusal in a "Does not validate" dump)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    for exc in chain:
+        if type(exc).__module__.startswith("lightning_vidalign") or isinstance(exc, FileNotFoundError):
+            return exc
+    return error
+
+
 class RewardAPI(ls.LitAPI):
     """``POST /score``: a reward callback's ``score`` on the videos of the request (wire format:
     :func:`~lightning_vidalign.rewards.remote.encode_request`), answered ``{"scores": [B floats], "components":
     {name: [B floats]}, "batch": {"requests": k, "videos": n}}`` — ``batch`` says how many requests and videos
     shared the ``score`` call.
 
-    Batching (LitServe's): up to ``max_batch_size`` requests that arrive within ``batch_timeout`` seconds reach one
-    :meth:`predict`. There, requests whose videos have the same ``(T, 3, H, W)`` and whose batch entries have the same
+    Batching (LitServe's): a free worker takes up to ``max_batch_size`` queued requests, waiting at most
+    ``batch_timeout`` seconds for them to arrive (the window starts when the worker looks at the queue, not at the first
+    request's arrival), and hands them to one :meth:`predict`. There, requests whose videos have the same ``(T, 3, H, W)`` and whose batch entries have the same
     keys are concatenated in arrival order into ``score`` calls of at most ``max_batch_videos`` videos (a larger
     request is scored alone); ``batch`` entries that hold one item per video are concatenated, others must agree
     (else each request is scored on its own). Each request is answered with its own slice.
 
     Errors are per request: a malformed body, or the reward raising :class:`RewardInputError` / ``KeyError`` /
-    ``ValueError``, is answered ``422``; any other reward error ``500``; both as ``{"error": type, "message": ...}``
+    ``ValueError``, is answered ``422``, and so are non-finite scores (``NonFiniteRewardError``: RemoteReward raises it as
+    an in-process reward would); any other reward error ``500``; all as ``{"error": type, "message": ...}``
     (RemoteReward raises at once on 4xx and retries 5xx). Requests that shared a failed ``score`` call all get its
-    error. A reward that returns another shape than ``(B,)`` is a ``500``.
+    error; other requests of the batch are answered as usual. A reward that returns another shape than ``(B,)`` is a
+    ``500``. A component with a non-finite value is left out of the reply (logged).
 
     Args:
         reward: the reward's config, ``{"class_path": "pkg.Class", "init_args": {...}}``; built in each worker
@@ -95,18 +113,18 @@ class RewardAPI(ls.LitAPI):
         try:
             self.reward = build_reward(self.reward_config).to(torch.device(device))
         except Exception as e:
-            from lightning_vidalign.cli import user_error
-
-            cause = user_error(e) or e  # our own message under jsonargparse's wrapping, when there is one
+            cause = _own_cause(e)  # our own message under jsonargparse's wrapping, when there is one
             print(f"vidalign serve-reward: the reward {self.reward_config.get('class_path')} could not be built on {device}: {type(cause).__name__}: {cause}",
                   file=sys.stderr, flush=True)
             raise cause.with_traceback(None) from None  # LitServe logs it with its traceback: ours, not jsonargparse's chain
 
     def decode_request(self, request: Annotated[bytes, Body(media_type="application/octet-stream")]) -> Any:
+        """The raw body → ``(videos (B, T, 3, H, W) float32 in [0, 1], batch)``, or its failure (answered 422 alone, not
+        raised: a raise here would fail every request of LitServe's batch)."""
         try:
             return decode_request(request)
-        except RewardInputError as e:
-            return _Failed(e)
+        except Exception as e:  # noqa: BLE001 - this request's own answer
+            return _Failed(e if isinstance(e, RewardInputError) else RewardInputError(f"malformed request: {type(e).__name__}: {e}"))
 
     def batch(self, inputs: list) -> list:
         return list(inputs)
@@ -115,6 +133,8 @@ class RewardAPI(ls.LitAPI):
         return outputs
 
     def predict(self, requests: Any) -> Any:
+        """One LitServe batch (a list of decoded requests; the request itself when ``max_batch_size`` is 1) → one reply
+        dict or :class:`_Failed` per request, in order (see the class docstring for the grouping)."""
         single = not isinstance(requests, list)  # max_batch_size 1: LitServe passes the request itself
         items = [requests] if single else requests
         out: list[Any] = [x if isinstance(x, _Failed) else None for x in items]
@@ -149,7 +169,11 @@ class RewardAPI(ls.LitAPI):
             scores = self.reward.score(videos, batch).detach().float().cpu()
             if scores.shape != (videos.shape[0],):
                 raise RuntimeError(f"{type(self.reward).__name__}.score returned shape {tuple(scores.shape)} for {videos.shape[0]} videos")
+            if not torch.isfinite(scores).all():  # (JSON has no NaN: named, never sent)
+                raise NonFiniteRewardError(f"{type(self.reward).__name__} returned non-finite scores {scores.tolist()}")
             parts = {k: v.detach().float().cpu() for k, v in self.reward.score_components().items() if torch.is_tensor(v) and v.shape == scores.shape}
+            for k in [k for k, v in parts.items() if not torch.isfinite(v).all()]:
+                log.warning("serve-reward: component %r of %s has non-finite values %s: left out of the reply", k, type(self.reward).__name__, parts.pop(k).tolist())
         except Exception as e:  # noqa: BLE001 - answered to every request of the call, named
             for j in chunk:
                 out[j] = _Failed(e)
@@ -174,10 +198,14 @@ class VLMChatAPI(ls.LitAPI):
     URLs (decoded with PIL; other URLs are refused: nothing is fetched). The prompt is the processor's chat
     template with the generation prompt. The reply is greedy decoding of up to ``max_tokens`` new tokens
     (``temperature`` is not used: our choice, a judge wants determinism) — or, when the service is started with
-    ``choices``, the choice with the highest log-likelihood under the model given the prompt (the sum of its
-    tokens' log-probabilities), as vLLM's ``guided_choice`` answers with one of the allowed strings; with
-    ``choices`` such as ``["Score: 1", ..., "Score: 10"]`` a judge always answers a parsable score. Usage counts the
-    prompt's tokens, image tokens included.
+    ``choices``, the allowed reply with the highest log-likelihood under the model given the prompt: the sum of the
+    log-probabilities of the choice's tokens *and of the end-of-turn token after them* (without it, ``"Score: 1"``
+    would always beat ``"Score: 10"``, its prefix). One forward pass of prompt + choice per choice (no shared prompt
+    cache: our choice, simple and exact; ten choices cost ten passes). Like vLLM's ``guided_choice`` the reply is
+    always one of the choices (vLLM decodes constrained token by token; this ranks whole choices); with ``choices``
+    such as ``["Score: 1", ..., "Score: 10"]`` a judge always answers a parsable score. Usage counts the prompt's
+    tokens, image tokens included. A message that cannot be read (an ``image_url`` that is not a base64 ``data:``
+    URL, an image PIL cannot decode) is answered ``400`` with the reason.
 
     Args:
         model: the model folder (``config.json``, weights, processor files).
@@ -185,10 +213,15 @@ class VLMChatAPI(ls.LitAPI):
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
 
     Raises:
+        ValueError: an empty choice, or ``dtype`` not one of the three.
         FileNotFoundError: (in the worker, at start) no ``config.json`` in ``model``.
     """
 
     def __init__(self, model: str, choices: list[str] | None = None, dtype: str = "float32"):
+        if choices is not None and any(not c for c in choices):
+            raise ValueError(f"VLMChatAPI: choices must be non-empty strings, got {choices}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"VLMChatAPI: dtype must be float32, bfloat16 or float16, got {dtype!r}")
         super().__init__(spec=ls.OpenAISpec())
         self.model_path, self.choices, self.dtype = model, list(choices) if choices else None, dtype
 
@@ -223,13 +256,18 @@ class VLMChatAPI(ls.LitAPI):
                     url = url if isinstance(url, str) else url.get("url", "")
                     if not url.startswith("data:image/") or ";base64," not in url:
                         raise ValueError(f"image_url must be a data:image/...;base64, URL (nothing is fetched), got {url[:60]!r}")
-                    images.append(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+                    try:
+                        images.append(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+                    except Exception as e:  # noqa: BLE001 - named in the 400 reply
+                        raise ValueError(f"image_url {len(images) + 1}: not a decodable image ({type(e).__name__}: {e})") from e
                     parts.append({"type": "image"})
                 elif p.get("type") == "text":
                     parts.append({"type": "text", "text": p.get("text", "")})
             conversation.append({"role": m["role"], "content": parts})
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return dict(self.processor(text=[text], images=images or None, return_tensors="pt"))
+        inputs = dict(self.processor(text=[text], images=images or None, return_tensors="pt"))
+        dtype = getattr(torch, self.dtype)  # pixel values in the model's dtype (the processor gives float32)
+        return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
     @torch.no_grad()
     def reply(self, messages: list[dict], max_tokens: int = 32) -> tuple[str, int, int]:
@@ -238,9 +276,10 @@ class VLMChatAPI(ls.LitAPI):
         prompt_len = int(inputs["input_ids"].shape[1])
         tok = self.processor.tokenizer
         if self.choices:
-            best, best_lp, best_n = None, -float("inf"), 0
+            end = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None  # the end of the assistant's turn
+            best, best_lp, best_n = self.choices[0], -float("inf"), 0
             for choice in self.choices:
-                ids = torch.tensor([tok.encode(choice, add_special_tokens=False)], device=self.device)
+                ids = torch.tensor([tok.encode(choice, add_special_tokens=False) + ([end] if end is not None else [])], device=self.device)
                 full = dict(inputs)
                 for key, value in inputs.items():  # the per-token inputs grow by the choice's tokens (text tokens: type 0, attended)
                     if torch.is_tensor(value) and value.shape == (1, prompt_len):
@@ -248,7 +287,7 @@ class VLMChatAPI(ls.LitAPI):
                         full[key] = torch.cat([value, grow.to(value.dtype)], 1)
                 logits = self.model(**full).logits[0, prompt_len - 1 : -1].float()
                 lp = float(torch.log_softmax(logits, -1).gather(1, ids[0, :, None]).sum())
-                if lp > best_lp:
+                if lp > best_lp:  # (a NaN never wins: the first choice stays)
                     best, best_lp, best_n = choice, lp, ids.shape[1]
             return best, prompt_len, best_n
         out = self.model.generate(**inputs, max_new_tokens=int(max_tokens), do_sample=False)
@@ -258,21 +297,26 @@ class VLMChatAPI(ls.LitAPI):
     def predict(self, request):
         """A ``ChatCompletionRequest`` (LitServe's model) → one assistant message with its usage (a generator, as
         the spec requires)."""
+        from fastapi import HTTPException
+
         messages = [m.model_dump() if hasattr(m, "model_dump") else m for m in request.messages]
-        text, n_prompt, n_new = self.reply(messages, request.max_completion_tokens or request.max_tokens or 32)
+        try:
+            text, n_prompt, n_new = self.reply(messages, request.max_completion_tokens or request.max_tokens or 32)
+        except ValueError as e:  # the request's own fault: 400 with the reason (a judge does not retry it)
+            raise HTTPException(400, f"vidalign serve-vlm: {e}") from e
         yield {"role": "assistant", "content": text, "prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
 
 # ---------------------------------------------------------------------------------------------- the commands
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on now (the OS's choice)."""
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def _check_port(host: str, port: int) -> None:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -286,7 +330,7 @@ def run_service(server: "ls.LitServer", host: str, port: int, banner: str, log_l
     port is taken or no worker starts (the worker's own error is printed above by the worker)."""
     if host not in ("127.0.0.1", "0.0.0.0", "::"):
         raise ServiceStartError(f"--host must be 127.0.0.1 (this machine), 0.0.0.0 or :: (every interface; LitServe's choices), got {host!r}")
-    port = free_port(host if host != "::" else "127.0.0.1") if port == 0 else port
+    port = free_port(host) if port == 0 else port
     _check_port(host, port)
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     probe = f"http://{'127.0.0.1' if host != '::' else '[::1]'}:{port}/health"
@@ -306,7 +350,8 @@ def run_service(server: "ls.LitServer", host: str, port: int, banner: str, log_l
     main_pid = os.getpid()
 
     def on_sigterm(signum, frame):
-        if os.getpid() == main_pid:  # LitServe's graceful stop, as on Ctrl-C
+        if os.getpid() == main_pid:  # LitServe's graceful stop, as on Ctrl-C; a second SIGTERM does not break it off
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked front end (uvicorn re-raises the signal it handled): the default
         os.kill(os.getpid(), signal.SIGTERM)
@@ -318,8 +363,14 @@ def run_service(server: "ls.LitServer", host: str, port: int, banner: str, log_l
         if "failed to start" in str(e):
             raise ServiceStartError("no worker started: the reward or model could not be built (the worker's error is above)") from e
         raise
+    except KeyboardInterrupt:  # stopped while the workers were starting (LitServe's own shutdown covers a running service)
+        pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for worker in getattr(server, "inference_workers", None) or []:  # none may outlive the command (a worker still loading)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=10)
 
 
 def _accelerator(cfg) -> tuple[str, Any]:
@@ -327,10 +378,13 @@ def _accelerator(cfg) -> tuple[str, Any]:
     if cfg.device is None:
         return cfg.accelerator, cfg.devices
     kind, _, index = cfg.device.partition(":")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ServiceStartError(f"--device must be cpu, cuda, cuda:K or mps, got {cfg.device!r}")
-    if index:
-        os.environ["CUDA_VISIBLE_DEVICES"] = index  # the workers are spawned after this: they see that GPU only
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ServiceStartError(f"--device must be cpu, cuda, cuda:K (K a GPU index) or mps, got {cfg.device!r}")
+    if index:  # the workers are spawned after this: they see that GPU only (K counts within CUDA_VISIBLE_DEVICES when set)
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if visible and int(index) >= len(visible):
+            raise ServiceStartError(f"--device {cfg.device}: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} has {len(visible)} GPU(s)")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(index)] if visible else index
     return kind, 1
 
 
@@ -340,7 +394,7 @@ def _service_arguments(parser) -> None:
     parser.add_argument("--accelerator", type=str, default="auto", help="auto, cpu, cuda or mps (LitServe's)")
     parser.add_argument("--devices", type=int | str, default="auto", help="number of devices, or auto (all)")
     parser.add_argument("--workers_per_device", type=int, default=1, help="worker processes per device, each with its own model")
-    parser.add_argument("--device", type=str | None, default=None, help="shorthand: cpu, cuda, cuda:K (that GPU only), mps")
+    parser.add_argument("--device", type=str | None, default=None, help="shorthand that overrides --accelerator/--devices: cpu, cuda, cuda:K (that GPU only, one device), mps")
     parser.add_argument("--timeout", type=float, default=-1, help="seconds a request may wait in the queue (-1: no limit; the client has its own)")
     parser.add_argument("--log_level", type=str, default="warning", help="LitServe's and uvicorn's log level")
 
@@ -379,7 +433,7 @@ def serve_vlm(args: list[str]) -> None:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--model", type=str, required=True, help="a Hugging Face vision-language model folder")
     parser.add_argument("--choices", type=list[str] | None, default=None, help="allowed replies: the most likely one is answered")
-    parser.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"], default="float32", help="the model's dtype")
     _service_arguments(parser)
     cfg = parser.parse_args(args)
     if not os.path.isfile(os.path.join(cfg.model, "config.json")):

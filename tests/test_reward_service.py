@@ -26,8 +26,8 @@ def _videos(b=2, t=3, h=16, w=16, seed=0):
 
 
 class CaptionLength(RewardCallback):
-    """Mean pixel + caption length / 100 (needs the captions). Sleeps ``batch["delay"]`` seconds when sent; its
-    components: each video's place in the score call and the worker's process id."""
+    """Mean pixel + caption length / 100 (needs the captions; the caption "nan" scores NaN). Sleeps ``batch["delay"]``
+    seconds when sent; its components: each video's place in the score call and the worker's process id."""
 
     def __init__(self):
         super().__init__(name="caplen")
@@ -37,7 +37,7 @@ class CaptionLength(RewardCallback):
         caps = batch_captions(batch, videos.shape[0], "CaptionLength")
         self.n = len(caps)
         time.sleep(float((batch or {}).get("delay", 0.0)))
-        return videos.float().mean(dim=(1, 2, 3, 4)) + torch.tensor([len(c) / 100 for c in caps])
+        return videos.float().mean(dim=(1, 2, 3, 4)) + torch.tensor([float("nan") if c == "nan" else len(c) / 100 for c in caps])
 
     def score_components(self):
         return {"place": torch.arange(self.n, dtype=torch.float32), "pid": torch.full((self.n,), float(os.getpid()))}
@@ -62,8 +62,13 @@ def _concurrently(calls):
 
 
 def test_served_scores_equal_in_process_and_concurrent_requests_share_score_calls():
+    import urllib.error
+    import urllib.request
+
+    from lightning_vidalign.rewards import NonFiniteRewardError
+
     videos = _videos()
-    with RewardServer("test_reward_service.CaptionLength", max_batch_size=8, batch_timeout=0.5, env=ENV) as server:
+    with RewardServer("test_reward_service.CaptionLength", max_batch_size=8, batch_timeout=0.5, max_batch_videos=8, env=ENV) as server:
         exact = RemoteReward(server.url, encoding="float32")
         got = exact.score(videos, {"caption": CAPTIONS, "index": torch.tensor([3, 4]), "video": videos})
         assert exact.score_components()["place"].tolist() == [0.0, 1.0]  # the served reward's parts come back
@@ -76,7 +81,26 @@ def test_served_scores_equal_in_process_and_concurrent_requests_share_score_call
         vids = [_videos(b=1, seed=i) for i in range(3)] + [_videos(b=2, seed=9), _videos(b=1, seed=7)]
         batches = [{"caption": [f"clip {i}"]} for i in range(3)] + [{"caption": CAPTIONS}, {"index": [0]}]
         clients = [RemoteReward(server.url, encoding="float32", batch_keys=("caption", "index")) for _ in vids]
-        results = _concurrently([lambda i=i: clients[i].score(vids[i], batches[i]) for i in range(5)])
+
+        def garbage():  # a malformed body among them: answered 422 alone
+            try:
+                urllib.request.urlopen(urllib.request.Request(server.url + "/score", data=b"\0\0\0\2{}xx", method="POST"), timeout=30)
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        results = _concurrently([lambda i=i: clients[i].score(vids[i], batches[i]) for i in range(5)] + [garbage])
+        assert results[5][0] == 422 and "RewardInputError" in results[5][1], results[5]
+
+        # max_batch_videos: a request of more videos is scored alone; two that would exceed it together are not concatenated
+        big = RemoteReward(server.url)
+        big.score(_videos(b=9), {"caption": ["a"] * 9})
+        assert big.recent_calls[-1]["batch"] == {"requests": 1, "videos": 9}
+        pair = [RemoteReward(server.url) for _ in range(2)]
+        _concurrently([lambda i=i: pair[i].score(_videos(b=5, seed=i), {"caption": ["c"] * 5}) for i in range(2)])
+        assert all(c.recent_calls[-1]["batch"]["videos"] == 5 for c in pair)  # 5 + 5 > 8
+        # non-finite scores: the in-process error, not a made-up or retried score
+        with pytest.raises(NonFiniteRewardError, match="non-finite"):
+            RemoteReward(server.url, max_retries=2).score(videos, {"caption": ["nan", "x"]})
     for i in range(4):
         torch.testing.assert_close(results[i], CaptionLength().score(vids[i], batches[i]), rtol=0, atol=1e-6)
     assert isinstance(results[4], RemoteRewardError) and "HTTP 422" in str(results[4]) and "KeyError" in str(results[4])
@@ -86,23 +110,18 @@ def test_served_scores_equal_in_process_and_concurrent_requests_share_score_call
     assert "Traceback" not in server.log() or "KeyError" in server.log()  # nothing but the refused request went wrong
 
 
-def test_several_workers_score_at_once_and_large_requests_are_split_by_videos():
-    """Two workers on the CPU (LitServe's workers_per_device): two slow requests are scored by two processes at once;
-    ``max_batch_videos`` bounds the videos of a score call; a timeout and a refused input are named."""
-    with RewardServer("test_reward_service.CaptionLength", max_batch_size=4, batch_timeout=0.2, max_batch_videos=2, workers_per_device=2, env=ENV) as server:
+def test_several_workers_score_at_once_and_errors_are_named():
+    """Two workers on the CPU (LitServe's workers_per_device), one request per batch: while one worker sleeps on a slow
+    request the other takes the next, so two slow requests are scored by two processes at once; a timeout and a refused
+    input are named."""
+    with RewardServer("test_reward_service.CaptionLength", max_batch_size=1, workers_per_device=2, env=ENV) as server:
         slow = [RemoteReward(server.url, batch_keys=("caption", "delay")) for _ in range(2)]
         t = time.perf_counter()
         _concurrently([lambda i=i: slow[i].score(_videos(b=1, seed=i), {"caption": ["x"], "delay": 1.5}) for i in range(2)])
         both = time.perf_counter() - t
         pids = {float(c.score_components()["pid"][0]) for c in slow}
         assert len(pids) == 2, pids  # two worker processes
-        assert both < 2.9, both  # at once: 1.5 s each, not 3 s in a row
-        big = RemoteReward(server.url)
-        big.score(_videos(b=3), {"caption": ["a", "b", "c"]})  # more videos than max_batch_videos: scored alone
-        assert big.recent_calls[-1]["batch"] == {"requests": 1, "videos": 3}
-        pair = [RemoteReward(server.url) for _ in range(2)]
-        _concurrently([lambda i=i: pair[i].score(_videos(b=2, seed=i), {"caption": CAPTIONS}) for i in range(2)])
-        assert all(c.recent_calls[-1]["batch"]["videos"] == 2 for c in pair)  # 2 + 2 > 2: not concatenated
+        assert both < 2.9, both  # at once: 1.5 s each (sleeping: no CPU), not 3 s in a row
         with pytest.raises(RemoteRewardError, match=r"failed 2 times.*timeout"):
             RemoteReward(server.url, timeout=0.3, max_retries=1, retry_backoff=0.01, batch_keys=("caption", "delay")).score(
                 _videos(), {"caption": CAPTIONS, "delay": 1.0})
@@ -230,10 +249,12 @@ def test_vlm_judge_scores_through_a_tiny_qwen2vl_served_on_litserves_openai_spec
         inputs = processor(text=[prompt], images=[Image.fromarray(f) for f in frames[b]], return_tensors="pt")
         n = inputs["input_ids"].shape[1]
         lps = []
+        end = processor.tokenizer.eos_token  # the reply ends the assistant's turn ("Score: 1" alone is a prefix of "Score: 10")
         for c in choices:
-            ids = torch.tensor([processor.tokenizer.encode(c, add_special_tokens=False)])
-            full = processor(text=[prompt + c], images=[Image.fromarray(f) for f in frames[b]], return_tensors="pt")  # prompt and reply, tokenized together
+            ids = torch.tensor([processor.tokenizer.encode(c + end, add_special_tokens=False)])
+            full = processor(text=[prompt + c + end], images=[Image.fromarray(f) for f in frames[b]], return_tensors="pt")  # tokenized together
             assert torch.equal(full["input_ids"][0, n:], ids[0]) and torch.equal(full["input_ids"][0, :n], inputs["input_ids"][0])
+            assert int(ids[0, -1]) == processor.tokenizer.convert_tokens_to_ids(end)
             with torch.no_grad():
                 logits = model(**full).logits
             lps.append(float(torch.log_softmax(logits[0, n - 1 : -1].float(), -1).gather(1, ids[0, :, None]).sum()))
