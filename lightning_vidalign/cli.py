@@ -429,7 +429,10 @@ def main(args: list[str] | None = None) -> None:
 
         print(f"vidalign: {type(cause).__name__}: {_message(cause)}", file=sys.stderr)
         # labelled by cause: a service that is down or failing is not the user's input
-        label = {RemoteRewardError: "a service the run uses failed", ServiceStartError: "the service did not start"}.get(type(cause), "bad input")
+        if isinstance(cause, ServiceStartError):  # (a worker's own traceback may be above: it is the worker's, not this one)
+            print("(the service did not start; VIDALIGN_TRACEBACK=1 shows this command's traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
+        label = "a service the run uses failed" if isinstance(cause, RemoteRewardError) else "bad input"
         print(f"({label}: no traceback shown; VIDALIGN_TRACEBACK=1 shows it)", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

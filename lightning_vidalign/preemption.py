@@ -269,8 +269,18 @@ class InterruptCheckpoint(PreemptionCheckpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
-        if self._snapshot is None or not isinstance(exception, Exception) or self.preempted:
-            return  # (no completed batch yet, an abort (KeyboardInterrupt), or already saved by a signal)
+        if not isinstance(exception, Exception) or self.preempted:
+            return  # (an abort (KeyboardInterrupt), or already saved by a signal)
+        if self._snapshot is None:  # said, so that a user does not look for a checkpoint that is not there
+            if trainer.is_global_zero and self._trainer is trainer:
+                import sys
+
+                why = ("no batch of this launch completed before it: nothing new to save; once the cause is fixed, run the same command again"
+                       if self._keep_snapshots is None else
+                       "this strategy keeps no per-batch copy (FSDP2, DeepSpeed, or more trainable parameters than the bound): "
+                       "the last periodic checkpoint is the state to resume from (--ckpt_path last)")
+                print(f"vidalign: the run stopped on an error; {why}", file=sys.stderr, flush=True)
+            return
         step, checkpoint = self._snapshot
         path = self.checkpoint_path(trainer)
         if trainer.is_global_zero:

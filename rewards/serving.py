@@ -376,10 +376,14 @@ def run_service(server: "ls.LitServer", host: str, port: int, banner: str, log_l
 def _accelerator(cfg) -> tuple[str, Any]:
     """``--accelerator/--devices``, or the older ``--device cpu|cuda|cuda:K`` (``cuda:K``: CUDA_VISIBLE_DEVICES=K, one device)."""
     if cfg.device is None:
+        if cfg.accelerator == "cuda" and not torch.cuda.is_available():
+            raise ServiceStartError("--accelerator cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
         return cfg.accelerator, cfg.devices
     kind, _, index = cfg.device.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
         raise ServiceStartError(f"--device must be cpu, cuda, cuda:K (K a GPU index) or mps, got {cfg.device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ServiceStartError(f"--device {cfg.device}: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
     if index:  # the workers are spawned after this: they see that GPU only (K counts within CUDA_VISIBLE_DEVICES when set)
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if visible and int(index) >= len(visible):
@@ -388,9 +392,9 @@ def _accelerator(cfg) -> tuple[str, Any]:
     return kind, 1
 
 
-def _service_arguments(parser) -> None:
+def _service_arguments(parser, port: int) -> None:
     parser.add_argument("--host", type=str, default="127.0.0.1", help="127.0.0.1 (this machine), 0.0.0.0 or :: (every interface)")
-    parser.add_argument("--port", type=int, default=8100, help="0: a free port (printed)")
+    parser.add_argument("--port", type=int, default=port, help="0: a free port (printed)")
     parser.add_argument("--accelerator", type=str, default="auto", help="auto, cpu, cuda or mps (LitServe's)")
     parser.add_argument("--devices", type=int | str, default="auto", help="number of devices, or auto (all)")
     parser.add_argument("--workers_per_device", type=int, default=1, help="worker processes per device, each with its own model")
@@ -409,7 +413,7 @@ def serve_reward(args: list[str]) -> None:
     parser = ArgumentParser(prog="vidalign serve-reward", description=serve_reward.__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(RewardCallback, "reward", required=True)
-    _service_arguments(parser)
+    _service_arguments(parser, port=8100)  # (configs/rewards/remote.yaml's url)
     parser.add_argument("--max_batch_size", type=int, default=8, help="most requests per batch")
     parser.add_argument("--batch_timeout", type=float, default=0.01, help="seconds the first request of a batch waits for others")
     parser.add_argument("--max_batch_videos", type=int, default=64, help="most videos per score call")
@@ -434,7 +438,7 @@ def serve_vlm(args: list[str]) -> None:
     parser.add_argument("--model", type=str, required=True, help="a Hugging Face vision-language model folder")
     parser.add_argument("--choices", type=list[str] | None, default=None, help="allowed replies: the most likely one is answered")
     parser.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"], default="float32", help="the model's dtype")
-    _service_arguments(parser)
+    _service_arguments(parser, port=8000)  # (configs/rewards/vlm_judge.yaml's base_url, vLLM's default)
     cfg = parser.parse_args(args)
     if not os.path.isfile(os.path.join(cfg.model, "config.json")):
         raise FileNotFoundError(f"vidalign serve-vlm: no config.json in --model {cfg.model} (a Hugging Face model folder is expected)")

@@ -377,16 +377,17 @@ def figures(results: list[dict], folder: str) -> list[str]:
     return written
 
 
-def upload_report(tracker: str, figure_paths: list[str], markdown_path: str) -> str:
+def upload_report(tracker: str, figure_paths: list[str], markdown_path: str, wandb_dir: str | None = None) -> str:
     """Send the report's figures (images) and its table (``learning.md``) to one run of an experiment tracker, named
     ``learning-report``; returns where it went. (The learning runs themselves keep TensorBoard: their held-out series
     are read from its event files.)
 
     ``wandb``: a W&B run in project ``$WANDB_PROJECT`` (default ``vidalign``), the figures logged as ``wandb.Image`` under
     ``figures/<name>``, the table saved with the run; ``WANDB_MODE=offline`` works without an account (the run folder
-    under ``$WANDB_DIR``). ``mlflow``: an MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``vidalign``) at
+    under ``$WANDB_DIR``, else ``wandb_dir``, else the current folder). ``mlflow``: an MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``vidalign``) at
     ``$MLFLOW_TRACKING_URI`` (a server or ``sqlite:///...``; required, as for the logger), the figures as artifacts
-    under ``figures/``, the table as ``learning.md``. Our choice.
+    under ``figures/``, the table as ``learning.md`` (with a database and no server, MLflow keeps artifacts in
+    ``./mlruns`` of the current folder). Our choice.
 
     Raises:
         ValueError: an unknown tracker, or ``mlflow`` without ``MLFLOW_TRACKING_URI``.
@@ -394,9 +395,14 @@ def upload_report(tracker: str, figure_paths: list[str], markdown_path: str) -> 
     if tracker == "wandb":
         import wandb
 
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vidalign"), name="learning-report", job_type="learning-report")
+        import shutil
+
+        if wandb_dir:
+            os.makedirs(wandb_dir, exist_ok=True)
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vidalign"), name="learning-report", job_type="learning-report", dir=wandb_dir)
         run.log({f"figures/{os.path.splitext(os.path.basename(f))[0]}": wandb.Image(f) for f in figure_paths})
-        run.save(markdown_path, base_path=os.path.dirname(markdown_path), policy="now")
+        shutil.copy(markdown_path, os.path.join(run.dir, "learning.md"))  # (a copy: run.save of an outside file leaves a symlink)
+        run.save(os.path.join(run.dir, "learning.md"), base_path=run.dir, policy="now")
         where = f"W&B run {run.id} ({run.dir})"
         run.finish()
         return where
@@ -754,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     paths = figures(results, os.path.join(args.report, "figures"))
     if args.tracker:
-        print(f"[learning_runs] report sent to {upload_report(args.tracker, paths, os.path.join(args.report, 'learning.md'))}", flush=True)
+        where = upload_report(args.tracker, paths, os.path.join(args.report, "learning.md"), wandb_dir=os.environ.get("WANDB_DIR") or args.out)
+        print(f"[learning_runs] report sent to {where}", flush=True)
     if args.readme:
         print("[learning_runs] --readme: no effect; the documentation site (docs/results.md) includes "
               f"{os.path.join(args.report, 'learning.md')} and claims.md as they are", flush=True)

@@ -174,3 +174,18 @@ def test_a_non_finite_loss_set_to_raise_keeps_the_state_before_it(tmp_path):
     assert short.returncode == 0, short.stderr[-3000:]
     short_step, expected = _lora_of_checkpoint(tmp_path / "short" / "checkpoints" / "last.ckpt")
     assert short_step == step and saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_an_error_before_any_batch_completed_says_that_nothing_was_saved(tmp_path):
+    """A reward service that is not there from the start: the run stops in its first batch and says there is nothing new
+    to save and that the same command runs again once the cause is fixed (no checkpoint is left to look for)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    run = subprocess.run(_fit(tmp_path / "run", dead, "--trainer.callbacks.max_retries", "0"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "vidalign: RemoteRewardError:" in run.stderr and "Connection refused" in run.stderr
+    assert "vidalign: the run stopped on an error; no batch of this launch completed before it: nothing new to save" in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
