@@ -99,7 +99,7 @@ class RewardAPI(ls.LitAPI):
         reward: the reward's config, ``{"class_path": "pkg.Class", "init_args": {...}}``; built in each worker
             (:func:`build_reward`) and moved to the worker's device.
         max_batch_size: most requests per batch (LitServe's option).
-        batch_timeout: seconds the first request of a batch waits for others (LitServe's option).
+        batch_timeout: seconds a free worker waits for queued requests to fill a batch (LitServe's option).
         max_batch_videos: most videos per ``score`` call. Our choice: the old server's 16 videos per call became
             requests × videos; 64 bounds memory while letting a few rollout chunks share a call.
     """
