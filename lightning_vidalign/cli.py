@@ -427,7 +427,9 @@ def main(args: list[str] | None = None) -> None:
             raise
         from lightning_vidalign.rewards.remote import RemoteRewardError, ServiceStartError
 
-        print(f"vidalign: {type(cause).__name__}: {_message(cause)}", file=sys.stderr)
+        from lightning_vidalign.utils import error_message
+
+        print(f"vidalign: {type(cause).__name__}: {error_message(cause)}", file=sys.stderr)
         # labelled by cause: a service that is down or failing is not the user's input
         if isinstance(cause, ServiceStartError):  # (a worker's own traceback may be above: it is the worker's, not this one)
             print("(the service did not start; VIDALIGN_TRACEBACK=1 shows this command's traceback)", file=sys.stderr)
@@ -472,10 +474,6 @@ def close_process_group() -> None:
         gc.collect()
 
 
-def _message(error: BaseException) -> str:
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-
-
 def _own_code_dirs() -> tuple[str, ...]:
     import lightning_vidalign as pkg
 
@@ -498,10 +496,9 @@ def user_error(error: BaseException) -> BaseException | None:
     from lightning_vidalign.datamodules.streaming import ShardError
     from lightning_vidalign.rewards.remote import RemoteRewardError, ServiceStartError
 
-    chain = [error]
-    while chain[-1].__cause__ is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__)
-    for exc in chain:  # outermost first: our refusal wrapping torch's error is the one to show
+    from lightning_vidalign.utils import cause_chain
+
+    for exc in cause_chain(error):  # outermost first: our refusal wrapping torch's error is the one to show
         if isinstance(exc, (UsageError, RunFolderInUseError, CheckpointMismatchError, CorruptCheckpointError, VideoDecodeError, FileNotFoundError,
                             RemoteRewardError, ServiceStartError, StaleCacheError, ShardError, CheckpointLoadError)):
             return exc

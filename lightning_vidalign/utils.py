@@ -16,6 +16,19 @@ from torch import Tensor
 INVOCATION: list[str] = []
 
 
+def cause_chain(error: BaseException, limit: int = 20) -> list[BaseException]:
+    """``error`` and the errors it was raised from (``__cause__``), outermost first, at most ``limit``."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < limit:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def error_message(error: BaseException) -> str:
+    """An error's message for one line: a ``KeyError``'s own text (``str`` of a KeyError adds quotes around it)."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
 class StageTimer:
     """Accumulates wall-clock seconds per named stage (for the cost split of a training step)."""
 

@@ -76,6 +76,15 @@ def decode_request(body: bytes) -> tuple[Tensor, dict]:
     return videos, batch
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now on ``host`` (the OS's choice; IPv6 when ``host`` has a colon)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class ServiceStartError(RuntimeError):
     """A reward or judge service that could not start: its port taken, a host LitServe refuses, no worker could build
     its model (the worker's error is printed first), or (:class:`RewardServer`) the child exited or did not answer."""
@@ -132,13 +141,10 @@ class RewardServer:
             return f.read()
 
     def start(self) -> "RewardServer":
-        import socket
         import urllib.request
 
         if self.port == 0:
-            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:
-                s.bind((self.host, 0))
-                self.port = s.getsockname()[1]
+            self.port = free_port(self.host)
         argv = [sys.executable, "-c", "import sys; from lightning_vidalign.cli import main; sys.argv[0] = 'vidalign'; main()", "serve-reward",
                 "--reward", json.dumps(self.reward), "--host", self.host, "--port", str(self.port), *self.options]
         with open(self.log_path, "w") as log:

@@ -34,7 +34,8 @@ from starlette.responses import JSONResponse
 
 from lightning_vidalign.rewards.base import RewardCallback
 from lightning_vidalign.rewards.models import NonFiniteRewardError, RewardInputError
-from lightning_vidalign.rewards.remote import ServiceStartError, _merge, decode_request
+from lightning_vidalign.rewards.remote import ServiceStartError, _merge, decode_request, free_port
+from lightning_vidalign.utils import cause_chain, error_message
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class _Failed:
 
     def __init__(self, error: BaseException):
         self.status = 422 if isinstance(error, (*BAD_INPUT, NonFiniteRewardError)) else 500
-        self.error, self.message = type(error).__name__, str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        self.error, self.message = type(error).__name__, error_message(error)
 
 
 def build_reward(config: dict) -> RewardCallback:
@@ -66,10 +67,7 @@ def build_reward(config: dict) -> RewardCallback:
 def _own_cause(error: BaseException) -> BaseException:
     """The first error in ``error``'s ``__cause__`` chain (outermost first) that is this package's own or a missing file;
     ``error`` itself when there is none (jsonargparse wraps a reward's refusal in a "Does not validate" dump)."""
-    chain = [error]
-    while chain[-1].__cause__ is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__)
-    for exc in chain:
+    for exc in cause_chain(error):
         if type(exc).__module__.startswith("lightning_vidalign") or isinstance(exc, FileNotFoundError):
             return exc
     return error
@@ -308,13 +306,6 @@ class VLMChatAPI(ls.LitAPI):
 
 
 # ---------------------------------------------------------------------------------------------- the commands
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on now (the OS's choice)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -375,15 +366,14 @@ def run_service(server: "ls.LitServer", host: str, port: int, banner: str, log_l
 
 def _accelerator(cfg) -> tuple[str, Any]:
     """``--accelerator/--devices``, or the older ``--device cpu|cuda|cuda:K`` (``cuda:K``: CUDA_VISIBLE_DEVICES=K, one device)."""
-    if cfg.device is None:
-        if cfg.accelerator == "cuda" and not torch.cuda.is_available():
-            raise ServiceStartError("--accelerator cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
-        return cfg.accelerator, cfg.devices
-    kind, _, index = cfg.device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+    option = f"--accelerator {cfg.accelerator}" if cfg.device is None else f"--device {cfg.device}"
+    kind, _, index = (cfg.accelerator, "", "") if cfg.device is None else cfg.device.partition(":")
+    if cfg.device is not None and (kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit()))):
         raise ServiceStartError(f"--device must be cpu, cuda, cuda:K (K a GPU index) or mps, got {cfg.device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ServiceStartError(f"--device {cfg.device}: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
+        raise ServiceStartError(f"{option}: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
+    if cfg.device is None:
+        return cfg.accelerator, cfg.devices
     if index:  # the workers are spawned after this: they see that GPU only (K counts within CUDA_VISIBLE_DEVICES when set)
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if visible and int(index) >= len(visible):

@@ -393,9 +393,9 @@ def upload_report(tracker: str, figure_paths: list[str], markdown_path: str, wan
         ValueError: an unknown tracker, or ``mlflow`` without ``MLFLOW_TRACKING_URI``.
     """
     if tracker == "wandb":
-        import wandb
-
         import shutil
+
+        import wandb
 
         if wandb_dir:
             os.makedirs(wandb_dir, exist_ok=True)

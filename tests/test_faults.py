@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lightning_vidalign.rewards import LuminanceReward, RewardServer
+from lightning_vidalign.rewards.remote import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIDALIGN = shutil.which("vidalign", path=os.path.dirname(sys.executable)) or shutil.which("vidalign")
@@ -179,11 +180,7 @@ def test_a_non_finite_loss_set_to_raise_keeps_the_state_before_it(tmp_path):
 def test_an_error_before_any_batch_completed_says_that_nothing_was_saved(tmp_path):
     """A reward service that is not there from the start: the run stops in its first batch and says there is nothing new
     to save and that the same command runs again once the cause is fixed (no checkpoint is left to look for)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()  # (nothing started there)
     run = subprocess.run(_fit(tmp_path / "run", dead, "--trainer.callbacks.max_retries", "0"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert run.returncode == 2, run.stderr[-3000:]
     assert "vidalign: RemoteRewardError:" in run.stderr and "Connection refused" in run.stderr
