@@ -114,7 +114,7 @@ class RewardServer:
     """
 
     def __init__(self, reward: str | dict, host: str = "127.0.0.1", port: int = 0, max_batch_size: int = 8, batch_timeout: float = 0.01,
-                 max_batch_videos: int = 64, accelerator: str = "cpu", devices: int | str = 1, workers_per_device: int = 1,
+                 max_batch_videos: int = 16, accelerator: str = "cpu", devices: int | str = 1, workers_per_device: int = 1,
                  env: dict | None = None, startup_timeout: float = 180.0, log_path: str | None = None):
         import tempfile
 

@@ -98,11 +98,12 @@ class RewardAPI(ls.LitAPI):
             (:func:`build_reward`) and moved to the worker's device.
         max_batch_size: most requests per batch (LitServe's option).
         batch_timeout: seconds a free worker waits for queued requests to fill a batch (LitServe's option).
-        max_batch_videos: most videos per ``score`` call. Our choice: the old server's 16 videos per call became
-            requests × videos; 64 bounds memory while letting a few rollout chunks share a call.
+        max_batch_videos: most videos per ``score`` call. Our choice: 16, the old server's bound: a real 81-frame
+            480x832 video is 97 MB on the wire and 388 MB as float32 in the worker, so 16 hold about 6 GB; the rollout
+            chunks of one round (``rollout_batch_size``, 4-8) still share a call.
     """
 
-    def __init__(self, reward: dict, max_batch_size: int = 8, batch_timeout: float = 0.01, max_batch_videos: int = 64):
+    def __init__(self, reward: dict, max_batch_size: int = 8, batch_timeout: float = 0.01, max_batch_videos: int = 16):
         super().__init__(max_batch_size=int(max_batch_size), batch_timeout=float(batch_timeout), api_path="/score")
         self.reward_config, self.max_batch_videos = reward, max(1, int(max_batch_videos))
         self.reward: RewardCallback | None = None
@@ -406,7 +407,7 @@ def serve_reward(args: list[str]) -> None:
     _service_arguments(parser, port=8100)  # (configs/rewards/remote.yaml's url)
     parser.add_argument("--max_batch_size", type=int, default=8, help="most requests per batch")
     parser.add_argument("--batch_timeout", type=float, default=0.01, help="seconds the first request of a batch waits for others")
-    parser.add_argument("--max_batch_videos", type=int, default=64, help="most videos per score call")
+    parser.add_argument("--max_batch_videos", type=int, default=16, help="most videos per score call")
     cfg = parser.parse_args(args)
     reward = cfg.reward.as_dict()
     accelerator, devices = _accelerator(cfg)

@@ -63,4 +63,5 @@ def test_a_torch_op_in_the_scoring_thread_slows_the_overlapped_round():
     with open("runs/bench/overlap_scoring_thread_cost.json", "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
-    assert all(r["round_s"] > 0 for rs in results.values() for r in rs)
+    # the mechanism itself works: a reward that only waits is hidden behind the rollouts (the finding is the third variant)
+    assert min(r["round_s"] for r in results["overlapped, wait only"]) < min(r["round_s"] for r in results["serial, wait + mean"])
